@@ -1,0 +1,515 @@
+//! Commands, argument parsing, output.
+
+mod demo;
+mod output;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use blockferry::{
+    CancelToken, ErrorKind, InitOptions, ReplicateOptions, RestoreOptions, Store, VerifyOptions,
+};
+use output::{Bar, human_bytes};
+
+/// Moves virtual-machine disks block by block into object storage: deduplicated,
+/// compressed, encrypted, resumable and verifiable.
+#[derive(Debug, Parser)]
+#[command(name = "blockferry", version, about, max_term_width = 100)]
+struct Cli {
+    /// More log output (-v info, -vv debug); BLOCKFERRY_LOG takes a tracing filter too.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a new store (encrypted unless --no-encryption).
+    Init(InitArgs),
+    /// Copy a disk image into the store as a new snapshot; prints the snapshot id.
+    Replicate(ReplicateArgs),
+    /// List the snapshots in a store.
+    Snapshots(SnapshotsArgs),
+    /// Write a snapshot out as a sparse raw file or onto a block device.
+    Restore(RestoreArgs),
+    /// Check that every chunk of a snapshot is intact (and, with --image, equals the source).
+    Verify(VerifyArgs),
+    /// Show the whole job on a small sample disk: replicate, change, replicate, verify, restore.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// The store: a local folder.
+    #[arg(long, value_name = "PATH")]
+    store: String,
+    /// Read the passphrase from this file (first line) instead of BLOCKFERRY_PASSPHRASE.
+    #[arg(long, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Create an unencrypted store: chunks are compressed and checksummed but readable by
+    /// anyone who can read the store.
+    #[arg(long)]
+    no_encryption: bool,
+    /// Chunk size: a power of two from 64K to 16M.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    chunk_size: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Compression {
+    Lz4,
+    None,
+}
+
+#[derive(Debug, Args)]
+struct ReplicateArgs {
+    /// The disk image (raw file or block device).
+    image: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Name recorded for the disk (default: the image's file name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Memory the pipeline may use for data in flight.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    memory_budget: u64,
+    /// Worker threads for hashing, compression and encryption (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Chunk compression.
+    #[arg(long, value_enum, default_value_t = Compression::Lz4)]
+    compression: Compression,
+}
+
+#[derive(Debug, Args)]
+struct SnapshotsArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+struct RestoreArgs {
+    /// Snapshot id, unique id prefix, or `latest`.
+    snapshot: String,
+    /// Output: a file (created sparse) or a block device.
+    out: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    force: bool,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// Snapshot id, unique id prefix, or `latest`.
+    snapshot: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Also compare the snapshot with this image, chunk by chunk.
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<PathBuf>,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Folder for the sample disk, store and restored copy (default: a new temporary folder).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+/// Exit code when verification found problems.
+const EXIT_VERIFY_FAILED: u8 = 3;
+
+/// Parses `1048576`, `64K`, `1M`, `1MiB`, `16m`, `2G` (binary multiples).
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (like 1M or 65536)"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown size unit {unit:?} (use K, M, G or T)"
+            ));
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn passphrase(args: &StoreArgs) -> anyhow::Result<Option<Vec<u8>>> {
+    if let Some(file) = &args.passphrase_file {
+        let raw = std::fs::read(file)
+            .with_context(|| format!("reading the passphrase file {}", file.display()))?;
+        let line = raw.split(|&b| b == b'\n').next().unwrap_or_default();
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        return Ok(Some(line.to_vec()));
+    }
+    Ok(std::env::var_os("BLOCKFERRY_PASSPHRASE").map(|p| {
+        use std::os::unix::ffi::OsStrExt;
+        p.as_bytes().to_vec()
+    }))
+}
+
+fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
+    let pass = passphrase(args)?;
+    Ok(Store::open(&args.store, pass.as_deref())?)
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter =
+        EnvFilter::try_from_env("BLOCKFERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let json = match &cli.command {
+        Command::Init(a) => a.store.json,
+        Command::Replicate(a) => a.store.json,
+        Command::Snapshots(a) => a.store.json,
+        Command::Restore(a) => a.store.json,
+        Command::Verify(a) => a.store.json,
+        Command::Demo(_) => false,
+    };
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            report_error(&err, json);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report_error(err: &anyhow::Error, json: bool) {
+    let engine = err.downcast_ref::<blockferry::Error>();
+    if json {
+        let mut obj = json!({ "error": { "message": format!("{err:#}") } });
+        if let Some(e) = engine {
+            obj["error"]["kind"] = json!(format!("{:?}", e.kind()));
+            obj["error"]["path"] = json!(e.path().map(|p| p.display().to_string()));
+            obj["error"]["object"] = json!(e.object());
+            obj["error"]["offset"] = json!(e.offset());
+        }
+        print_json(&obj);
+    }
+    eprintln!("error: {err}");
+    for cause in err.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    if let Some(e) = engine
+        && e.kind() == ErrorKind::Credentials
+    {
+        eprintln!("hint: the passphrase comes from BLOCKFERRY_PASSPHRASE or --passphrase-file");
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Init(a) => cmd_init(&a),
+        Command::Replicate(a) => cmd_replicate(&a),
+        Command::Snapshots(a) => cmd_snapshots(&a),
+        Command::Restore(a) => cmd_restore(&a),
+        Command::Verify(a) => cmd_verify(&a),
+        Command::Demo(a) => demo::run(a.dir.as_deref()),
+    }
+}
+
+fn cmd_init(a: &InitArgs) -> anyhow::Result<ExitCode> {
+    let chunk_size = u32::try_from(a.chunk_size)
+        .map_err(|_| anyhow::anyhow!("chunk size must be a power of two from 64K to 16M"))?;
+    let pass = if a.no_encryption {
+        None
+    } else {
+        Some(passphrase(&a.store)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "an encrypted store needs a passphrase: set BLOCKFERRY_PASSPHRASE or pass \
+                 --passphrase-file (or choose --no-encryption)"
+            )
+        })?)
+    };
+    let config = Store::init(
+        &a.store.store,
+        &InitOptions {
+            chunk_size,
+            passphrase: pass,
+        },
+    )?;
+    let encrypted = !a.no_encryption;
+    if a.store.json {
+        print_json(&json!({
+            "store": a.store.store,
+            "store_id": config.store_id,
+            "chunk_size": config.chunk_size,
+            "encrypted": encrypted,
+            "format_version": config.version,
+        }));
+    } else {
+        println!(
+            "created store {} ({} chunks, {})",
+            a.store.store,
+            human_bytes(u64::from(config.chunk_size)),
+            if encrypted {
+                "encrypted with AES-256-GCM"
+            } else {
+                "NOT encrypted"
+            }
+        );
+        if encrypted {
+            eprintln!("keep the passphrase safe: without it the store cannot be read");
+        } else {
+            eprintln!(
+                "warning: this store is unencrypted: anyone who can read its folder can read the \
+                 disks in it. Chunks are still compressed, checksummed and deduplicated."
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&a.store)?;
+    let source = blockferry::image::open(&a.image)?;
+    let opts = ReplicateOptions {
+        memory_budget: usize::try_from(a.memory_budget).unwrap_or(usize::MAX),
+        workers: a.workers,
+        compression: matches!(a.compression, Compression::Lz4),
+        disk_name: a.name.clone(),
+        cancel: CancelToken::new(),
+        ..ReplicateOptions::default()
+    };
+    let bar = Bar::new(
+        !a.store.json && std::io::stderr().is_terminal(),
+        "replicating",
+    );
+    let report = blockferry::replicate(&store, source.as_ref(), &opts, &bar)?;
+    bar.done();
+    if a.store.json {
+        print_json(&serde_json::to_value(&report)?);
+    } else {
+        println!("{}", report.snapshot);
+        eprintln!(
+            "snapshot {} of {} ({}): read {}, zero {}, deduplicated {}, new {} stored as {} in {:.1}s",
+            report.snapshot,
+            report.disk,
+            human_bytes(report.virtual_size),
+            human_bytes(report.bytes_read),
+            human_bytes(report.bytes_zero),
+            human_bytes(report.bytes_deduplicated),
+            human_bytes(report.bytes_new),
+            human_bytes(report.bytes_stored),
+            report.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_snapshots(a: &SnapshotsArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&a.store)?;
+    let (snaps, bad) = store.snapshots()?;
+    if a.store.json {
+        let list: Vec<_> = snaps
+            .iter()
+            .map(|s| {
+                json!({
+                    "id": s.id,
+                    "created_unix_ms": s.created_unix_ms,
+                    "created": output::rfc3339(s.created_unix_ms),
+                    "disk": s.disk.name,
+                    "source": s.disk.source,
+                    "format": s.disk.format,
+                    "virtual_size": s.disk.virtual_size,
+                    "parent": s.parent,
+                    "stats": s.stats,
+                })
+            })
+            .collect();
+        let errors: Vec<String> = bad.iter().map(ToString::to_string).collect();
+        print_json(&json!({ "snapshots": list, "unreadable": errors }));
+    } else {
+        println!(
+            "{:<16}  {:<20}  {:>10}  {:>10}  DISK",
+            "ID", "CREATED", "SIZE", "NEW"
+        );
+        for s in &snaps {
+            println!(
+                "{:<16}  {:<20}  {:>10}  {:>10}  {}",
+                s.id,
+                output::rfc3339(s.created_unix_ms),
+                human_bytes(s.disk.virtual_size),
+                human_bytes(s.stats.bytes_new),
+                s.disk.name
+            );
+        }
+    }
+    for e in &bad {
+        eprintln!("error: unreadable snapshot: {e}");
+    }
+    Ok(if bad.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn cmd_restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&a.store)?;
+    let opts = RestoreOptions {
+        workers: a.workers,
+        force: a.force,
+        cancel: CancelToken::new(),
+    };
+    let bar = Bar::new(
+        !a.store.json && std::io::stderr().is_terminal(),
+        "restoring",
+    );
+    let report = blockferry::restore(&store, &a.snapshot, &a.out, &opts, &bar)?;
+    bar.done();
+    if a.store.json {
+        print_json(&serde_json::to_value(&report)?);
+    } else {
+        println!(
+            "restored snapshot {} to {} ({}, {} of data) in {:.1}s",
+            report.snapshot,
+            report.output,
+            human_bytes(report.virtual_size),
+            human_bytes(report.bytes_written),
+            report.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&a.store)?;
+    let opts = VerifyOptions {
+        image: a.image.clone(),
+        workers: a.workers,
+        ..VerifyOptions::default()
+    };
+    let bar = Bar::new(
+        !a.store.json && std::io::stderr().is_terminal(),
+        "verifying",
+    );
+    let report = blockferry::verify(&store, &a.snapshot, &opts, &bar)?;
+    bar.done();
+    if a.store.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["ok"] = json!(report.ok());
+        print_json(&v);
+    } else if report.ok() {
+        println!(
+            "snapshot {} verified: {} chunks intact{} ({:.1}s)",
+            report.snapshot,
+            report.chunks_checked,
+            if report.image_compared {
+                ", identical to the image"
+            } else {
+                ""
+            },
+            report.seconds
+        );
+    } else {
+        for p in &report.problems {
+            match p.offset {
+                Some(o) => println!("snapshot {}, offset {o}: {}", report.snapshot, p.message),
+                None => println!("snapshot {}: {}", report.snapshot, p.message),
+            }
+        }
+        println!(
+            "snapshot {} FAILED verification: {} problem(s)",
+            report.snapshot, report.problems_total
+        );
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_VERIFY_FAILED)
+    })
+}
+
+/// Whether two files have identical contents (used by the demo).
+pub(crate) fn same_contents(a: &Path, b: &Path) -> anyhow::Result<bool> {
+    use std::io::Read;
+    let mut fa = std::fs::File::open(a)?;
+    let mut fb = std::fs::File::open(b)?;
+    if fa.metadata()?.len() != fb.metadata()?.len() {
+        return Ok(false);
+    }
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,94 @@
+//! Human output: byte counts, times, and the progress bar.
+
+use std::sync::Mutex;
+use std::time::{Duration, UNIX_EPOCH};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use blockferry::{Event, Observer};
+
+/// `1.5 GiB`-style sizes.
+pub(crate) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// An RFC 3339 UTC time, to the second.
+pub(crate) fn rfc3339(unix_ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
+}
+
+/// A progress bar on stderr, fed by engine events; invisible when disabled.
+pub(crate) struct Bar {
+    bar: Option<Mutex<ProgressBar>>,
+    label: &'static str,
+}
+
+impl Bar {
+    pub(crate) fn new(enabled: bool, label: &'static str) -> Bar {
+        Bar {
+            bar: enabled.then(|| Mutex::new(ProgressBar::hidden())),
+            label,
+        }
+    }
+
+    pub(crate) fn done(&self) {
+        if let Some(bar) = &self.bar
+            && let Ok(bar) = bar.lock()
+        {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for Bar {
+    fn event(&self, event: &Event) {
+        let Some(bar) = &self.bar else {
+            if let Event::Warning(w) = event {
+                eprintln!("warning: {w}");
+            }
+            return;
+        };
+        let Ok(mut bar) = bar.lock() else {
+            return;
+        };
+        match event {
+            Event::Started { phase, bytes_total } => {
+                bar.finish_and_clear();
+                let b = ProgressBar::new(*bytes_total);
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                b.set_prefix(if phase.name() == "committing" {
+                    phase.name()
+                } else {
+                    self.label
+                });
+                *bar = b;
+            }
+            Event::Progress(p) | Event::Finished(p) => {
+                bar.set_position(p.bytes_done);
+                bar.set_message(format!(
+                    "read {} dedup {}",
+                    human_bytes(p.bytes_read),
+                    human_bytes(p.bytes_deduplicated)
+                ));
+            }
+            Event::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),
+        }
+    }
+}

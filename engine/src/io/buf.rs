@@ -1,0 +1,121 @@
+//! Owned, pooled buffers: a fixed number of buffers is allocated once and cycles between
+//! the stages; a stage that needs one waits for one to come back. This is what bounds memory.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+
+/// A bounded pool of byte buffers of one capacity.
+#[derive(Clone)]
+pub struct BufferPool {
+    tx: Sender<Vec<u8>>,
+    rx: Receiver<Vec<u8>>,
+    capacity: usize,
+    count: usize,
+}
+
+impl fmt::Debug for BufferPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufferPool")
+            .field("capacity", &self.capacity)
+            .field("count", &self.count)
+            .field("free", &self.rx.len())
+            .finish()
+    }
+}
+
+impl BufferPool {
+    /// A pool of `count` buffers, each able to hold `capacity` bytes without reallocating.
+    /// Buffers are allocated lazily, on first use, so an idle pool costs nothing.
+    pub fn new(count: usize, capacity: usize) -> BufferPool {
+        let (tx, rx) = bounded(count);
+        for _ in 0..count {
+            tx.send(Vec::new())
+                .expect("the pool has room for every buffer");
+        }
+        BufferPool {
+            tx,
+            rx,
+            capacity,
+            count,
+        }
+    }
+
+    /// Bytes the pool holds once every buffer has been used.
+    pub fn footprint(&self) -> usize {
+        self.count * self.capacity
+    }
+
+    /// Waits up to `timeout` for a free buffer (cleared, with full capacity reserved).
+    pub fn get_timeout(&self, timeout: Duration) -> Option<PooledBuf> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(mut buf) => {
+                buf.clear();
+                if buf.capacity() < self.capacity {
+                    buf.reserve_exact(self.capacity);
+                }
+                Some(PooledBuf {
+                    buf,
+                    home: self.tx.clone(),
+                })
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+}
+
+/// A buffer on loan from a [`BufferPool`]; it goes back when dropped.
+pub struct PooledBuf {
+    buf: Vec<u8>,
+    home: Sender<Vec<u8>>,
+}
+
+impl fmt::Debug for PooledBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledBuf")
+            .field("len", &self.buf.len())
+            .finish()
+    }
+}
+
+impl Deref for PooledBuf {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.buf
+    }
+}
+
+impl DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        // The pool has room for every buffer it created, so this never blocks; if the pool
+        // is gone the buffer is simply freed.
+        let _ = self.home.try_send(std::mem::take(&mut self.buf));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_cycle_and_bound() {
+        let pool = BufferPool::new(2, 1024);
+        let a = pool.get_timeout(Duration::from_millis(10)).unwrap();
+        let b = pool.get_timeout(Duration::from_millis(10)).unwrap();
+        assert!(a.capacity() >= 1024);
+        assert!(pool.get_timeout(Duration::from_millis(10)).is_none());
+        drop(a);
+        let c = pool.get_timeout(Duration::from_millis(10)).unwrap();
+        assert!(c.capacity() >= 1024 && c.is_empty());
+        drop((b, c));
+        assert_eq!(pool.footprint(), 2048);
+    }
+}

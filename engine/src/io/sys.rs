@@ -1,0 +1,117 @@
+//! The few system calls std does not wrap: SEEK_DATA/SEEK_HOLE and block-device ioctls.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Returns the data extents `(offset, len)` of a file below `size`, from SEEK_DATA/SEEK_HOLE.
+///
+/// File systems without hole support report the whole file as data, which is correct.
+/// `cap` bounds the number of extents collected; past it, the rest of the file is reported
+/// as one data extent (reading a few holes is correct, just slower).
+pub fn data_extents(file: &File, size: u64, cap: usize) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let Some(data) = seek(file, pos, libc::SEEK_DATA)? else {
+            break; // ENXIO: no data after pos.
+        };
+        if data >= size {
+            break;
+        }
+        if out.len() + 1 >= cap {
+            out.push((data, size - data));
+            break;
+        }
+        let hole = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        if hole <= data {
+            // A file changing under us; treat the rest as data rather than loop.
+            out.push((data, size - data));
+            break;
+        }
+        out.push((data, hole - data));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+/// `lseek(fd, offset, whence)`, with `ENXIO` (no more data) as `None`.
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset out of range"))?;
+    // SAFETY: lseek only reads its integer arguments; the descriptor is valid for the
+    // lifetime of `file`, which the borrow keeps alive across the call.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(
+        u64::try_from(r).expect("lseek returned a non-negative offset"),
+    ))
+}
+
+// From <linux/fs.h>: _IOR(0x12, 114, size_t), _IO(0x12, 104), _IO(0x12, 123).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+
+/// Size in bytes of a block device.
+pub fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`,
+    // alive and writable for the whole call; the descriptor is valid while `file` lives.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &raw mut size) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Logical and physical sector sizes of a block device.
+pub fn block_device_sectors(file: &File) -> io::Result<(u32, u32)> {
+    let mut logical: libc::c_int = 0;
+    let mut physical: libc::c_uint = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points at `logical`,
+    // alive and writable for the call; the descriptor is valid while `file` lives.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &raw mut logical) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: BLKPBSZGET writes one unsigned int through the pointer, which points at
+    // `physical`, alive and writable for the call; the descriptor is valid while `file` lives.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKPBSZGET, &raw mut physical) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let logical = u32::try_from(logical).unwrap_or(512);
+    Ok((logical, physical.max(logical)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn finds_data_between_holes() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.seek(SeekFrom::Start(8 << 20)).unwrap();
+        f.write_all(&[1u8; 1 << 20]).unwrap();
+        f.seek(SeekFrom::Start(40 << 20)).unwrap();
+        f.write_all(&[2u8; 1 << 20]).unwrap();
+        let ext = data_extents(&f, 64 << 20, 1000).unwrap();
+        let total: u64 = ext.iter().map(|e| e.1).sum();
+        assert!(total >= 2 << 20 && total < 64 << 20, "{ext:?}");
+        assert!(ext.iter().any(|&(o, l)| o <= 8 << 20 && o + l >= 9 << 20));
+        assert!(ext.iter().any(|&(o, l)| o <= 40 << 20 && o + l >= 41 << 20));
+        // The cap turns the tail into one extent that still covers every byte of data.
+        let capped = data_extents(&f, 64 << 20, 2).unwrap();
+        assert_eq!(capped.len(), 2);
+        assert_eq!(capped[1].0 + capped[1].1, 64 << 20);
+    }
+}

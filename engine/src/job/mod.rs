@@ -1,0 +1,209 @@
+//! Jobs as seen from outside: typed progress events, observers, cancellation.
+//!
+//! Checkpoints and resume state join this module with the S3 backend.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A cancellation flag shared between a running operation and whoever may stop it.
+///
+/// Cancelling is cooperative: stages check the flag between chunks, stop taking new work,
+/// drain what is in flight, and the operation returns [`crate::ErrorKind::Cancelled`].
+/// Nothing is committed by a cancelled replication.
+#[derive(Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CancelToken")
+            .field(&self.is_cancelled())
+            .finish()
+    }
+}
+
+impl CancelToken {
+    /// A fresh, uncancelled token.
+    pub fn new() -> CancelToken {
+        CancelToken::default()
+    }
+
+    /// Requests cancellation; safe from any thread, any number of times.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether cancellation was requested.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What an operation is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the source and storing chunks.
+    Replicating,
+    /// Writing the index and the snapshot manifest.
+    Committing,
+    /// Writing a snapshot out to a file or device.
+    Restoring,
+    /// Checking a snapshot.
+    Verifying,
+}
+
+impl Phase {
+    /// Lowercase name, for logs and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Replicating => "replicating",
+            Phase::Committing => "committing",
+            Phase::Restoring => "restoring",
+            Phase::Verifying => "verifying",
+        }
+    }
+}
+
+/// A point-in-time view of an operation's counters.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// Virtual bytes the operation covers.
+    pub bytes_total: u64,
+    /// Virtual bytes done (read, found zero, or skipped as unallocated).
+    pub bytes_done: u64,
+    /// Bytes read from the source (replicate, verify with an image).
+    pub bytes_read: u64,
+    /// Bytes found zero or unallocated.
+    pub bytes_zero: u64,
+    /// Bytes the store already held.
+    pub bytes_deduplicated: u64,
+    /// Bytes written to the store (replicate) or to the output (restore).
+    pub bytes_written: u64,
+    /// Time since the operation started.
+    pub elapsed: Duration,
+}
+
+/// A progress event. Observers receive them in order from one thread at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// An operation phase started.
+    Started {
+        /// The phase.
+        phase: Phase,
+        /// Virtual bytes it covers.
+        bytes_total: u64,
+    },
+    /// Counters moved (sent at most every [`PROGRESS_INTERVAL`]).
+    Progress(Progress),
+    /// Something the user should know that does not stop the operation.
+    Warning(String),
+    /// The phase finished (successfully or not; the operation's result says which).
+    Finished(Progress),
+}
+
+/// Shortest time between two [`Event::Progress`] events.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Receives progress events. Called from the engine's threads; keep it quick.
+pub trait Observer: Send + Sync {
+    /// Called for each event.
+    fn event(&self, event: &Event);
+}
+
+impl<F: Fn(&Event) + Send + Sync> Observer for F {
+    fn event(&self, event: &Event) {
+        self(event);
+    }
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Silent;
+
+impl Observer for Silent {
+    fn event(&self, _: &Event) {}
+}
+
+/// Shared atomic counters behind [`Progress`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) bytes_done: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) bytes_zero: AtomicU64,
+    pub(crate) bytes_deduplicated: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn progress(&self, bytes_total: u64, started: Instant) -> Progress {
+        Progress {
+            bytes_total,
+            bytes_done: self.bytes_done.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_zero: self.bytes_zero.load(Ordering::Relaxed),
+            bytes_deduplicated: self.bytes_deduplicated.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
+/// Sends rate-limited progress events for one phase.
+pub(crate) struct Reporter<'a> {
+    observer: &'a dyn Observer,
+    counters: Arc<Counters>,
+    bytes_total: u64,
+    started: Instant,
+    last: std::sync::Mutex<Instant>,
+}
+
+impl<'a> Reporter<'a> {
+    pub(crate) fn start(observer: &'a dyn Observer, phase: Phase, bytes_total: u64) -> Self {
+        observer.event(&Event::Started { phase, bytes_total });
+        let now = Instant::now();
+        Reporter {
+            observer,
+            counters: Arc::new(Counters::default()),
+            bytes_total,
+            started: now,
+            last: std::sync::Mutex::new(now),
+        }
+    }
+
+    pub(crate) fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    pub(crate) fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Sends a progress event if the last one is older than [`PROGRESS_INTERVAL`].
+    pub(crate) fn tick(&self) {
+        let Ok(mut last) = self.last.try_lock() else {
+            return; // Another thread is reporting right now.
+        };
+        if last.elapsed() >= PROGRESS_INTERVAL {
+            *last = Instant::now();
+            self.observer.event(&Event::Progress(
+                self.counters.progress(self.bytes_total, self.started),
+            ));
+        }
+    }
+
+    pub(crate) fn warn(&self, message: String) {
+        tracing::warn!("{message}");
+        self.observer.event(&Event::Warning(message));
+    }
+
+    pub(crate) fn finish(&self) -> Progress {
+        let p = self.counters.progress(self.bytes_total, self.started);
+        self.observer.event(&Event::Finished(p.clone()));
+        p
+    }
+}

@@ -1,0 +1,49 @@
+//! blockferry moves virtual-machine disks, block by block, into object storage and back:
+//! deduplicated, compressed, encrypted, verifiable.
+//!
+//! # Brief overview
+//!
+//! - [`image::BlockSource`] is a readable virtual disk; [`image::open`] detects the format.
+//! - [`Store`] is an unlocked repository (store format v1, docs/FORMAT.md) on an
+//!   [`store::ObjectStore`] backend; [`Store::init`] creates one.
+//! - [`replicate`], [`restore`] and [`verify`] are the blocking entry points the CLI and the
+//!   bindings wrap; they report progress as typed [`Event`]s to an [`Observer`] and stop on a
+//!   [`CancelToken`].
+//!
+//! ```
+//! use blockferry::{InitOptions, ReplicateOptions, RestoreOptions, Store, Silent};
+//! # fn main() -> blockferry::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let disk = dir.path().join("disk.raw");
+//! std::fs::write(&disk, vec![7u8; 3 << 20]).unwrap();
+//! let store_dir = dir.path().join("store");
+//! let store_path = store_dir.to_str().unwrap();
+//!
+//! Store::init(store_path, &InitOptions { chunk_size: 1 << 20, passphrase: Some(b"secret".to_vec()) })?;
+//! let store = Store::open(store_path, Some(b"secret"))?;
+//! let source = blockferry::image::open(&disk)?;
+//! let report = blockferry::replicate(&store, source.as_ref(), &ReplicateOptions::default(), &Silent)?;
+//! assert_eq!(report.chunks_stored, 1); // three identical chunks, stored once
+//!
+//! let out = dir.path().join("restored.raw");
+//! blockferry::restore(&store, &report.snapshot, &out, &RestoreOptions::default(), &Silent)?;
+//! assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+mod error;
+pub mod image;
+pub mod io;
+pub mod job;
+pub mod pipeline;
+pub mod store;
+
+pub use error::{Error, ErrorKind, Result};
+pub use job::{CancelToken, Event, Observer, Phase, Progress, Silent};
+pub use pipeline::{
+    DEFAULT_MEMORY_BUDGET, ReplicateOptions, ReplicateReport, RestoreOptions, RestoreReport,
+    VerifyOptions, VerifyReport, replicate, restore, verify,
+};
+pub use store::{InitOptions, Snapshot, Store, StoreConfig};

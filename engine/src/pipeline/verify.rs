@@ -1,0 +1,210 @@
+//! Verify: every chunk of a snapshot decrypts and matches its id; optionally, the source
+//! image still holds the same bytes.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use super::walk::{OnError, walk};
+use super::{fill_chunk, has_data, is_zero, worker_count};
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::{self, BlockSource};
+use crate::io::IoEngine;
+use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
+use crate::store::Store;
+use crate::store::format::{Id, ZERO_ID};
+
+/// Problems listed in a report at most (all are counted).
+const MAX_PROBLEMS: usize = 1000;
+
+/// Options of [`verify`].
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Also compare the snapshot with this image.
+    pub image: Option<PathBuf>,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Read backend for the image.
+    pub io_engine: IoEngine,
+    /// Cancels the verification.
+    pub cancel: CancelToken,
+}
+
+/// One thing wrong, at a virtual offset of the snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    /// Virtual offset of the chunk (or page) concerned.
+    pub offset: Option<u64>,
+    /// What is wrong, with the object concerned.
+    pub message: String,
+}
+
+/// What a verification found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// The snapshot checked.
+    pub snapshot: String,
+    /// Virtual size of the disk.
+    pub virtual_size: u64,
+    /// Distinct stored chunks decrypted and checked against their ids.
+    pub chunks_checked: u64,
+    /// Virtual bytes covered by the check.
+    pub bytes_checked: u64,
+    /// Whether the source image was compared too.
+    pub image_compared: bool,
+    /// Problems found (the first [`MAX_PROBLEMS`]).
+    pub problems: Vec<Problem>,
+    /// Number of problems found.
+    pub problems_total: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+impl VerifyReport {
+    /// Whether the snapshot checked out.
+    pub fn ok(&self) -> bool {
+        self.problems_total == 0
+    }
+}
+
+struct State {
+    record: Vec<u8>,
+    data: Vec<u8>,
+    source_buf: Vec<u8>,
+    maps: Vec<crate::image::Mapping>,
+    backend: Box<dyn crate::io::ReadBackend>,
+}
+
+/// Checks snapshot `spec`: every chunk it references is present, authentic and matches its
+/// id; with `opts.image`, the image's bytes match the snapshot's. Problems are collected,
+/// not fatal: the report lists them, and [`VerifyReport::ok`] says whether there were any.
+pub fn verify(
+    store: &Store,
+    spec: &str,
+    opts: &VerifyOptions,
+    observer: &dyn Observer,
+) -> Result<VerifyReport> {
+    let snapshot = store.snapshot(spec)?;
+    let index = store.load_index()?;
+    let source: Option<Box<dyn BlockSource>> =
+        opts.image.as_deref().map(image::open).transpose()?;
+    let size = snapshot.disk.virtual_size;
+    let reporter = Reporter::start(observer, Phase::Verifying, size);
+    let problems = Mutex::new((Vec::<Problem>::new(), 0u64));
+    let report = |offset: Option<u64>, message: String| {
+        let mut p = problems.lock().expect("problem list");
+        p.1 += 1;
+        if p.0.len() < MAX_PROBLEMS {
+            p.0.push(Problem { offset, message });
+        }
+    };
+    for e in &index.damaged {
+        report(None, e.to_string());
+    }
+    let mut compare = source.as_deref();
+    if let Some(src) = source.as_deref()
+        && src.info().virtual_size != size
+    {
+        report(
+            None,
+            format!(
+                "the image holds {} bytes, the snapshot {size}: not the same disk",
+                src.info().virtual_size
+            ),
+        );
+        compare = None;
+    }
+    let verified: Mutex<HashSet<Id>> = Mutex::new(HashSet::new());
+    let chunks_checked = std::sync::atomic::AtomicU64::new(0);
+    let counters = reporter.counters().clone();
+    let chunk_cap = snapshot.chunk_size as usize;
+    let result = walk(
+        store,
+        &snapshot,
+        worker_count(opts.workers),
+        &opts.cancel,
+        &reporter,
+        compare.is_some(),
+        &|| State {
+            record: Vec::with_capacity(chunk_cap + 64),
+            data: Vec::with_capacity(chunk_cap),
+            source_buf: Vec::with_capacity(if compare.is_some() { chunk_cap } else { 0 }),
+            maps: Vec::new(),
+            backend: opts.io_engine.backend(),
+        },
+        &|st: &mut State, item| {
+            if item.id != ZERO_ID && !verified.lock().expect("verified set").contains(&item.id) {
+                store
+                    .read_chunk(&index, &item.id, &mut st.record, &mut st.data)
+                    .map_err(|e| e.with_offset(item.offset))?;
+                if st.data.len() != item.len {
+                    return Err(Error::corrupt(
+                        "snapshot",
+                        "chunk length disagrees with its position",
+                    )
+                    .with_offset(item.offset));
+                }
+                chunks_checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                verified.lock().expect("verified set").insert(item.id);
+            }
+            if let Some(src) = compare {
+                st.maps.clear();
+                src.map(item.offset, item.len as u64, &mut st.maps)?;
+                let source_id = if has_data(&st.maps) {
+                    st.source_buf.clear();
+                    st.source_buf.resize(item.len, 0);
+                    let n = fill_chunk(
+                        src,
+                        st.backend.as_mut(),
+                        &st.maps,
+                        item.offset,
+                        &mut st.source_buf,
+                    )?;
+                    Counters::add(&counters.bytes_read, n);
+                    if is_zero(&st.source_buf) {
+                        ZERO_ID
+                    } else {
+                        store.keys().chunk_id(&st.source_buf)
+                    }
+                } else {
+                    ZERO_ID
+                };
+                if source_id != item.id {
+                    return Err(Error::new(
+                        ErrorKind::VerifyMismatch,
+                        "the image differs from the snapshot in this chunk",
+                    )
+                    .with_offset(item.offset));
+                }
+            }
+            Ok(())
+        },
+        &|e| {
+            if e.kind() == ErrorKind::Cancelled
+                || e.kind() == ErrorKind::Store
+                || e.kind() == ErrorKind::Io
+            {
+                OnError::Stop
+            } else {
+                report(e.offset(), e.to_string());
+                OnError::Continue
+            }
+        },
+    );
+    result?;
+    let p = reporter.finish();
+    let (mut problems, problems_total) = problems.into_inner().expect("problem list");
+    problems.sort_by_key(|p| p.offset);
+    Ok(VerifyReport {
+        snapshot: snapshot.id,
+        virtual_size: size,
+        chunks_checked: chunks_checked.into_inner(),
+        bytes_checked: p.bytes_done,
+        image_compared: compare.is_some(),
+        problems,
+        problems_total,
+        seconds: p.elapsed.as_secs_f64(),
+    })
+}

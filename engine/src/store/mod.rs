@@ -1,0 +1,125 @@
+//! The repository: store format v1 on an [`ObjectStore`] backend.
+//!
+//! ```text
+//!   Store (repo.rs)  config, keys, index, pages, snapshots    ← knows the format
+//!     │  format.rs   byte layouts (blobs, packs, envelopes)
+//!     │  crypto.rs   master key, HKDF, AES-256-GCM, argon2id
+//!     ▼
+//!   dyn ObjectStore  opaque bytes under keys                  ← knows nothing of disks
+//!     └─ LocalStore  (local.rs) a folder, atomic writes
+//! ```
+//!
+//! The backend moves opaque bytes under keys; it knows nothing of disks or formats.
+
+#![forbid(unsafe_code)]
+
+pub mod crypto;
+pub mod format;
+pub mod local;
+mod repo;
+
+pub use repo::{
+    ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions, MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE, Snapshot, SnapshotStats, SourceFingerprint, Store, StoreConfig, now_unix_ms,
+};
+
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// How [`ObjectStore::put`] treats an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Write only if no object has the key (S3: `If-None-Match: *`).
+    Create,
+    /// Replace any existing object atomically.
+    Overwrite,
+}
+
+/// What [`ObjectStore::put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object was written.
+    Written,
+    /// [`PutMode::Create`] found an object under the key and left it alone.
+    AlreadyExists,
+}
+
+/// A flat namespace of immutable objects: the only thing a store backend provides.
+///
+/// Contract: `put` is atomic (readers see the whole object or none) and durable when it
+/// returns; keys are `/`-separated lowercase ASCII (see [`check_key`]); all methods may be
+/// called from several threads at once.
+pub trait ObjectStore: Send + Sync + Debug {
+    /// Where the store lives, for messages (a path or URL).
+    fn location(&self) -> String;
+    /// Stores `data` under `key`.
+    fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome>;
+    /// Reads a whole object; a missing one is [`ErrorKind::NotFound`].
+    fn get(&self, key: &str) -> Result<Vec<u8>>;
+    /// Reads `len` bytes at `offset` of an object into `buf` (replacing its contents); a range
+    /// past the end is [`ErrorKind::Corrupt`] (the object is truncated).
+    fn get_range(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()>;
+    /// Lists the keys under a prefix (`"snapshots/"`), sorted.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Size of an object in bytes.
+    fn size(&self, key: &str) -> Result<u64>;
+    /// Deletes an object; deleting a missing one is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
+}
+
+/// Checks that a key is a relative path of safe components (`[a-z0-9._-]`, no `.`/`..`).
+pub fn check_key(key: &str) -> Result<()> {
+    let ok = !key.is_empty()
+        && key.len() <= 512
+        && key.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::Internal,
+            format!("invalid object key {key:?}"),
+        ))
+    }
+}
+
+/// Opens the backend named by a store location. Only local folders exist so far; `s3://`
+/// URLs are refused with a clear message until the S3 backend lands.
+pub fn open_backend(location: &str, create: bool) -> Result<Arc<dyn ObjectStore>> {
+    if location.contains("://") {
+        return Err(Error::config(format!(
+            "unsupported store location {location:?}: this build stores to local folders only"
+        )));
+    }
+    let path = Path::new(location);
+    let store = if create {
+        local::LocalStore::create(path)?
+    } else {
+        local::LocalStore::open(path)?
+    };
+    Ok(Arc::new(store))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked() {
+        assert!(check_key("packs/ab/abcdef").is_ok());
+        assert!(check_key("config").is_ok());
+        for bad in [
+            "", "/abs", "a//b", "../x", "a/./b", "A", "a b", "a\0b", "snap/",
+        ] {
+            assert!(check_key(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,697 @@
+//! [`Store`]: an unlocked repository, with the operations every pipeline needs.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::crypto::{self, KEY_LEN, KdfParams, Keys, Sealer};
+use super::format::{
+    self, Entry, FORMAT_VERSION, Id, MetaKind, PAGE_ENTRIES, PackId, ZERO_ID, hex, unhex, unhex_vec,
+};
+use super::{ObjectStore, PutMode, PutOutcome, open_backend};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Smallest chunk size a store accepts.
+pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
+/// Largest chunk size a store accepts.
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+/// Chunk size of new stores unless asked otherwise.
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+
+const CONFIG_KEY: &str = "config";
+const FORMAT_NAME: &str = "blockferry-store";
+
+/// The store's `config` object (plaintext JSON; see docs/FORMAT.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoreConfig {
+    /// Always `"blockferry-store"`.
+    pub format: String,
+    /// Store format version.
+    pub version: u16,
+    /// 16 random bytes, hex: the HKDF salt of every derived key.
+    pub store_id: String,
+    /// Chunk size in bytes (power of two, 64 KiB..16 MiB).
+    pub chunk_size: u32,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// How the master key is kept.
+    pub encryption: Encryption,
+}
+
+/// How a store keeps its master key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "kebab-case")]
+pub enum Encryption {
+    /// Unencrypted store: the master key (used only to key chunk ids) is kept in the clear.
+    None {
+        /// The master key, hex.
+        master_key: String,
+    },
+    /// AES-256-GCM; the master key is wrapped under an argon2id passphrase key.
+    Aes256Gcm {
+        /// Argon2id parameters.
+        kdf: KdfParams,
+        /// Argon2id salt, hex.
+        salt: String,
+        /// `nonce | sealed master key | tag`, hex.
+        wrapped_key: String,
+    },
+}
+
+/// Options for [`Store::init`].
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// The passphrase that will unlock the store; `None` creates an unencrypted store.
+    pub passphrase: Option<Vec<u8>>,
+}
+
+/// A source's identity at the time it was read, to tell later whether it changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFingerprint {
+    /// Size of the file or device in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub modified_unix_ns: i64,
+    /// Device number of the file system holding it.
+    pub device: u64,
+    /// Inode number.
+    pub inode: u64,
+}
+
+/// What a snapshot records about the disk it came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskMeta {
+    /// A name for the disk (the source's file name unless given).
+    pub name: String,
+    /// The source path as given.
+    pub source: String,
+    /// Source format (`raw`, …).
+    pub format: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// Logical sector size in bytes.
+    pub logical_sector_size: u32,
+    /// Physical sector size in bytes.
+    pub physical_sector_size: u32,
+    /// Bytes the source reported allocated.
+    pub allocated_bytes: u64,
+    /// Identity of the source file when it was read.
+    pub fingerprint: SourceFingerprint,
+}
+
+/// Counters recorded with a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotStats {
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes recorded as zero: unallocated, or read and found all zero.
+    pub bytes_zero: u64,
+    /// Bytes of chunks the store already held.
+    pub bytes_deduplicated: u64,
+    /// Plaintext bytes of chunks stored by this run.
+    pub bytes_new: u64,
+    /// Bytes written to the store for those chunks (compressed, sealed).
+    pub bytes_stored: u64,
+    /// Chunks stored by this run.
+    pub chunks_stored: u64,
+}
+
+/// A snapshot manifest: the commit point of a replication.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Snapshot id (16 hex digits).
+    pub id: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The disk it is a copy of.
+    pub disk: DiskMeta,
+    /// Chunk size the chunk map uses.
+    pub chunk_size: u32,
+    /// Chunk positions per page.
+    pub page_entries: u32,
+    /// The snapshot this one was taken relative to, if any.
+    pub parent: Option<String>,
+    /// Change-tracking id of the source at this snapshot, if any.
+    pub change_id: Option<String>,
+    /// Page ids (hex) in disk order; `None` for a page of zero chunks.
+    pub pages: Vec<Option<String>>,
+    /// Counters of the run that made it.
+    pub stats: SnapshotStats,
+    /// The program that wrote it.
+    pub tool: String,
+}
+
+impl Snapshot {
+    /// Number of chunk positions of the disk.
+    pub fn n_chunks(&self) -> u64 {
+        self.disk.virtual_size.div_ceil(u64::from(self.chunk_size))
+    }
+
+    /// The id of page `idx`, `None` for a zero page.
+    pub fn page_id(&self, idx: usize) -> Result<Option<Id>> {
+        match self.pages.get(idx) {
+            Some(Some(h)) => unhex::<32>(h).map(Some).ok_or_else(|| {
+                Error::corrupt(
+                    &snapshot_key(&self.id),
+                    format!("page {idx} has an invalid id"),
+                )
+            }),
+            Some(None) => Ok(None),
+            None => Err(Error::internal(format!("page {idx} out of range"))),
+        }
+    }
+
+    fn validate(&self, key: &str) -> Result<()> {
+        let bad = |m: String| Err(Error::corrupt(key, m));
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size)
+            || !self.chunk_size.is_power_of_two()
+        {
+            return bad(format!("invalid chunk size {}", self.chunk_size));
+        }
+        if self.page_entries as usize != PAGE_ENTRIES {
+            return bad(format!("unsupported page size {}", self.page_entries));
+        }
+        if self.disk.virtual_size > i64::MAX as u64 {
+            return bad(format!(
+                "virtual size {} out of range",
+                self.disk.virtual_size
+            ));
+        }
+        let want = self.n_chunks().div_ceil(PAGE_ENTRIES as u64);
+        if self.pages.len() as u64 != want {
+            return bad(format!(
+                "has {} pages where its size needs {want}",
+                self.pages.len()
+            ));
+        }
+        if key != snapshot_key(&self.id) {
+            return bad(format!("records id {:?}", self.id));
+        }
+        for i in 0..self.pages.len() {
+            self.page_id(i)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a stored chunk lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLocation {
+    pack: u32,
+    /// Offset of the blob in its pack.
+    pub offset: u64,
+    /// Blob length.
+    pub stored_len: u32,
+    /// Plaintext length.
+    pub raw_len: u32,
+}
+
+/// Chunk ids are keyed hashes, uniformly random and secret: their first 8 bytes are a good hash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 ^= u64::from(*b) << (8 * i);
+        }
+    }
+}
+
+/// Chunk id → location, built from every index object of the store.
+#[derive(Default)]
+pub struct ChunkIndex {
+    packs: Vec<PackId>,
+    map: HashMap<Id, ChunkLocation, BuildHasherDefault<IdHasher>>,
+    /// Index objects that could not be read (the chunks they list are treated as absent).
+    pub damaged: Vec<Error>,
+}
+
+impl std::fmt::Debug for ChunkIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkIndex")
+            .field("packs", &self.packs.len())
+            .field("chunks", &self.map.len())
+            .field("damaged", &self.damaged.len())
+            .finish()
+    }
+}
+
+impl ChunkIndex {
+    /// Records the entries of one pack.
+    pub fn insert_pack(&mut self, pack_id: PackId, entries: &[Entry]) {
+        let pack = u32::try_from(self.packs.len()).expect("fewer than 2^32 packs");
+        self.packs.push(pack_id);
+        for e in entries {
+            self.map.entry(e.id).or_insert(ChunkLocation {
+                pack,
+                offset: e.offset,
+                stored_len: e.stored_len,
+                raw_len: e.raw_len,
+            });
+        }
+    }
+
+    /// Whether the store holds a chunk.
+    pub fn contains(&self, id: &Id) -> bool {
+        self.map.contains_key(id)
+    }
+
+    /// Where a chunk is stored.
+    pub fn get(&self, id: &Id) -> Option<(PackId, ChunkLocation)> {
+        self.map.get(id).map(|l| (self.packs[l.pack as usize], *l))
+    }
+
+    /// Number of distinct chunks.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// The object key of a pack.
+pub(crate) fn pack_key(id: &PackId) -> String {
+    let h = hex(id);
+    format!("packs/{}/{h}", &h[..2])
+}
+
+fn page_key(id: &Id) -> String {
+    let h = hex(id);
+    format!("pages/{}/{h}", &h[..2])
+}
+
+fn snapshot_key(id: &str) -> String {
+    format!("snapshots/{id}")
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// An open, unlocked store: the repository format on a backend.
+pub struct Store {
+    backend: Arc<dyn ObjectStore>,
+    config: StoreConfig,
+    keys: Keys,
+    meta: Sealer,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("location", &self.backend.location())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+fn key_wrap_aad(store_id: &str) -> Vec<u8> {
+    format!("blockferry v1 key wrap {store_id}").into_bytes()
+}
+
+impl Store {
+    /// Creates a new store at `location` (a folder, created if missing).
+    pub fn init(location: &str, opts: &InitOptions) -> Result<StoreConfig> {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&opts.chunk_size)
+            || !opts.chunk_size.is_power_of_two()
+        {
+            return Err(Error::config(format!(
+                "chunk size {} must be a power of two from 64 KiB to 16 MiB",
+                opts.chunk_size
+            )));
+        }
+        let backend = open_backend(location, true)?;
+        let store_id = hex(&crypto::random::<16>()?);
+        let master: [u8; KEY_LEN] = crypto::random()?;
+        let encryption = match &opts.passphrase {
+            None => Encryption::None {
+                master_key: hex(&master),
+            },
+            Some(pass) => {
+                if pass.is_empty() {
+                    return Err(Error::new(
+                        ErrorKind::Credentials,
+                        "the passphrase is empty",
+                    ));
+                }
+                let salt: [u8; 16] = crypto::random()?;
+                let kdf = KdfParams::DEFAULT;
+                let kek = crypto::passphrase_key(pass, &salt, kdf)?;
+                let wrapped = crypto::wrap_key(&kek, &master, &key_wrap_aad(&store_id))?;
+                Encryption::Aes256Gcm {
+                    kdf,
+                    salt: hex(&salt),
+                    wrapped_key: hex(&wrapped),
+                }
+            }
+        };
+        let config = StoreConfig {
+            format: FORMAT_NAME.to_owned(),
+            version: FORMAT_VERSION,
+            store_id,
+            chunk_size: opts.chunk_size,
+            created_unix_ms: now_unix_ms(),
+            encryption,
+        };
+        let json = serde_json::to_vec_pretty(&config)
+            .map_err(|e| Error::internal("encoding store config").with_source(e))?;
+        match backend.put(CONFIG_KEY, &json, PutMode::Create)? {
+            PutOutcome::Written => Ok(config),
+            PutOutcome::AlreadyExists => Err(Error::config(format!(
+                "a store already exists at {}",
+                backend.location()
+            ))),
+        }
+    }
+
+    /// Opens the store at `location`; `passphrase` is needed for encrypted stores.
+    pub fn open(location: &str, passphrase: Option<&[u8]>) -> Result<Store> {
+        let backend = open_backend(location, false)?;
+        Store::open_backend(backend, passphrase)
+    }
+
+    /// Opens a store on an existing backend.
+    pub fn open_backend(backend: Arc<dyn ObjectStore>, passphrase: Option<&[u8]>) -> Result<Store> {
+        let raw = backend.get(CONFIG_KEY).map_err(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no blockferry store at {} (run `blockferry init` first)",
+                        backend.location()
+                    ),
+                )
+            } else {
+                e
+            }
+        })?;
+        let config = parse_config(&raw)?;
+        let store_id = unhex::<16>(&config.store_id)
+            .ok_or_else(|| Error::corrupt(CONFIG_KEY, "invalid store id"))?;
+        let (master, encrypted) = match &config.encryption {
+            Encryption::None { master_key } => (
+                unhex::<KEY_LEN>(master_key)
+                    .ok_or_else(|| Error::corrupt(CONFIG_KEY, "invalid master key"))?,
+                false,
+            ),
+            Encryption::Aes256Gcm {
+                kdf,
+                salt,
+                wrapped_key,
+            } => {
+                let pass = passphrase.ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Credentials,
+                        "the store is encrypted: set BLOCKFERRY_PASSPHRASE or pass --passphrase-file",
+                    )
+                })?;
+                let salt = unhex_vec(salt)
+                    .ok_or_else(|| Error::corrupt(CONFIG_KEY, "invalid key salt"))?;
+                let wrapped = unhex_vec(wrapped_key)
+                    .ok_or_else(|| Error::corrupt(CONFIG_KEY, "invalid wrapped key"))?;
+                let kek = crypto::passphrase_key(pass, &salt, *kdf)?;
+                (
+                    crypto::unwrap_key(&kek, &wrapped, &key_wrap_aad(&config.store_id))?,
+                    true,
+                )
+            }
+        };
+        let keys = Keys::derive(&master, &store_id, encrypted);
+        let meta = keys.meta_sealer();
+        Ok(Store {
+            backend,
+            config,
+            keys,
+            meta,
+        })
+    }
+
+    /// The store configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u32 {
+        self.config.chunk_size
+    }
+
+    /// Whether chunks and metadata are encrypted.
+    pub fn encrypted(&self) -> bool {
+        matches!(self.config.encryption, Encryption::Aes256Gcm { .. })
+    }
+
+    /// Where the store lives.
+    pub fn location(&self) -> String {
+        self.backend.location()
+    }
+
+    /// The derived keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn ObjectStore> {
+        &self.backend
+    }
+
+    /// Reads every index object into a chunk index. Damaged index objects are reported in
+    /// [`ChunkIndex::damaged`] and their chunks treated as absent (replication then stores
+    /// them again, which is safe).
+    pub fn load_index(&self) -> Result<ChunkIndex> {
+        let mut index = ChunkIndex::default();
+        for key in self.backend.list("index/")? {
+            let loaded = self
+                .backend
+                .get(&key)
+                .and_then(|raw| format::open_meta(&self.meta, MetaKind::Index, &key, raw))
+                .and_then(|payload| format::decode_index(&payload, &key));
+            match loaded {
+                Ok(packs) => {
+                    for (pack_id, entries) in packs {
+                        index.insert_pack(pack_id, &entries);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Store => return Err(e),
+                Err(e) => {
+                    tracing::warn!("ignoring unreadable index object: {e}");
+                    index.damaged.push(e);
+                }
+            }
+        }
+        Ok(index)
+    }
+
+    /// Writes one index object listing the chunks of some durable packs.
+    pub fn write_index(&self, packs: &[(PackId, Vec<Entry>)]) -> Result<()> {
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let key = format!("index/{}", hex(&crypto::random::<16>()?));
+        let sealed = format::seal_meta(
+            &self.meta,
+            MetaKind::Index,
+            &key,
+            &format::encode_index(packs)?,
+        )?;
+        self.put_new(&key, &sealed)
+    }
+
+    /// Writes a finished pack.
+    pub fn put_pack(&self, pack_id: &PackId, bytes: &[u8]) -> Result<()> {
+        self.put_new(&pack_key(pack_id), bytes)
+    }
+
+    fn put_new(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        match self.backend.put(key, bytes, PutMode::Create)? {
+            PutOutcome::Written => Ok(()),
+            PutOutcome::AlreadyExists => Err(Error::internal(
+                "refusing to overwrite an existing object (random name collided)",
+            )
+            .with_object(key)),
+        }
+    }
+
+    /// Reads, authenticates, decompresses and checks one chunk into `out`.
+    /// `record` is scratch space for the sealed blob.
+    pub fn read_chunk(
+        &self,
+        index: &ChunkIndex,
+        id: &Id,
+        record: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let (pack_id, loc) = index.get(id).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("chunk {} is in no index of the store", hex(id)),
+            )
+        })?;
+        let key = pack_key(&pack_id);
+        self.backend
+            .get_range(&key, loc.offset, loc.stored_len as usize, record)?;
+        let sealer = self.keys.pack_sealer(&pack_id);
+        format::decode_blob(
+            &sealer,
+            id,
+            record,
+            self.chunk_size() as usize,
+            &key,
+            loc.offset,
+            out,
+        )?;
+        if out.len() != loc.raw_len as usize || self.keys.chunk_id(out) != *id {
+            return Err(
+                Error::corrupt(&key, "chunk content does not match its id").with_offset(loc.offset)
+            );
+        }
+        Ok(())
+    }
+
+    /// Stores a page of chunk ids; returns its id, or `None` if every entry is zero.
+    pub fn write_page(&self, ids: &[Id]) -> Result<Option<Id>> {
+        if ids.iter().all(|id| *id == ZERO_ID) {
+            return Ok(None);
+        }
+        let payload = format::encode_page(ids)?;
+        let id = self.keys.page_id(&payload);
+        let key = page_key(&id);
+        let sealed = format::seal_meta(&self.meta, MetaKind::Page, &key, &payload)?;
+        // Pages are content-addressed: an existing page with this id holds these bytes.
+        self.backend.put(&key, &sealed, PutMode::Create)?;
+        Ok(Some(id))
+    }
+
+    /// Reads a page of chunk ids, checking it against its id.
+    pub fn read_page(&self, id: &Id) -> Result<Vec<Id>> {
+        let key = page_key(id);
+        let payload = format::open_meta(&self.meta, MetaKind::Page, &key, self.backend.get(&key)?)?;
+        if self.keys.page_id(&payload) != *id {
+            return Err(Error::corrupt(&key, "page content does not match its id"));
+        }
+        format::decode_page(&payload, &key)
+    }
+
+    /// Writes a snapshot manifest: the commit point of a replication.
+    pub fn write_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
+        let key = snapshot_key(&snapshot.id);
+        snapshot.validate(&key)?;
+        let json = serde_json::to_vec(snapshot)
+            .map_err(|e| Error::internal("encoding snapshot").with_source(e))?;
+        let sealed = format::seal_meta(&self.meta, MetaKind::Snapshot, &key, &json)?;
+        self.put_new(&key, &sealed)
+    }
+
+    fn read_snapshot_key(&self, key: &str) -> Result<Snapshot> {
+        let payload =
+            format::open_meta(&self.meta, MetaKind::Snapshot, key, self.backend.get(key)?)?;
+        let snapshot: Snapshot = serde_json::from_slice(&payload)
+            .map_err(|e| Error::corrupt(key, "snapshot manifest is not valid").with_source(e))?;
+        snapshot.validate(key)?;
+        Ok(snapshot)
+    }
+
+    /// Every snapshot, oldest first, plus the errors of any that could not be read.
+    pub fn snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Error>)> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for key in self.backend.list("snapshots/")? {
+            match self.read_snapshot_key(&key) {
+                Ok(s) => good.push(s),
+                Err(e) if e.kind() == ErrorKind::Store => return Err(e),
+                Err(e) => bad.push(e),
+            }
+        }
+        good.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
+        Ok((good, bad))
+    }
+
+    /// Loads a snapshot by id, unique id prefix, or `latest`.
+    pub fn snapshot(&self, spec: &str) -> Result<Snapshot> {
+        if spec == "latest" {
+            let (snaps, _) = self.snapshots()?;
+            return snaps
+                .into_iter()
+                .next_back()
+                .ok_or_else(|| Error::new(ErrorKind::NotFound, "the store has no snapshots"));
+        }
+        if spec.is_empty() || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::config(format!(
+                "{spec:?} is not a snapshot id (hex digits, or `latest`)"
+            )));
+        }
+        let want = snapshot_key(&spec.to_ascii_lowercase());
+        let matches: Vec<String> = self
+            .backend
+            .list("snapshots/")?
+            .into_iter()
+            .filter(|k| k.starts_with(&want))
+            .collect();
+        match matches.as_slice() {
+            [key] => self.read_snapshot_key(key),
+            [] => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no snapshot {spec} in the store"),
+            )),
+            _ => Err(Error::config(format!(
+                "snapshot id prefix {spec} is ambiguous ({} snapshots match)",
+                matches.len()
+            ))),
+        }
+    }
+
+    /// A fresh snapshot id.
+    pub fn new_snapshot_id() -> Result<String> {
+        Ok(hex(&crypto::random::<8>()?))
+    }
+}
+
+fn parse_config(raw: &[u8]) -> Result<StoreConfig> {
+    let value: serde_json::Value = serde_json::from_slice(raw)
+        .map_err(|e| Error::corrupt(CONFIG_KEY, "store config is not valid JSON").with_source(e))?;
+    if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT_NAME) {
+        return Err(Error::corrupt(CONFIG_KEY, "not a blockferry store config"));
+    }
+    let version = value
+        .get("version")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| Error::corrupt(CONFIG_KEY, "store config has no version"))?;
+    if version > u64::from(FORMAT_VERSION) {
+        return Err(Error::new(
+            ErrorKind::UnsupportedVersion,
+            format!(
+                "the store uses format version {version}, newer than this blockferry reads \
+                 ({FORMAT_VERSION}); upgrade blockferry"
+            ),
+        )
+        .with_object(CONFIG_KEY));
+    }
+    let config: StoreConfig = serde_json::from_value(value)
+        .map_err(|e| Error::corrupt(CONFIG_KEY, "store config is not valid").with_source(e))?;
+    if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&config.chunk_size)
+        || !config.chunk_size.is_power_of_two()
+    {
+        return Err(Error::corrupt(
+            CONFIG_KEY,
+            format!("invalid chunk size {}", config.chunk_size),
+        ));
+    }
+    Ok(config)
+}
