@@ -1,1 +1,260 @@
+//! Shared helpers of the end-to-end tests: a sandbox folder, the `blockferry` binary, images.
 
+// Test helpers: sizes are small and trusted, and a panic is how a test fails.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::missing_panics_doc,
+    clippy::must_use_candidate
+)]
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub use serde_json::Value;
+
+/// Passphrase of the stores the tests create.
+pub const PASSPHRASE: &str = "test passphrase, not secret";
+pub const MIB: u64 = 1 << 20;
+
+/// The `blockferry` binary built next to this test binary (`cargo build` builds it first;
+/// `.ci/run` does).
+pub fn bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("blockferry");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests",
+        bin.display()
+    );
+    bin
+}
+
+/// A temporary folder holding images, stores and outputs of one test.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        // Under the target dir rather than /tmp: tests write gigabyte-sized sparse files and
+        // /tmp may be a small tmpfs.
+        let base = bin().parent().expect("target dir").join("e2e-tmp");
+        std::fs::create_dir_all(&base).expect("creating the test folder");
+        Sandbox {
+            dir: tempfile::tempdir_in(base).expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn store(&self) -> String {
+        self.path("store").to_str().expect("utf-8 path").to_owned()
+    }
+
+    /// Runs blockferry with the test passphrase in the environment.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[("BLOCKFERRY_PASSPHRASE", PASSPHRASE)])
+    }
+
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(bin());
+        cmd.args(args).env_remove("BLOCKFERRY_PASSPHRASE");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("running blockferry")
+    }
+
+    /// Runs and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "blockferry {args:?} failed ({:?}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Runs with `--json` and requires success; returns the parsed object.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.ok(&a)).expect("valid JSON output")
+    }
+
+    pub fn init(&self, extra: &[&str]) {
+        let store = self.store();
+        let mut args = vec!["init", "--store", &store];
+        args.extend_from_slice(extra);
+        self.ok(&args);
+    }
+
+    /// Replicates and returns the `--json` report.
+    pub fn replicate(&self, image: &Path, extra: &[&str]) -> Value {
+        let store = self.store();
+        let mut args = vec![
+            "replicate",
+            image.to_str().expect("utf-8"),
+            "--store",
+            &store,
+        ];
+        args.extend_from_slice(extra);
+        self.json(&args)
+    }
+
+    /// Restores `snapshot` to a new file and returns its path.
+    pub fn restore(&self, snapshot: &str, name: &str) -> PathBuf {
+        let out = self.path(name);
+        let store = self.store();
+        self.ok(&[
+            "restore",
+            "--store",
+            &store,
+            snapshot,
+            out.to_str().expect("utf-8"),
+            "--force",
+        ]);
+        out
+    }
+}
+
+/// splitmix64, seeded per test so failures can be replayed.
+#[derive(Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        for c in v.chunks_mut(8) {
+            let x = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&x[..c.len()]);
+        }
+        v
+    }
+
+    /// Compressible data: a few random words repeated with variation.
+    pub fn texty(&mut self, len: usize) -> Vec<u8> {
+        let words: Vec<Vec<u8>> = (0..16)
+            .map(|_| {
+                let len = 3 + (self.next_u64() % 9) as usize;
+                self.bytes(len)
+            })
+            .collect();
+        let mut v = Vec::with_capacity(len + 16);
+        while v.len() < len {
+            v.extend_from_slice(&words[(self.next_u64() % 16) as usize]);
+            v.push(b' ');
+        }
+        v.truncate(len);
+        v
+    }
+
+    /// A seed from the clock, printed so a failing run can be repeated with `BF_SEED`.
+    pub fn seeded(test: &str) -> Rng {
+        let seed = std::env::var("BF_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("{test}: BF_SEED={seed}");
+        Rng(seed)
+    }
+}
+
+/// Data to write into an image: `(offset, bytes)` pairs.
+pub type Regions = Vec<(u64, Vec<u8>)>;
+
+/// Creates a sparse image of `size` bytes with `data` written at each offset.
+pub fn make_image(path: &Path, size: u64, data: &[(u64, Vec<u8>)]) {
+    let f = File::create(path).expect("creating image");
+    f.set_len(size).expect("sizing image");
+    for (off, bytes) in data {
+        f.write_all_at(bytes, *off).expect("writing image");
+    }
+    f.sync_all().expect("syncing image");
+}
+
+/// Overwrites bytes of an existing file.
+pub fn write_at(path: &Path, offset: u64, bytes: &[u8]) {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("opening file");
+    f.write_all_at(bytes, offset).expect("writing file");
+}
+
+/// blake3 of a whole file, read in 1 MiB pieces (files may be gigabytes).
+pub fn file_hash(path: &Path) -> String {
+    let mut h = blake3_hasher();
+    let f = File::open(path).expect("opening file");
+    let len = f.metadata().expect("metadata").len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        f.read_exact_at(&mut buf[..n], off).expect("reading file");
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    format!("{len}:{}", h.finalize())
+}
+
+fn blake3_hasher() -> blake3::Hasher {
+    blake3::Hasher::new()
+}
+
+/// Bytes actually allocated to a file (to check that outputs stay sparse).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("metadata").blocks() * 512
+}
+
+/// Every object key in a local store (relative paths), sorted.
+pub fn objects(store: &str, prefix: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![Path::new(store).join(prefix)];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}

@@ -1,1 +1,23 @@
+//! End-to-end tests: the real `blockferry` binary on real files, stores and devices.
 
+// Test code: panics are how tests fail, and sizes here are small and trusted.
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::print_stdout
+)]
+
+/// Restore to and replicate from block devices (loop devices).
+mod blockdev;
+/// The demo and the `--json` contract.
+mod cli;
+/// Kill -9 at random moments never leaves a broken snapshot.
+mod crash;
+/// Replicate twice, shared content, holes and zero runs.
+mod dedup;
+/// Errors: wrong passphrase, damaged or missing objects, newer versions, bad inputs.
+mod errors;
+/// Peak memory stays within the budget.
+mod memory;
+/// replicate → restore gives identical bytes, for many shapes of image.
+mod roundtrip;

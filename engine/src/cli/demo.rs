@@ -48,7 +48,11 @@ fn text_like(rng: &mut Rng, len: usize) -> Vec<u8> {
     while out.len() < len {
         let w = WORDS[usize::try_from(rng.next() % 12).unwrap_or(0)];
         out.extend_from_slice(w.as_bytes());
-        out.push(if rng.next() % 9 == 0 { b'\n' } else { b' ' });
+        out.push(if rng.next().is_multiple_of(9) {
+            b'\n'
+        } else {
+            b' '
+        });
     }
     out.truncate(len);
     out

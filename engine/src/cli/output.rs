@@ -8,6 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use blockferry::{Event, Observer};
 
 /// `1.5 GiB`-style sizes.
+// Display rounding: f64's 52-bit mantissa is plenty for one decimal.
+#[allow(clippy::cast_precision_loss)]
 pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;

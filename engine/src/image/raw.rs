@@ -12,7 +12,7 @@ use crate::store::SourceFingerprint;
 /// correct, holes there are just read). 1 Mi extents cost 16 MiB.
 const MAX_EXTENTS: usize = 1 << 20;
 
-/// A raw image: virtual offset = file offset; allocation from SEEK_DATA/SEEK_HOLE.
+/// A raw image: virtual offset = file offset; allocation from `SEEK_DATA`/`SEEK_HOLE`.
 #[derive(Debug)]
 pub struct RawImage {
     files: [SourceFile; 1],

@@ -22,7 +22,7 @@ impl fmt::Debug for BufferPool {
             .field("capacity", &self.capacity)
             .field("count", &self.count)
             .field("free", &self.rx.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -76,7 +76,7 @@ impl fmt::Debug for PooledBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PooledBuf")
             .field("len", &self.buf.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

@@ -1,6 +1,6 @@
 //! The read engine: reads byte ranges of source files into pooled buffers.
 //!
-//! The first backend is `pread`; io_uring joins it behind [`ReadBackend`]. All `unsafe` of
+//! The first backend is `pread`; `io_uring` joins it behind [`ReadBackend`]. All `unsafe` of
 //! the engine lives in this module (`sys`), each block with a `// SAFETY:` comment.
 
 pub mod buf;

@@ -1,10 +1,10 @@
-//! The few system calls std does not wrap: SEEK_DATA/SEEK_HOLE and block-device ioctls.
+//! The few system calls std does not wrap: `SEEK_DATA`/`SEEK_HOLE` and block-device ioctls.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-/// Returns the data extents `(offset, len)` of a file below `size`, from SEEK_DATA/SEEK_HOLE.
+/// Returns the data extents `(offset, len)` of a file below `size`, from `SEEK_DATA`/`SEEK_HOLE`.
 ///
 /// File systems without hole support report the whole file as data, which is correct.
 /// `cap` bounds the number of extents collected; past it, the rest of the file is reported
@@ -101,12 +101,12 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         f.set_len(64 << 20).unwrap();
         f.seek(SeekFrom::Start(8 << 20)).unwrap();
-        f.write_all(&[1u8; 1 << 20]).unwrap();
+        f.write_all(&vec![1u8; 1 << 20]).unwrap();
         f.seek(SeekFrom::Start(40 << 20)).unwrap();
-        f.write_all(&[2u8; 1 << 20]).unwrap();
+        f.write_all(&vec![2u8; 1 << 20]).unwrap();
         let ext = data_extents(&f, 64 << 20, 1000).unwrap();
         let total: u64 = ext.iter().map(|e| e.1).sum();
-        assert!(total >= 2 << 20 && total < 64 << 20, "{ext:?}");
+        assert!((2 << 20..64 << 20).contains(&total), "{ext:?}");
         assert!(ext.iter().any(|&(o, l)| o <= 8 << 20 && o + l >= 9 << 20));
         assert!(ext.iter().any(|&(o, l)| o <= 40 << 20 && o + l >= 41 << 20));
         // The cap turns the tail into one extent that still covers every byte of data.

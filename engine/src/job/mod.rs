@@ -125,8 +125,9 @@ impl Observer for Silent {
     fn event(&self, _: &Event) {}
 }
 
-/// Shared atomic counters behind [`Progress`].
+/// Shared atomic counters behind [`Progress`] (named as its fields are).
 #[derive(Debug, Default)]
+#[allow(clippy::struct_field_names)]
 pub(crate) struct Counters {
     pub(crate) bytes_done: AtomicU64,
     pub(crate) bytes_read: AtomicU64,

@@ -577,7 +577,10 @@ pub fn replicate(
             }
             reporter.tick();
         }
-        handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+        handles
+            .into_iter()
+            .map(thread::ScopedJoinHandle::join)
+            .collect::<Vec<_>>()
     });
     if joined.iter().any(std::result::Result::is_err) {
         first_error.get_or_insert(Error::internal("a pipeline thread panicked"));

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::walk::{OnError, walk};
+use super::walk::{OnError, Walk, walk};
 use crate::error::{Error, ErrorKind, Result};
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
 use crate::store::Store;
@@ -115,13 +115,16 @@ pub fn restore(
     ];
     let counters = reporter.counters().clone();
     let chunk_cap = store.chunk_size() as usize;
-    walk(
+    let spec = Walk {
         store,
-        &snapshot,
+        snapshot: &snapshot,
         workers,
-        &opts.cancel,
-        &reporter,
-        device,
+        cancel: &opts.cancel,
+        reporter: &reporter,
+        include_zero: device,
+    };
+    walk(
+        &spec,
         &|| {
             (
                 Vec::with_capacity(chunk_cap + 64),

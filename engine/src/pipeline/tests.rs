@@ -1,1 +1,32 @@
+use super::*;
 
+#[test]
+fn plan_stays_within_budget() {
+    for budget in [32usize << 20, 64 << 20, 256 << 20, 4 << 30] {
+        for chunk in [64usize << 10, 1 << 20, 4 << 20] {
+            for workers in [1, 2, 8] {
+                if let Ok(p) = plan(budget, chunk, workers) {
+                    assert!(p.total <= budget, "{budget} {chunk} {workers}: {p:?}");
+                    assert!(p.read_bufs > p.workers);
+                    assert!(p.pack_target >= 2 * chunk);
+                }
+            }
+        }
+    }
+    let err = plan(8 << 20, 16 << 20, 2).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("too small"), "{err}");
+}
+
+#[test]
+fn zero_detection() {
+    let mut buf = vec![0u8; 1 << 20];
+    assert!(is_zero(&buf));
+    assert!(is_zero(&[]));
+    for at in [0, 4095, 4096, (1 << 20) - 1] {
+        buf[at] = 1;
+        assert!(!is_zero(&buf), "{at}");
+        buf[at] = 0;
+    }
+    assert!(is_zero(&buf[..12345]));
+}

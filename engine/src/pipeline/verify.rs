@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use super::walk::{OnError, walk};
+use super::walk::{OnError, Walk, walk};
 use super::{fill_chunk, has_data, is_zero, worker_count};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, BlockSource};
@@ -120,13 +120,16 @@ pub fn verify(
     let chunks_checked = std::sync::atomic::AtomicU64::new(0);
     let counters = reporter.counters().clone();
     let chunk_cap = snapshot.chunk_size as usize;
-    let result = walk(
+    let spec = Walk {
         store,
-        &snapshot,
-        worker_count(opts.workers),
-        &opts.cancel,
-        &reporter,
-        compare.is_some(),
+        snapshot: &snapshot,
+        workers: worker_count(opts.workers),
+        cancel: &opts.cancel,
+        reporter: &reporter,
+        include_zero: compare.is_some(),
+    };
+    let result = walk(
+        &spec,
         &|| State {
             record: Vec::with_capacity(chunk_cap + 64),
             data: Vec::with_capacity(chunk_cap),

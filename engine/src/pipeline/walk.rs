@@ -26,20 +26,34 @@ pub(crate) enum OnError {
     Continue,
 }
 
+/// How to walk a snapshot.
+pub(crate) struct Walk<'a> {
+    pub(crate) store: &'a Store,
+    pub(crate) snapshot: &'a Snapshot,
+    pub(crate) workers: usize,
+    pub(crate) cancel: &'a CancelToken,
+    pub(crate) reporter: &'a Reporter<'a>,
+    /// Also visit zero chunk positions.
+    pub(crate) include_zero: bool,
+}
+
 /// Calls `f` on every chunk position (zero ones too when `include_zero`), from `workers`
 /// threads, each with its own state from `init`. Positions come in disk order; they finish
 /// in any order. Page objects are read one at a time, so memory stays bounded.
 pub(crate) fn walk<S>(
-    store: &Store,
-    snapshot: &Snapshot,
-    workers: usize,
-    cancel: &CancelToken,
-    reporter: &Reporter<'_>,
-    include_zero: bool,
+    w: &Walk<'_>,
     init: &(dyn Fn() -> S + Sync),
     f: &(dyn Fn(&mut S, &Item) -> Result<()> + Sync),
     on_error: &(dyn Fn(&Error) -> OnError + Sync),
 ) -> Result<()> {
+    let Walk {
+        store,
+        snapshot,
+        workers,
+        cancel,
+        reporter,
+        include_zero,
+    } = *w;
     let chunk = u64::from(snapshot.chunk_size);
     let size = snapshot.disk.virtual_size;
     let stop = CancelToken::new();

@@ -151,24 +151,21 @@ impl Sealer {
             buf.len() >= payload_at,
             "record buffer holds header and nonce"
         );
-        match &self.key {
-            Some(key) => {
-                let nonce_bytes: [u8; NONCE_BYTES] = random()?;
-                buf[nonce_at..payload_at].copy_from_slice(&nonce_bytes);
-                let tag = key
-                    .seal_in_place_separate_tag(
-                        Nonce::assume_unique_for_key(nonce_bytes),
-                        Aad::from(aad),
-                        &mut buf[payload_at..],
-                    )
-                    .map_err(|_| Error::internal("AES-GCM sealing failed"))?;
-                buf.extend_from_slice(tag.as_ref());
-            }
-            None => {
-                buf[nonce_at..payload_at].fill(0);
-                let sum = checksum(aad, &buf[payload_at..]);
-                buf.extend_from_slice(&sum);
-            }
+        if let Some(key) = &self.key {
+            let nonce_bytes: [u8; NONCE_BYTES] = random()?;
+            buf[nonce_at..payload_at].copy_from_slice(&nonce_bytes);
+            let tag = key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce_bytes),
+                    Aad::from(aad),
+                    &mut buf[payload_at..],
+                )
+                .map_err(|_| Error::internal("AES-GCM sealing failed"))?;
+            buf.extend_from_slice(tag.as_ref());
+        } else {
+            buf[nonce_at..payload_at].fill(0);
+            let sum = checksum(aad, &buf[payload_at..]);
+            buf.extend_from_slice(&sum);
         }
         Ok(())
     }
@@ -184,28 +181,24 @@ impl Sealer {
         if record.len() < payload_at + TAG_BYTES {
             return Err(Unauthentic);
         }
-        match &self.key {
-            Some(key) => {
-                let nonce: [u8; NONCE_BYTES] = record[nonce_at..payload_at]
-                    .try_into()
-                    .map_err(|_| Unauthentic)?;
-                let plain = key
-                    .open_in_place(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(aad),
-                        &mut record[payload_at..],
-                    )
-                    .map_err(|_| Unauthentic)?;
-                Ok(plain)
+        if let Some(key) = &self.key {
+            let nonce: [u8; NONCE_BYTES] = record[nonce_at..payload_at]
+                .try_into()
+                .map_err(|_| Unauthentic)?;
+            key.open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut record[payload_at..],
+            )
+            .map(|plain| &mut *plain)
+            .map_err(|_| Unauthentic)
+        } else {
+            let tag_at = record.len() - TAG_BYTES;
+            let sum = checksum(aad, &record[payload_at..tag_at]);
+            if sum[..] != record[tag_at..] || record[nonce_at..payload_at] != [0; NONCE_BYTES] {
+                return Err(Unauthentic);
             }
-            None => {
-                let tag_at = record.len() - TAG_BYTES;
-                let sum = checksum(aad, &record[payload_at..tag_at]);
-                if sum[..] != record[tag_at..] || record[nonce_at..payload_at] != [0; NONCE_BYTES] {
-                    return Err(Unauthentic);
-                }
-                Ok(&mut record[payload_at..tag_at])
-            }
+            Ok(&mut record[payload_at..tag_at])
         }
     }
 }

@@ -94,13 +94,13 @@ fn len_u32(len: usize, what: &str) -> Result<u32> {
 }
 
 /// Checks magic and version of a header; a newer version is [`ErrorKind::UnsupportedVersion`].
-fn check_magic(bytes: &[u8], magic: &[u8; 6], object: &str) -> Result<()> {
-    if bytes.len() < 8 || &bytes[..6] != magic {
+fn check_magic(bytes: &[u8], magic: [u8; 6], object: &str) -> Result<()> {
+    if bytes.len() < 8 || bytes[..6] != magic {
         return Err(Error::corrupt(
             object,
             format!(
                 "not a blockferry {} object (bad magic)",
-                String::from_utf8_lossy(magic)
+                String::from_utf8_lossy(&magic)
             ),
         )
         .with_offset(0));
@@ -279,7 +279,7 @@ fn trailer_aad(header: &[u8; PACK_HEADER]) -> [u8; PACK_HEADER + 7] {
 /// Reads a whole pack's trailer: checks header, footer and trailer authentication, and that
 /// every entry lies inside the pack's blob area. Used by verify and index rebuilds.
 pub fn decode_pack_trailer(sealer: &Sealer, pack: &[u8], object: &str) -> Result<Vec<Entry>> {
-    check_magic(pack, PACK_MAGIC, object)?;
+    check_magic(pack, *PACK_MAGIC, object)?;
     if pack.len() < PACK_HEADER + PACK_FOOTER {
         return Err(Error::corrupt(
             object,
@@ -310,7 +310,7 @@ pub fn decode_pack_trailer(sealer: &Sealer, pack: &[u8], object: &str) -> Result
             Error::corrupt(object, "pack trailer failed authentication")
                 .with_offset(trailer_at as u64)
         })?;
-    if plain.len() % ENTRY_BYTES != 0 {
+    if !plain.len().is_multiple_of(ENTRY_BYTES) {
         return Err(Error::corrupt(object, "pack trailer has a partial entry"));
     }
     let entries: Vec<Entry> = plain.chunks_exact(ENTRY_BYTES).map(decode_entry).collect();
@@ -328,7 +328,7 @@ pub fn decode_pack_trailer(sealer: &Sealer, pack: &[u8], object: &str) -> Result
 
 /// The pack id recorded in a pack's header.
 pub fn pack_id_of(pack: &[u8], object: &str) -> Result<PackId> {
-    check_magic(pack, PACK_MAGIC, object)?;
+    check_magic(pack, *PACK_MAGIC, object)?;
     pack.get(8..PACK_HEADER)
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| Error::corrupt(object, "pack truncated inside its header"))
@@ -373,7 +373,7 @@ pub fn open_meta(
     key: &str,
     mut bytes: Vec<u8>,
 ) -> Result<Vec<u8>> {
-    check_magic(&bytes, kind.magic(), key)?;
+    check_magic(&bytes, *kind.magic(), key)?;
     if bytes.len() < META_HEADER + NONCE_BYTES + TAG_BYTES {
         return Err(Error::corrupt(
             key,
@@ -518,7 +518,7 @@ pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
 
 /// Parses hex of any length (even) into bytes.
 pub fn unhex_vec(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
     (0..s.len() / 2)

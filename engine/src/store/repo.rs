@@ -270,6 +270,13 @@ impl ChunkIndex {
         self.map.get(id).map(|l| (self.packs[l.pack as usize], *l))
     }
 
+    /// Every stored chunk with its pack's object key and location, in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = (Id, String, ChunkLocation)> + '_ {
+        self.map
+            .iter()
+            .map(|(id, l)| (*id, pack_key(&self.packs[l.pack as usize]), *l))
+    }
+
     /// Number of distinct chunks.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -300,8 +307,7 @@ fn snapshot_key(id: &str) -> String {
 pub fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// An open, unlocked store: the repository format on a backend.

@@ -1,0 +1,77 @@
+use std::process::Command;
+
+use blockferry_tests::{MIB, Rng, Sandbox, file_hash, make_image};
+
+/// A loop device over a file, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &std::path::Path, read_only: bool) -> Option<Loop> {
+        let mut cmd = Command::new("losetup");
+        cmd.args(["-f", "--show"]);
+        if read_only {
+            cmd.arg("-r");
+        }
+        let out = cmd.arg(file).output().ok()?;
+        out.status
+            .success()
+            .then(|| Loop(String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Replicates from a read-only block device and restores onto another one.
+#[test]
+fn replicate_from_and_restore_to_block_devices() {
+    let mut rng = Rng::seeded("block_devices");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let backing = sb.path("backing.raw");
+    make_image(
+        &backing,
+        48 * MIB,
+        &[(0, rng.bytes(3 << 20)), (20 * MIB, rng.texty(5 << 20))],
+    );
+    let target_file = sb.path("target.raw");
+    // The target starts full of garbage: zero chunks must be written as zeros on a device.
+    make_image(&target_file, 64 * MIB, &[(0, vec![0xee; 64 << 20])]);
+    let (Some(src), Some(dst)) = (
+        Loop::attach(&backing, true),
+        Loop::attach(&target_file, false),
+    ) else {
+        assert!(
+            std::env::var_os("BF_REQUIRE_TOOLS").is_none(),
+            "loop devices are unavailable"
+        );
+        eprintln!("skipping: loop devices are unavailable here");
+        return;
+    };
+    let r = sb.replicate(std::path::Path::new(&src.0), &[]);
+    assert_eq!(r["virtual_size"], 48 * MIB);
+    let snap = r["snapshot"].as_str().unwrap();
+    let store = sb.store();
+    let rr = sb.json(&["restore", "--store", &store, snap, &dst.0]);
+    assert_eq!(rr["block_device"], true);
+    drop(dst);
+    // The first 48 MiB of the target now equal the source; the rest is untouched.
+    let restored = std::fs::read(&target_file).unwrap();
+    let original = std::fs::read(&backing).unwrap();
+    assert!(
+        restored[..48 << 20] == original[..],
+        "device contents differ"
+    );
+    assert!(restored[48 << 20..].iter().all(|&b| b == 0xee));
+    // A device smaller than the disk is refused.
+    let small = sb.path("small.raw");
+    make_image(&small, 8 * MIB, &[]);
+    let dev = Loop::attach(&small, false).unwrap();
+    let out = sb.run(&["restore", "--store", &store, snap, &dev.0]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the device holds"));
+    let _ = file_hash(&backing);
+}

@@ -1,0 +1,72 @@
+use blockferry_tests::{MIB, Rng, Sandbox, make_image};
+
+#[test]
+fn demo_runs_the_whole_job() {
+    let sb = Sandbox::new();
+    let out = sb.run_env(&["demo", "--dir", sb.path("demo").to_str().unwrap()], &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "full replication",
+        "replication again",
+        "verified snapshot",
+        "byte-identical",
+    ] {
+        assert!(text.contains(step), "demo output lacks {step:?}:\n{text}");
+    }
+}
+
+#[test]
+fn json_output_of_every_command() {
+    let mut rng = Rng::seeded("json_output");
+    let sb = Sandbox::new();
+    let store = sb.store();
+    let init = sb.json(&["init", "--store", &store, "--chunk-size", "256K"]);
+    assert_eq!(init["chunk_size"], 256 * 1024);
+    assert_eq!(init["encrypted"], true);
+    let image = sb.path("disk.raw");
+    make_image(&image, 10 * MIB, &[(MIB, rng.bytes(2 << 20))]);
+    let r = sb.replicate(&image, &[]);
+    for key in [
+        "snapshot",
+        "virtual_size",
+        "bytes_read",
+        "bytes_zero",
+        "bytes_deduplicated",
+        "bytes_stored",
+        "seconds",
+    ] {
+        assert!(!r[key].is_null(), "replicate --json lacks {key}: {r}");
+    }
+    assert_eq!(r["io_engine"], "pread");
+    let list = sb.json(&["snapshots", "--store", &store]);
+    assert_eq!(list["snapshots"][0]["id"], r["snapshot"]);
+    assert_eq!(list["snapshots"][0]["virtual_size"], 10 * MIB);
+    let snap = r["snapshot"].as_str().unwrap();
+    // A unique prefix and `latest` both name it.
+    let v = sb.json(&["verify", "--store", &store, &snap[..6]]);
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["snapshot"], snap);
+    let out = sb.path("out.raw");
+    let rr = sb.json(&[
+        "restore",
+        "--store",
+        &store,
+        "latest",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(rr["virtual_size"], 10 * MIB);
+    assert_eq!(rr["bytes_written"], 2 * MIB);
+    // Plain replicate prints just the id on stdout, for `snap=$(blockferry replicate …)`.
+    let plain = sb.ok(&["replicate", image.to_str().unwrap(), "--store", &store]);
+    assert_eq!(plain.trim().len(), 16, "{plain:?}");
+    let table = sb.ok(&["snapshots", "--store", &store]);
+    assert!(
+        table.contains(plain.trim()) && table.contains("disk.raw"),
+        "{table}"
+    );
+}
