@@ -54,7 +54,7 @@ pub struct VerifyReport {
     pub bytes_checked: u64,
     /// Whether the source image was compared too.
     pub image_compared: bool,
-    /// Problems found (the first [`MAX_PROBLEMS`]).
+    /// Problems found (the first 1000; `problems_total` counts them all).
     pub problems: Vec<Problem>,
     /// Number of problems found.
     pub problems_total: u64,
