@@ -57,8 +57,9 @@ pub trait ObjectStore: Send + Sync + Debug {
     fn location(&self) -> String;
     /// Stores `data` under `key`.
     fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome>;
-    /// Reads a whole object; a missing one is [`ErrorKind::NotFound`].
-    fn get(&self, key: &str) -> Result<Vec<u8>>;
+    /// Reads a whole object; a missing one is [`ErrorKind::NotFound`], one larger than
+    /// `max_len` bytes is [`ErrorKind::Corrupt`] (and is not read).
+    fn get(&self, key: &str, max_len: u64) -> Result<Vec<u8>>;
     /// Reads `len` bytes at `offset` of an object into `buf` (replacing its contents); a range
     /// past the end is [`ErrorKind::Corrupt`] (the object is truncated).
     fn get_range(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()>;
@@ -111,6 +112,42 @@ pub fn open_backend(location: &str, create: bool) -> Result<Arc<dyn ObjectStore>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_store_is_create_only_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = local::LocalStore::create(dir.path()).unwrap();
+        assert_eq!(
+            store.put("a/b", b"one", PutMode::Create).unwrap(),
+            PutOutcome::Written
+        );
+        assert_eq!(
+            store.put("a/b", b"two", PutMode::Create).unwrap(),
+            PutOutcome::AlreadyExists
+        );
+        assert_eq!(store.get("a/b", 3).unwrap(), b"one");
+        let e = store.get("a/b", 2).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert_eq!(store.get("a/c", 9).unwrap_err().kind(), ErrorKind::NotFound);
+        let mut buf = Vec::new();
+        store.get_range("a/b", 1, 2, &mut buf).unwrap();
+        assert_eq!(buf, b"ne");
+        assert_eq!(
+            store.get_range("a/b", 2, 5, &mut buf).unwrap_err().kind(),
+            ErrorKind::Corrupt
+        );
+        store.put("a/b", b"three", PutMode::Overwrite).unwrap();
+        assert_eq!(store.get("a/b", 9).unwrap(), b"three");
+        assert_eq!(store.list("a/").unwrap(), vec!["a/b".to_owned()]);
+        assert!(store.list("zz/").unwrap().is_empty());
+        store.delete("a/b").unwrap();
+        store.delete("a/b").unwrap();
+        // Nothing is left in tmp/ by successful writes.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
 
     #[test]
     fn keys_are_checked() {

@@ -22,6 +22,11 @@ pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 
 const CONFIG_KEY: &str = "config";
+/// Largest config object read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Largest metadata object read (the envelope caps of format.rs, plus framing and slack for
+/// incompressible payloads).
+const MAX_META_BYTES: u64 = (256 << 20) + 4096;
 const FORMAT_NAME: &str = "blockferry-store";
 
 /// The store's `config` object (plaintext JSON; see docs/FORMAT.md).
@@ -394,7 +399,7 @@ impl Store {
 
     /// Opens a store on an existing backend.
     pub fn open_backend(backend: Arc<dyn ObjectStore>, passphrase: Option<&[u8]>) -> Result<Store> {
-        let raw = backend.get(CONFIG_KEY).map_err(|e| {
+        let raw = backend.get(CONFIG_KEY, MAX_CONFIG_BYTES).map_err(|e| {
             if e.kind() == ErrorKind::NotFound {
                 Error::new(
                     ErrorKind::NotFound,
@@ -486,7 +491,7 @@ impl Store {
         for key in self.backend.list("index/")? {
             let loaded = self
                 .backend
-                .get(&key)
+                .get(&key, MAX_META_BYTES)
                 .and_then(|raw| format::open_meta(&self.meta, MetaKind::Index, &key, raw))
                 .and_then(|payload| format::decode_index(&payload, &key));
             match loaded {
@@ -551,6 +556,16 @@ impl Store {
             )
         })?;
         let key = pack_key(&pack_id);
+        if loc.stored_len as usize > format::blob_bound(self.chunk_size() as usize) {
+            return Err(Error::corrupt(
+                &key,
+                format!(
+                    "index claims a {}-byte chunk record, larger than any chunk",
+                    loc.stored_len
+                ),
+            )
+            .with_offset(loc.offset));
+        }
         self.backend
             .get_range(&key, loc.offset, loc.stored_len as usize, record)?;
         let sealer = self.keys.pack_sealer(&pack_id);
@@ -588,7 +603,12 @@ impl Store {
     /// Reads a page of chunk ids, checking it against its id.
     pub fn read_page(&self, id: &Id) -> Result<Vec<Id>> {
         let key = page_key(id);
-        let payload = format::open_meta(&self.meta, MetaKind::Page, &key, self.backend.get(&key)?)?;
+        let payload = format::open_meta(
+            &self.meta,
+            MetaKind::Page,
+            &key,
+            self.backend.get(&key, MAX_META_BYTES)?,
+        )?;
         if self.keys.page_id(&payload) != *id {
             return Err(Error::corrupt(&key, "page content does not match its id"));
         }
@@ -606,8 +626,12 @@ impl Store {
     }
 
     fn read_snapshot_key(&self, key: &str) -> Result<Snapshot> {
-        let payload =
-            format::open_meta(&self.meta, MetaKind::Snapshot, key, self.backend.get(key)?)?;
+        let payload = format::open_meta(
+            &self.meta,
+            MetaKind::Snapshot,
+            key,
+            self.backend.get(key, MAX_META_BYTES)?,
+        )?;
         let snapshot: Snapshot = serde_json::from_slice(&payload)
             .map_err(|e| Error::corrupt(key, "snapshot manifest is not valid").with_source(e))?;
         snapshot.validate(key)?;
