@@ -41,7 +41,7 @@ pub mod pipeline;
 pub mod store;
 
 pub use error::{Error, ErrorKind, Result};
-pub use job::{CancelToken, Event, Observer, Phase, Progress, Silent};
+pub use job::{CancelToken, Event, EventStream, Observer, Phase, Progress, Silent};
 pub use pipeline::{
     DEFAULT_MEMORY_BUDGET, ReplicateOptions, ReplicateReport, RestoreOptions, RestoreReport,
     VerifyOptions, VerifyReport, replicate, restore, verify,

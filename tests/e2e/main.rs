@@ -17,6 +17,8 @@ mod crash;
 mod dedup;
 /// Errors: wrong passphrase, damaged or missing objects, newer versions, bad inputs.
 mod errors;
+/// The library facade: progress streams and cancellation.
+mod library;
 /// Peak memory stays within the budget.
 mod memory;
 /// replicate → restore gives identical bytes, for many shapes of image.

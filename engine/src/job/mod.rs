@@ -125,6 +125,29 @@ impl Observer for Silent {
     fn event(&self, _: &Event) {}
 }
 
+/// An observer that turns events into a stream: every event goes to a channel whose receiver
+/// the caller iterates (from another thread, or after the operation returns).
+///
+/// The channel is unbounded so the engine never waits on a slow consumer; it stays small
+/// because progress events are rate-limited to one per [`PROGRESS_INTERVAL`].
+#[derive(Debug, Clone)]
+pub struct EventStream(crossbeam_channel::Sender<Event>);
+
+impl EventStream {
+    /// A new stream and the receiving end of its events.
+    pub fn new() -> (EventStream, crossbeam_channel::Receiver<Event>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (EventStream(tx), rx)
+    }
+}
+
+impl Observer for EventStream {
+    fn event(&self, event: &Event) {
+        // A receiver that was dropped just means nobody is listening any more.
+        let _ = self.0.send(event.clone());
+    }
+}
+
 /// Shared atomic counters behind [`Progress`] (named as its fields are).
 #[derive(Debug, Default)]
 #[allow(clippy::struct_field_names)]
