@@ -21,6 +21,30 @@ pub const MIB: u64 = 1 << 20;
 /// The `blockferry` binary built next to this test binary (`cargo build` builds it first;
 /// `.ci/run` does).
 pub fn bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        // `cargo test` builds the engine library for this crate, not the engine's binary:
+        // build it here so the tests never run a stale one.
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let profile_release = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent()?.parent().map(|d| d.ends_with("release")))
+            .unwrap_or(false);
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "blockferry",
+            "--bin",
+            "blockferry",
+        ]);
+        if profile_release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building the blockferry binary failed");
+    });
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("blockferry");
@@ -90,6 +114,25 @@ impl Sandbox {
         String::from_utf8(out.stdout).expect("utf-8 output")
     }
 
+    /// Runs with the test passphrase and requires exit `code` and every `needle` in stderr.
+    pub fn fails(&self, args: &[&str], code: i32, needles: &[&str]) -> Output {
+        expect_failure(self.run(args), code, needles)
+    }
+
+    /// Checks `verify --image` of the latest snapshot passes.
+    pub fn verify_latest_against(&self, image: &Path) {
+        let store = self.store();
+        let v = self.json(&[
+            "verify",
+            "--store",
+            &store,
+            "latest",
+            "--image",
+            image.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(v["ok"], true, "{v}");
+    }
+
     /// Runs with `--json` and requires success; returns the parsed object.
     pub fn json(&self, args: &[&str]) -> Value {
         let mut a = args.to_vec();
@@ -131,6 +174,20 @@ impl Sandbox {
         ]);
         out
     }
+}
+
+/// Requires exit `code` and every `needle` in stderr; returns the output for more checks.
+pub fn expect_failure(out: Output, code: i32, needles: &[&str]) -> Output {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit {code}; stderr:\n{err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "stderr lacks {n:?}:\n{err}");
+    }
+    out
 }
 
 /// splitmix64, seeded per test so failures can be replayed.

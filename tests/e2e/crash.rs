@@ -71,13 +71,5 @@ fn kill_9_never_leaves_a_broken_snapshot() {
     let last = sb.replicate(&image, &[]);
     let out = sb.restore(last["snapshot"].as_str().unwrap(), "final.raw");
     assert_eq!(file_hash(&image), file_hash(&out));
-    let v = sb.json(&[
-        "verify",
-        "--store",
-        &store,
-        "latest",
-        "--image",
-        image.to_str().unwrap(),
-    ]);
-    assert_eq!(v["ok"], true);
+    sb.verify_latest_against(&image);
 }

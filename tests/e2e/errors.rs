@@ -2,11 +2,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use blockferry::{Silent, Store, VerifyOptions};
-use blockferry_tests::{MIB, PASSPHRASE, Rng, Sandbox, make_image, objects};
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use blockferry_tests::{MIB, PASSPHRASE, Rng, Sandbox, expect_failure, make_image, objects};
 
 /// A store holding one snapshot of a small image with several chunks.
 fn setup(flags: &[&str]) -> (Sandbox, String, std::path::PathBuf) {
@@ -42,23 +38,14 @@ fn flip_bit(path: &Path, offset: u64, bit: u8) {
 fn wrong_or_missing_passphrase() {
     let (sb, snap, _) = setup(&[]);
     let store = sb.store();
-    let out = sb.run_env(
-        &["snapshots", "--store", &store],
-        &[("BLOCKFERRY_PASSPHRASE", "not it")],
+    let wrong = [("BLOCKFERRY_PASSPHRASE", "not it")];
+    expect_failure(
+        sb.run_env(&["snapshots", "--store", &store], &wrong),
+        1,
+        &["wrong passphrase"],
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("wrong passphrase"),
-        "{}",
-        stderr(&out)
-    );
-    let out = sb.run_env(&["restore", "--store", &store, &snap, "/dev/null"], &[]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("BLOCKFERRY_PASSPHRASE"),
-        "{}",
-        stderr(&out)
-    );
+    let none = sb.run_env(&["restore", "--store", &store, &snap, "/dev/null"], &[]);
+    expect_failure(none, 1, &["BLOCKFERRY_PASSPHRASE"]);
     // The passphrase file works, first line only.
     let pf = sb.path("pass.txt");
     std::fs::write(&pf, format!("{PASSPHRASE}\nsecond line ignored\n")).unwrap();
@@ -72,7 +59,11 @@ fn wrong_or_missing_passphrase() {
         ],
         &[],
     );
-    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // JSON errors are machine-readable.
     let out = sb.run_env(
         &["snapshots", "--store", &store, "--json"],
@@ -114,6 +105,7 @@ fn every_stored_chunk_has_every_bit_guarded() {
 fn flipped_and_truncated_packs_via_cli() {
     let (sb, snap, _) = setup(&[]);
     let store = sb.store();
+    let (o1, o2) = (sb.path("o.raw"), sb.path("o2.raw"));
     let packs = objects(&store, "packs");
     flip_bit(&packs[0], 100, 3);
     let out = sb.run(&["verify", "--store", &store, &snap]);
@@ -124,18 +116,10 @@ fn flipped_and_truncated_packs_via_cli() {
         "{text}"
     );
     assert!(text.contains("packs/"), "{text}");
-    let out = sb.run(&[
-        "restore",
-        "--store",
-        &store,
-        &snap,
-        sb.path("o.raw").to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("failed authentication"),
-        "{}",
-        stderr(&out)
+    sb.fails(
+        &["restore", "--store", &store, &snap, o1.to_str().unwrap()],
+        1,
+        &["failed authentication"],
     );
     flip_bit(&packs[0], 100, 3);
     sb.ok(&["verify", "--store", &store, &snap]);
@@ -158,15 +142,11 @@ fn flipped_and_truncated_packs_via_cli() {
             .contains("truncated"),
         "{v}"
     );
-    let out = sb.run(&[
-        "restore",
-        "--store",
-        &store,
-        &snap,
-        sb.path("o2.raw").to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
+    sb.fails(
+        &["restore", "--store", &store, &snap, o2.to_str().unwrap()],
+        1,
+        &["truncated"],
+    );
 }
 
 #[test]
@@ -174,49 +154,53 @@ fn missing_objects() {
     let (sb, snap, _) = setup(&[]);
     let store = sb.store();
     let out_path = sb.path("o.raw");
-    let out_file = out_path.to_str().unwrap();
+    let restore = [
+        "restore",
+        "--store",
+        &store,
+        &snap,
+        out_path.to_str().unwrap(),
+        "--force",
+    ];
     // A missing pack.
     let packs = objects(&store, "packs");
     let saved = std::fs::read(&packs[0]).unwrap();
     std::fs::remove_file(&packs[0]).unwrap();
-    let out = sb.run(&["restore", "--store", &store, &snap, out_file, "--force"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("object missing") && stderr(&out).contains("packs/"),
-        "{}",
-        stderr(&out)
+    sb.fails(&restore, 1, &["object missing", "packs/"]);
+    assert_eq!(
+        sb.run(&["verify", "--store", &store, &snap]).status.code(),
+        Some(3)
     );
-    let out = sb.run(&["verify", "--store", &store, &snap]);
-    assert_eq!(out.status.code(), Some(3));
     std::fs::write(&packs[0], saved).unwrap();
     // A missing page.
     let pages = objects(&store, "pages");
     let saved = std::fs::read(&pages[0]).unwrap();
     std::fs::remove_file(&pages[0]).unwrap();
-    let out = sb.run(&["restore", "--store", &store, &snap, out_file, "--force"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("pages/"), "{}", stderr(&out));
+    sb.fails(&restore, 1, &["pages/"]);
     std::fs::write(&pages[0], saved).unwrap();
     // A missing index.
     for i in objects(&store, "index") {
         std::fs::remove_file(i).unwrap();
     }
-    let out = sb.run(&["restore", "--store", &store, &snap, out_file, "--force"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("in no index"), "{}", stderr(&out));
+    sb.fails(&restore, 1, &["in no index"]);
     // A missing snapshot, and a missing store.
-    let out = sb.run(&["restore", "--store", &store, "abcdef", out_file, "--force"]);
-    assert!(
-        stderr(&out).contains("no snapshot abcdef"),
-        "{}",
-        stderr(&out)
+    let nowhere = sb.path("nowhere");
+    sb.fails(
+        &[
+            "restore",
+            "--store",
+            &store,
+            "abcdef",
+            "/dev/null",
+            "--force",
+        ],
+        1,
+        &["no snapshot abcdef"],
     );
-    let out = sb.run(&["snapshots", "--store", sb.path("nowhere").to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("cannot open the store folder"),
-        "{}",
-        stderr(&out)
+    sb.fails(
+        &["snapshots", "--store", nowhere.to_str().unwrap()],
+        1,
+        &["cannot open the store folder"],
     );
 }
 
@@ -230,39 +214,21 @@ fn newer_format_versions_are_refused() {
         .open(&manifest)
         .unwrap();
     f.write_all_at(&[2, 0], 6).unwrap();
-    let out = sb.run(&[
-        "restore",
-        "--store",
-        &store,
-        &snap,
-        sb.path("o.raw").to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = stderr(&out);
-    assert!(
-        err.contains("format version 2") && err.contains("upgrade blockferry"),
-        "{err}"
+    let out = sb.path("o.raw");
+    let object = format!("snapshots/{snap}");
+    sb.fails(
+        &["restore", "--store", &store, &snap, out.to_str().unwrap()],
+        1,
+        &["format version 2", "upgrade blockferry", &object],
     );
-    assert!(err.contains(&format!("snapshots/{snap}")), "{err}");
-    let out = sb.run(&["snapshots", "--store", &store]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("format version 2"),
-        "{}",
-        stderr(&out)
-    );
+    sb.fails(&["snapshots", "--store", &store], 1, &["format version 2"]);
     // A config from the future too.
     let config = Path::new(&store).join("config");
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("\"version\": 1", "\"version\": 7");
     std::fs::write(&config, text).unwrap();
-    let out = sb.run(&["snapshots", "--store", &store]);
-    assert!(
-        stderr(&out).contains("format version 7"),
-        "{}",
-        stderr(&out)
-    );
+    sb.fails(&["snapshots", "--store", &store], 1, &["format version 7"]);
 }
 
 #[test]
@@ -270,46 +236,52 @@ fn bad_sources_and_arguments() {
     let sb = Sandbox::new();
     sb.init(&[]);
     let store = sb.store();
-    let out = sb.run(&[
-        "replicate",
-        sb.path("missing.raw").to_str().unwrap(),
-        "--store",
-        &store,
-    ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("cannot open the image") && stderr(&out).contains("missing.raw"),
-        "{}",
-        stderr(&out)
+    let missing = sb.path("missing.raw");
+    sb.fails(
+        &["replicate", missing.to_str().unwrap(), "--store", &store],
+        1,
+        &["cannot open the image", "missing.raw"],
     );
-    let out = sb.run(&[
-        "replicate",
-        sb.dir.path().to_str().unwrap(),
-        "--store",
-        &store,
-    ]);
-    assert_eq!(out.status.code(), Some(1));
+    sb.fails(
+        &[
+            "replicate",
+            sb.dir.path().to_str().unwrap(),
+            "--store",
+            &store,
+        ],
+        1,
+        &["not a regular file"],
+    );
     let vhdx = sb.path("disk.vhd-but-really-vhdx");
     make_image(&vhdx, MIB, &[(0, b"vhdxfile".to_vec())]);
-    let out = sb.run(&["replicate", vhdx.to_str().unwrap(), "--store", &store]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("VHDX"), "{}", stderr(&out));
+    sb.fails(
+        &["replicate", vhdx.to_str().unwrap(), "--store", &store],
+        1,
+        &["VHDX"],
+    );
     // Chunk sizes out of range, and a second init, are refused.
     for bad in ["32K", "3M", "32M"] {
-        let out = sb.run(&[
-            "init",
-            "--store",
-            sb.path(bad).to_str().unwrap(),
-            "--chunk-size",
-            bad,
-        ]);
-        assert_eq!(out.status.code(), Some(1), "{bad}");
+        let dir = sb.path(bad);
+        sb.fails(
+            &[
+                "init",
+                "--store",
+                dir.to_str().unwrap(),
+                "--chunk-size",
+                bad,
+            ],
+            1,
+            &["power of two"],
+        );
     }
-    let out = sb.run(&["init", "--store", &store]);
-    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    sb.fails(&["init", "--store", &store], 1, &["already exists"]);
     // An encrypted init needs a passphrase.
-    let out = sb.run_env(&["init", "--store", sb.path("s2").to_str().unwrap()], &[]);
-    assert!(stderr(&out).contains("--no-encryption"), "{}", stderr(&out));
+    let s2 = sb.path("s2");
+    expect_failure(
+        sb.run_env(&["init", "--store", s2.to_str().unwrap()], &[]),
+        1,
+        &["--no-encryption"],
+    );
     // Restore does not clobber an existing file unless asked.
     let img = sb.path("small.raw");
     make_image(&img, MIB, &[(0, vec![1; 10])]);
@@ -317,18 +289,24 @@ fn bad_sources_and_arguments() {
         .as_str()
         .unwrap()
         .to_owned();
-    let out = sb.run(&["restore", "--store", &store, &snap, img.to_str().unwrap()]);
-    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    sb.fails(
+        &["restore", "--store", &store, &snap, img.to_str().unwrap()],
+        1,
+        &["--force"],
+    );
     // A budget too small for the chunk size is explained.
-    let out = sb.run(&[
-        "replicate",
-        img.to_str().unwrap(),
-        "--store",
-        &store,
-        "--memory-budget",
-        "1M",
-    ]);
-    assert!(stderr(&out).contains("too small"), "{}", stderr(&out));
+    sb.fails(
+        &[
+            "replicate",
+            img.to_str().unwrap(),
+            "--store",
+            &store,
+            "--memory-budget",
+            "1M",
+        ],
+        1,
+        &["too small"],
+    );
     // Usage errors exit 2.
     assert_eq!(sb.run(&["replicate"]).status.code(), Some(2));
 }

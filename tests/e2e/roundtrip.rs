@@ -115,16 +115,7 @@ fn unencrypted_store_and_odd_chunk_sizes() {
             ],
         );
         round_trip(&sb, &image);
-        let store = sb.store();
-        let v = sb.json(&[
-            "verify",
-            "--store",
-            &store,
-            "latest",
-            "--image",
-            image.to_str().unwrap(),
-        ]);
-        assert_eq!(v["ok"], true, "{v}");
+        sb.verify_latest_against(&image);
     }
 }
 

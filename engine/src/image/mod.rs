@@ -115,6 +115,17 @@ fn sniff_unsupported(path: &Path) -> Result<Option<&'static str>> {
 
 /// Opens a disk image, detecting its format by content.
 pub fn open(path: &Path) -> Result<Box<dyn BlockSource>> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = std::fs::metadata(path)
+        .map_err(|e| Error::io("cannot open the image", path, e))?
+        .file_type();
+    if !ft.is_file() && !ft.is_block_device() {
+        return Err(Error::new(
+            ErrorKind::InvalidImage,
+            "not a regular file or block device",
+        )
+        .with_path(path));
+    }
     if let Some(kind) = sniff_unsupported(path)? {
         return Err(Error::new(
             ErrorKind::UnsupportedImage,

@@ -305,6 +305,12 @@ impl Shared<'_> {
         self.stop.is_cancelled() || self.cancel.is_cancelled()
     }
 
+    /// Reports a stage's error to the collector and winds every stage down.
+    fn fail(&self, msgs: &Sender<Msg>, e: Error) {
+        self.stop.cancel();
+        let _ = msgs.send(Msg::Failed(e));
+    }
+
     fn chunk_len(&self, idx: u64) -> u64 {
         let off = idx * self.chunk_size;
         self.chunk_size.min(self.source.info().virtual_size - off)
@@ -327,8 +333,7 @@ fn reader(
         let len = sh.chunk_len(idx);
         maps.clear();
         if let Err(e) = sh.source.map(offset, len, &mut maps) {
-            let _ = msgs.send(Msg::Failed(e));
-            sh.stop.cancel();
+            sh.fail(msgs, e);
             return;
         }
         if !has_data(&maps) {
@@ -353,8 +358,7 @@ fn reader(
         match fill_chunk(sh.source, backend.as_mut(), &maps, offset, &mut buf) {
             Ok(n) => Counters::add(&sh.counters.bytes_read, n),
             Err(e) => {
-                let _ = msgs.send(Msg::Failed(e));
-                sh.stop.cancel();
+                sh.fail(msgs, e);
                 return;
             }
         }
@@ -424,8 +428,7 @@ fn worker(sh: &Shared<'_>, work: &Receiver<Work>, msgs: &Sender<Msg>) {
         Ok(())
     })();
     if let Err(e) = result {
-        sh.stop.cancel();
-        let _ = msgs.send(Msg::Failed(e));
+        sh.fail(msgs, e);
     }
 }
 
