@@ -227,7 +227,7 @@ enum ChunkKind {
     Unallocated,
     Zero,
     Duplicate,
-    New { stored: u64 },
+    New,
 }
 
 enum Msg {
@@ -403,18 +403,18 @@ fn worker(sh: &Shared<'_>, work: &Receiver<Work>, msgs: &Sender<Msg>) {
             let offset = p.buf.len() as u64;
             format::encode_blob(&p.sealer, &id, &buf, sh.compression, &mut p.buf)?;
             drop(buf); // Back to the pool before the (possibly slow) store write.
-            let stored = p.buf.len() as u64 - offset;
             p.entries.push(Entry {
                 id,
                 offset,
-                stored_len: u32::try_from(stored).map_err(|_| Error::internal("blob too large"))?,
+                stored_len: u32::try_from(p.buf.len() as u64 - offset)
+                    .map_err(|_| Error::internal("blob too large"))?,
                 raw_len: u32::try_from(len).map_err(|_| Error::internal("chunk too large"))?,
             });
             let _ = msgs.send(Msg::Chunk {
                 idx,
                 id,
                 len,
-                kind: ChunkKind::New { stored },
+                kind: ChunkKind::New,
             });
             if p.blob_bytes() >= sh.plan.pack_target || p.entries.len() >= MAX_PACK_ENTRIES {
                 let full = pack.take().expect("pack is open");
@@ -531,9 +531,8 @@ pub fn replicate(
                         match kind {
                             ChunkKind::Unallocated | ChunkKind::Zero => stats.bytes_zero += len,
                             ChunkKind::Duplicate => stats.bytes_deduplicated += len,
-                            ChunkKind::New { stored } => {
+                            ChunkKind::New => {
                                 stats.bytes_new += len;
-                                stats.bytes_stored += stored;
                                 stats.chunks_stored += 1;
                             }
                         }
@@ -563,7 +562,7 @@ pub fn replicate(
                     }
                     Msg::PackDone { id, entries, bytes } => {
                         packs_written += 1;
-                        tracing::trace!(bytes, "pack done");
+                        stats.bytes_stored += bytes;
                         pending_index.push((id, entries));
                         if pending_index.len() >= INDEX_FLUSH_PACKS {
                             store.write_index(&pending_index)?;
@@ -655,7 +654,7 @@ pub fn replicate(
         bytes_zero: stats.bytes_zero,
         bytes_deduplicated: stats.bytes_deduplicated,
         bytes_new: stats.bytes_new,
-        bytes_stored: p.bytes_written,
+        bytes_stored: stats.bytes_stored,
         chunks_total: sh.n_chunks,
         chunks_stored: stats.chunks_stored,
         packs_written,

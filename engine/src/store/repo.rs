@@ -120,7 +120,8 @@ pub struct SnapshotStats {
     pub bytes_deduplicated: u64,
     /// Plaintext bytes of chunks stored by this run.
     pub bytes_new: u64,
-    /// Bytes written to the store for those chunks (compressed, sealed).
+    /// Bytes of packs written to the store by this run (chunks compressed and sealed, plus
+    /// pack headers and trailers).
     pub bytes_stored: u64,
     /// Chunks stored by this run.
     pub chunks_stored: u64,
