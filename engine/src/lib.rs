@@ -43,7 +43,8 @@ pub mod store;
 pub use error::{Error, ErrorKind, Result};
 pub use job::{CancelToken, Event, EventStream, Observer, Phase, Progress, Silent};
 pub use pipeline::{
-    DEFAULT_MEMORY_BUDGET, ReplicateOptions, ReplicateReport, RestoreOptions, RestoreReport,
-    VerifyOptions, VerifyReport, replicate, restore, verify,
+    ConvertOptions, ConvertReport, DEFAULT_MEMORY_BUDGET, ReplicateOptions, ReplicateReport,
+    RestoreOptions, RestoreReport, VerifyOptions, VerifyReport, convert, replicate, restore,
+    verify,
 };
 pub use store::{InitOptions, Snapshot, Store, StoreConfig};

@@ -4,6 +4,7 @@
 #![allow(clippy::doc_markdown)]
 
 mod demo;
+mod image_cmds;
 mod output;
 
 use std::io::IsTerminal;
@@ -43,6 +44,12 @@ enum Command {
     Restore(RestoreArgs),
     /// Check that every chunk of a snapshot is intact (and, with --image, equals the source).
     Verify(VerifyArgs),
+    /// Show what a disk image is: format, size, sectors, allocation, parent chain.
+    Info(ImageArgs),
+    /// Print an image's allocation map as extents (data, zero, unallocated), like `qemu-img map`.
+    Map(ImageArgs),
+    /// Write an image's virtual disk out as a sparse raw file.
+    Convert(ConvertArgs),
     /// Show the whole job on a small sample disk: replicate, change, replicate, verify, restore.
     Demo(DemoArgs),
 }
@@ -136,6 +143,37 @@ struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
+struct ImageArgs {
+    /// The disk image (format detected from its content).
+    image: PathBuf,
+    /// Follow parent and extent paths that lead outside the image's folder.
+    #[arg(long)]
+    allow_outside_folder: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutFormat {
+    Raw,
+}
+
+#[derive(Debug, Args)]
+struct ConvertArgs {
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Output file (created sparse) or block device.
+    out: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutFormat::Raw)]
+    format: OutFormat,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
 struct DemoArgs {
     /// Folder for the sample disk, store and restored copy (default: a new temporary folder).
     #[arg(long)]
@@ -220,6 +258,8 @@ pub(crate) fn main() -> ExitCode {
         Command::Snapshots(a) => a.store.json,
         Command::Restore(a) => a.store.json,
         Command::Verify(a) => a.store.json,
+        Command::Info(a) | Command::Map(a) => a.json,
+        Command::Convert(a) => a.image.json,
         Command::Demo(_) => false,
     };
     match run(cli.command) {
@@ -261,6 +301,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Snapshots(a) => cmd_snapshots(&a),
         Command::Restore(a) => cmd_restore(&a),
         Command::Verify(a) => cmd_verify(&a),
+        Command::Info(a) => image_cmds::info(&a),
+        Command::Map(a) => image_cmds::map(&a),
+        Command::Convert(a) => image_cmds::convert(&a),
         Command::Demo(a) => demo::run(a.dir.as_deref()),
     }
 }

@@ -4,17 +4,32 @@
 //! one of its files at some offset, zero, or unallocated. The bulk data itself is read by the
 //! `io` engine, so readers stay free of I/O strategy and of `unsafe`. Formats are detected by
 //! content, never by file extension.
+//!
+//! ```text
+//!   open(path) ── detect ──▶ RawImage | Vhd | …        one file each, metadata via ReadAt
+//!                  │ parent_link()?
+//!                  ▼
+//!               Chain(child, open(parent))             unallocated in child → parent
+//! ```
+//!
+//! Paths found inside images (parent locators, descriptor extents) are resolved by
+//! [`resolve_path`]: inside the image's folder unless [`OpenOptions::allow_outside_folder`].
 
 #![forbid(unsafe_code)]
 
+mod chain;
 mod raw;
+pub(crate) mod util;
+mod vhd;
 
+pub use chain::Chain;
 pub use raw::RawImage;
+pub use util::{MemFile, ReadAt};
+pub use vhd::{Vhd, VhdLayout};
 
 use std::fmt::Debug;
-use std::fs::File;
-use std::io::Read;
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::SourceFile;
@@ -23,24 +38,28 @@ use crate::store::SourceFingerprint;
 /// What every reader knows about its disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
-    /// Format name (`raw`, …).
+    /// Format name (`raw`, `vhd`, …).
     pub format: &'static str,
+    /// Subformat (`fixed`, `dynamic`, `differencing`, …), empty when the format has none.
+    pub subformat: String,
     /// Size of the virtual disk in bytes.
     pub virtual_size: u64,
     /// Logical sector size in bytes.
     pub logical_sector_size: u32,
     /// Physical sector size in bytes.
     pub physical_sector_size: u32,
-    /// Bytes that hold (or may hold) data; the rest is known to be zero.
+    /// Bytes that hold (or may hold) data in this image and its parents; the rest reads as zero.
     pub allocated_bytes: u64,
+    /// Anything unusual a user should know (an unclean-shutdown flag, a repaired header…).
+    pub notes: Vec<String>,
 }
 
 /// Where a virtual range's bytes come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
-    /// Stored in `files()[file]` starting at `offset`.
+    /// Stored in `file(file)` starting at `offset`.
     Data {
-        /// Index into [`BlockSource::files`].
+        /// Index for [`BlockSource::file`].
         file: usize,
         /// Byte offset in that file.
         offset: u64,
@@ -62,6 +81,37 @@ pub struct Mapping {
     pub target: Target,
 }
 
+/// One image file of a chain, as `info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// The file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: &'static str,
+    /// Its subformat.
+    pub subformat: String,
+    /// Its virtual size.
+    pub virtual_size: u64,
+    /// Anything unusual about it.
+    pub notes: Vec<String>,
+}
+
+/// What identifies an image as the parent a child was made from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// VHD footer unique id.
+    VhdUniqueId([u8; 16]),
+}
+
+/// A child's reference to its parent: where to look, and what the parent must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentLink {
+    /// Paths recorded in the child, most specific first, as stored (possibly Windows-style).
+    pub candidates: Vec<String>,
+    /// The parent's identity as the child recorded it.
+    pub identity: Identity,
+}
+
 /// A readable virtual disk.
 ///
 /// Contract: `map` covers exactly the range asked for, in order, with no gaps; ranges must lie
@@ -70,55 +120,113 @@ pub struct Mapping {
 pub trait BlockSource: Send + Sync + Debug {
     /// Size, sectors, format.
     fn info(&self) -> &ImageInfo;
-    /// The files `Target::Data` refers to, opened read-only.
-    fn files(&self) -> &[SourceFile];
+    /// Number of files `Target::Data` may refer to.
+    fn n_files(&self) -> usize;
+    /// File `idx` of the image, opened read-only.
+    fn file(&self, idx: usize) -> Option<&SourceFile>;
     /// Appends the mappings of `[offset, offset + len)` to `out`.
     fn map(&self, offset: u64, len: u64, out: &mut Vec<Mapping>) -> Result<()>;
-    /// The identity of the source when it was opened.
+    /// The identity of the source's top file when it was opened.
     fn fingerprint(&self) -> &SourceFingerprint;
+    /// The files of the chain, top first.
+    fn layers(&self) -> Vec<Layer> {
+        let info = self.info();
+        vec![Layer {
+            path: self
+                .file(0)
+                .map(|f| f.path().to_path_buf())
+                .unwrap_or_default(),
+            format: info.format,
+            subformat: info.subformat.clone(),
+            virtual_size: info.virtual_size,
+            notes: info.notes.clone(),
+        }]
+    }
+    /// The parent this image needs, if it is a child not yet joined to its parent.
+    fn parent_link(&self) -> Option<&ParentLink> {
+        None
+    }
+    /// What identifies this image to its children.
+    fn identity(&self) -> Option<Identity> {
+        None
+    }
 }
 
-/// Formats recognised by their signature but not readable yet; refusing them beats copying
-/// their container bytes as if they were a raw disk.
-fn sniff_unsupported(path: &Path) -> Result<Option<&'static str>> {
-    let mut head = [0u8; 512];
-    let mut f = File::open(path).map_err(|e| Error::io("cannot open the image", path, e))?;
-    let mut n = 0;
-    while n < head.len() {
-        match f.read(&mut head[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Error::io("reading the image header", path, e)),
+/// How images are opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Follow parent locators and extent paths outside the image's folder.
+    pub allow_outside_folder: bool,
+    /// Longest parent chain accepted.
+    pub max_chain_depth: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            allow_outside_folder: false,
+            max_chain_depth: 64,
         }
     }
-    let head = &head[..n];
-    let kind = if head.starts_with(b"KDMV") || head.starts_with(b"COWD") {
-        Some("VMDK")
-    } else if head.starts_with(b"# Disk DescriptorFile") {
-        Some("VMDK descriptor")
-    } else if head.starts_with(b"vhdxfile") {
-        Some("VHDX")
-    } else if head.starts_with(b"conectix") {
-        Some("VHD")
-    } else if head.starts_with(b"QFI\xfb") {
-        Some("qcow2")
-    } else if head.len() >= 8
-        && u64::from_le_bytes(head[..8].try_into().unwrap_or_default()) == 0xcafe_babe
-    {
-        Some("VMDK SEsparse")
-    } else {
-        None
-    };
-    Ok(kind)
 }
 
-/// Opens a disk image, detecting its format by content.
+/// The format a file's content announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    /// No known signature: a raw disk.
+    Raw,
+    /// VHD (footer cookie `conectix`).
+    Vhd,
+    /// A format recognised but not readable yet.
+    Unsupported(&'static str),
+}
+
+/// Detects a file's format from its first and last sectors.
+pub fn detect(file: &dyn ReadAt) -> Result<Detected> {
+    let size = file.size();
+    let mut head = vec![0u8; usize::try_from(size.min(512)).unwrap_or(512)];
+    file.read_exact_at(&mut head, 0)?;
+    let mut tail = [0u8; 512];
+    let tail_ok = size >= 512 && file.read_exact_at(&mut tail, size - 512).is_ok();
+    let starts = |magic: &[u8]| head.starts_with(magic);
+    Ok(
+        if starts(b"conectix") || (tail_ok && tail.starts_with(b"conectix")) {
+            Detected::Vhd
+        } else if starts(b"vhdxfile") {
+            Detected::Unsupported("VHDX")
+        } else if starts(b"KDMV") || starts(b"COWD") {
+            Detected::Unsupported("VMDK")
+        } else if starts(b"# Disk DescriptorFile") {
+            Detected::Unsupported("VMDK descriptor")
+        } else if starts(b"QFI\xfb") {
+            Detected::Unsupported("qcow2")
+        } else if starts(&0xcafe_babe_u64.to_le_bytes()) {
+            Detected::Unsupported("VMDK SEsparse")
+        } else {
+            Detected::Raw
+        },
+    )
+}
+
+/// Opens a disk image, detecting its format by content and joining it to its parents.
 pub fn open(path: &Path) -> Result<Box<dyn BlockSource>> {
-    use std::os::unix::fs::FileTypeExt;
-    let ft = std::fs::metadata(path)
-        .map_err(|e| Error::io("cannot open the image", path, e))?
-        .file_type();
+    open_with(path, &OpenOptions::default())
+}
+
+/// Opens a disk image with options.
+pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>> {
+    let mut seen = Vec::new();
+    open_chain(path, opts, &mut seen)
+}
+
+/// Opens a file or block device as a raw disk, without format detection.
+pub fn open_raw(path: &Path) -> Result<Box<dyn BlockSource>> {
+    Ok(Box::new(RawImage::open(path)?))
+}
+
+fn open_one(path: &Path) -> Result<Box<dyn BlockSource>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot open the image", path, e))?;
+    let ft = meta.file_type();
     if !ft.is_file() && !ft.is_block_device() {
         return Err(Error::new(
             ErrorKind::InvalidImage,
@@ -126,17 +234,144 @@ pub fn open(path: &Path) -> Result<Box<dyn BlockSource>> {
         )
         .with_path(path));
     }
-    if let Some(kind) = sniff_unsupported(path)? {
-        return Err(Error::new(
+    let file = SourceFile::open(path)?;
+    match detect(&file)? {
+        Detected::Raw => Ok(Box::new(RawImage::from_file(file)?)),
+        Detected::Vhd => Ok(Box::new(Vhd::open(file)?)),
+        Detected::Unsupported(kind) => Err(Error::new(
             ErrorKind::UnsupportedImage,
             format!("this is a {kind} image, which this version of blockferry cannot read yet"),
         )
-        .with_path(path));
+        .with_path(path)),
     }
-    Ok(Box::new(RawImage::open(path)?))
 }
 
-/// Opens a file or block device as a raw disk, without format detection.
-pub fn open_raw(path: &Path) -> Result<Box<dyn BlockSource>> {
-    Ok(Box::new(RawImage::open(path)?))
+fn open_chain(
+    path: &Path,
+    opts: &OpenOptions,
+    seen: &mut Vec<(u64, u64)>,
+) -> Result<Box<dyn BlockSource>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot open the image", path, e))?;
+    let key = (meta.dev(), meta.ino());
+    if seen.contains(&key) {
+        return Err(Error::new(
+            ErrorKind::InvalidImage,
+            "the parent chain loops back to an image already in it",
+        )
+        .with_path(path));
+    }
+    if seen.len() >= opts.max_chain_depth {
+        return Err(Error::new(
+            ErrorKind::InvalidImage,
+            format!(
+                "the parent chain is deeper than {} images",
+                opts.max_chain_depth
+            ),
+        )
+        .with_path(path));
+    }
+    seen.push(key);
+    let child = open_one(path)?;
+    let Some(link) = child.parent_link().cloned() else {
+        return Ok(child);
+    };
+    let folder = path.parent().unwrap_or(Path::new("."));
+    let parent_path = link
+        .candidates
+        .iter()
+        .find_map(|c| resolve_path(folder, c, opts).ok().filter(|p| p.exists()))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "parent not found: the image names its parent {} (looked in {})",
+                    link.candidates.first().map_or("(none)", String::as_str),
+                    folder.display()
+                ),
+            )
+            .with_path(path)
+        })?;
+    let parent = open_chain(&parent_path, opts, seen)?;
+    if parent.identity() != Some(link.identity) {
+        return Err(Error::new(
+            ErrorKind::InvalidImage,
+            format!(
+                "parent {} is not the image this child was made from (its identity differs)",
+                parent_path.display()
+            ),
+        )
+        .with_path(path));
+    }
+    if parent.info().virtual_size != child.info().virtual_size {
+        return Err(Error::new(
+            ErrorKind::InvalidImage,
+            format!(
+                "parent {} has virtual size {}, the child {}",
+                parent_path.display(),
+                parent.info().virtual_size,
+                child.info().virtual_size
+            ),
+        )
+        .with_path(path));
+    }
+    Ok(Box::new(Chain::new(child, parent)?))
 }
+
+/// Resolves a path recorded inside an image (Windows or POSIX style, relative or absolute)
+/// against the image's folder.
+///
+/// Unless `opts.allow_outside_folder`, the result must lie inside `folder` after following
+/// symlinks: absolute paths are tried by file name in `folder`, and `..` or links leading out
+/// are refused. Only regular files and block devices are accepted.
+pub fn resolve_path(folder: &Path, recorded: &str, opts: &OpenOptions) -> Result<PathBuf> {
+    let refuse = |why: &str| {
+        Err(Error::new(
+            ErrorKind::InvalidImage,
+            format!("refusing the path {recorded:?} recorded in the image: {why}"),
+        ))
+    };
+    if recorded.is_empty() || recorded.len() > 4096 || recorded.contains('\0') {
+        return refuse("empty, too long or containing NUL");
+    }
+    let unified = recorded.replace('\\', "/");
+    let windows_absolute = unified.len() >= 2 && unified.as_bytes()[1] == b':';
+    let candidate = if unified.starts_with('/') || windows_absolute || unified.starts_with("//") {
+        if opts.allow_outside_folder && !windows_absolute {
+            PathBuf::from(&unified)
+        } else {
+            // The common case: an absolute path to the same folder, recorded on another host.
+            let name = unified.rsplit('/').next().unwrap_or_default();
+            if name.is_empty() || name == "." || name == ".." {
+                return refuse("no file name");
+            }
+            folder.join(name)
+        }
+    } else {
+        let rel = Path::new(&unified);
+        if !opts.allow_outside_folder && rel.components().any(|c| matches!(c, Component::ParentDir))
+        {
+            return refuse("it leaves the image's folder");
+        }
+        folder.join(rel)
+    };
+    let real = std::fs::canonicalize(&candidate)
+        .map_err(|e| Error::io("resolving a path recorded in the image", &candidate, e))?;
+    if !opts.allow_outside_folder {
+        let real_folder = std::fs::canonicalize(folder)
+            .map_err(|e| Error::io("resolving the image's folder", folder, e))?;
+        if !real.starts_with(&real_folder) {
+            return refuse("it leads out of the image's folder");
+        }
+    }
+    let ft = std::fs::metadata(&real)
+        .map_err(|e| Error::io("inspecting a path recorded in the image", &real, e))?
+        .file_type();
+    let allowed = ft.is_file() || (ft.is_block_device() && opts.allow_outside_folder);
+    if !allowed {
+        return refuse("not a regular file");
+    }
+    Ok(real)
+}
+
+#[cfg(test)]
+mod tests;

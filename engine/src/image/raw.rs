@@ -1,9 +1,9 @@
 //! Raw disk images: regular files (sparse or not) and block devices.
 
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
-use super::{BlockSource, ImageInfo, Mapping, Target};
+use super::{BlockSource, ImageInfo, Mapping, util};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{SourceFile, sys};
 use crate::store::SourceFingerprint;
@@ -15,7 +15,7 @@ const MAX_EXTENTS: usize = 1 << 20;
 /// A raw image: virtual offset = file offset; allocation from `SEEK_DATA`/`SEEK_HOLE`.
 #[derive(Debug)]
 pub struct RawImage {
-    files: [SourceFile; 1],
+    file: SourceFile,
     info: ImageInfo,
     /// Sorted, disjoint data extents `(offset, len)`; everything else is a hole.
     extents: Vec<(u64, u64)>,
@@ -25,52 +25,54 @@ pub struct RawImage {
 impl RawImage {
     /// Opens a regular file or block device read-only.
     pub fn open(path: &Path) -> Result<RawImage> {
-        let file = SourceFile::open(path)?;
+        RawImage::from_file(SourceFile::open(path)?)
+    }
+
+    /// A raw image over an open file.
+    pub fn from_file(file: SourceFile) -> Result<RawImage> {
+        let path = file.path().to_path_buf();
         let meta = file
             .file()
             .metadata()
-            .map_err(|e| Error::io("reading image metadata", path, e))?;
+            .map_err(|e| Error::io("reading image metadata", &path, e))?;
         let ft = meta.file_type();
-        let (size, logical, physical, extents) = if ft.is_block_device() {
-            let size = sys::block_device_size(file.file())
-                .map_err(|e| Error::io("reading the block device size", path, e))?;
+        let size = file.len();
+        let (logical, physical, extents) = if ft.is_block_device() {
             let (l, p) = sys::block_device_sectors(file.file()).unwrap_or((512, 512));
-            (size, l, p, vec![(0, size)])
+            (l, p, vec![(0, size)])
         } else if ft.is_file() {
-            let size = meta.len();
             let extents = sys::data_extents(file.file(), size, MAX_EXTENTS)
-                .map_err(|e| Error::io("finding the image's allocated ranges", path, e))?;
-            (size, 512, 512, extents)
+                .map_err(|e| Error::io("finding the image's allocated ranges", &path, e))?;
+            (512, 512, extents)
         } else {
             return Err(Error::new(
                 ErrorKind::InvalidImage,
                 "not a regular file or block device",
             )
-            .with_path(path));
+            .with_path(&path));
         };
         if size > i64::MAX as u64 {
             return Err(
-                Error::new(ErrorKind::InvalidImage, "image size out of range").with_path(path),
+                Error::new(ErrorKind::InvalidImage, "image size out of range").with_path(&path),
             );
         }
         let allocated_bytes = extents.iter().map(|e| e.1).sum();
-        let fingerprint = SourceFingerprint {
-            size,
-            modified_unix_ns: meta
-                .mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(meta.mtime_nsec()),
-            device: meta.dev(),
-            inode: meta.ino(),
-        };
+        let fingerprint = util::fingerprint(&file)?;
         Ok(RawImage {
-            files: [file],
+            file,
             info: ImageInfo {
                 format: "raw",
+                subformat: if ft.is_block_device() {
+                    "block device"
+                } else {
+                    "file"
+                }
+                .to_owned(),
                 virtual_size: size,
                 logical_sector_size: logical,
                 physical_sector_size: physical,
                 allocated_bytes,
+                notes: Vec::new(),
             },
             extents,
             fingerprint,
@@ -83,55 +85,17 @@ impl BlockSource for RawImage {
         &self.info
     }
 
-    fn files(&self) -> &[SourceFile] {
-        &self.files
+    fn n_files(&self) -> usize {
+        1
+    }
+
+    fn file(&self, idx: usize) -> Option<&SourceFile> {
+        (idx == 0).then_some(&self.file)
     }
 
     fn map(&self, offset: u64, len: u64, out: &mut Vec<Mapping>) -> Result<()> {
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.info.virtual_size)
-            .ok_or_else(|| {
-                Error::internal("range beyond the end of the disk")
-                    .with_path(self.files[0].path())
-                    .with_offset(offset)
-            })?;
-        // First extent that ends after `offset`.
-        let mut i = self.extents.partition_point(|&(o, l)| o + l <= offset);
-        let mut pos = offset;
-        while pos < end {
-            match self.extents.get(i) {
-                Some(&(o, l)) if o < end => {
-                    if o > pos {
-                        out.push(Mapping {
-                            virt: pos,
-                            len: o - pos,
-                            target: Target::Unallocated,
-                        });
-                        pos = o;
-                    }
-                    let stop = (o + l).min(end);
-                    out.push(Mapping {
-                        virt: pos,
-                        len: stop - pos,
-                        target: Target::Data {
-                            file: 0,
-                            offset: pos,
-                        },
-                    });
-                    pos = stop;
-                    i += 1;
-                }
-                _ => {
-                    out.push(Mapping {
-                        virt: pos,
-                        len: end - pos,
-                        target: Target::Unallocated,
-                    });
-                    pos = end;
-                }
-            }
-        }
+        let end = util::check_range(offset, len, self.info.virtual_size, self.file.path())?;
+        util::map_extents(&self.extents, offset, end, 0, 0, out);
         Ok(())
     }
 

@@ -18,16 +18,39 @@ use crate::error::{Error, Result};
 pub struct SourceFile {
     file: File,
     path: PathBuf,
+    len: u64,
 }
 
 impl SourceFile {
-    /// Opens `path` read-only. blockferry never writes to a source.
+    /// Opens `path` read-only (blockferry never writes to a source) and takes its size
+    /// (block devices: from the device).
     pub fn open(path: &Path) -> Result<SourceFile> {
+        use std::os::unix::fs::FileTypeExt;
         let file = File::open(path).map_err(|e| Error::io("cannot open the image", path, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("reading image metadata", path, e))?;
+        let len = if meta.file_type().is_block_device() {
+            sys::block_device_size(&file)
+                .map_err(|e| Error::io("reading the block device size", path, e))?
+        } else {
+            meta.len()
+        };
         Ok(SourceFile {
             file,
             path: path.to_path_buf(),
+            len,
         })
+    }
+
+    /// Size in bytes when opened.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file was empty when opened.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// The open file.

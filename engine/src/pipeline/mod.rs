@@ -12,10 +12,12 @@
 //! [`plan`]'s figure whatever the disk size: `read_bufs × chunk + workers × pack buffer`, plus
 //! the chunk index of the store (48 bytes per stored chunk) and a few manifest pages.
 
+mod convert;
 mod restore;
 mod verify;
 mod walk;
 
+pub use convert::{ConvertOptions, ConvertReport, convert};
 pub use restore::{RestoreOptions, RestoreReport, restore};
 pub use verify::{Problem, VerifyOptions, VerifyReport, verify};
 
@@ -201,8 +203,7 @@ pub(crate) fn fill_chunk(
                 .get_mut(at..at + len)
                 .ok_or_else(|| Error::internal("mapping outside chunk"))?;
             let file = source
-                .files()
-                .get(file)
+                .file(file)
                 .ok_or_else(|| Error::internal("mapping names an unknown file"))?;
             backend.read_exact_at(file, dst, file_offset)?;
             read += m.len;
@@ -609,14 +610,14 @@ pub fn replicate(
         reporter.warn(format!(
             "{} changed while it was being read: the snapshot may not be consistent; \
              replicate from a snapshot or a stopped VM",
-            source.files()[0].path().display()
+            source_path(source).display()
         ));
     }
 
     let _ = Reporter::start(observer, Phase::Committing, 0);
     let mut p = sh.counters.progress(info.virtual_size, reporter.started());
     stats.bytes_read = p.bytes_read;
-    let source_path = source.files()[0].path();
+    let source_path = source_path(source);
     let disk_name = opts.disk_name.clone().unwrap_or_else(|| {
         source_path
             .file_name()
@@ -666,11 +667,18 @@ pub fn replicate(
     })
 }
 
+/// The path of a source's top file.
+fn source_path(source: &dyn BlockSource) -> &std::path::Path {
+    source
+        .file(0)
+        .map_or(std::path::Path::new(""), |f| f.path())
+}
+
 /// Whether the source file's size or modification time moved since it was opened.
 fn source_changed(source: &dyn BlockSource) -> bool {
     use std::os::unix::fs::MetadataExt;
     let fp = source.fingerprint();
-    source.files().first().is_some_and(|f| {
+    source.file(0).is_some_and(|f| {
         std::fs::metadata(f.path()).is_ok_and(|m| {
             m.is_file()
                 && (m.len() != fp.size

@@ -45,7 +45,7 @@ pub struct RestoreReport {
 
 /// Opens the output: a new or replaced sparse file of the right size, or a block device
 /// large enough. Returns the file and whether it is a device.
-fn open_output(path: &Path, size: u64, force: bool) -> Result<(File, bool)> {
+pub(crate) fn open_output(path: &Path, size: u64, force: bool) -> Result<(File, bool)> {
     match std::fs::metadata(path) {
         Ok(m) if m.file_type().is_block_device() => {
             let f = OpenOptions::new()

@@ -1,0 +1,219 @@
+//! `info`, `map`, `convert`: looking at and unpacking disk images.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use blockferry::image::{self, BlockSource, Mapping, OpenOptions, Target};
+use blockferry::{CancelToken, ConvertOptions};
+
+use super::output::{Bar, human_bytes};
+use super::{ConvertArgs, ImageArgs, print_json};
+
+fn open(a: &ImageArgs) -> anyhow::Result<Box<dyn BlockSource>> {
+    let opts = OpenOptions {
+        allow_outside_folder: a.allow_outside_folder,
+        ..OpenOptions::default()
+    };
+    Ok(image::open_with(&a.image, &opts)?)
+}
+
+pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
+    let src = open(a)?;
+    let info = src.info();
+    let layers = src.layers();
+    if a.json {
+        let chain: Vec<_> = layers
+            .iter()
+            .map(|l| {
+                json!({
+                    "file": l.path.display().to_string(),
+                    "format": l.format,
+                    "subformat": l.subformat,
+                    "virtual_size": l.virtual_size,
+                    "notes": l.notes,
+                })
+            })
+            .collect();
+        print_json(&json!({
+            "file": a.image.display().to_string(),
+            "format": info.format,
+            "subformat": info.subformat,
+            "virtual_size": info.virtual_size,
+            "logical_sector_size": info.logical_sector_size,
+            "physical_sector_size": info.physical_sector_size,
+            "allocated_bytes": info.allocated_bytes,
+            "notes": info.notes,
+            "chain": chain,
+        }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("file:            {}", a.image.display());
+    println!("format:          {} ({})", info.format, info.subformat);
+    println!(
+        "virtual size:    {} ({} bytes)",
+        human_bytes(info.virtual_size),
+        info.virtual_size
+    );
+    println!(
+        "sector size:     {} logical, {} physical",
+        info.logical_sector_size, info.physical_sector_size
+    );
+    println!(
+        "allocated:       {} ({} bytes)",
+        human_bytes(info.allocated_bytes),
+        info.allocated_bytes
+    );
+    if layers.len() > 1 {
+        println!("chain (top first):");
+        for l in &layers {
+            println!(
+                "  {} ({} {}, {})",
+                l.path.display(),
+                l.format,
+                l.subformat,
+                human_bytes(l.virtual_size)
+            );
+        }
+    }
+    for l in &layers {
+        for n in &l.notes {
+            println!("note: {}: {n}", l.path.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An extent of the map as printed: adjacent mappings of one kind merged.
+struct Extent {
+    start: u64,
+    len: u64,
+    target: Target,
+}
+
+impl Extent {
+    /// Whether `m` continues this extent.
+    fn extends(&self, m: &Mapping) -> bool {
+        self.start + self.len == m.virt
+            && match (self.target, m.target) {
+                (
+                    Target::Data {
+                        file: f1,
+                        offset: o1,
+                    },
+                    Target::Data {
+                        file: f2,
+                        offset: o2,
+                    },
+                ) => f1 == f2 && o1 + self.len == o2,
+                (a, b) => a == b,
+            }
+    }
+}
+
+/// Virtual bytes mapped per step (bounded memory for any disk size).
+const MAP_STEP: u64 = 1 << 30;
+
+pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
+    let src = open(a)?;
+    let size = src.info().virtual_size;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut first = true;
+    let mut emit = |e: &Extent, out: &mut dyn Write| -> std::io::Result<()> {
+        let (kind, file, offset) = match e.target {
+            Target::Data { file, offset } => (
+                "data",
+                src.file(file).map(|f| f.path().display().to_string()),
+                Some(offset),
+            ),
+            Target::Zero => ("zero", None, None),
+            Target::Unallocated => ("unallocated", None, None),
+        };
+        if a.json {
+            let v = json!({
+                "start": e.start, "length": e.len, "data": kind == "data", "zero": kind != "data",
+                "kind": kind, "file": file, "offset": offset,
+            });
+            write!(out, "{}{v}", if first { "[\n" } else { ",\n" })?;
+        } else {
+            if first {
+                writeln!(
+                    out,
+                    "{:<16} {:<16} {:<12} {:<16} FILE",
+                    "START", "LENGTH", "KIND", "OFFSET"
+                )?;
+            }
+            let offset = offset.map(|o| format!("{o:#x}")).unwrap_or_default();
+            writeln!(
+                out,
+                "{:<#16x} {:<#16x} {kind:<12} {offset:<16} {}",
+                e.start,
+                e.len,
+                file.unwrap_or_default()
+            )?;
+        }
+        first = false;
+        Ok(())
+    };
+    let mut current: Option<Extent> = None;
+    let mut maps = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let len = MAP_STEP.min(size - off);
+        maps.clear();
+        src.map(off, len, &mut maps)?;
+        for m in &maps {
+            match &mut current {
+                Some(e) if e.extends(m) => e.len += m.len,
+                _ => {
+                    if let Some(e) = current.take() {
+                        emit(&e, &mut out)?;
+                    }
+                    current = Some(Extent {
+                        start: m.virt,
+                        len: m.len,
+                        target: m.target,
+                    });
+                }
+            }
+        }
+        off += len;
+    }
+    if let Some(e) = current.take() {
+        emit(&e, &mut out)?;
+    }
+    if a.json {
+        writeln!(out, "{}", if first { "[]" } else { "\n]" })?;
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn convert(a: &ConvertArgs) -> anyhow::Result<ExitCode> {
+    let src = open(&a.image)?;
+    let opts = ConvertOptions {
+        force: a.force,
+        cancel: CancelToken::new(),
+        ..ConvertOptions::default()
+    };
+    let bar = Bar::new(
+        !a.image.json && std::io::stderr().is_terminal(),
+        "converting",
+    );
+    let report = blockferry::convert(src.as_ref(), &a.out, &opts, &bar)?;
+    bar.done();
+    if a.image.json {
+        print_json(&serde_json::to_value(&report)?);
+    } else {
+        println!(
+            "wrote {} ({} of data) to {} in {:.1}s",
+            human_bytes(report.virtual_size),
+            human_bytes(report.bytes_written),
+            a.out.display(),
+            report.seconds
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,132 @@
+//! Convert: any readable image to a sparse raw file (or onto a block device).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+
+use serde::Serialize;
+
+use super::restore::open_output;
+use super::{fill_chunk, has_data, is_zero, worker_count};
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::BlockSource;
+use crate::io::IoEngine;
+use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
+
+/// Bytes each worker reads and writes at a time.
+const PIECE: u64 = 1 << 20;
+
+/// Options of [`convert`].
+#[derive(Debug, Clone, Default)]
+pub struct ConvertOptions {
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Replace an existing output file.
+    pub force: bool,
+    /// Read backend.
+    pub io_engine: IoEngine,
+    /// Cancels the conversion (the output is then incomplete).
+    pub cancel: CancelToken,
+}
+
+/// What a conversion did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConvertReport {
+    /// Virtual size written.
+    pub virtual_size: u64,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes of data written (the rest left as holes, or zeros on a device).
+    pub bytes_written: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+/// Writes the virtual disk of `source` to `out` as raw bytes: unallocated and all-zero ranges
+/// become holes in a file (zeros on a block device), so the output is as sparse as it can be.
+pub fn convert(
+    source: &dyn BlockSource,
+    out: &Path,
+    opts: &ConvertOptions,
+    observer: &dyn Observer,
+) -> Result<ConvertReport> {
+    let size = source.info().virtual_size;
+    let (file, device) = open_output(out, size, opts.force)?;
+    let reporter = Reporter::start(observer, Phase::Restoring, size);
+    let counters = reporter.counters().clone();
+    let next = AtomicU64::new(0);
+    let n_pieces = size.div_ceil(PIECE);
+    let stop = CancelToken::new();
+    let result: Result<()> = thread::scope(|s| {
+        let handles: Vec<_> = (0..worker_count(opts.workers))
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    let mut backend = opts.io_engine.backend();
+                    let mut maps = Vec::new();
+                    let mut buf = Vec::new();
+                    loop {
+                        let idx = next.fetch_add(1, Ordering::Relaxed);
+                        if idx >= n_pieces || stop.is_cancelled() || opts.cancel.is_cancelled() {
+                            return Ok(());
+                        }
+                        let offset = idx * PIECE;
+                        let len = PIECE.min(size - offset);
+                        let len_usize = usize::try_from(len).expect("a piece fits in memory");
+                        maps.clear();
+                        let step = (|| -> Result<()> {
+                            source.map(offset, len, &mut maps)?;
+                            buf.clear();
+                            buf.resize(len_usize, 0);
+                            if has_data(&maps) {
+                                let n =
+                                    fill_chunk(source, backend.as_mut(), &maps, offset, &mut buf)?;
+                                Counters::add(&counters.bytes_read, n);
+                            }
+                            if !is_zero(&buf) || device {
+                                std::os::unix::fs::FileExt::write_all_at(&file, &buf, offset)
+                                    .map_err(|e| {
+                                        Error::io("writing the output", out, e).with_offset(offset)
+                                    })?;
+                                Counters::add(&counters.bytes_written, len);
+                            }
+                            Counters::add(&counters.bytes_done, len);
+                            reporter.tick();
+                            Ok(())
+                        })();
+                        if let Err(e) = step {
+                            stop.cancel();
+                            return Err(e);
+                        }
+                    }
+                })
+            })
+            .collect();
+        let mut first = Ok(());
+        for h in handles {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::internal("a convert worker panicked")));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    });
+    result?;
+    if opts.cancel.is_cancelled() {
+        return Err(Error::new(
+            ErrorKind::Cancelled,
+            "convert cancelled; the output is incomplete",
+        )
+        .with_path(out));
+    }
+    file.sync_all()
+        .map_err(|e| Error::io("flushing the output", out, e))?;
+    let p = reporter.finish();
+    Ok(ConvertReport {
+        virtual_size: size,
+        bytes_read: p.bytes_read,
+        bytes_written: p.bytes_written,
+        seconds: p.elapsed.as_secs_f64(),
+    })
+}
