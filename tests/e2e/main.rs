@@ -11,6 +11,8 @@
 mod blockdev;
 /// The demo and the `--json` contract.
 mod cli;
+/// Real-world images from Hyper-V and ESXi read to their known hashes.
+mod corpus;
 /// Kill -9 at random moments never leaves a broken snapshot.
 mod crash;
 /// Replicate twice, shared content, holes and zero runs.
@@ -21,5 +23,7 @@ mod errors;
 mod library;
 /// Peak memory stays within the budget.
 mod memory;
+/// qemu-img as an independent oracle for every format it can create.
+mod oracle;
 /// replicate → restore gives identical bytes, for many shapes of image.
 mod roundtrip;
