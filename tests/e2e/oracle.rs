@@ -148,7 +148,7 @@ fn check(
     match map_check {
         MapCheck::Equal => assert_eq!(b, q, "{name}: map differs from qemu-img map"),
         MapCheck::OursWithinQemu => {
-            assert!(covered(&b, &q), "{name}: we call data what qemu does not")
+            assert!(covered(&b, &q), "{name}: we call data what qemu does not");
         }
     }
 
