@@ -4,7 +4,8 @@
 #![allow(
     clippy::cast_possible_truncation,
     clippy::missing_panics_doc,
-    clippy::must_use_candidate
+    clippy::must_use_candidate,
+    clippy::unwrap_used
 )]
 
 use std::fs::{File, OpenOptions};
@@ -13,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub use serde_json::Value;
+
+/// VHD files built from the specification.
+pub mod vhd_builder;
 
 /// Passphrase of the stores the tests create.
 pub const PASSPHRASE: &str = "test passphrase, not secret";

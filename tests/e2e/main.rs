@@ -27,3 +27,5 @@ mod memory;
 mod oracle;
 /// replicate → restore gives identical bytes, for many shapes of image.
 mod roundtrip;
+/// VHD chains and hostile VHDs built from the specification.
+mod vhd;

@@ -262,6 +262,11 @@ impl VhdLayout {
         Ok(())
     }
 
+    /// Size of the virtual disk.
+    pub fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
     /// Maps `[offset, offset + len)`. Fixed disks map 1:1 through `extents` (the file's
     /// data extents); differencing disks read sector bitmaps through `r`.
     pub fn map(
