@@ -66,3 +66,52 @@ fn real_world_images_read_to_their_hashes() {
         std::fs::remove_file(out).unwrap();
     }
 }
+
+/// A Hyper-V differencing disk whose parent is not shipped: it parses, `info` names the
+/// parent from its locator, and opening it for data fails with "parent not found".
+#[test]
+fn differencing_vhdx_without_its_parent() {
+    let Some(dir) = corpus() else { return };
+    let sb = Sandbox::new();
+    let image = dir.join("differencing.avhdx");
+    let out = sb.run(&["info", image.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["subformat"], "differencing", "{info}");
+    assert_eq!(info["virtual_size"], 8u64 << 30);
+    let named = info["parent_paths"][0].as_str().unwrap();
+    assert!(
+        named.ends_with("Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx"),
+        "{info}"
+    );
+    let out = sb.run(&[
+        "convert",
+        image.to_str().unwrap(),
+        sb.path("x.raw").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("parent not found") && err.contains("Generation 1_49C4BAF3"),
+        "{err}"
+    );
+}
+
+/// Hyper-V's images also map the same through every reader path: `map` covers the disk.
+#[test]
+fn corpus_maps_cover_each_disk() {
+    let Some(dir) = corpus() else { return };
+    let sb = Sandbox::new();
+    for file in ["fixed.vhd", "dynamic.vhd", "fixed.vhdx", "dynamic.vhdx"] {
+        let v: serde_json::Value =
+            serde_json::from_str(&sb.ok(&["map", dir.join(file).to_str().unwrap(), "--json"]))
+                .unwrap();
+        let total: u64 = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum();
+        assert_eq!(total, 10_485_760, "{file}");
+    }
+}

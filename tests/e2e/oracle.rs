@@ -213,3 +213,33 @@ fn vpc_images_from_qemu() {
         MapCheck::OursWithinQemu,
     );
 }
+
+#[test]
+fn vhdx_images_from_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let mut rng = Rng::seeded("vhdx_images_from_qemu");
+    let sb = Sandbox::new();
+    sb.init(&["--no-encryption"]);
+    for (name, opts) in [
+        ("vhdx-dynamic", "subformat=dynamic"),
+        ("vhdx-dynamic-1m", "subformat=dynamic,block_size=1M"),
+        (
+            "vhdx-dynamic-8m-nozero",
+            "subformat=dynamic,block_size=8M,block_state_zero=off",
+        ),
+        ("vhdx-dynamic-256m", "subformat=dynamic,block_size=256M"),
+        ("vhdx-fixed", "subformat=fixed"),
+        ("vhdx-fixed-4m", "subformat=fixed,block_size=4M"),
+    ] {
+        check(
+            &sb,
+            &mut rng,
+            name,
+            "vhdx",
+            &["-o", opts],
+            MapCheck::OursWithinQemu,
+        );
+    }
+}

@@ -20,9 +20,23 @@ fn open(a: &ImageArgs) -> anyhow::Result<Box<dyn BlockSource>> {
 }
 
 pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
-    let src = open(a)?;
+    // A child whose parent is missing is still described, with the parent it names.
+    let (src, missing_parent) = match open(a) {
+        Ok(src) => (src, None),
+        Err(e) => match e.downcast_ref::<blockferry::Error>() {
+            Some(be) if be.kind() == blockferry::ErrorKind::NotFound => {
+                let single = image::open_single(&a.image)?;
+                (single, Some(be.message().to_owned()))
+            }
+            _ => return Err(e),
+        },
+    };
     let info = src.info();
     let layers = src.layers();
+    let parent_named: Vec<String> = src
+        .parent_link()
+        .map(|l| l.candidates.clone())
+        .unwrap_or_default();
     if a.json {
         let chain: Vec<_> = layers
             .iter()
@@ -46,8 +60,14 @@ pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
             "allocated_bytes": info.allocated_bytes,
             "notes": info.notes,
             "chain": chain,
+            "parent_paths": parent_named,
+            "parent_missing": missing_parent,
         }));
-        return Ok(ExitCode::SUCCESS);
+        return Ok(if missing_parent.is_some() {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
     }
     println!("file:            {}", a.image.display());
     println!("format:          {} ({})", info.format, info.subformat);
@@ -81,6 +101,11 @@ pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
         for n in &l.notes {
             println!("note: {}: {n}", l.path.display());
         }
+    }
+    if let Some(missing) = &missing_parent {
+        println!("parent:          {}", parent_named.join(" | "));
+        eprintln!("error: {missing}");
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -21,11 +21,13 @@ mod chain;
 mod raw;
 pub(crate) mod util;
 mod vhd;
+mod vhdx;
 
 pub use chain::Chain;
 pub use raw::RawImage;
 pub use util::{MemFile, ReadAt};
 pub use vhd::{Vhd, VhdLayout};
+pub use vhdx::{Vhdx, VhdxLayout};
 
 use std::fmt::Debug;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -101,6 +103,8 @@ pub struct Layer {
 pub enum Identity {
     /// VHD footer unique id.
     VhdUniqueId([u8; 16]),
+    /// VHDX data write GUID (a child records it as `parent_linkage`).
+    VhdxDataWriteGuid([u8; 16]),
 }
 
 /// A child's reference to its parent: where to look, and what the parent must be.
@@ -177,6 +181,8 @@ pub enum Detected {
     Raw,
     /// VHD (footer cookie `conectix`).
     Vhd,
+    /// VHDX (file identifier `vhdxfile`).
+    Vhdx,
     /// A format recognised but not readable yet.
     Unsupported(&'static str),
 }
@@ -193,7 +199,7 @@ pub fn detect(file: &dyn ReadAt) -> Result<Detected> {
         if starts(b"conectix") || (tail_ok && tail.starts_with(b"conectix")) {
             Detected::Vhd
         } else if starts(b"vhdxfile") {
-            Detected::Unsupported("VHDX")
+            Detected::Vhdx
         } else if starts(b"KDMV") || starts(b"COWD") {
             Detected::Unsupported("VMDK")
         } else if starts(b"# Disk DescriptorFile") {
@@ -224,6 +230,12 @@ pub fn open_raw(path: &Path) -> Result<Box<dyn BlockSource>> {
     Ok(Box::new(RawImage::open(path)?))
 }
 
+/// Opens one image file without joining it to its parents (`info` of a child whose parent is
+/// missing); mapping it shows what the child itself holds.
+pub fn open_single(path: &Path) -> Result<Box<dyn BlockSource>> {
+    open_one(path)
+}
+
 fn open_one(path: &Path) -> Result<Box<dyn BlockSource>> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot open the image", path, e))?;
     let ft = meta.file_type();
@@ -238,6 +250,7 @@ fn open_one(path: &Path) -> Result<Box<dyn BlockSource>> {
     match detect(&file)? {
         Detected::Raw => Ok(Box::new(RawImage::from_file(file)?)),
         Detected::Vhd => Ok(Box::new(Vhd::open(file)?)),
+        Detected::Vhdx => Ok(Box::new(Vhdx::open(file)?)),
         Detected::Unsupported(kind) => Err(Error::new(
             ErrorKind::UnsupportedImage,
             format!("this is a {kind} image, which this version of blockferry cannot read yet"),
@@ -275,7 +288,10 @@ fn open_chain(
     let Some(link) = child.parent_link().cloned() else {
         return Ok(child);
     };
-    let folder = path.parent().unwrap_or(Path::new("."));
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     let parent_path = link
         .candidates
         .iter()
