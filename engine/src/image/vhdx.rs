@@ -241,7 +241,7 @@ impl VhdxLayout {
     fn check_bat(&self, r: &dyn ReadAt, bat_at: u64) -> Result<()> {
         for (i, &e) in self.bat.iter().enumerate() {
             let at = bat_at + i as u64 * 8;
-            let is_sb = (i as u64 + 1) % (self.chunk_ratio + 1) == 0;
+            let is_sb = (i as u64 + 1).is_multiple_of(self.chunk_ratio + 1);
             let state = e & 7;
             let (len, allocated) = if is_sb {
                 match state {
@@ -698,7 +698,7 @@ impl Metadata {
         }
         if virtual_size == 0
             || virtual_size > MAX_VIRTUAL_SIZE
-            || virtual_size % logical_sector != 0
+            || !virtual_size.is_multiple_of(logical_sector)
         {
             return Err(invalid(
                 r,
@@ -756,7 +756,7 @@ fn parse_parent_locator(r: &dyn ReadAt, item: &[u8], at: u64) -> Result<(Vec<Str
         let value = text(le32(ent, 4), le16(ent, 10))?;
         match key.as_str() {
             "parent_linkage" => {
-                linkage = Some(guid(&value).ok_or_else(|| bad("parent_linkage is not a GUID"))?)
+                linkage = Some(guid(&value).ok_or_else(|| bad("parent_linkage is not a GUID"))?);
             }
             "relative_path" => relative = Some(value),
             "absolute_win32_path" => absolute = Some(value),
