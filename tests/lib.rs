@@ -180,6 +180,36 @@ impl Sandbox {
     }
 }
 
+/// Whether qemu-img is here; under `BF_REQUIRE_TOOLS=1` (CI) its absence fails the test.
+pub fn have_qemu() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok || std::env::var_os("BF_REQUIRE_TOOLS").is_none(),
+        "qemu-img is required (install qemu-utils)"
+    );
+    if !ok {
+        eprintln!("skipping: qemu-img is not installed");
+    }
+    ok
+}
+
+/// Runs qemu-img and returns its stdout; panics with its stderr on failure.
+pub fn qemu(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("running qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
 /// Requires exit `code` and every `needle` in stderr; returns the output for more checks.
 pub fn expect_failure(out: Output, code: i32, needles: &[&str]) -> Output {
     let err = String::from_utf8_lossy(&out.stderr);

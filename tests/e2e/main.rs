@@ -29,3 +29,5 @@ mod oracle;
 mod roundtrip;
 /// VHD chains and hostile VHDs built from the specification.
 mod vhd;
+/// Hostile VHDX files.
+mod vhdx;

@@ -2,35 +2,8 @@
 //! holes, must convert to the same bytes, map to the same data, and round-trip through a store.
 
 use std::path::Path;
-use std::process::Command;
 
-use blockferry_tests::{MIB, Rng, Sandbox, Value, file_hash, make_image};
-
-/// Whether qemu-img is here; CI (`BF_REQUIRE_TOOLS=1`) must have it.
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok || std::env::var_os("BF_REQUIRE_TOOLS").is_none(),
-        "qemu-img is required (install qemu-utils)"
-    );
-    if !ok {
-        eprintln!("skipping: qemu-img is not installed");
-    }
-    ok
-}
-
-fn qemu(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use blockferry_tests::{MIB, Rng, Sandbox, Value, file_hash, have_qemu, make_image, qemu};
 
 /// A raw disk with random data, explicit zero runs and holes at random places.
 fn random_disk(rng: &mut Rng, path: &Path, size: u64) {

@@ -22,6 +22,7 @@ mod raw;
 pub(crate) mod util;
 mod vhd;
 mod vhdx;
+mod vhdx_log;
 
 pub use chain::Chain;
 pub use raw::RawImage;

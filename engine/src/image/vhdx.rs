@@ -19,6 +19,7 @@
 use std::path::Path;
 
 use super::util::{self, ReadAt, invalid, read_struct};
+use super::vhdx_log::{self, Overlay, Replayed};
 use super::{BlockSource, Identity, ImageInfo, Mapping, ParentLink, Target};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::SourceFile;
@@ -133,6 +134,8 @@ pub struct VhdxLayout {
     file_size: u64,
     /// Ranges of the file that no block may overlap (headers, region tables, regions, log).
     reserved: Vec<(u64, u64)>,
+    /// The replayed log, through which metadata and sector bitmaps are read.
+    overlay: Option<Overlay>,
 }
 
 struct Region {
@@ -154,19 +157,35 @@ impl VhdxLayout {
         }
         let mut notes = Vec::new();
         let header = current_header(r, &mut notes)?;
-        if header.log_guid != [0; 16] {
-            return Err(Error::new(
-                ErrorKind::UnsupportedImage,
-                "the VHDX log holds updates that were never applied (the disk was not shut down \
-                 cleanly); replaying it is not supported yet: attach the disk in Hyper-V once, or \
-                 convert it there",
-            )
-            .with_path(r.path())
-            .with_offset(header.log_offset));
-        }
-        let regions = region_table(r, &mut notes)?;
+        let overlay = if header.log_guid == [0; 16] {
+            None
+        } else {
+            let o = vhdx_log::replay(
+                r,
+                header.log_guid,
+                header.log_offset,
+                u64::from(header.log_length),
+            )?;
+            notes.push(format!(
+                "the log held {} unapplied update(s) (unclean shutdown): replayed in memory, the file was not changed",
+                o.entries
+            ));
+            Some(o)
+        };
+        let replayed;
+        let meta_r: &dyn ReadAt = match &overlay {
+            Some(o) => {
+                replayed = Replayed {
+                    inner: r,
+                    overlay: o,
+                };
+                &replayed
+            }
+            None => r,
+        };
+        let regions = region_table(meta_r, &mut notes)?;
         let (bat_region, meta_region) = regions;
-        let meta = Metadata::parse(r, &meta_region)?;
+        let meta = Metadata::parse(meta_r, &meta_region)?;
         let mut reserved = vec![
             (0, MIB),
             (bat_region.offset, bat_region.offset + bat_region.length),
@@ -200,7 +219,13 @@ impl VhdxLayout {
                 ),
             ));
         }
-        let raw = read_struct(r, "VHDX BAT", bat_region.offset, bat_bytes, MAX_BAT_BYTES)?;
+        let raw = read_struct(
+            meta_r,
+            "VHDX BAT",
+            bat_region.offset,
+            bat_bytes,
+            MAX_BAT_BYTES,
+        )?;
         let bat: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
         let parent = if meta.has_parent {
             let (candidates, linkage) = meta.parent_locator.clone().ok_or_else(|| {
@@ -232,6 +257,7 @@ impl VhdxLayout {
             notes,
             file_size: r.size(),
             reserved,
+            overlay,
         };
         layout.check_bat(r, bat_region.offset)?;
         Ok(layout)
@@ -294,6 +320,14 @@ impl VhdxLayout {
                     format!("entry {i} at {start} overlaps the headers, log, metadata or BAT"),
                 ));
             }
+            if !is_sb && self.overlay.as_ref().is_some_and(|o| o.touches(start, end)) {
+                return Err(Error::new(
+                    ErrorKind::UnsupportedImage,
+                    format!("the VHDX log rewrites payload block {i}; replaying data blocks is not supported"),
+                )
+                .with_path(r.path())
+                .with_offset(at));
+            }
         }
         Ok(())
     }
@@ -324,8 +358,13 @@ impl VhdxLayout {
                     file: 0,
                     offset: data_at + in_block,
                 })),
-                PAYLOAD_ZERO | PAYLOAD_UNMAPPED => out.push(piece(Target::Zero)),
+                // MS-VHDX 2.5.1.1: undefined and unmapped blocks read as zeros (or
+                // arbitrary data) in every kind of disk, never as the parent's.
+                PAYLOAD_ZERO | PAYLOAD_UNMAPPED | PAYLOAD_UNDEFINED => {
+                    out.push(piece(Target::Zero));
+                }
                 PAYLOAD_PARTIALLY_PRESENT => self.map_partial(r, block, data_at, pos, stop, out)?,
+                // Not present: zeros in a dynamic disk, the parent's data in a differencing one.
                 _ => out.push(piece(Target::Unallocated)),
             }
             pos = stop;
@@ -362,7 +401,19 @@ impl VhdxLayout {
         let bit0 = (block % self.chunk_ratio) * sectors_per_block + first;
         let byte0 = bit0 / 8;
         let n_bytes = (bit0 + (last - first)).div_ceil(8) - byte0;
-        let bits = read_struct(r, "VHDX sector bitmap", sb_at + byte0, n_bytes, MIB)?;
+        let bits = match &self.overlay {
+            Some(o) => read_struct(
+                &Replayed {
+                    inner: r,
+                    overlay: o,
+                },
+                "VHDX sector bitmap",
+                sb_at + byte0,
+                n_bytes,
+                MIB,
+            )?,
+            None => read_struct(r, "VHDX sector bitmap", sb_at + byte0, n_bytes, MIB)?,
+        };
         let present = |s: u64| {
             let bit = bit0 + (s - first) - byte0 * 8;
             bits[usize::try_from(bit / 8).expect("bitmap index")] & (1 << (bit % 8)) != 0
