@@ -17,6 +17,8 @@ pub use serde_json::Value;
 
 /// VHD files built from the specification.
 pub mod vhd_builder;
+/// VHDX files built from the specification.
+pub mod vhdx_builder;
 
 /// Passphrase of the stores the tests create.
 pub const PASSPHRASE: &str = "test passphrase, not secret";
