@@ -153,6 +153,11 @@ pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
                 src.file(file).map(|f| f.path().display().to_string()),
                 Some(offset),
             ),
+            Target::Deflate { file, offset, .. } => (
+                "data",
+                src.file(file).map(|f| f.path().display().to_string()),
+                Some(offset),
+            ),
             Target::Zero => ("zero", None, None),
             Target::Unallocated => ("unallocated", None, None),
         };

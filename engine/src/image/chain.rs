@@ -39,7 +39,7 @@ impl Chain {
             self.map(off, len, &mut maps)?;
             total += maps
                 .iter()
-                .filter(|m| matches!(m.target, Target::Data { .. }))
+                .filter(|m| m.target.is_data())
                 .map(|m| m.len)
                 .sum::<u64>();
             off += len;
@@ -75,7 +75,7 @@ impl BlockSource for Chain {
                 let start = out.len();
                 self.parent.map(m.virt, m.len, out)?;
                 for p in &mut out[start..] {
-                    if let Target::Data { file, .. } = &mut p.target {
+                    if let Some(file) = p.target.file_mut() {
                         *file += shift;
                     }
                 }

@@ -23,12 +23,14 @@ pub(crate) mod util;
 mod vhd;
 mod vhdx;
 mod vhdx_log;
+mod vmdk;
 
 pub use chain::Chain;
 pub use raw::RawImage;
 pub use util::{MemFile, ReadAt};
 pub use vhd::{Vhd, VhdLayout};
 pub use vhdx::{Vhdx, VhdxLayout};
+pub use vmdk::{Descriptor, ExtentLine, SparseLayout, Vmdk, inflate_grain};
 
 use std::fmt::Debug;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -67,10 +69,40 @@ pub enum Target {
         /// Byte offset in that file.
         offset: u64,
     },
+    /// A deflate-compressed grain (VMDK streamOptimized): `stored_len` bytes at `offset` of
+    /// `file` inflate (see [`inflate_grain`]) to `grain_len` bytes, of which this piece
+    /// starts at `skip`.
+    Deflate {
+        /// Index for [`BlockSource::file`].
+        file: usize,
+        /// Offset of the compressed bytes in that file.
+        offset: u64,
+        /// Compressed length.
+        stored_len: u32,
+        /// Length of the inflated grain.
+        grain_len: u32,
+        /// Where this piece starts in the inflated grain.
+        skip: u32,
+    },
     /// Known to read as zeros (allocated as zero).
     Zero,
     /// Not allocated: reads as zeros (or, in a chain, from the parent once resolved).
     Unallocated,
+}
+
+impl Target {
+    /// Whether the piece's bytes are read from a file (plain or compressed).
+    pub fn is_data(&self) -> bool {
+        matches!(self, Target::Data { .. } | Target::Deflate { .. })
+    }
+
+    /// The file index, for targets that read a file.
+    pub fn file_mut(&mut self) -> Option<&mut usize> {
+        match self {
+            Target::Data { file, .. } | Target::Deflate { file, .. } => Some(file),
+            Target::Zero | Target::Unallocated => None,
+        }
+    }
 }
 
 /// One piece of a virtual range.
@@ -106,6 +138,8 @@ pub enum Identity {
     VhdUniqueId([u8; 16]),
     /// VHDX data write GUID (a child records it as `parent_linkage`).
     VhdxDataWriteGuid([u8; 16]),
+    /// VMDK content id (`CID`; a child records it as `parentCID`).
+    VmdkCid(u32),
 }
 
 /// A child's reference to its parent: where to look, and what the parent must be.
@@ -184,6 +218,8 @@ pub enum Detected {
     Vhd,
     /// VHDX (file identifier `vhdxfile`).
     Vhdx,
+    /// VMDK: a sparse extent (`KDMV`, `COWD`) or a text descriptor.
+    Vmdk,
     /// A format recognised but not readable yet.
     Unsupported(&'static str),
 }
@@ -201,10 +237,8 @@ pub fn detect(file: &dyn ReadAt) -> Result<Detected> {
             Detected::Vhd
         } else if starts(b"vhdxfile") {
             Detected::Vhdx
-        } else if starts(b"KDMV") || starts(b"COWD") {
-            Detected::Unsupported("VMDK")
-        } else if starts(b"# Disk DescriptorFile") {
-            Detected::Unsupported("VMDK descriptor")
+        } else if starts(b"KDMV") || starts(b"COWD") || looks_like_descriptor(&head, size) {
+            Detected::Vmdk
         } else if starts(b"QFI\xfb") {
             Detected::Unsupported("qcow2")
         } else if starts(&0xcafe_babe_u64.to_le_bytes()) {
@@ -213,6 +247,18 @@ pub fn detect(file: &dyn ReadAt) -> Result<Detected> {
             Detected::Raw
         },
     )
+}
+
+/// Whether the start of a small text file reads as a VMDK descriptor.
+fn looks_like_descriptor(head: &[u8], size: u64) -> bool {
+    size <= 1 << 20
+        && std::str::from_utf8(head).is_ok_and(|t| {
+            t.lines().map(str::trim).any(|l| {
+                l.starts_with("# Disk DescriptorFile")
+                    || l.starts_with("createType=")
+                    || l.starts_with("createType =")
+            })
+        })
 }
 
 /// Opens a disk image, detecting its format by content and joining it to its parents.
@@ -234,10 +280,10 @@ pub fn open_raw(path: &Path) -> Result<Box<dyn BlockSource>> {
 /// Opens one image file without joining it to its parents (`info` of a child whose parent is
 /// missing); mapping it shows what the child itself holds.
 pub fn open_single(path: &Path) -> Result<Box<dyn BlockSource>> {
-    open_one(path)
+    open_one(path, &OpenOptions::default())
 }
 
-fn open_one(path: &Path) -> Result<Box<dyn BlockSource>> {
+fn open_one(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot open the image", path, e))?;
     let ft = meta.file_type();
     if !ft.is_file() && !ft.is_block_device() {
@@ -252,6 +298,7 @@ fn open_one(path: &Path) -> Result<Box<dyn BlockSource>> {
         Detected::Raw => Ok(Box::new(RawImage::from_file(file)?)),
         Detected::Vhd => Ok(Box::new(Vhd::open(file)?)),
         Detected::Vhdx => Ok(Box::new(Vhdx::open(file)?)),
+        Detected::Vmdk => Ok(Box::new(Vmdk::open(file, opts)?)),
         Detected::Unsupported(kind) => Err(Error::new(
             ErrorKind::UnsupportedImage,
             format!("this is a {kind} image, which this version of blockferry cannot read yet"),
@@ -285,7 +332,7 @@ fn open_chain(
         .with_path(path));
     }
     seen.push(key);
-    let child = open_one(path)?;
+    let child = open_one(path, opts)?;
     let Some(link) = child.parent_link().cloned() else {
         return Ok(child);
     };

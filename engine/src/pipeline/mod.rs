@@ -188,24 +188,39 @@ pub(crate) fn fill_chunk(
     offset: u64,
     buf: &mut [u8],
 ) -> Result<u64> {
+    let outside = || Error::internal("mapping outside chunk");
     let mut read = 0;
     for m in maps {
-        if let Target::Data {
-            file,
-            offset: file_offset,
+        let (file, file_offset) = match m.target {
+            Target::Data { file, offset } | Target::Deflate { file, offset, .. } => (file, offset),
+            Target::Zero | Target::Unallocated => continue,
+        };
+        let at = usize::try_from(m.virt - offset).map_err(|_| outside())?;
+        let len = usize::try_from(m.len).map_err(|_| outside())?;
+        let dst = buf.get_mut(at..at + len).ok_or_else(outside)?;
+        let src = source
+            .file(file)
+            .ok_or_else(|| Error::internal("mapping names an unknown file"))?;
+        if let Target::Deflate {
+            stored_len,
+            grain_len,
+            skip,
+            ..
         } = m.target
         {
-            let at = usize::try_from(m.virt - offset)
-                .map_err(|_| Error::internal("mapping outside chunk"))?;
-            let len =
-                usize::try_from(m.len).map_err(|_| Error::internal("mapping outside chunk"))?;
-            let dst = buf
-                .get_mut(at..at + len)
-                .ok_or_else(|| Error::internal("mapping outside chunk"))?;
-            let file = source
-                .file(file)
-                .ok_or_else(|| Error::internal("mapping names an unknown file"))?;
-            backend.read_exact_at(file, dst, file_offset)?;
+            let mut packed = vec![0u8; stored_len as usize];
+            backend.read_exact_at(src, &mut packed, file_offset)?;
+            let mut grain = vec![0u8; grain_len as usize];
+            crate::image::inflate_grain(&packed, &mut grain).map_err(|why| {
+                Error::new(ErrorKind::InvalidImage, why)
+                    .with_path(src.path())
+                    .with_offset(file_offset)
+            })?;
+            let skip = skip as usize;
+            dst.copy_from_slice(grain.get(skip..skip + len).ok_or_else(outside)?);
+            read += u64::from(stored_len);
+        } else {
+            backend.read_exact_at(src, dst, file_offset)?;
             read += m.len;
         }
     }
@@ -214,7 +229,7 @@ pub(crate) fn fill_chunk(
 
 /// Whether a range's mappings hold any data to read.
 pub(crate) fn has_data(maps: &[Mapping]) -> bool {
-    maps.iter().any(|m| matches!(m.target, Target::Data { .. }))
+    maps.iter().any(|m| m.target.is_data())
 }
 
 /// A chunk read from the source, on its way to a worker.
