@@ -31,3 +31,5 @@ mod roundtrip;
 mod vhd;
 /// Hostile VHDX files.
 mod vhdx;
+/// ESXi deltas and hostile VMDKs.
+mod vmdk;

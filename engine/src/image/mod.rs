@@ -251,14 +251,17 @@ pub fn detect(file: &dyn ReadAt) -> Result<Detected> {
 
 /// Whether the start of a small text file reads as a VMDK descriptor.
 fn looks_like_descriptor(head: &[u8], size: u64) -> bool {
+    // Lossy: a descriptor with bad bytes is still a descriptor (and then refused as such),
+    // never a raw disk.
     size <= 1 << 20
-        && std::str::from_utf8(head).is_ok_and(|t| {
-            t.lines().map(str::trim).any(|l| {
+        && String::from_utf8_lossy(head)
+            .lines()
+            .map(str::trim)
+            .any(|l| {
                 l.starts_with("# Disk DescriptorFile")
                     || l.starts_with("createType=")
                     || l.starts_with("createType =")
             })
-        })
 }
 
 /// Opens a disk image, detecting its format by content and joining it to its parents.

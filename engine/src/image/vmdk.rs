@@ -341,6 +341,25 @@ impl SparseLayout {
         })
     }
 
+    /// Maps `[offset, end)` of the extent read on its own (fuzzing, tests): file index 0.
+    pub fn map_extent(
+        &self,
+        r: &dyn ReadAt,
+        offset: u64,
+        end: u64,
+        out: &mut Vec<Mapping>,
+    ) -> Result<()> {
+        if end > self.capacity || offset > end {
+            return Err(invalid(
+                r,
+                "VMDK sparse extent",
+                0,
+                "range beyond the extent",
+            ));
+        }
+        self.map(r, 0, offset, end, 0, out)
+    }
+
     /// The grain table `idx`, or `None` when its directory entry is 0 (all unallocated).
     fn table(&self, r: &dyn ReadAt, idx: u64) -> Result<Option<Vec<u32>>> {
         let gd_entry = self.gd[usize::try_from(idx).expect("GD index fits")];
