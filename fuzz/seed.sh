@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Seeds fuzz/corpus/<target>/ from images qemu-img makes and from the real-world corpus.
+# Usage: fuzz/seed.sh   (needs qemu-img; fetches the corpus with tests/fetch-corpus.sh)
+set -euo pipefail
+cd "$(dirname "$0")"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+mkdir -p corpus/{vhd,vhdx,vmdk_descriptor,vmdk_sparse,store_objects}
+head -c 3M /dev/urandom > "$tmp/d.raw"
+truncate -s 8M "$tmp/d.raw"
+qemu-img convert -f raw -O vpc -o subformat=dynamic "$tmp/d.raw" corpus/vhd/dynamic.vhd
+qemu-img create -q -f vpc -o subformat=fixed corpus/vhd/fixed.vhd 1M
+qemu-img convert -f raw -O vhdx -o block_size=1M "$tmp/d.raw" corpus/vhdx/dynamic.vhdx
+qemu-img convert -f raw -O vmdk -o subformat=monolithicSparse "$tmp/d.raw" corpus/vmdk_sparse/sparse.vmdk
+qemu-img convert -f raw -O vmdk -o subformat=streamOptimized "$tmp/d.raw" corpus/vmdk_sparse/stream.vmdk
+qemu-img create -q -f vmdk -o subformat=monolithicFlat "$tmp/flat.vmdk" 1M
+cp "$tmp/flat.vmdk" corpus/vmdk_descriptor/flat.txt
+qemu-img create -q -f vmdk -o subformat=twoGbMaxExtentSparse "$tmp/two.vmdk" 3G
+cp "$tmp/two.vmdk" corpus/vmdk_descriptor/twogb.txt
+real=$(bash ../tests/fetch-corpus.sh ../target/corpus)
+cp "$real"/fixed.vhd "$real"/dynamic.vhd corpus/vhd/
+cp "$real"/fixed.vhdx "$real"/dynamic.vhdx corpus/vhdx/
+head -c 2M "$real"/differencing.avhdx > corpus/vhdx/differencing-head.avhdx
+printf '\x02\x00\x00\x00\x00' > corpus/store_objects/empty-index
+echo "seeded: $(find corpus -type f | wc -l) files"
