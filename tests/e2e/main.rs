@@ -25,6 +25,8 @@ mod library;
 mod memory;
 /// qemu-img as an independent oracle for every format it can create.
 mod oracle;
+/// OVA archives read in place.
+mod ova;
 /// replicate → restore gives identical bytes, for many shapes of image.
 mod roundtrip;
 /// VHD chains and hostile VHDs built from the specification.

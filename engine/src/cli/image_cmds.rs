@@ -14,6 +14,7 @@ use super::{ConvertArgs, ImageArgs, print_json};
 fn open(a: &ImageArgs) -> anyhow::Result<Box<dyn BlockSource>> {
     let opts = OpenOptions {
         allow_outside_folder: a.allow_outside_folder,
+        ova_disk: a.disk.clone(),
         ..OpenOptions::default()
     };
     Ok(image::open_with(&a.image, &opts)?)

@@ -88,8 +88,11 @@ enum Compression {
 
 #[derive(Debug, Args)]
 struct ReplicateArgs {
-    /// The disk image (raw file or block device).
+    /// The disk image: raw file or block device, VMDK, VHDX, VHD, or OVA (format detected).
     image: PathBuf,
+    /// Which disk of an OVA: its index from 0 or its file name (default: the first).
+    #[arg(long, value_name = "DISK")]
+    disk: Option<String>,
     #[command(flatten)]
     store: StoreArgs,
     /// Name recorded for the disk (default: the image's file name).
@@ -149,6 +152,9 @@ struct ImageArgs {
     /// Follow parent and extent paths that lead outside the image's folder.
     #[arg(long)]
     allow_outside_folder: bool,
+    /// Which disk of an OVA: its index from 0 or its file name (default: the first).
+    #[arg(long, value_name = "DISK")]
+    disk: Option<String>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -362,7 +368,11 @@ fn cmd_init(a: &InitArgs) -> anyhow::Result<ExitCode> {
 
 fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
-    let source = blockferry::image::open(&a.image)?;
+    let image_opts = blockferry::image::OpenOptions {
+        ova_disk: a.disk.clone(),
+        ..blockferry::image::OpenOptions::default()
+    };
+    let source = blockferry::image::open_with(&a.image, &image_opts)?;
     let opts = ReplicateOptions {
         memory_budget: usize::try_from(a.memory_budget).unwrap_or(usize::MAX),
         workers: a.workers,

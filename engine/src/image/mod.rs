@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod chain;
+pub mod ova;
 mod raw;
 pub(crate) mod util;
 mod vhd;
@@ -198,6 +199,8 @@ pub struct OpenOptions {
     pub allow_outside_folder: bool,
     /// Longest parent chain accepted.
     pub max_chain_depth: usize,
+    /// Which disk of an OVA (index from 0, or file name); the first by default.
+    pub ova_disk: Option<String>,
 }
 
 impl Default for OpenOptions {
@@ -205,6 +208,7 @@ impl Default for OpenOptions {
         OpenOptions {
             allow_outside_folder: false,
             max_chain_depth: 64,
+            ova_disk: None,
         }
     }
 }
@@ -220,6 +224,8 @@ pub enum Detected {
     Vhdx,
     /// VMDK: a sparse extent (`KDMV`, `COWD`) or a text descriptor.
     Vmdk,
+    /// OVA: a tar archive holding an OVF and its disks.
+    Ova,
     /// A format recognised but not readable yet.
     Unsupported(&'static str),
 }
@@ -237,6 +243,8 @@ pub fn detect(file: &dyn ReadAt) -> Result<Detected> {
             Detected::Vhd
         } else if starts(b"vhdxfile") {
             Detected::Vhdx
+        } else if ova::is_tar(&head) {
+            Detected::Ova
         } else if starts(b"KDMV") || starts(b"COWD") || looks_like_descriptor(&head, size) {
             Detected::Vmdk
         } else if starts(b"QFI\xfb") {
@@ -302,6 +310,7 @@ fn open_one(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>> {
         Detected::Vhd => Ok(Box::new(Vhd::open(file)?)),
         Detected::Vhdx => Ok(Box::new(Vhdx::open(file)?)),
         Detected::Vmdk => Ok(Box::new(Vmdk::open(file, opts)?)),
+        Detected::Ova => ova::open(file, opts.ova_disk.as_deref(), opts),
         Detected::Unsupported(kind) => Err(Error::new(
             ErrorKind::UnsupportedImage,
             format!("this is a {kind} image, which this version of blockferry cannot read yet"),

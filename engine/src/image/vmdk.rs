@@ -541,8 +541,11 @@ enum Extent {
         data: Vec<(u64, u64)>,
     },
     Zero,
+    /// A sparse extent at `[base, base + len)` of its file (`base` > 0 inside an OVA).
     Sparse {
         file: usize,
+        base: u64,
+        len: u64,
         layout: SparseLayout,
     },
 }
@@ -563,53 +566,75 @@ impl Vmdk {
     /// Opens a VMDK from its descriptor file or from a sparse extent (embedded descriptor,
     /// or a bare extent without one).
     pub fn open(file: SourceFile, opts: &OpenOptions) -> Result<Vmdk> {
-        let mut head = vec![0u8; usize::try_from(file.len().min(4)).unwrap_or(0)];
-        file.read_exact_at(&mut head, 0)?;
+        let len = file.len();
+        Vmdk::open_window(file, 0, len, opts)
+    }
+
+    /// Opens a VMDK stored at `[base, base + len)` of `file` (a disk inside an OVA); such a
+    /// disk must be self-contained (one sparse or streamOptimized extent).
+    pub fn open_window(file: SourceFile, base: u64, len: u64, opts: &OpenOptions) -> Result<Vmdk> {
+        let window = Window {
+            file: &file,
+            base,
+            len,
+        };
+        let mut head = vec![0u8; usize::try_from(len.min(4)).unwrap_or(0)];
+        window.read_exact_at(&mut head, 0)?;
         let folder = match file.path().parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => Path::new(".").to_path_buf(),
         };
         let fingerprint = util::fingerprint(&file)?;
-        let (descriptor, first): (Descriptor, Option<(SourceFile, SparseLayout)>) =
-            if head == b"KDMV" || head == b"COWD" {
-                let layout = SparseLayout::parse(&file)?;
-                let d = match &layout.descriptor {
-                    Some((at, text)) => Descriptor::parse(&file, *at, text)?,
-                    None => Descriptor {
-                        cid: None,
-                        parent_cid: None,
-                        create_type: if head == b"COWD" {
-                            "vmfsSparse"
+        let (descriptor, first): (Descriptor, Option<(SourceFile, SparseLayout)>) = if head
+            == b"KDMV"
+            || head == b"COWD"
+        {
+            let layout = SparseLayout::parse(&window)?;
+            let d = match &layout.descriptor {
+                Some((at, text)) => Descriptor::parse(&window, *at, text)?,
+                None => Descriptor {
+                    cid: None,
+                    parent_cid: None,
+                    create_type: if head == b"COWD" {
+                        "vmfsSparse"
+                    } else {
+                        "monolithicSparse"
+                    }
+                    .to_owned(),
+                    parent_hint: None,
+                    extents: vec![ExtentLine {
+                        access: "RW".to_owned(),
+                        sectors: layout.capacity / SECTOR,
+                        kind: if head == b"COWD" {
+                            "VMFSSPARSE"
                         } else {
-                            "monolithicSparse"
+                            "SPARSE"
                         }
                         .to_owned(),
-                        parent_hint: None,
-                        extents: vec![ExtentLine {
-                            access: "RW".to_owned(),
-                            sectors: layout.capacity / SECTOR,
-                            kind: if head == b"COWD" {
-                                "VMFSSPARSE"
-                            } else {
-                                "SPARSE"
-                            }
-                            .to_owned(),
-                            file: None,
-                            offset: 0,
-                        }],
-                    },
-                };
-                (d, Some((file, layout)))
-            } else {
-                let text = read_struct(&file, "VMDK descriptor", 0, file.len(), MAX_DESCRIPTOR)?;
-                (Descriptor::parse(&file, 0, &text)?, None)
+                        file: None,
+                        offset: 0,
+                    }],
+                },
             };
-        Self::from_descriptor(&descriptor, first, &folder, opts, fingerprint)
+            (d, Some((file, layout)))
+        } else {
+            if base != 0 {
+                return Err(Error::new(
+                        ErrorKind::UnsupportedImage,
+                        "a VMDK descriptor inside a container: only self-contained sparse disks are read there",
+                    )
+                    .with_path(file.path()));
+            }
+            let text = read_struct(&window, "VMDK descriptor", 0, len, MAX_DESCRIPTOR)?;
+            (Descriptor::parse(&window, 0, &text)?, None)
+        };
+        Self::from_descriptor(&descriptor, first, (base, len), &folder, opts, fingerprint)
     }
 
     fn from_descriptor(
         d: &Descriptor,
         mut first: Option<(SourceFile, SparseLayout)>,
+        (first_base, first_len): (u64, u64),
         folder: &Path,
         opts: &OpenOptions,
         fingerprint: SourceFingerprint,
@@ -652,22 +677,38 @@ impl Vmdk {
                 "ZERO" => Extent::Zero,
                 "SPARSE" | "VMFSSPARSE" => {
                     // The sparse file we were opened on serves the extent that names it.
+                    // Inside a container, the member is the extent whatever it was called.
                     let names_first = first.as_ref().is_some_and(|(f, _)| {
-                        line.file.as_deref().is_none_or(|n| {
-                            let base = n.rsplit(['/', '\\']).next().unwrap_or(n);
-                            f.path().file_name().is_some_and(|own| own == base)
-                        })
+                        first_base != 0
+                            || line.file.as_deref().is_none_or(|n| {
+                                let base = n.rsplit(['/', '\\']).next().unwrap_or(n);
+                                f.path().file_name().is_some_and(|own| own == base)
+                            })
                     });
-                    let (file, layout) = if names_first {
-                        first.take().expect("checked above")
+                    let (file, layout, base, win) = if names_first {
+                        let (f, l) = first.take().expect("checked above");
+                        (f, l, first_base, first_len)
                     } else {
+                        if first_base != 0 {
+                            return Err(Error::new(
+                                ErrorKind::UnsupportedImage,
+                                "a disk inside a container names other extent files",
+                            )
+                            .with_path(folder));
+                        }
                         let file = open_extent(folder, line, opts)?;
                         let layout = SparseLayout::parse(&file)?;
-                        (file, layout)
+                        let win = file.len();
+                        (file, layout, 0, win)
+                    };
+                    let window = Window {
+                        file: &file,
+                        base,
+                        len: win,
                     };
                     if layout.capacity < len {
                         return Err(invalid(
-                            &file,
+                            &window,
                             "VMDK sparse header",
                             12,
                             "capacity smaller than the descriptor's extent",
@@ -679,14 +720,23 @@ impl Vmdk {
                             file.path().display()
                         ));
                     }
-                    allocated += layout.allocated(&file)?;
+                    allocated += layout.allocated(&window)?;
                     files.push(file);
                     Extent::Sparse {
                         file: files.len() - 1,
+                        base,
+                        len: win,
                         layout,
                     }
                 }
                 "FLAT" | "VMFS" => {
+                    if first_base != 0 {
+                        return Err(Error::new(
+                            ErrorKind::UnsupportedImage,
+                            "a disk inside a container names other extent files",
+                        )
+                        .with_path(folder));
+                    }
                     let file = open_extent(folder, line, opts)?;
                     let offset = line.offset.checked_mul(SECTOR).ok_or_else(|| {
                         invalid(&file, "VMDK descriptor", 0, "extent offset out of range")
@@ -774,6 +824,42 @@ impl Vmdk {
     }
 }
 
+impl Vmdk {
+    /// Adds a note for `info` (an OVA adds which of its disks this is).
+    pub fn add_note(&mut self, note: String) {
+        self.info.notes.push(note);
+    }
+}
+
+/// Part of a file read as a file of its own (a disk inside a tar).
+struct Window<'a> {
+    file: &'a SourceFile,
+    base: u64,
+    len: u64,
+}
+
+impl ReadAt for Window<'_> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(
+                Error::new(ErrorKind::InvalidImage, "read past the end of the disk")
+                    .with_path(self.file.path())
+                    .with_offset(self.base.saturating_add(offset)),
+            );
+        }
+        self.file.read_exact_at(buf, self.base + offset)
+    }
+
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+}
+
 /// Opens the file an extent line names, confined to the descriptor's folder.
 fn open_extent(folder: &Path, line: &ExtentLine, opts: &OpenOptions) -> Result<SourceFile> {
     let name = line.file.as_deref().ok_or_else(|| {
@@ -832,8 +918,28 @@ impl BlockSource for Vmdk {
                         m.virt += start;
                     }
                 }
-                Extent::Sparse { file, layout } => {
-                    layout.map(&self.files[*file], *file, from, to, *start, out)?;
+                Extent::Sparse {
+                    file,
+                    base,
+                    len,
+                    layout,
+                } => {
+                    let at = out.len();
+                    let window = Window {
+                        file: &self.files[*file],
+                        base: *base,
+                        len: *len,
+                    };
+                    layout.map(&window, *file, from, to, *start, out)?;
+                    if *base != 0 {
+                        for m in &mut out[at..] {
+                            if let Target::Data { offset, .. } | Target::Deflate { offset, .. } =
+                                &mut m.target
+                            {
+                                *offset += base;
+                            }
+                        }
+                    }
                 }
             }
         }

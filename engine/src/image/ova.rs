@@ -1,0 +1,306 @@
+//! OVA: a tar archive of an OVF descriptor and its disks, read in place (never extracted).
+//!
+//! The tar's members are located by walking its 512-byte headers; the OVF (XML) names the
+//! disks (`<Disk ovf:fileRef=…>` → `<File ovf:href=…>`); the chosen disk, almost always a
+//! streamOptimized VMDK, is read through a window onto the archive.
+
+use quick_xml::events::Event;
+
+use super::util::{ReadAt, invalid, read_struct};
+use super::{BlockSource, OpenOptions, Vmdk};
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::SourceFile;
+
+const BLOCK: u64 = 512;
+/// Most tar members walked.
+const MAX_MEMBERS: usize = 10_000;
+/// Largest OVF descriptor read.
+const MAX_OVF: u64 = 16 << 20;
+
+/// A member of the archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TarMember {
+    /// Its name.
+    pub name: String,
+    /// Offset of its data in the archive.
+    pub offset: u64,
+    /// Its size.
+    pub size: u64,
+}
+
+/// A disk the OVF describes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OvfDisk {
+    /// `ovf:diskId`.
+    pub id: String,
+    /// The file (`ovf:href` of the referenced `File`).
+    pub file: String,
+    /// `ovf:capacity` in bytes (with `ovf:capacityAllocationUnits` applied), if given.
+    pub capacity: Option<u64>,
+    /// `ovf:format` (a URL naming the disk format).
+    pub format: String,
+}
+
+/// Whether a file is a tar archive (ustar magic at 257).
+pub fn is_tar(head: &[u8]) -> bool {
+    head.len() >= 263 && &head[257..262] == b"ustar"
+}
+
+fn octal(field: &[u8]) -> Option<u64> {
+    if field.first().is_some_and(|b| b & 0x80 != 0) {
+        // GNU base-256 for large sizes.
+        return field[1..]
+            .iter()
+            .try_fold(u64::from(field[0] & 0x7f), |acc, &b| {
+                acc.checked_mul(256)?.checked_add(u64::from(b))
+            });
+    }
+    let text: String = field
+        .iter()
+        .take_while(|&&b| b != 0 && b != b' ')
+        .map(|&b| b as char)
+        .collect();
+    let text = text.trim();
+    if text.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(text, 8).ok()
+}
+
+fn cstr(field: &[u8]) -> String {
+    String::from_utf8_lossy(field.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
+}
+
+/// Lists the regular-file members of a tar archive.
+pub fn tar_members(r: &dyn ReadAt) -> Result<Vec<TarMember>> {
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    let mut long_name: Option<String> = None;
+    while at + BLOCK <= r.size() {
+        let h = read_struct(r, "tar header", at, BLOCK, BLOCK)?;
+        if h.iter().all(|&b| b == 0) {
+            break;
+        }
+        let sum: u64 = h
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u64::from(b)
+                }
+            })
+            .sum();
+        if octal(&h[148..156]) != Some(sum) {
+            return Err(invalid(r, "tar header", at, "checksum mismatch"));
+        }
+        let size = octal(&h[124..136])
+            .ok_or_else(|| invalid(r, "tar header", at + 124, "size is not a number"))?;
+        let data = at + BLOCK;
+        let end = data
+            .checked_add(size)
+            .filter(|&e| e <= r.size())
+            .ok_or_else(|| {
+                invalid(
+                    r,
+                    "tar header",
+                    at + 124,
+                    format!("a member of {size} bytes reaches past the end of the archive"),
+                )
+            })?;
+        match h[156] {
+            b'L' => {
+                let name = read_struct(r, "tar long name", data, size, 4096)?;
+                long_name = Some(cstr(&name));
+            }
+            b'0' | 0 => {
+                let mut name = cstr(&h[..100]);
+                let prefix = cstr(&h[345..500]);
+                if !prefix.is_empty() {
+                    name = format!("{prefix}/{name}");
+                }
+                if out.len() >= MAX_MEMBERS {
+                    return Err(invalid(
+                        r,
+                        "tar archive",
+                        at,
+                        format!("more than {MAX_MEMBERS} members"),
+                    ));
+                }
+                out.push(TarMember {
+                    name: long_name.take().unwrap_or(name),
+                    offset: data,
+                    size,
+                });
+            }
+            _ => long_name = None,
+        }
+        at = end.next_multiple_of(BLOCK);
+    }
+    Ok(out)
+}
+
+/// Parses an OVF descriptor's disk list (`DiskSection`), in order.
+pub fn parse_ovf(xml: &[u8]) -> std::result::Result<Vec<OvfDisk>, String> {
+    let mut reader = quick_xml::Reader::from_reader(xml);
+    let mut files: Vec<(String, String)> = Vec::new();
+    let mut disks: Vec<(String, String, Option<u64>, String)> = Vec::new();
+    let mut buf = Vec::new();
+    loop {
+        let event = reader
+            .read_event_into(&mut buf)
+            .map_err(|e| format!("not valid XML: {e}"))?;
+        match event {
+            Event::Start(e) | Event::Empty(e) => {
+                let tag = e.local_name();
+                let mut attrs = std::collections::HashMap::new();
+                for a in e.attributes() {
+                    let a = a.map_err(|e| format!("bad attribute: {e}"))?;
+                    let key = String::from_utf8_lossy(a.key.local_name().as_ref()).into_owned();
+                    let value = a
+                        .unescape_value()
+                        .map_err(|e| format!("bad attribute value: {e}"))?
+                        .into_owned();
+                    attrs.insert(key, value);
+                }
+                match tag.as_ref() {
+                    b"File" => {
+                        if let (Some(id), Some(href)) = (attrs.get("id"), attrs.get("href")) {
+                            files.push((id.clone(), href.clone()));
+                        }
+                    }
+                    b"Disk" => {
+                        let unit = attrs
+                            .get("capacityAllocationUnits")
+                            .map_or(1, |u| allocation_unit(u));
+                        let capacity = attrs
+                            .get("capacity")
+                            .and_then(|c| c.trim().parse::<u64>().ok())
+                            .and_then(|c| c.checked_mul(unit));
+                        disks.push((
+                            attrs.get("diskId").cloned().unwrap_or_default(),
+                            attrs.get("fileRef").cloned().unwrap_or_default(),
+                            capacity,
+                            attrs.get("format").cloned().unwrap_or_default(),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+        buf.clear();
+    }
+    disks
+        .into_iter()
+        .map(|(id, file_ref, capacity, format)| {
+            let file = files
+                .iter()
+                .find(|(fid, _)| *fid == file_ref)
+                .map(|(_, h)| h.clone())
+                .ok_or_else(|| {
+                    format!("disk {id} names file {file_ref:?}, which the OVF does not list")
+                })?;
+            Ok(OvfDisk {
+                id,
+                file,
+                capacity,
+                format,
+            })
+        })
+        .collect()
+}
+
+/// `byte * 2^30`-style units of `ovf:capacityAllocationUnits`.
+fn allocation_unit(unit: &str) -> u64 {
+    let compact: String = unit.chars().filter(|c| !c.is_whitespace()).collect();
+    compact
+        .strip_prefix("byte*2^")
+        .and_then(|p| p.parse::<u32>().ok())
+        .filter(|&p| p < 64)
+        .map_or(1, |p| 1u64 << p)
+}
+
+/// Opens disk `which` (index from 0, or file name; default the first) of an OVA.
+pub fn open(
+    file: SourceFile,
+    which: Option<&str>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn BlockSource>> {
+    let members = tar_members(&file)?;
+    let ovf = members
+        .iter()
+        .find(|m| m.name.to_ascii_lowercase().ends_with(".ovf"))
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidImage,
+                "the archive holds no .ovf descriptor: not an OVA",
+            )
+            .with_path(file.path())
+        })?;
+    let xml = read_struct(&file, "OVF descriptor", ovf.offset, ovf.size, MAX_OVF)?;
+    let disks = parse_ovf(&xml).map_err(|why| invalid(&file, "OVF descriptor", ovf.offset, why))?;
+    if disks.is_empty() {
+        return Err(invalid(
+            &file,
+            "OVF descriptor",
+            ovf.offset,
+            "it lists no disks",
+        ));
+    }
+    let idx = match which {
+        None => 0,
+        Some(w) => match w.parse::<usize>() {
+            Ok(i) if i < disks.len() => i,
+            _ => disks
+                .iter()
+                .position(|d| d.file == w || d.id == w)
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "the OVA has no disk {w:?}; its disks: {}",
+                        disks
+                            .iter()
+                            .map(|d| d.file.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                })?,
+        },
+    };
+    let disk = &disks[idx];
+    let member = members
+        .iter()
+        .find(|m| m.name == disk.file)
+        .ok_or_else(|| {
+            invalid(
+                &file,
+                "OVA",
+                ovf.offset,
+                format!(
+                    "the OVF names disk file {:?}, which the archive does not hold",
+                    disk.file
+                ),
+            )
+        })?;
+    let mut vmdk = Vmdk::open_window(file, member.offset, member.size, opts)?;
+    vmdk.add_note(format!(
+        "OVA disk {} of {} ({}); the OVF lists: {}",
+        idx + 1,
+        disks.len(),
+        disk.file,
+        disks
+            .iter()
+            .map(|d| format!(
+                "{} ({}, {})",
+                d.file,
+                d.id,
+                d.capacity
+                    .map_or_else(|| "size unknown".to_owned(), |c| format!("{c} bytes"))
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    ));
+    Ok(Box::new(vmdk))
+}
