@@ -226,6 +226,7 @@ pub(crate) fn convert(a: &ConvertArgs) -> anyhow::Result<ExitCode> {
     let src = open(&a.image)?;
     let opts = ConvertOptions {
         force: a.force,
+        workers: a.workers,
         cancel: CancelToken::new(),
         ..ConvertOptions::default()
     };

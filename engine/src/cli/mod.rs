@@ -177,6 +177,9 @@ struct ConvertArgs {
     /// Overwrite an existing output file.
     #[arg(long)]
     force: bool,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,7 @@ use std::thread;
 use serde::Serialize;
 
 use super::restore::open_output;
-use super::{fill_chunk, has_data, is_zero, worker_count};
+use super::{fill_chunk, is_zero, worker_count};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::BlockSource;
 use crate::io::IoEngine;
@@ -75,13 +75,10 @@ pub fn convert(
                         maps.clear();
                         let step = (|| -> Result<()> {
                             source.map(offset, len, &mut maps)?;
-                            buf.clear();
+                            // Reused as it is: fill_chunk zero-fills what it does not read.
                             buf.resize(len_usize, 0);
-                            if has_data(&maps) {
-                                let n =
-                                    fill_chunk(source, backend.as_mut(), &maps, offset, &mut buf)?;
-                                Counters::add(&counters.bytes_read, n);
-                            }
+                            let n = fill_chunk(source, backend.as_mut(), &maps, offset, &mut buf)?;
+                            Counters::add(&counters.bytes_read, n);
                             if !is_zero(&buf) || device {
                                 std::os::unix::fs::FileExt::write_all_at(&file, &buf, offset)
                                     .map_err(|e| {

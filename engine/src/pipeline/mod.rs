@@ -179,8 +179,9 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
-/// Reads `[offset, offset + buf.len())` of a source into `buf`, whose contents must be zero on
-/// entry, following `maps` (the source's mappings of that range). Returns bytes read.
+/// Reads `[offset, offset + buf.len())` of a source into `buf` following `maps` (the
+/// source's mappings of exactly that range): data is read, everything else zero-filled, so
+/// `buf` may hold anything on entry. Returns bytes read from files.
 pub(crate) fn fill_chunk(
     source: &dyn BlockSource,
     backend: &mut dyn ReadBackend,
@@ -191,13 +192,16 @@ pub(crate) fn fill_chunk(
     let outside = || Error::internal("mapping outside chunk");
     let mut read = 0;
     for m in maps {
-        let (file, file_offset) = match m.target {
-            Target::Data { file, offset } | Target::Deflate { file, offset, .. } => (file, offset),
-            Target::Zero | Target::Unallocated => continue,
-        };
         let at = usize::try_from(m.virt - offset).map_err(|_| outside())?;
         let len = usize::try_from(m.len).map_err(|_| outside())?;
         let dst = buf.get_mut(at..at + len).ok_or_else(outside)?;
+        let (file, file_offset) = match m.target {
+            Target::Data { file, offset } | Target::Deflate { file, offset, .. } => (file, offset),
+            Target::Zero | Target::Unallocated => {
+                dst.fill(0);
+                continue;
+            }
+        };
         let src = source
             .file(file)
             .ok_or_else(|| Error::internal("mapping names an unknown file"))?;

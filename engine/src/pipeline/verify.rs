@@ -156,7 +156,6 @@ pub fn verify(
                 st.maps.clear();
                 src.map(item.offset, item.len as u64, &mut st.maps)?;
                 let source_id = if has_data(&st.maps) {
-                    st.source_buf.clear();
                     st.source_buf.resize(item.len, 0);
                     let n = fill_chunk(
                         src,

@@ -1,0 +1,110 @@
+//! `blockferry convert` against `qemu-img convert -O raw`, on the same 2 GiB dense image in
+//! each format, in one run. Run: `cargo bench -p blockferry-benches --bench convert`
+//! (`BF_BENCH_GIB` sets the size). Output goes to tmpfs so both measure reading and
+//! decoding, not the disk.
+
+// A benchmark harness prints its results.
+#![allow(clippy::print_stdout)]
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use blockferry_benches::{best_of, blockferry_release, machine, time};
+
+fn main() -> Result<()> {
+    let gib: u64 = std::env::var("BF_BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let bf = blockferry_release()?;
+    let work = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-convert");
+    std::fs::create_dir_all(&work)?;
+    let out_dir = Path::new("/dev/shm").join(format!("bf-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir)?;
+    let raw = work.join("dense.raw");
+    if std::fs::metadata(&raw).map(|m| m.len()).ok() != Some(gib << 30) {
+        // Dense, mixed data: half random (incompressible), half repetitive text.
+        let mut f = std::fs::File::create(&raw)?;
+        let mut state = 0x1234_5678_9abc_def0_u64;
+        let mut buf = vec![0u8; 1 << 20];
+        for mib in 0..(gib << 10) {
+            for (i, c) in buf.chunks_mut(8).enumerate() {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                let v = if mib % 2 == 0 {
+                    state
+                } else {
+                    (i as u64 % 97) * 0x0101_0101_0101_0101
+                };
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+            std::io::Write::write_all(&mut f, &buf)?;
+        }
+    }
+    println!("machine: {}", machine());
+    println!(
+        "image: {gib} GiB dense (half random, half repetitive); output on tmpfs; best of 3, warm cache\n"
+    );
+    println!(
+        "{:<24} {:>10} {:>12} {:>14}",
+        "format", "qemu-img s", "blockferry s", "qemu/blockferry"
+    );
+    let formats: [(&str, &str, &[&str]); 6] = [
+        ("raw", "raw", &[]),
+        (
+            "vpc dynamic",
+            "vpc",
+            &["-o", "subformat=dynamic,force_size=on"],
+        ),
+        ("vhdx dynamic", "vhdx", &[]),
+        ("vmdk monolithicSparse", "vmdk", &[]),
+        (
+            "vmdk streamOptimized",
+            "vmdk",
+            &["-o", "subformat=streamOptimized"],
+        ),
+        (
+            "vmdk monolithicFlat",
+            "vmdk",
+            &["-o", "subformat=monolithicFlat"],
+        ),
+    ];
+    for (i, (name, fmt, opts)) in formats.iter().enumerate() {
+        let image = if *fmt == "raw" {
+            raw.clone()
+        } else {
+            work.join(format!("img{i}.{fmt}"))
+        };
+        if !image.exists() {
+            let mut c = Command::new("qemu-img");
+            c.args(["convert", "-f", "raw", "-O", fmt])
+                .args(*opts)
+                .arg(&raw)
+                .arg(&image);
+            time(&mut c).with_context(|| format!("creating {name}"))?;
+        }
+        let q_out = out_dir.join("q.raw");
+        let b_out = out_dir.join("b.raw");
+        let q = best_of(3, || {
+            let _ = std::fs::remove_file(&q_out);
+            time(
+                Command::new("qemu-img")
+                    .args(["convert", "-f", fmt, "-O", "raw"])
+                    .arg(&image)
+                    .arg(&q_out),
+            )
+        })?;
+        let b = best_of(3, || {
+            let _ = std::fs::remove_file(&b_out);
+            time(Command::new(&bf).arg("convert").arg(&image).arg(&b_out))
+        })?;
+        println!("{name:<24} {q:>10.2} {b:>12.2} {:>14.2}", q / b);
+        let _ = std::fs::remove_file(&q_out);
+        let _ = std::fs::remove_file(&b_out);
+    }
+    std::fs::remove_dir_all(&out_dir)?;
+    println!("\nratio > 1: blockferry is faster");
+    Ok(())
+}
