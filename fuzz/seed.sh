@@ -21,5 +21,6 @@ real=$(bash ../tests/fetch-corpus.sh ../target/corpus)
 cp "$real"/fixed.vhd "$real"/dynamic.vhd corpus/vhd/
 cp "$real"/fixed.vhdx "$real"/dynamic.vhdx corpus/vhdx/
 head -c 2M "$real"/differencing.avhdx > corpus/vhdx/differencing-head.avhdx
+head -c 4M "$real"/sesparse.vmdk > corpus/vmdk_sparse/sesparse-head.vmdk
 printf '\x02\x00\x00\x00\x00' > corpus/store_objects/empty-index
 echo "seeded: $(find corpus -type f | wc -l) files"

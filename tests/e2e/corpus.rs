@@ -115,3 +115,32 @@ fn corpus_maps_cover_each_disk() {
         assert_eq!(total, 10_485_760, "{file}");
     }
 }
+
+/// ESXi's SEsparse sample: the first 16 MiB read as `a`, the rest as zeros, opened bare and
+/// through a descriptor that names it.
+#[test]
+fn esxi_sesparse_reads_as_expected() {
+    let Some(dir) = corpus() else { return };
+    let sb = Sandbox::new();
+    std::fs::copy(dir.join("sesparse.vmdk"), sb.path("sesparse.vmdk")).unwrap();
+    std::fs::write(
+        sb.path("desc.vmdk"),
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"seSparse\"\nRW 1048576 SESPARSE \"sesparse.vmdk\"\n",
+    )
+    .unwrap();
+    for name in ["sesparse.vmdk", "desc.vmdk"] {
+        let out = sb.path(&format!("{name}.raw"));
+        sb.ok(&[
+            "convert",
+            sb.path(name).to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        let raw = std::fs::read(&out).unwrap();
+        assert_eq!(raw.len(), 512 << 20, "{name}");
+        assert!(
+            raw[..16 << 20].iter().all(|&b| b == b'a'),
+            "{name}: first 16 MiB"
+        );
+        assert!(raw[16 << 20..].iter().all(|&b| b == 0), "{name}: the rest");
+    }
+}

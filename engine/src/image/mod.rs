@@ -250,7 +250,7 @@ pub fn detect(file: &dyn ReadAt) -> Result<Detected> {
         } else if starts(b"QFI\xfb") {
             Detected::Unsupported("qcow2")
         } else if starts(&0xcafe_babe_u64.to_le_bytes()) {
-            Detected::Unsupported("VMDK SEsparse")
+            Detected::Vmdk
         } else {
             Detected::Raw
         },

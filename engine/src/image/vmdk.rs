@@ -177,7 +177,10 @@ pub struct SparseLayout {
     pub capacity: u64,
     grain: u64,
     gtes_per_gt: u64,
-    gd: Vec<u32>,
+    /// Grain directory: table sectors (hosted, COWD) or tagged table indexes (`SEsparse`).
+    gd: Vec<u64>,
+    /// `SEsparse` geometry, for the extents that have it.
+    se: Option<SeSparse>,
     compressed: bool,
     zero_grain: bool,
     /// First sector a grain may start at (after the metadata), for uncompressed extents.
@@ -185,15 +188,31 @@ pub struct SparseLayout {
     /// The embedded descriptor, if any (offset, bytes).
     pub descriptor: Option<(u64, Vec<u8>)>,
     /// The last grain table read (index, entries): maps walk one table many times.
-    cache: Mutex<Option<(u64, Vec<u32>)>>,
+    cache: Mutex<Option<(u64, Vec<u64>)>>,
     /// The unclean-shutdown flag.
     unclean: bool,
 }
+
+/// Where an `SEsparse` extent keeps its grain tables and grains (sectors).
+#[derive(Debug, Clone, Copy)]
+struct SeSparse {
+    tables_at: u64,
+    table_sectors: u64,
+    grains_at: u64,
+}
+
+/// `SEsparse` constant-header magic and version (ESXi 6.5+ snapshot deltas).
+const SESPARSE_MAGIC: u64 = 0xcafe_babe;
+const SESPARSE_VERSION: u64 = 0x2_0000_0001;
+const SESPARSE_VOLATILE_MAGIC: u64 = 0xcafe_cafe;
 
 impl SparseLayout {
     /// Parses a sparse extent's header and grain directory.
     pub fn parse(r: &dyn ReadAt) -> Result<SparseLayout> {
         let head = read_struct(r, "VMDK sparse header", 0, SECTOR, SECTOR)?;
+        if le64(&head, 0) == SESPARSE_MAGIC {
+            return Self::parse_sesparse(r, &head);
+        }
         match &head[..4] {
             b"KDMV" => Self::parse_hosted(r, &head),
             b"COWD" => Self::parse_cowd(r, &head),
@@ -267,7 +286,7 @@ impl SparseLayout {
             gd_offset
         };
         let gt_count = capacity.div_ceil(grain * gtes_per_gt);
-        let gd = read_table(r, "VMDK grain directory", gd_at, gt_count)?;
+        let gd = read_table(r, "VMDK grain directory", gd_at, gt_count, 4)?;
         let descriptor = match (le64(&h, 28), le64(&h, 36)) {
             (0, _) | (_, 0) => None,
             (off, size) => {
@@ -292,6 +311,7 @@ impl SparseLayout {
             grain,
             gtes_per_gt,
             gd,
+            se: None,
             compressed,
             zero_grain: flags & FLAG_ZERO_GRAIN != 0,
             data_start: if compressed { 1 } else { le64(&h, 64).max(1) },
@@ -326,12 +346,13 @@ impl SparseLayout {
                 ),
             ));
         }
-        let gd = read_table(r, "VMDK grain directory", gd_at, need)?;
+        let gd = read_table(r, "VMDK grain directory", gd_at, need, 4)?;
         Ok(SparseLayout {
             capacity,
             grain,
             gtes_per_gt,
             gd,
+            se: None,
             compressed: false,
             zero_grain: false,
             data_start: 1,
@@ -360,19 +381,108 @@ impl SparseLayout {
         self.map(r, 0, offset, end, 0, out)
     }
 
+    /// An `SEsparse` extent: constant header (u64 fields), volatile header, a grain
+    /// directory of tagged table indexes, 4096-entry grain tables of tagged grain numbers.
+    fn parse_sesparse(r: &dyn ReadAt, h: &[u8]) -> Result<SparseLayout> {
+        let bad = |at: u64, why: String| invalid(r, "VMDK SEsparse header", at, why);
+        if le64(h, 8) != SESPARSE_VERSION {
+            return Err(bad(8, format!("unknown version {:#x}", le64(h, 8))));
+        }
+        let (grain_sectors, table_sectors) = (le64(h, 24), le64(h, 32));
+        if grain_sectors != 8
+            || table_sectors != 64
+            || le64(h, 40) != 0
+            || (48..80).step_by(8).any(|f| le64(h, f) != 0)
+        {
+            return Err(bad(
+                24,
+                "grain size, table size, flags or reserved fields differ from the format's"
+                    .to_owned(),
+            ));
+        }
+        let capacity = le64(h, 16)
+            .checked_mul(SECTOR)
+            .filter(|&c| c <= MAX_VIRTUAL_SIZE)
+            .ok_or_else(|| bad(16, "capacity out of range".to_owned()))?;
+        let volatile = read_struct(
+            r,
+            "VMDK SEsparse volatile header",
+            le64(h, 80).saturating_mul(SECTOR),
+            32,
+            32,
+        )?;
+        if le64(&volatile, 0) != SESPARSE_VOLATILE_MAGIC {
+            return Err(bad(
+                80,
+                "the volatile header has no valid signature".to_owned(),
+            ));
+        }
+        if le64(&volatile, 24) != 0 {
+            return Err(Error::new(ErrorKind::UnsupportedImage, "VMDK SEsparse: the journal must be replayed first (the snapshot was not closed cleanly)")
+                .with_path(r.path())
+                .with_offset(le64(h, 80) * SECTOR));
+        }
+        let grain = grain_sectors * SECTOR;
+        let gtes_per_gt = table_sectors * SECTOR / 8;
+        let need = capacity.div_ceil(grain * gtes_per_gt);
+        if le64(h, 136).saturating_mul(SECTOR / 8) < need {
+            return Err(bad(
+                136,
+                format!("the grain directory cannot cover the {need} tables the capacity needs"),
+            ));
+        }
+        let gd = read_table(r, "VMDK SEsparse grain directory", le64(h, 128), need, 8)?;
+        Ok(SparseLayout {
+            capacity,
+            grain,
+            gtes_per_gt,
+            gd,
+            se: Some(SeSparse {
+                tables_at: le64(h, 144),
+                table_sectors,
+                grains_at: le64(h, 192),
+            }),
+            compressed: false,
+            zero_grain: false,
+            data_start: 1,
+            descriptor: None,
+            cache: Mutex::new(None),
+            unclean: false,
+        })
+    }
+
     /// The grain table `idx`, or `None` when its directory entry is 0 (all unallocated).
-    fn table(&self, r: &dyn ReadAt, idx: u64) -> Result<Option<Vec<u32>>> {
+    fn table(&self, r: &dyn ReadAt, idx: u64) -> Result<Option<Vec<u64>>> {
         let gd_entry = self.gd[usize::try_from(idx).expect("GD index fits")];
         if gd_entry == 0 {
             return Ok(None);
         }
+        let (sector, entry_bytes) = match self.se {
+            Some(se) => {
+                if gd_entry >> 60 != 1 {
+                    return Err(invalid(
+                        r,
+                        "VMDK SEsparse grain directory",
+                        0,
+                        format!("entry {idx} has an unknown type {:#x}", gd_entry >> 60),
+                    ));
+                }
+                let n = gd_entry & 0xffff_ffff;
+                (
+                    se.tables_at
+                        .saturating_add(n.saturating_mul(se.table_sectors)),
+                    8,
+                )
+            }
+            None => (gd_entry, 4),
+        };
         let mut cache = self.cache.lock().expect("grain table cache");
         if let Some((i, t)) = cache.as_ref()
             && *i == idx
         {
             return Ok(Some(t.clone()));
         }
-        let t = read_table(r, "VMDK grain table", u64::from(gd_entry), self.gtes_per_gt)?;
+        let t = read_table(r, "VMDK grain table", sector, self.gtes_per_gt, entry_bytes)?;
         *cache = Some((idx, t.clone()));
         Ok(Some(t))
     }
@@ -410,8 +520,7 @@ impl SparseLayout {
             let mut in_g = in_grain;
             while at < table_end {
                 let stop = ((g + 1) * self.grain).min(table_end);
-                let gte =
-                    u64::from(table[usize::try_from(g % self.gtes_per_gt).expect("GT index fits")]);
+                let gte = table[usize::try_from(g % self.gtes_per_gt).expect("GT index fits")];
                 let target = self.grain_target(r, file, g, gte, in_g)?;
                 out.push(Mapping {
                     virt: virt0 + at,
@@ -435,6 +544,9 @@ impl SparseLayout {
         gte: u64,
         in_grain: u64,
     ) -> Result<Target> {
+        if let Some(se) = self.se {
+            return self.sesparse_target(r, se, file, g, gte, in_grain);
+        }
         match gte {
             0 => return Ok(Target::Unallocated),
             1 if self.zero_grain => return Ok(Target::Zero),
@@ -484,6 +596,54 @@ impl SparseLayout {
         })
     }
 
+    /// An `SEsparse` grain entry: type in the top nibble (0 unallocated, 1 unmapped, 2 zero,
+    /// 3 allocated); an allocated grain's number is split across bits 48-59 (low 12 bits) and
+    /// 0-47 (the rest).
+    fn sesparse_target(
+        &self,
+        r: &dyn ReadAt,
+        se: SeSparse,
+        file: usize,
+        g: u64,
+        gte: u64,
+        in_grain: u64,
+    ) -> Result<Target> {
+        let bad = |why: String| {
+            invalid(
+                r,
+                "VMDK SEsparse grain table",
+                0,
+                format!("grain {g}: {why}"),
+            )
+        };
+        match gte >> 60 {
+            0 if gte == 0 => Ok(Target::Unallocated),
+            1 | 2 => Ok(Target::Zero),
+            3 => {
+                let cluster = ((gte >> 48) & 0xfff) | ((gte & 0xffff_ffff_ffff) << 12);
+                let at = se
+                    .grains_at
+                    .checked_add(
+                        cluster
+                            .checked_mul(self.grain / SECTOR)
+                            .ok_or_else(|| bad("grain number out of range".to_owned()))?,
+                    )
+                    .and_then(|s| s.checked_mul(SECTOR))
+                    .ok_or_else(|| bad("grain number out of range".to_owned()))?;
+                if at + self.grain > r.size() {
+                    return Err(bad(format!(
+                        "grain at {at} reaches past the end of the file"
+                    )));
+                }
+                Ok(Target::Data {
+                    file,
+                    offset: at + in_grain,
+                })
+            }
+            t => Err(bad(format!("unknown entry type {t:#x}"))),
+        }
+    }
+
     /// Bytes of allocated grains (zero grains excluded), checking every table on the way.
     fn allocated(&self, r: &dyn ReadAt) -> Result<u64> {
         let mut total = 0;
@@ -491,12 +651,12 @@ impl SparseLayout {
             if let Some(table) = self.table(r, t)? {
                 for (i, &gte) in table.iter().enumerate() {
                     let g = t * self.gtes_per_gt + i as u64;
-                    if g * self.grain >= self.capacity || gte == 0 || (gte == 1 && self.zero_grain)
-                    {
-                        continue;
+                    if g * self.grain >= self.capacity {
+                        break;
                     }
-                    self.grain_target(r, 0, g, u64::from(gte), 0)?;
-                    total += self.grain.min(self.capacity - g * self.grain);
+                    if self.grain_target(r, 0, g, gte, 0)?.is_data() {
+                        total += self.grain.min(self.capacity - g * self.grain);
+                    }
                 }
             }
         }
@@ -504,16 +664,26 @@ impl SparseLayout {
     }
 }
 
-/// Reads `n` u32 entries at sector `sector`.
-fn read_table(r: &dyn ReadAt, what: &str, sector: u64, n: u64) -> Result<Vec<u32>> {
+/// Reads `n` entries of `entry_bytes` (4 or 8) at sector `sector`.
+fn read_table(
+    r: &dyn ReadAt,
+    what: &str,
+    sector: u64,
+    n: u64,
+    entry_bytes: u64,
+) -> Result<Vec<u64>> {
     let at = sector
         .checked_mul(SECTOR)
         .ok_or_else(|| invalid(r, what, 0, "offset out of range"))?;
     if sector == 0 {
         return Err(invalid(r, what, 0, "offset 0 (the header)"));
     }
-    let raw = read_struct(r, what, at, n * 4, MAX_GD_BYTES)?;
-    Ok(raw.chunks_exact(4).map(|c| le32(c, 0)).collect())
+    let raw = read_struct(r, what, at, n.saturating_mul(entry_bytes), MAX_GD_BYTES)?;
+    Ok(if entry_bytes == 8 {
+        raw.chunks_exact(8).map(|c| le64(c, 0)).collect()
+    } else {
+        raw.chunks_exact(4).map(|c| u64::from(le32(c, 0))).collect()
+    })
 }
 
 /// Inflates a streamOptimized grain (zlib stream) into `out`, which must hold exactly the
@@ -578,8 +748,10 @@ impl Vmdk {
             base,
             len,
         };
-        let mut head = vec![0u8; usize::try_from(len.min(4)).unwrap_or(0)];
+        let mut head = vec![0u8; usize::try_from(len.min(8)).unwrap_or(0)];
         window.read_exact_at(&mut head, 0)?;
+        let sesparse = head.len() == 8 && le64(&head, 0) == SESPARSE_MAGIC;
+        head.truncate(4);
         let folder = match file.path().parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => Path::new(".").to_path_buf(),
@@ -588,6 +760,7 @@ impl Vmdk {
         let (descriptor, first): (Descriptor, Option<(SourceFile, SparseLayout)>) = if head
             == b"KDMV"
             || head == b"COWD"
+            || sesparse
         {
             let layout = SparseLayout::parse(&window)?;
             let d = match &layout.descriptor {
@@ -595,7 +768,9 @@ impl Vmdk {
                 None => Descriptor {
                     cid: None,
                     parent_cid: None,
-                    create_type: if head == b"COWD" {
+                    create_type: if sesparse {
+                        "seSparse"
+                    } else if head == b"COWD" {
                         "vmfsSparse"
                     } else {
                         "monolithicSparse"
@@ -605,7 +780,9 @@ impl Vmdk {
                     extents: vec![ExtentLine {
                         access: "RW".to_owned(),
                         sectors: layout.capacity / SECTOR,
-                        kind: if head == b"COWD" {
+                        kind: if sesparse {
+                            "SESPARSE"
+                        } else if head == b"COWD" {
                             "VMFSSPARSE"
                         } else {
                             "SPARSE"
@@ -650,6 +827,7 @@ impl Vmdk {
             "vmfsSparse",
             "vmfsPreallocated",
             "vmfsEagerZeroedThick",
+            "seSparse",
             "custom",
         ];
         let top_path = first.as_ref().map(|(f, _)| f.path().to_path_buf());
@@ -675,7 +853,7 @@ impl Vmdk {
             }
             let extent = match line.kind.as_str() {
                 "ZERO" => Extent::Zero,
-                "SPARSE" | "VMFSSPARSE" => {
+                "SPARSE" | "VMFSSPARSE" | "SESPARSE" => {
                     // The sparse file we were opened on serves the extent that names it.
                     // Inside a container, the member is the extent whatever it was called.
                     let names_first = first.as_ref().is_some_and(|(f, _)| {
