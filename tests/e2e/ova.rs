@@ -101,6 +101,18 @@ fn ova_disks_read_in_place() {
     let r = sb.replicate(&ova_path, &["--disk", "1"]);
     let restored = sb.restore(r["snapshot"].as_str().unwrap(), "restored.raw");
     assert_eq!(file_hash(&restored), file_hash(&raws[1].0));
+    let store = sb.store();
+    let v = sb.json(&[
+        "verify",
+        "--store",
+        &store,
+        "latest",
+        "--image",
+        ova_path.to_str().unwrap(),
+        "--disk",
+        "1",
+    ]);
+    assert_eq!(v["ok"], true, "{v}");
     assert_eq!(file_hash(&ova_path), before, "the archive was modified");
     sb.fails(
         &["info", ova_path.to_str().unwrap(), "--disk", "7"],

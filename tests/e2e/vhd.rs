@@ -249,3 +249,32 @@ fn opening_never_writes_to_sources() {
     sb.ok(&["map", path.to_str().unwrap()]);
     assert_eq!(file_hash(&path), before);
 }
+
+/// A chain one deeper than the limit (64) is refused; one within it is read.
+#[test]
+fn chain_depth_is_limited() {
+    let sb = Sandbox::new();
+    let spec = |n: u8, parent: Option<u8>| VhdSpec {
+        size: 2 * MIB,
+        block_size: BS,
+        unique_id: [n; 16],
+        parent: parent.map(|p| ParentSpec {
+            unique_id: [p; 16],
+            relative: Some(format!("d{p}.vhd")),
+            absolute: None,
+            name: String::new(),
+        }),
+        blocks: Vec::new(),
+    };
+    write_vhd(&sb.path("d0.vhd"), &spec(0, None));
+    for n in 1..=64u8 {
+        write_vhd(&sb.path(&format!("d{n}.vhd")), &spec(n, Some(n - 1)));
+    }
+    sb.ok(&["info", sb.path("d63.vhd").to_str().unwrap()]);
+    let out = sb.run(&["info", sb.path("d64.vhd").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("deeper than 64"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -312,3 +312,52 @@ fn damaged_sparse_extents_fail_cleanly() {
     assert!(image::inflate_grain(&bomb, &mut grain).is_err());
     assert!(image::inflate_grain(b"not deflate", &mut grain).is_err());
 }
+
+/// One disk of FLAT, ZERO and SPARSE extents (with an offset into the flat file).
+#[test]
+fn mixed_extent_descriptor() {
+    if !have_qemu() {
+        return;
+    }
+    let mut rng = Rng::seeded("mixed_extents");
+    let sb = Sandbox::new();
+    let flat = rng.bytes(5 << 20);
+    std::fs::write(sb.path("f.bin"), &flat).unwrap();
+    let sparse_raw = sb.path("s.raw");
+    make_image(&sparse_raw, 3 * MIB, &[(512 * 1024, rng.bytes(1 << 20))]);
+    qemu(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        sparse_raw.to_str().unwrap(),
+        sb.path("s.vmdk").to_str().unwrap(),
+    ]);
+    descriptor(
+        &sb.path("disk.vmdk"),
+        "custom",
+        "RW 8192 FLAT \"f.bin\" 2048\nRW 4096 ZERO\nRW 6144 SPARSE \"s.vmdk\"",
+        "",
+    );
+    let mut want = flat[1 << 20..5 << 20].to_vec();
+    want.extend_from_slice(&vec![0u8; 2 << 20]);
+    want.extend_from_slice(&std::fs::read(&sparse_raw).unwrap());
+    std::fs::write(sb.path("want.raw"), &want).unwrap();
+    let out = sb.path("out.raw");
+    sb.ok(&[
+        "convert",
+        sb.path("disk.vmdk").to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(file_hash(&out), file_hash(&sb.path("want.raw")));
+    let info: serde_json::Value =
+        serde_json::from_str(&sb.ok(&["info", sb.path("disk.vmdk").to_str().unwrap(), "--json"]))
+            .unwrap();
+    assert_eq!(info["virtual_size"], 9 * MIB);
+    assert_eq!(
+        info["allocated_bytes"],
+        5 * MIB,
+        "4 MiB of flat data + one 1 MiB of grains: {info}"
+    );
+}

@@ -140,6 +140,9 @@ struct VerifyArgs {
     /// Also compare the snapshot with this image, chunk by chunk.
     #[arg(long, value_name = "IMAGE")]
     image: Option<PathBuf>,
+    /// With an OVA as --image: which of its disks (index from 0 or file name).
+    #[arg(long, value_name = "DISK")]
+    disk: Option<String>,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -490,6 +493,7 @@ fn cmd_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
     let opts = VerifyOptions {
         image: a.image.clone(),
+        ova_disk: a.disk.clone(),
         workers: a.workers,
         ..VerifyOptions::default()
     };

@@ -24,6 +24,8 @@ const MAX_PROBLEMS: usize = 1000;
 pub struct VerifyOptions {
     /// Also compare the snapshot with this image.
     pub image: Option<PathBuf>,
+    /// With an OVA as `image`: which of its disks.
+    pub ova_disk: Option<String>,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
     /// Read backend for the image.
@@ -88,8 +90,15 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let snapshot = store.snapshot(spec)?;
     let index = store.load_index()?;
-    let source: Option<Box<dyn BlockSource>> =
-        opts.image.as_deref().map(image::open).transpose()?;
+    let image_opts = image::OpenOptions {
+        ova_disk: opts.ova_disk.clone(),
+        ..image::OpenOptions::default()
+    };
+    let source: Option<Box<dyn BlockSource>> = opts
+        .image
+        .as_deref()
+        .map(|p| image::open_with(p, &image_opts))
+        .transpose()?;
     let size = snapshot.disk.virtual_size;
     let reporter = Reporter::start(observer, Phase::Verifying, size);
     let problems = Mutex::new((Vec::<Problem>::new(), 0u64));
