@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-mkdir -p corpus/{vhd,vhdx,vmdk_descriptor,vmdk_sparse,store_objects}
+mkdir -p corpus/{vhd,vhdx,vmdk_descriptor,vmdk_sparse,store_objects,ova}
 head -c 3M /dev/urandom > "$tmp/d.raw"
 truncate -s 8M "$tmp/d.raw"
 qemu-img convert -f raw -O vpc -o subformat=dynamic "$tmp/d.raw" corpus/vhd/dynamic.vhd
@@ -23,4 +23,11 @@ cp "$real"/fixed.vhdx "$real"/dynamic.vhdx corpus/vhdx/
 head -c 2M "$real"/differencing.avhdx > corpus/vhdx/differencing-head.avhdx
 head -c 4M "$real"/sesparse.vmdk > corpus/vmdk_sparse/sesparse-head.vmdk
 printf '\x02\x00\x00\x00\x00' > corpus/store_objects/empty-index
+cat > "$tmp/vm.ovf" <<'OVF'
+<?xml version="1.0"?><Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References><File ovf:href="disk.vmdk" ovf:id="f1"/></References><DiskSection><Disk ovf:capacity="1" ovf:capacityAllocationUnits="byte * 2^20" ovf:diskId="d1" ovf:fileRef="f1"/></DiskSection></Envelope>
+OVF
+qemu-img create -q -f vmdk -o subformat=streamOptimized "$tmp/disk.vmdk" 1M
+(cd "$tmp" && tar --format=ustar -cf vm.ova vm.ovf disk.vmdk)
+cp "$tmp/vm.ova" corpus/ova/
+cp "$tmp/vm.ovf" corpus/ova/
 echo "seeded: $(find corpus -type f | wc -l) files"

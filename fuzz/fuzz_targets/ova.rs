@@ -1,0 +1,24 @@
+//! OVA archives: tar headers (checksums, octal and base-256 sizes, long names) and the OVF
+//! descriptor's disk list (XML). Seeds: fuzz/seed.sh (a small OVA, an OVF).
+#![no_main]
+
+use blockferry::image::MemFile;
+use blockferry::image::ova::{parse_ovf, tar_members};
+use libfuzzer_sys::{Corpus, fuzz_target};
+
+fuzz_target!(|data: &[u8]| -> Corpus {
+    let _ = parse_ovf(data);
+    match tar_members(&MemFile::new("fuzz.ova", data.to_vec())) {
+        Ok(members) => {
+            for m in members.iter().take(16) {
+                let start = usize::try_from(m.offset).unwrap_or(usize::MAX);
+                let end = start.saturating_add(usize::try_from(m.size).unwrap_or(usize::MAX));
+                if let Some(bytes) = data.get(start..end) {
+                    let _ = parse_ovf(bytes);
+                }
+            }
+            Corpus::Keep
+        }
+        Err(_) => Corpus::Reject,
+    }
+});
