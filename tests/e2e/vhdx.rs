@@ -417,3 +417,77 @@ fn differencing_vhdx_chains() {
         );
     }
 }
+
+/// Inputs found by review: overflowing BAT offsets, sequence numbers at u64::MAX, zero
+/// descriptors at the top of the address space or repeated to exhaust time: clean errors.
+#[test]
+fn review_findings_fail_cleanly() {
+    if !have_qemu() {
+        return;
+    }
+    let mut rng = Rng::seeded("vhdx_review");
+    let sb = Sandbox::new();
+    let good = sample(&sb, &mut rng);
+    let (bat, _) = regions(&good);
+    let mut wrap = good.clone();
+    wrap[bat..bat + 8].copy_from_slice(&0xFFFF_FFFF_FFF0_0006u64.to_le_bytes());
+    assert!(
+        map_all(wrap)
+            .unwrap_err()
+            .to_string()
+            .contains("outside the file's data area")
+    );
+
+    let guid = [0x77; 16];
+    let sector = good[bat..bat + 4096].to_vec();
+    let at_bat = u64::try_from(bat).unwrap();
+    let max_seq = log_entry(&guid, u64::MAX, 0, &[(at_bat, sector.clone())]);
+    let next = log_entry(&guid, 1, 0, &[(at_bat, sector.clone())]);
+    let img = dirty(&good, &[max_seq, next], &guid);
+    let _ = map_all(img); // a clean result or a clean error, never a panic
+
+    // A zero descriptor at the top of the address space invalidates its entry.
+    let zero_entry = |count: usize, offset: u64, len: u64| {
+        let desc_sectors = (count + 2).div_ceil(128);
+        let mut e = vec![0u8; desc_sectors * 4096];
+        e[..4].copy_from_slice(b"loge");
+        let len_field = u32::try_from(e.len()).unwrap().to_le_bytes();
+        e[8..12].copy_from_slice(&len_field);
+        e[16..24].copy_from_slice(&9u64.to_le_bytes());
+        e[24..28].copy_from_slice(&u32::try_from(count).unwrap().to_le_bytes());
+        e[32..48].copy_from_slice(&guid);
+        e[48..56].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        e[56..64].copy_from_slice(&(1u64 << 20).to_le_bytes());
+        for i in 0..count {
+            let d = 64 + i * 32;
+            e[d..d + 4].copy_from_slice(b"zero");
+            e[d + 8..d + 16].copy_from_slice(&len.to_le_bytes());
+            e[d + 16..d + 24].copy_from_slice(&offset.to_le_bytes());
+            e[d + 24..d + 32].copy_from_slice(&9u64.to_le_bytes());
+        }
+        let c = crc32c::crc32c(&e);
+        e[4..8].copy_from_slice(&c.to_le_bytes());
+        e
+    };
+    let top = dirty(
+        &good,
+        &[zero_entry(1, 0xFFFF_FFFF_FFFF_F000, 0x2000)],
+        &guid,
+    );
+    assert!(
+        map_all(top)
+            .unwrap_err()
+            .to_string()
+            .contains("no valid sequence")
+    );
+    // Thousands of zero descriptors over the same 4 GiB: refused for the work, quickly.
+    let flood = dirty(&good, &[zero_entry(2000, 0, 4 << 30)], &guid);
+    let started = std::time::Instant::now();
+    let e = map_all(flood).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("more of the file than blockferry replays"),
+        "{e}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}

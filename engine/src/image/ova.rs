@@ -16,6 +16,8 @@ const BLOCK: u64 = 512;
 const MAX_MEMBERS: usize = 10_000;
 /// Largest OVF descriptor read.
 const MAX_OVF: u64 = 16 << 20;
+/// Most disks and file references taken from one OVF.
+const MAX_OVF_ITEMS: usize = 4096;
 
 /// A member of the archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +166,9 @@ pub fn parse_ovf(xml: &[u8]) -> std::result::Result<Vec<OvfDisk>, String> {
                         .into_owned();
                     attrs.insert(key, value);
                 }
+                if files.len() + disks.len() > 2 * MAX_OVF_ITEMS {
+                    return Err(format!("more than {MAX_OVF_ITEMS} disks or files"));
+                }
                 match tag.as_ref() {
                     b"File" => {
                         if let (Some(id), Some(href)) = (attrs.get("id"), attrs.get("href")) {
@@ -193,16 +198,13 @@ pub fn parse_ovf(xml: &[u8]) -> std::result::Result<Vec<OvfDisk>, String> {
         }
         buf.clear();
     }
+    let files: std::collections::HashMap<String, String> = files.into_iter().collect();
     disks
         .into_iter()
         .map(|(id, file_ref, capacity, format)| {
-            let file = files
-                .iter()
-                .find(|(fid, _)| *fid == file_ref)
-                .map(|(_, h)| h.clone())
-                .ok_or_else(|| {
-                    format!("disk {id} names file {file_ref:?}, which the OVF does not list")
-                })?;
+            let file = files.get(&file_ref).cloned().ok_or_else(|| {
+                format!("disk {id} names file {file_ref:?}, which the OVF does not list")
+            })?;
             Ok(OvfDisk {
                 id,
                 file,

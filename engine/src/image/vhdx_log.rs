@@ -14,10 +14,14 @@ use crate::error::Result;
 
 const SECTOR: u64 = 4096;
 const MIB: u64 = 1024 * 1024;
-/// Largest log region read into memory.
-const MAX_LOG_BYTES: u64 = 256 * MIB;
-/// Most 4 KiB sectors an overlay may hold (zero descriptors can name large ranges).
+/// Largest log region read into memory (Hyper-V and qemu write 1 MiB logs).
+const MAX_LOG_BYTES: u64 = 64 * MIB;
+/// Most 4 KiB sectors an overlay may hold, and most sector writes a replay may perform.
 const MAX_OVERLAY_SECTORS: u64 = 1 << 20;
+/// Highest file offset a log may write (well past any valid VHDX).
+const MAX_FILE_OFFSET: u64 = 1 << 48;
+/// Bound on the search: bytes checksummed and entries walked, per byte / sector of log.
+const SEARCH_BUDGET: u64 = 16;
 
 fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
@@ -147,53 +151,7 @@ pub(crate) fn replay(
         ));
     }
     let log = read_struct(r, "VHDX log", log_offset, log_length, MAX_LOG_BYTES)?;
-    let (mut candidate, mut cur_tail, mut old_tail): (Option<Vec<Entry>>, u64, u64) = (None, 0, 0);
-    loop {
-        // Grow a sequence from `cur_tail` while entries are valid and consecutive.
-        let mut seq: Vec<Entry> = Vec::new();
-        let mut head = cur_tail;
-        while seq.len() as u64 <= log_length / SECTOR {
-            match entry_at(&log, head, &log_guid) {
-                Some(e) if seq.last().is_none_or(|p| e.sequence == p.sequence + 1) => {
-                    head = (head + e.length) % log_length;
-                    seq.push(e);
-                }
-                _ => break,
-            }
-        }
-        let valid = seq
-            .last()
-            .is_some_and(|h| seq.iter().any(|e| e.at == h.tail));
-        if valid
-            && seq.last().map(|h| h.sequence)
-                > candidate
-                    .as_ref()
-                    .and_then(|c| c.last().map(|h| h.sequence))
-        {
-            let from = seq
-                .iter()
-                .position(|e| e.at == seq.last().map_or(0, |h| h.tail))
-                .unwrap_or(0);
-            candidate = Some(seq.split_off(from));
-        }
-        cur_tail = if valid {
-            head
-        } else {
-            (cur_tail + SECTOR) % log_length
-        };
-        if cur_tail < old_tail || (valid && cur_tail == old_tail) {
-            break;
-        }
-        old_tail = cur_tail;
-    }
-    let Some(entries) = candidate else {
-        return Err(invalid(
-            r,
-            "VHDX log",
-            log_offset,
-            "the header says the log must be replayed, but it holds no valid sequence of entries",
-        ));
-    };
+    let entries = search(r, &log, &log_guid, log_offset)?;
     let head = entries.last().expect("a candidate sequence is not empty");
     if r.size() < head.flushed_file_offset {
         return Err(invalid(
@@ -211,44 +169,139 @@ pub(crate) fn replay(
         entries: entries.len(),
         ..Overlay::default()
     };
+    // Work, not just distinct sectors, is bounded: zero descriptors can repeat a huge range.
+    let mut work = 0u64;
     for e in &entries {
         for (file_offset, w) in &e.writes {
+            let sectors = match w {
+                Write::Data(_) => 1,
+                Write::Zero(len) => len / SECTOR,
+            };
+            work = work.saturating_add(sectors);
+            if work > MAX_OVERLAY_SECTORS {
+                return Err(invalid(
+                    r,
+                    "VHDX log",
+                    log_offset + e.at,
+                    "the log rewrites more of the file than blockferry replays in memory",
+                ));
+            }
+            // Offsets were bounded by `entry_at`: no overflow below.
             match w {
-                Write::Data(bytes) => {
-                    overlay.put(r, *file_offset, Some(bytes.clone()))?;
-                    overlay.size = overlay.size.max(file_offset + SECTOR);
-                }
-                Write::Zero(len) => {
-                    if len / SECTOR > MAX_OVERLAY_SECTORS {
-                        return Err(invalid(
-                            r,
-                            "VHDX log",
-                            log_offset + e.at,
-                            "a zero descriptor covers more than blockferry holds in memory",
-                        ));
-                    }
-                    for s in 0..len / SECTOR {
+                Write::Data(bytes) => overlay.put(r, *file_offset, Some(bytes.clone()))?,
+                Write::Zero(_) => {
+                    for s in 0..sectors {
                         overlay.put(r, file_offset + s * SECTOR, None)?;
                     }
-                    overlay.size = overlay.size.max(file_offset + len);
                 }
             }
+            overlay.size = overlay.size.max(file_offset + sectors * SECTOR);
         }
     }
     Ok(overlay)
 }
 
+/// Finds the active sequence (MS-VHDX 2.3.3): the valid run of consecutive entries whose head
+/// has the highest sequence number and whose head's tail points into the run. Each position
+/// is validated at most once, and the whole search is bounded by [`SEARCH_BUDGET`].
+fn search(r: &dyn ReadAt, log: &[u8], guid: &[u8; 16], log_offset: u64) -> Result<Vec<Entry>> {
+    let log_length = log.len() as u64;
+    let sectors = log_length / SECTOR;
+    let mut arena: Vec<Entry> = Vec::new();
+    let mut memo: std::collections::HashMap<u64, Option<usize>> = std::collections::HashMap::new();
+    let (mut bytes_budget, mut steps_budget) =
+        (SEARCH_BUDGET * log_length, SEARCH_BUDGET * sectors + 16);
+    let too_damaged = || {
+        invalid(
+            r,
+            "VHDX log",
+            log_offset,
+            "the log is too damaged to find its entries",
+        )
+    };
+    let mut candidate: Option<Vec<usize>> = None;
+    let (mut cur_tail, mut old_tail) = (0u64, 0u64);
+    loop {
+        let mut seq: Vec<usize> = Vec::new();
+        let mut head = cur_tail;
+        while (seq.len() as u64) <= sectors {
+            steps_budget = steps_budget.checked_sub(1).ok_or_else(too_damaged)?;
+            let idx = match memo.get(&head) {
+                Some(&v) => v,
+                None => {
+                    let v = entry_at(log, head, guid, &mut bytes_budget).map(|e| {
+                        arena.push(e);
+                        arena.len() - 1
+                    });
+                    if bytes_budget == 0 {
+                        return Err(too_damaged());
+                    }
+                    memo.insert(head, v);
+                    v
+                }
+            };
+            match idx {
+                Some(i)
+                    if seq.last().is_none_or(|&p| {
+                        arena[p].sequence.checked_add(1) == Some(arena[i].sequence)
+                    }) =>
+                {
+                    head = (head + arena[i].length) % log_length;
+                    seq.push(i);
+                }
+                _ => break,
+            }
+        }
+        let head_entry = seq.last().map(|&h| &arena[h]);
+        let valid = head_entry.is_some_and(|h| seq.iter().any(|&e| arena[e].at == h.tail));
+        if valid
+            && head_entry.map(|h| h.sequence)
+                > candidate
+                    .as_ref()
+                    .and_then(|c| c.last().map(|&h| arena[h].sequence))
+        {
+            let tail = head_entry.map_or(0, |h| h.tail);
+            let from = seq.iter().position(|&e| arena[e].at == tail).unwrap_or(0);
+            candidate = Some(seq[from..].to_vec());
+        }
+        cur_tail = if valid {
+            head
+        } else {
+            (cur_tail + SECTOR) % log_length
+        };
+        if cur_tail < old_tail || (valid && cur_tail == old_tail) {
+            break;
+        }
+        old_tail = cur_tail;
+    }
+    let Some(chosen) = candidate else {
+        return Err(invalid(
+            r,
+            "VHDX log",
+            log_offset,
+            "the header says the log must be replayed, but it holds no valid sequence of entries",
+        ));
+    };
+    // Take the chosen entries out of the arena, in order.
+    let mut slots: Vec<Option<Entry>> = arena.into_iter().map(Some).collect();
+    Ok(chosen.into_iter().filter_map(|i| slots[i].take()).collect())
+}
+
 /// Reads `len` bytes of the circular log from `at`, wrapping at its end.
 fn wrapped(log: &[u8], at: u64, len: u64) -> Vec<u8> {
-    let n = log.len() as u64;
-    (0..len)
-        .map(|i| log[usize::try_from((at + i) % n).expect("log offset")])
-        .collect()
+    let n = log.len();
+    let at = usize::try_from(at).unwrap_or(0) % n.max(1);
+    let len = usize::try_from(len).unwrap_or(0).min(n);
+    let first = len.min(n - at);
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&log[at..at + first]);
+    out.extend_from_slice(&log[..len - first]);
+    out
 }
 
 /// Validates the entry at `at` (MS-VHDX 2.3.1): every field, checksum, descriptors and data
 /// sectors. `None` when anything is off; the search then moves on.
-fn entry_at(log: &[u8], at: u64, guid: &[u8; 16]) -> Option<Entry> {
+fn entry_at(log: &[u8], at: u64, guid: &[u8; 16], budget: &mut u64) -> Option<Entry> {
     let log_len = log.len() as u64;
     let h = wrapped(log, at, 64);
     if &h[..4] != b"loge" || &h[32..48] != guid || le32(&h, 28) != 0 {
@@ -274,10 +327,13 @@ fn entry_at(log: &[u8], at: u64, guid: &[u8; 16]) -> Option<Entry> {
     if desc_sectors * SECTOR > length {
         return None;
     }
+    *budget = budget.saturating_sub(length);
     let bytes = wrapped(log, at, length);
-    let mut zeroed = bytes.clone();
-    zeroed[4..8].fill(0);
-    if crc32c::crc32c(&zeroed) != le32(&bytes, 4) {
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c_append(crc32c::crc32c(&bytes[..4]), &[0; 4]),
+        &bytes[8..],
+    );
+    if crc != le32(&bytes, 4) {
         return None;
     }
     let mut writes = Vec::new();
@@ -289,13 +345,16 @@ fn entry_at(log: &[u8], at: u64, guid: &[u8; 16]) -> Option<Entry> {
             return None;
         }
         let file_offset = le64(desc, 16);
-        if !file_offset.is_multiple_of(SECTOR) {
+        if !file_offset.is_multiple_of(SECTOR) || file_offset >= MAX_FILE_OFFSET {
             return None;
         }
         match &desc[..4] {
             b"zero" => {
                 let len = le64(desc, 8);
-                if !len.is_multiple_of(SECTOR) || le32(desc, 4) != 0 {
+                if !len.is_multiple_of(SECTOR)
+                    || le32(desc, 4) != 0
+                    || len > MAX_FILE_OFFSET - file_offset
+                {
                     return None;
                 }
                 writes.push((file_offset, Write::Zero(len)));

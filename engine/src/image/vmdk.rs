@@ -34,6 +34,8 @@ const MAX_EXTENTS: usize = 4096;
 const MAX_GRAIN: u64 = 64 << 20;
 /// Largest grain directory read (4 Mi tables).
 const MAX_GD_BYTES: u64 = 16 << 20;
+/// Most grain-directory entries held for all the extents of one disk together (256 MiB).
+const MAX_TOTAL_GD_ENTRIES: usize = 32 << 20;
 /// Largest virtual size.
 const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 /// `gdOffset` meaning "in the footer" (streamOptimized).
@@ -451,13 +453,14 @@ impl SparseLayout {
         })
     }
 
-    /// The grain table `idx`, or `None` when its directory entry is 0 (all unallocated).
-    fn table(&self, r: &dyn ReadAt, idx: u64) -> Result<Option<Vec<u64>>> {
+    /// Where grain table `idx` is (sector, entry size), or `None` when its directory entry
+    /// is 0 (all unallocated).
+    fn table_at(&self, r: &dyn ReadAt, idx: u64) -> Result<Option<(u64, u64)>> {
         let gd_entry = self.gd[usize::try_from(idx).expect("GD index fits")];
         if gd_entry == 0 {
             return Ok(None);
         }
-        let (sector, entry_bytes) = match self.se {
+        Ok(Some(match self.se {
             Some(se) => {
                 if gd_entry >> 60 != 1 {
                     return Err(invalid(
@@ -475,6 +478,13 @@ impl SparseLayout {
                 )
             }
             None => (gd_entry, 4),
+        }))
+    }
+
+    /// The grain table `idx`, or `None` when its directory entry is 0 (all unallocated).
+    fn table(&self, r: &dyn ReadAt, idx: u64) -> Result<Option<Vec<u64>>> {
+        let Some((sector, entry_bytes)) = self.table_at(r, idx)? else {
+            return Ok(None);
         };
         let mut cache = self.cache.lock().expect("grain table cache");
         if let Some((i, t)) = cache.as_ref()
@@ -565,9 +575,8 @@ impl SparseLayout {
         }
         let at = gte * SECTOR;
         if !self.compressed {
-            if at + self.grain > r.size()
-                && at + self.grain.min(self.capacity - g * self.grain) > r.size()
-            {
+            // `at` comes from a u32 sector number: no overflow below.
+            if at + self.grain.min(self.capacity - g * self.grain) > r.size() {
                 return Err(bad("points past the end of the file"));
             }
             return Ok(Target::Data {
@@ -630,7 +639,7 @@ impl SparseLayout {
                     )
                     .and_then(|s| s.checked_mul(SECTOR))
                     .ok_or_else(|| bad("grain number out of range".to_owned()))?;
-                if at + self.grain > r.size() {
+                if at.checked_add(self.grain).is_none_or(|end| end > r.size()) {
                     return Err(bad(format!(
                         "grain at {at} reaches past the end of the file"
                     )));
@@ -645,19 +654,40 @@ impl SparseLayout {
     }
 
     /// Bytes of allocated grains (zero grains excluded), checking every table on the way.
+    ///
+    /// A table that several directory entries share is scanned once (for uncompressed
+    /// extents, where a grain's validity does not depend on its position), so the work is
+    /// bounded by the file's tables, not by the capacity its header claims.
     fn allocated(&self, r: &dyn ReadAt) -> Result<u64> {
         let mut total = 0;
+        let mut seen: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        let full_tables = self.capacity / (self.gtes_per_gt * self.grain);
         for t in 0..self.gd.len() as u64 {
-            if let Some(table) = self.table(r, t)? {
-                for (i, &gte) in table.iter().enumerate() {
-                    let g = t * self.gtes_per_gt + i as u64;
-                    if g * self.grain >= self.capacity {
-                        break;
-                    }
-                    if self.grain_target(r, 0, g, gte, 0)?.is_data() {
-                        total += self.grain.min(self.capacity - g * self.grain);
-                    }
+            let Some((sector, _)) = self.table_at(r, t)? else {
+                continue;
+            };
+            let whole = t < full_tables;
+            if whole
+                && !self.compressed
+                && let Some(&n) = seen.get(&sector)
+            {
+                total += n * self.grain;
+                continue;
+            }
+            let table = self.table(r, t)?.expect("the directory entry is set");
+            let mut n = 0;
+            for (i, &gte) in table.iter().enumerate() {
+                let g = t * self.gtes_per_gt + i as u64;
+                if g * self.grain >= self.capacity {
+                    break;
                 }
+                if self.grain_target(r, 0, g, gte, 0)?.is_data() {
+                    n += 1;
+                    total += self.grain.min(self.capacity - g * self.grain);
+                }
+            }
+            if whole {
+                seen.insert(sector, n);
             }
         }
         Ok(total)
@@ -842,6 +872,7 @@ impl Vmdk {
         let mut extents = Vec::new();
         let mut start = 0u64;
         let mut allocated = 0u64;
+        let mut gd_entries = 0usize;
         let mut notes = Vec::new();
         for line in &d.extents {
             let len = line.sectors * SECTOR;
@@ -896,6 +927,15 @@ impl Vmdk {
                         notes.push(format!(
                             "{}: the unclean-shutdown flag is set",
                             file.path().display()
+                        ));
+                    }
+                    gd_entries += layout.gd.len();
+                    if gd_entries > MAX_TOTAL_GD_ENTRIES {
+                        return Err(invalid(
+                            &window,
+                            "VMDK descriptor",
+                            0,
+                            "the extents' grain directories together exceed what blockferry holds in memory",
                         ));
                     }
                     allocated += layout.allocated(&window)?;
