@@ -418,7 +418,7 @@ fn differencing_vhdx_chains() {
     }
 }
 
-/// Inputs found by review: overflowing BAT offsets, sequence numbers at u64::MAX, zero
+/// Inputs found by review: overflowing BAT offsets, sequence numbers at `u64::MAX`, zero
 /// descriptors at the top of the address space or repeated to exhaust time: clean errors.
 #[test]
 fn review_findings_fail_cleanly() {

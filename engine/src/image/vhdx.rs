@@ -303,7 +303,7 @@ impl VhdxLayout {
                 continue;
             }
             let start = (e >> 20) << 20;
-            let end = start.checked_add(len).unwrap_or(u64::MAX);
+            let end = start.saturating_add(len);
             if start < MIB || end > self.file_size {
                 return Err(invalid(
                     r,

@@ -226,19 +226,18 @@ fn search(r: &dyn ReadAt, log: &[u8], guid: &[u8; 16], log_offset: u64) -> Resul
         let mut head = cur_tail;
         while (seq.len() as u64) <= sectors {
             steps_budget = steps_budget.checked_sub(1).ok_or_else(too_damaged)?;
-            let idx = match memo.get(&head) {
-                Some(&v) => v,
-                None => {
-                    let v = entry_at(log, head, guid, &mut bytes_budget).map(|e| {
-                        arena.push(e);
-                        arena.len() - 1
-                    });
-                    if bytes_budget == 0 {
-                        return Err(too_damaged());
-                    }
-                    memo.insert(head, v);
-                    v
+            let idx = if let Some(&v) = memo.get(&head) {
+                v
+            } else {
+                let v = entry_at(log, head, guid, &mut bytes_budget).map(|e| {
+                    arena.push(e);
+                    arena.len() - 1
+                });
+                if bytes_budget == 0 {
+                    return Err(too_damaged());
                 }
+                memo.insert(head, v);
+                v
             };
             match idx {
                 Some(i)
