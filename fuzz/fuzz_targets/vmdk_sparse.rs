@@ -12,9 +12,18 @@ fuzz_target!(|data: &[u8]| -> Corpus {
         return Corpus::Reject;
     };
     let mut maps = Vec::new();
-    if layout.map_extent(&file, 0, layout.capacity, &mut maps).is_ok() {
+    if layout
+        .map_extent(&file, 0, layout.capacity, &mut maps)
+        .is_ok()
+    {
         for m in maps.iter().take(256) {
-            if let Target::Deflate { offset, stored_len, grain_len, .. } = m.target {
+            if let Target::Deflate {
+                offset,
+                stored_len,
+                grain_len,
+                ..
+            } = m.target
+            {
                 let mut packed = vec![0u8; stored_len as usize];
                 if file.read_exact_at(&mut packed, offset).is_ok() {
                     let mut grain = vec![0u8; grain_len as usize];
