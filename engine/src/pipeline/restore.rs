@@ -115,6 +115,7 @@ pub fn restore(
     ];
     let counters = reporter.counters().clone();
     let chunk_cap = store.chunk_size() as usize;
+    let write_lock = std::sync::Mutex::new(());
     let spec = Walk {
         store,
         snapshot: &snapshot,
@@ -149,6 +150,8 @@ pub fn restore(
                 Counters::add(&counters.bytes_written, item.len as u64);
                 data
             };
+            // One writer at a time (see convert): waiters sleep instead of spinning in the kernel.
+            let _serial = write_lock.lock().expect("write lock");
             file.write_all_at(bytes, item.offset)
                 .map_err(|e| Error::io("writing the output", out, e).with_offset(item.offset))
         },
