@@ -272,13 +272,13 @@ impl VhdxLayout {
             let (len, allocated) = if is_sb {
                 match state {
                     0 => (0, false),
-                    SB_PRESENT => (MIB, true),
+                    SB_PRESENT if self.has_parent => (MIB, true),
                     s => {
                         return Err(invalid(
                             r,
                             "VHDX BAT",
                             at,
-                            format!("sector bitmap entry {i} has reserved state {s}"),
+                            format!("sector bitmap entry {i} has state {s}, invalid here"),
                         ));
                     }
                 }
