@@ -1,7 +1,7 @@
 //! `blockferry convert` against `qemu-img convert -O raw`, on the same 2 GiB dense image in
 //! each format, in one run. Run: `cargo bench -p blockferry-benches --bench convert`
 //! (`BF_BENCH_GIB` sets the size). Output goes to tmpfs so both measure reading and
-//! decoding, not the disk.
+//! decoding, not the disk. Each figure is the best of 5 runs.
 
 // A benchmark harness prints its results.
 #![allow(clippy::print_stdout)]
@@ -45,7 +45,7 @@ fn main() -> Result<()> {
     }
     println!("machine: {}", machine());
     println!(
-        "image: {gib} GiB dense (half random, half repetitive); output on tmpfs; best of 3, warm cache\n"
+        "image: {gib} GiB dense (half random, half repetitive); output on tmpfs; best of 5, warm cache\n"
     );
     println!(
         "{:<24} {:>10} {:>12} {:>14}",
@@ -72,10 +72,11 @@ fn main() -> Result<()> {
         ),
     ];
     for (i, (name, fmt, opts)) in formats.iter().enumerate() {
+        // Named by size: images made from another size of source are never reused.
         let image = if *fmt == "raw" {
             raw.clone()
         } else {
-            work.join(format!("img{i}.{fmt}"))
+            work.join(format!("img{i}-{gib}g.{fmt}"))
         };
         if !image.exists() {
             let mut c = Command::new("qemu-img");
@@ -87,7 +88,7 @@ fn main() -> Result<()> {
         }
         let q_out = out_dir.join("q.raw");
         let b_out = out_dir.join("b.raw");
-        let q = best_of(3, || {
+        let q = best_of(5, || {
             let _ = std::fs::remove_file(&q_out);
             time(
                 Command::new("qemu-img")
@@ -96,7 +97,7 @@ fn main() -> Result<()> {
                     .arg(&q_out),
             )
         })?;
-        let b = best_of(3, || {
+        let b = best_of(5, || {
             let _ = std::fs::remove_file(&b_out);
             time(Command::new(&bf).arg("convert").arg(&image).arg(&b_out))
         })?;

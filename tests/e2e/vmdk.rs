@@ -361,3 +361,35 @@ fn mixed_extent_descriptor() {
         "4 MiB of flat data + one 1 MiB of grains: {info}"
     );
 }
+
+/// A renamed single-file VMDK still names its old file in its embedded descriptor: the file
+/// itself is read, as VMware and qemu do.
+#[test]
+fn renamed_monolithic_sparse_reads_itself() {
+    if !have_qemu() {
+        return;
+    }
+    let mut rng = Rng::seeded("renamed_vmdk");
+    let sb = Sandbox::new();
+    let raw = sb.path("src.raw");
+    make_image(&raw, 4 * MIB, &[(MIB, rng.bytes(1 << 20))]);
+    for sub in ["monolithicSparse", "streamOptimized"] {
+        let original = sb.path(&format!("{sub}.vmdk"));
+        qemu(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            raw.to_str().unwrap(),
+            original.to_str().unwrap(),
+        ]);
+        let renamed = sb.path(&format!("renamed-{sub}.vmdk"));
+        std::fs::rename(&original, &renamed).unwrap();
+        let out = sb.path(&format!("{sub}.raw"));
+        sb.ok(&["convert", renamed.to_str().unwrap(), out.to_str().unwrap()]);
+        assert_eq!(file_hash(&out), file_hash(&raw), "{sub}");
+    }
+}

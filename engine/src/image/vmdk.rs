@@ -886,9 +886,16 @@ impl Vmdk {
                 "ZERO" => Extent::Zero,
                 "SPARSE" | "VMFSSPARSE" | "SESPARSE" => {
                     // The sparse file we were opened on serves the extent that names it.
-                    // Inside a container, the member is the extent whatever it was called.
+                    // Inside a container, or in a single-file disk that was renamed (its
+                    // embedded descriptor still names the old file), the opened file is the
+                    // extent whatever it was called, as VMware and qemu read it.
+                    let single_file = matches!(
+                        d.create_type.as_str(),
+                        "monolithicSparse" | "streamOptimized"
+                    );
                     let names_first = first.as_ref().is_some_and(|(f, _)| {
                         first_base != 0
+                            || single_file
                             || line.file.as_deref().is_none_or(|n| {
                                 let base = n.rsplit(['/', '\\']).next().unwrap_or(n);
                                 f.path().file_name().is_some_and(|own| own == base)
