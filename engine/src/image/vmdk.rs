@@ -905,14 +905,7 @@ impl Vmdk {
                         let (f, l) = first.take().expect("checked above");
                         (f, l, first_base, first_len)
                     } else {
-                        if first_base != 0 {
-                            return Err(Error::new(
-                                ErrorKind::UnsupportedImage,
-                                "a disk inside a container names other extent files",
-                            )
-                            .with_path(folder));
-                        }
-                        let file = open_extent(folder, line, opts)?;
+                        let file = open_extent(folder, line, opts, first_base != 0)?;
                         let layout = SparseLayout::parse(&file)?;
                         let win = file.len();
                         (file, layout, 0, win)
@@ -955,14 +948,7 @@ impl Vmdk {
                     }
                 }
                 "FLAT" | "VMFS" => {
-                    if first_base != 0 {
-                        return Err(Error::new(
-                            ErrorKind::UnsupportedImage,
-                            "a disk inside a container names other extent files",
-                        )
-                        .with_path(folder));
-                    }
-                    let file = open_extent(folder, line, opts)?;
+                    let file = open_extent(folder, line, opts, first_base != 0)?;
                     let offset = line.offset.checked_mul(SECTOR).ok_or_else(|| {
                         invalid(&file, "VMDK descriptor", 0, "extent offset out of range")
                     })?;
@@ -1085,8 +1071,21 @@ impl ReadAt for Window<'_> {
     }
 }
 
-/// Opens the file an extent line names, confined to the descriptor's folder.
-fn open_extent(folder: &Path, line: &ExtentLine, opts: &OpenOptions) -> Result<SourceFile> {
+/// Opens the file an extent line names, confined to the descriptor's folder. A disk read
+/// from inside a container (an OVA) must be self-contained: it may name no other file.
+fn open_extent(
+    folder: &Path,
+    line: &ExtentLine,
+    opts: &OpenOptions,
+    in_container: bool,
+) -> Result<SourceFile> {
+    if in_container {
+        return Err(Error::new(
+            ErrorKind::UnsupportedImage,
+            "a disk inside a container names other extent files",
+        )
+        .with_path(folder));
+    }
     let name = line.file.as_deref().ok_or_else(|| {
         Error::new(ErrorKind::InvalidImage, "VMDK extent without a file name").with_path(folder)
     })?;
