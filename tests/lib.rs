@@ -212,6 +212,16 @@ pub fn qemu(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
+/// Makes `dst` in qemu format `fmt` (with `-o` options, if any) from the raw disk `raw`.
+pub fn qemu_from_raw(raw: &Path, dst: &Path, fmt: &str, opts: &str) {
+    let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+    if !opts.is_empty() {
+        args.extend_from_slice(&["-o", opts]);
+    }
+    args.extend_from_slice(&[raw.to_str().expect("utf-8"), dst.to_str().expect("utf-8")]);
+    qemu(&args);
+}
+
 /// Requires exit `code` and every `needle` in stderr; returns the output for more checks.
 pub fn expect_failure(out: Output, code: i32, needles: &[&str]) -> Output {
     let err = String::from_utf8_lossy(&out.stderr);

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use blockferry_tests::{MIB, Rng, Sandbox, Value, file_hash, have_qemu, make_image, qemu};
+use blockferry_tests::{
+    MIB, Rng, Sandbox, Value, file_hash, have_qemu, make_image, qemu, qemu_from_raw,
+};
 
 /// A raw disk with random data, explicit zero runs and holes at random places.
 fn random_disk(rng: &mut Rng, path: &Path, size: u64) {
@@ -274,15 +276,7 @@ fn vmdk_backing_chains_from_qemu() {
     let raw = sb.path("base.raw");
     random_disk(&mut rng, &raw, 40 * MIB);
     let base = sb.path("base.vmdk");
-    qemu(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vmdk",
-        raw.to_str().unwrap(),
-        base.to_str().unwrap(),
-    ]);
+    qemu_from_raw(&raw, &base, "vmdk", "");
     let mut parent = base;
     for layer in ["mid.vmdk", "top.vmdk"] {
         let child = sb.path(layer);

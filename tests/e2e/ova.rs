@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use blockferry::image::ova;
-use blockferry_tests::{MIB, Rng, Sandbox, file_hash, have_qemu, make_image, qemu};
+use blockferry_tests::{MIB, Rng, Sandbox, file_hash, have_qemu, make_image, qemu_from_raw};
 
 /// A ustar archive of `(name, bytes)` members.
 fn tar(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
@@ -57,17 +57,7 @@ fn ova_disks_read_in_place() {
             &[(MIB, rng.bytes(3 << 20)), (size - 4096, rng.texty(4096))],
         );
         let vmdk = sb.path(&format!("disk{i}.vmdk"));
-        qemu(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            raw.to_str().unwrap(),
-            vmdk.to_str().unwrap(),
-        ]);
+        qemu_from_raw(&raw, &vmdk, "vmdk", "subformat=streamOptimized");
         members.push((format!("disk{i}.vmdk"), std::fs::read(&vmdk).unwrap()));
         raws.push((raw, size));
     }

@@ -2,7 +2,7 @@
 
 use blockferry::ErrorKind;
 use blockferry::image::{MemFile, Target, VhdxLayout};
-use blockferry_tests::{MIB, Rng, Sandbox, have_qemu, make_image, qemu};
+use blockferry_tests::{MIB, Rng, Sandbox, have_qemu, make_image, qemu_from_raw};
 
 /// Header 1, header 2, region table 1, region table 2 (MS-VHDX 2.1).
 const H1: usize = 64 * 1024;
@@ -64,17 +64,7 @@ fn sample(sb: &Sandbox, rng: &mut Rng) -> Vec<u8> {
         &[(0, rng.bytes(3 << 20)), (8 * MIB, rng.bytes(1 << 20))],
     );
     let img = sb.path("x.vhdx");
-    qemu(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        raw.to_str().unwrap(),
-        img.to_str().unwrap(),
-    ]);
+    qemu_from_raw(&raw, &img, "vhdx", "block_size=1M");
     std::fs::read(img).unwrap()
 }
 

@@ -2,7 +2,7 @@
 
 use blockferry::ErrorKind;
 use blockferry::image::{self, MemFile, SparseLayout};
-use blockferry_tests::{MIB, Rng, Sandbox, file_hash, have_qemu, make_image, qemu};
+use blockferry_tests::{MIB, Rng, Sandbox, file_hash, have_qemu, make_image, qemu, qemu_from_raw};
 
 fn open_err(path: &std::path::Path) -> blockferry::Error {
     image::open(path).map(|_| ()).unwrap_err()
@@ -253,17 +253,7 @@ fn damaged_sparse_extents_fail_cleanly() {
     );
     for sub in ["monolithicSparse", "streamOptimized"] {
         let img = sb.path(&format!("{sub}.vmdk"));
-        qemu(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sub}"),
-            raw.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ]);
+        qemu_from_raw(&raw, &img, "vmdk", &format!("subformat={sub}"));
         let good = std::fs::read(&img).unwrap();
         read_all(good.clone()).unwrap();
         for len in (0..good.len())
@@ -375,17 +365,7 @@ fn renamed_monolithic_sparse_reads_itself() {
     make_image(&raw, 4 * MIB, &[(MIB, rng.bytes(1 << 20))]);
     for sub in ["monolithicSparse", "streamOptimized"] {
         let original = sb.path(&format!("{sub}.vmdk"));
-        qemu(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sub}"),
-            raw.to_str().unwrap(),
-            original.to_str().unwrap(),
-        ]);
+        qemu_from_raw(&raw, &original, "vmdk", &format!("subformat={sub}"));
         let renamed = sb.path(&format!("renamed-{sub}.vmdk"));
         std::fs::rename(&original, &renamed).unwrap();
         let out = sb.path(&format!("{sub}.raw"));
