@@ -1,7 +1,8 @@
 //! `blockferry convert` against `qemu-img convert -O raw`, on the same 2 GiB dense image in
 //! each format, in one run. Run: `cargo bench -p blockferry-benches --bench convert`
 //! (`BF_BENCH_GIB` sets the size). Output goes to tmpfs so both measure reading and
-//! decoding, not the disk. Each figure is the best of 5 runs.
+//! decoding, not the disk. The tools run in turns, 7 times each;
+//! the table gives median times and the ratios of medians and of bests.
 
 // A benchmark harness prints its results.
 #![allow(clippy::print_stdout)]
@@ -10,7 +11,10 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use blockferry_benches::{best_of, blockferry_release, machine, time};
+use blockferry_benches::{Paired, blockferry_release, machine, time};
+
+/// Runs of each tool per format, taken in turns.
+const RUNS: usize = 7;
 
 fn main() -> Result<()> {
     let gib: u64 = std::env::var("BF_BENCH_GIB")
@@ -20,7 +24,9 @@ fn main() -> Result<()> {
     let bf = blockferry_release()?;
     let work = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-convert");
     std::fs::create_dir_all(&work)?;
-    let out_dir = Path::new("/dev/shm").join(format!("bf-bench-{}", std::process::id()));
+    let out_dir = Path::new("/dev/shm").join("bf-bench-convert");
+    // A run that was interrupted leaves its outputs in memory: start from an empty folder.
+    let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir)?;
     let raw = work.join("dense.raw");
     if std::fs::metadata(&raw).map(|m| m.len()).ok() != Some(gib << 30) {
@@ -45,11 +51,11 @@ fn main() -> Result<()> {
     }
     println!("machine: {}", machine());
     println!(
-        "image: {gib} GiB dense (half random, half repetitive); output on tmpfs; best of 5, warm cache\n"
+        "image: {gib} GiB dense (half random, half repetitive); output on tmpfs; {RUNS} runs each in turns, medians; warm cache\n"
     );
     println!(
-        "{:<24} {:>10} {:>12} {:>14}",
-        "format", "qemu-img s", "blockferry s", "qemu/blockferry"
+        "{:<24} {:>10} {:>12} {:>10} {:>10}",
+        "format", "qemu-img s", "blockferry s", "ratio med", "ratio best"
     );
     let formats: [(&str, &str, &[&str]); 6] = [
         ("raw", "raw", &[]),
@@ -88,20 +94,28 @@ fn main() -> Result<()> {
         }
         let q_out = out_dir.join("q.raw");
         let b_out = out_dir.join("b.raw");
-        let q = best_of(5, || {
-            let _ = std::fs::remove_file(&q_out);
-            time(
-                Command::new("qemu-img")
-                    .args(["convert", "-f", fmt, "-O", "raw"])
-                    .arg(&image)
-                    .arg(&q_out),
-            )
-        })?;
-        let b = best_of(5, || {
-            let _ = std::fs::remove_file(&b_out);
-            time(Command::new(&bf).arg("convert").arg(&image).arg(&b_out))
-        })?;
-        println!("{name:<24} {q:>10.2} {b:>12.2} {:>14.2}", q / b);
+        let runs = Paired::run(
+            RUNS,
+            || {
+                let _ = std::fs::remove_file(&q_out);
+                time(
+                    Command::new("qemu-img")
+                        .args(["convert", "-f", fmt, "-O", "raw"])
+                        .arg(&image)
+                        .arg(&q_out),
+                )
+            },
+            || {
+                let _ = std::fs::remove_file(&b_out);
+                time(Command::new(&bf).arg("convert").arg(&image).arg(&b_out))
+            },
+        )?;
+        let ((qm, bm), (qb, bb)) = (runs.medians(), runs.bests());
+        println!(
+            "{name:<24} {qm:>10.2} {bm:>12.2} {:>10.2} {:>10.2}",
+            qm / bm,
+            qb / bb
+        );
         let _ = std::fs::remove_file(&q_out);
         let _ = std::fs::remove_file(&b_out);
     }

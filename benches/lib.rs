@@ -63,11 +63,51 @@ pub fn time(cmd: &mut Command) -> Result<f64> {
     Ok(secs)
 }
 
-/// The best of `n` runs (the least disturbed by the rest of the machine).
-pub fn best_of(n: usize, mut run: impl FnMut() -> Result<f64>) -> Result<f64> {
-    let mut best = f64::INFINITY;
-    for _ in 0..n {
-        best = best.min(run()?);
+/// Timings of two commands measured in turns (A, B, A, B, ...), so that whatever else the
+/// machine does in the meantime falls on both alike.
+#[derive(Debug, Clone)]
+pub struct Paired {
+    /// Wall times of the first command, sorted.
+    pub a: Vec<f64>,
+    /// Wall times of the second command, sorted.
+    pub b: Vec<f64>,
+}
+
+impl Paired {
+    /// Runs `a` and `b` in turns, `n` times each.
+    pub fn run(
+        n: usize,
+        mut a: impl FnMut() -> Result<f64>,
+        mut b: impl FnMut() -> Result<f64>,
+    ) -> Result<Self> {
+        let (mut ta, mut tb) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for _ in 0..n {
+            ta.push(a()?);
+            tb.push(b()?);
+        }
+        ta.sort_by(f64::total_cmp);
+        tb.sort_by(f64::total_cmp);
+        Ok(Self { a: ta, b: tb })
     }
-    Ok(best)
+
+    /// Median times of A and B.
+    #[must_use]
+    pub fn medians(&self) -> (f64, f64) {
+        (median(&self.a), median(&self.b))
+    }
+
+    /// Best (least disturbed) times of A and B.
+    #[must_use]
+    pub fn bests(&self) -> (f64, f64) {
+        (self.a[0], self.b[0])
+    }
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        f64::midpoint(sorted[n / 2 - 1], sorted[n / 2])
+    }
 }

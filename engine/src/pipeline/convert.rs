@@ -14,7 +14,7 @@ use crate::io::IoEngine;
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
 
 /// Bytes each worker reads and writes at a time.
-const PIECE: u64 = 1 << 20;
+const PIECE: u64 = 2 << 20;
 
 /// Options of [`convert`].
 #[derive(Debug, Clone, Default)]
