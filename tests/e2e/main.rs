@@ -29,6 +29,8 @@ mod oracle;
 mod ova;
 /// replicate → restore gives identical bytes, for many shapes of image.
 mod roundtrip;
+/// The S3 backend against a real S3 server on loopback.
+mod s3;
 /// VHD chains and hostile VHDs built from the specification.
 mod vhd;
 /// Hostile VHDX files.

@@ -6,7 +6,7 @@ use blockferry::image::ova;
 use blockferry_tests::{MIB, Rng, Sandbox, file_hash, have_qemu, make_image, qemu_from_raw};
 
 /// A ustar archive of `(name, bytes)` members.
-fn tar(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
+pub(crate) fn tar(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, data) in members {
         let mut h = [0u8; 512];
@@ -30,7 +30,7 @@ fn tar(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-fn ovf(disks: &[(&str, u64)]) -> Vec<u8> {
+pub(crate) fn ovf(disks: &[(&str, u64)]) -> Vec<u8> {
     let mut refs = String::new();
     let mut list = String::new();
     for (i, (file, cap)) in disks.iter().enumerate() {

@@ -10,11 +10,13 @@ mod output;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
+use blockferry::store::{ObjectStore, S3Options};
 use blockferry::{
     CancelToken, ErrorKind, InitOptions, ReplicateOptions, RestoreOptions, Store, VerifyOptions,
 };
@@ -56,9 +58,19 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct StoreArgs {
-    /// The store: a local folder.
-    #[arg(long, value_name = "PATH")]
+    /// The store: a local folder or s3://BUCKET/PREFIX (credentials from the standard AWS
+    /// chain: environment, profile, instance role).
+    #[arg(long, value_name = "PATH|URL")]
     store: String,
+    /// S3 endpoint URL of an S3-compatible service (default: AWS_ENDPOINT_URL, else AWS).
+    #[arg(long, value_name = "URL")]
+    endpoint: Option<String>,
+    /// S3 region (default: the AWS configuration's, else us-east-1).
+    #[arg(long)]
+    region: Option<String>,
+    /// S3 path-style addressing: on or off (default: on for a custom endpoint, off for AWS).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    path_style: Option<bool>,
     /// Read the passphrase from this file (first line) instead of BLOCKFERRY_PASSPHRASE.
     #[arg(long, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
@@ -233,9 +245,27 @@ fn passphrase(args: &StoreArgs) -> anyhow::Result<Option<Vec<u8>>> {
     }))
 }
 
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{s:?}: give on or off")),
+    }
+}
+
+fn backend(args: &StoreArgs, create: bool) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    let s3 = S3Options {
+        endpoint: args.endpoint.clone(),
+        region: args.region.clone(),
+        path_style: args.path_style,
+        ..S3Options::default()
+    };
+    Ok(blockferry::store::open_backend(&args.store, create, &s3)?)
+}
+
 fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
     let pass = passphrase(args)?;
-    Ok(Store::open(&args.store, pass.as_deref())?)
+    Ok(Store::open_backend(backend(args, false)?, pass.as_deref())?)
 }
 
 fn print_json(value: &serde_json::Value) {
@@ -247,8 +277,11 @@ fn print_json(value: &serde_json::Value) {
 
 fn init_logging(verbose: u8) {
     use tracing_subscriber::EnvFilter;
+    // S3 retries show by default (a job that waits on the network says so); the AWS
+    // configuration loader's warnings (no region in instance metadata off EC2, say) only
+    // with -v, as its failures reach the user as blockferry's own errors anyway.
     let default = match verbose {
-        0 => "warn",
+        0 => "warn,blockferry::store::s3=info,aws_config=error",
         1 => "info",
         _ => "debug",
     };
@@ -257,6 +290,7 @@ fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }
@@ -333,8 +367,8 @@ fn cmd_init(a: &InitArgs) -> anyhow::Result<ExitCode> {
             )
         })?)
     };
-    let config = Store::init(
-        &a.store.store,
+    let config = Store::init_backend(
+        &*backend(&a.store, true)?,
         &InitOptions {
             chunk_size,
             passphrase: pass,

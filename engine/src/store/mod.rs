@@ -6,7 +6,8 @@
 //!     │  crypto.rs   master key, HKDF, AES-256-GCM, argon2id
 //!     ▼
 //!   dyn ObjectStore  opaque bytes under keys                  ← knows nothing of disks
-//!     └─ LocalStore  (local.rs) a folder, atomic writes
+//!     ├─ LocalStore  (local.rs) a folder, atomic writes
+//!     └─ S3Store     (s3.rs) a bucket prefix through aws-sdk-s3 (feature `s3`)
 //! ```
 //!
 //! The backend moves opaque bytes under keys; it knows nothing of disks or formats.
@@ -17,6 +18,8 @@ pub mod crypto;
 pub mod format;
 pub mod local;
 mod repo;
+#[cfg(feature = "s3")]
+pub mod s3;
 
 pub use repo::{
     ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions, MAX_CHUNK_SIZE,
@@ -26,6 +29,7 @@ pub use repo::{
 use std::fmt::Debug;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -92,14 +96,57 @@ pub fn check_key(key: &str) -> Result<()> {
     }
 }
 
-/// Opens the backend named by a store location. Only local folders exist so far; `s3://`
-/// URLs are refused with a clear message until the S3 backend lands.
-pub fn open_backend(location: &str, create: bool) -> Result<Arc<dyn ObjectStore>> {
-    if location.contains("://") {
+/// How to reach S3. Every field left `None` comes from the standard AWS configuration chain
+/// (environment, profile files, instance metadata).
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    /// Endpoint URL of an S3-compatible service (else `AWS_ENDPOINT_URL` or AWS itself).
+    pub endpoint: Option<String>,
+    /// Region (else the chain's; `us-east-1` when nothing names one).
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`); `None` picks it for custom endpoints.
+    pub path_style: Option<bool>,
+    /// Attempts per request, the first included, for a running job.
+    pub max_attempts: u32,
+    /// Time limit of one attempt of one request.
+    pub attempt_timeout: Duration,
+    /// Time limit of one request over all its attempts: the deadline budget.
+    pub operation_timeout: Duration,
+    /// Time limit for opening a connection.
+    pub connect_timeout: Duration,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        S3Options {
+            endpoint: None,
+            region: None,
+            path_style: None,
+            max_attempts: 10,
+            attempt_timeout: Duration::from_secs(300),
+            operation_timeout: Duration::from_secs(1800),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Opens the backend named by a store location: `s3://BUCKET/PREFIX` or a local folder
+/// (created if `create`). `s3` configures the S3 client.
+pub fn open_backend(location: &str, create: bool, s3: &S3Options) -> Result<Arc<dyn ObjectStore>> {
+    if location.starts_with("s3://") {
+        #[cfg(feature = "s3")]
+        return Ok(Arc::new(s3::S3Store::open(location, s3)?));
+        #[cfg(not(feature = "s3"))]
         return Err(Error::config(format!(
-            "unsupported store location {location:?}: this build stores to local folders only"
+            "{location:?}: this build has no S3 support (build with the `s3` feature)"
         )));
     }
+    if location.contains("://") {
+        return Err(Error::config(format!(
+            "unsupported store location {location:?}: give a local folder or s3://BUCKET/PREFIX"
+        )));
+    }
+    let _ = s3;
     let path = Path::new(location);
     let store = if create {
         local::LocalStore::create(path)?

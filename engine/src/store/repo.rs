@@ -11,7 +11,7 @@ use super::crypto::{self, KEY_LEN, KdfParams, Keys, Sealer};
 use super::format::{
     self, Entry, FORMAT_VERSION, Id, MetaKind, PAGE_ENTRIES, PackId, ZERO_ID, hex, unhex, unhex_vec,
 };
-use super::{ObjectStore, PutMode, PutOutcome, open_backend};
+use super::{ObjectStore, PutMode, PutOutcome, S3Options, open_backend};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Smallest chunk size a store accepts.
@@ -333,22 +333,31 @@ impl std::fmt::Debug for Store {
     }
 }
 
+fn check_chunk_size(chunk_size: u32) -> Result<()> {
+    if (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) && chunk_size.is_power_of_two() {
+        Ok(())
+    } else {
+        Err(Error::config(format!(
+            "chunk size {chunk_size} must be a power of two from 64 KiB to 16 MiB"
+        )))
+    }
+}
+
 fn key_wrap_aad(store_id: &str) -> Vec<u8> {
     format!("blockferry v1 key wrap {store_id}").into_bytes()
 }
 
 impl Store {
-    /// Creates a new store at `location` (a folder, created if missing).
+    /// Creates a new store at `location` (a folder, created if missing, or `s3://BUCKET/PREFIX`
+    /// with the S3 settings of the environment).
     pub fn init(location: &str, opts: &InitOptions) -> Result<StoreConfig> {
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&opts.chunk_size)
-            || !opts.chunk_size.is_power_of_two()
-        {
-            return Err(Error::config(format!(
-                "chunk size {} must be a power of two from 64 KiB to 16 MiB",
-                opts.chunk_size
-            )));
-        }
-        let backend = open_backend(location, true)?;
+        check_chunk_size(opts.chunk_size)?;
+        Store::init_backend(&*open_backend(location, true, &S3Options::default())?, opts)
+    }
+
+    /// Creates a new store on a backend.
+    pub fn init_backend(backend: &dyn ObjectStore, opts: &InitOptions) -> Result<StoreConfig> {
+        check_chunk_size(opts.chunk_size)?;
         let store_id = hex(&crypto::random::<16>()?);
         let master: [u8; KEY_LEN] = crypto::random()?;
         let encryption = match &opts.passphrase {
@@ -394,7 +403,7 @@ impl Store {
 
     /// Opens the store at `location`; `passphrase` is needed for encrypted stores.
     pub fn open(location: &str, passphrase: Option<&[u8]>) -> Result<Store> {
-        let backend = open_backend(location, false)?;
+        let backend = open_backend(location, false, &S3Options::default())?;
         Store::open_backend(backend, passphrase)
     }
 

