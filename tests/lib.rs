@@ -186,7 +186,9 @@ impl Sandbox {
 
     pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(bin());
-        cmd.args(args).env_remove("BLOCKFERRY_PASSPHRASE");
+        cmd.args(args)
+            .env_remove("BLOCKFERRY_PASSPHRASE")
+            .env("BLOCKFERRY_STATE_DIR", self.path("state"));
         if self.store_url.is_some() {
             for (k, v) in s3().vars() {
                 cmd.env(k, v);

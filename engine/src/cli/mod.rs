@@ -5,6 +5,7 @@
 
 mod demo;
 mod image_cmds;
+mod jobs;
 mod output;
 
 use std::io::IsTerminal;
@@ -52,16 +53,19 @@ enum Command {
     Map(ImageArgs),
     /// Write an image's virtual disk out as a sparse raw file.
     Convert(ConvertArgs),
+    /// List replication jobs (finished, and unfinished ones a re-run resumes).
+    Jobs(jobs::JobsArgs),
+    /// Abort an unfinished job's uploads and forget it.
+    Abandon(jobs::AbandonArgs),
+    /// Abort multipart uploads a store's stopped jobs left behind.
+    Cleanup(jobs::CleanupArgs),
     /// Show the whole job on a small sample disk: replicate, change, replicate, verify, restore.
     Demo(DemoArgs),
 }
 
+/// How to reach S3 (ignored for local stores).
 #[derive(Debug, Args)]
-struct StoreArgs {
-    /// The store: a local folder or s3://BUCKET/PREFIX (credentials from the standard AWS
-    /// chain: environment, profile, instance role).
-    #[arg(long, value_name = "PATH|URL")]
-    store: String,
+struct S3Args {
     /// S3 endpoint URL of an S3-compatible service (default: AWS_ENDPOINT_URL, else AWS).
     #[arg(long, value_name = "URL")]
     endpoint: Option<String>,
@@ -71,6 +75,19 @@ struct StoreArgs {
     /// S3 path-style addressing: on or off (default: on for a custom endpoint, off for AWS).
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     path_style: Option<bool>,
+    /// Smallest S3 part size, for S3-compatible services that take parts under 5 MiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, hide = true)]
+    s3_min_part_size: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// The store: a local folder or s3://BUCKET/PREFIX (credentials from the standard AWS
+    /// chain: environment, profile, instance role).
+    #[arg(long, value_name = "PATH|URL")]
+    store: String,
+    #[command(flatten)]
+    s3: S3Args,
     /// Read the passphrase from this file (first line) instead of BLOCKFERRY_PASSPHRASE.
     #[arg(long, value_name = "FILE")]
     passphrase_file: Option<PathBuf>,
@@ -119,6 +136,17 @@ struct ReplicateArgs {
     /// Chunk compression.
     #[arg(long, value_enum, default_value_t = Compression::Lz4)]
     compression: Compression,
+    /// Uploads in flight at once to S3 (default 4).
+    #[arg(long, default_value_t = 0)]
+    jobs: usize,
+    /// S3 part size, 5M to 64M (default: from the memory budget).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    part_size: Option<u64>,
+    /// Start over instead of resuming an unfinished run of this job.
+    #[arg(long)]
+    restart: bool,
+    #[command(flatten)]
+    state: jobs::StateArgs,
 }
 
 #[derive(Debug, Args)]
@@ -253,14 +281,22 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-fn backend(args: &StoreArgs, create: bool) -> anyhow::Result<Arc<dyn ObjectStore>> {
-    let s3 = S3Options {
+fn s3_options(args: &S3Args) -> S3Options {
+    S3Options {
         endpoint: args.endpoint.clone(),
         region: args.region.clone(),
         path_style: args.path_style,
+        min_part_size: args.s3_min_part_size,
         ..S3Options::default()
-    };
-    Ok(blockferry::store::open_backend(&args.store, create, &s3)?)
+    }
+}
+
+fn backend(args: &StoreArgs, create: bool) -> anyhow::Result<Arc<dyn ObjectStore>> {
+    Ok(blockferry::store::open_backend(
+        &args.store,
+        create,
+        &s3_options(&args.s3),
+    )?)
 }
 
 fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
@@ -306,6 +342,9 @@ pub(crate) fn main() -> ExitCode {
         Command::Verify(a) => a.store.json,
         Command::Info(a) | Command::Map(a) => a.json,
         Command::Convert(a) => a.image.json,
+        Command::Jobs(a) => a.json,
+        Command::Abandon(a) => a.json,
+        Command::Cleanup(a) => a.store.json,
         Command::Demo(_) => false,
     };
     match run(cli.command) {
@@ -350,6 +389,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Info(a) => image_cmds::info(&a),
         Command::Map(a) => image_cmds::map(&a),
         Command::Convert(a) => image_cmds::convert(&a),
+        Command::Jobs(a) => jobs::list(&a),
+        Command::Abandon(a) => jobs::abandon(&a),
+        Command::Cleanup(a) => jobs::cleanup(&a),
         Command::Demo(a) => demo::run(a.dir.as_deref()),
     }
 }
@@ -419,6 +461,13 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
         compression: matches!(a.compression, Compression::Lz4),
         disk_name: a.name.clone(),
         cancel: CancelToken::new(),
+        job_state: Some(a.state.dir()?),
+        restart: a.restart,
+        disk_selector: a.disk.clone().unwrap_or_default(),
+        upload_jobs: a.jobs,
+        part_size: a
+            .part_size
+            .map_or(0, |p| usize::try_from(p).unwrap_or(usize::MAX)),
         ..ReplicateOptions::default()
     };
     let bar = Bar::new(

@@ -1,6 +1,8 @@
 //! Jobs as seen from outside: typed progress events, observers, cancellation.
 //!
-//! Checkpoints and resume state join this module with the S3 backend.
+//! [`state`]: job records and checkpoints (SQLite) for resume.
+
+pub mod state;
 
 use std::fmt;
 use std::sync::Arc;

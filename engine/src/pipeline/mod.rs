@@ -13,6 +13,7 @@
 //! the chunk index of the store (48 bytes per stored chunk) and a few manifest pages.
 
 mod convert;
+mod packer;
 mod restore;
 mod verify;
 mod walk;
@@ -33,16 +34,18 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::{BlockSource, Mapping, Target};
 use crate::io::buf::{BufferPool, PooledBuf};
 use crate::io::{IoEngine, ReadBackend};
+use crate::job::state::{JobDb, JobKey, POSITION_BATCH};
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
-use crate::store::format::{
-    self, ENTRY_BYTES, Entry, Id, PACK_FOOTER, PACK_HEADER, PAGE_ENTRIES, PackId, ZERO_ID, hex,
-};
-use crate::store::{ChunkIndex, DiskMeta, Snapshot, SnapshotStats, Store, crypto};
+use crate::store::format::{self, ENTRY_BYTES, Entry, Id, PAGE_ENTRIES, PackId, ZERO_ID, hex};
+use crate::store::{ChunkIndex, DiskMeta, Part, Snapshot, SnapshotStats, Store};
+use packer::{OpenPack, PackMode, PartJob};
 
 /// Default memory budget of a replication.
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
 /// Largest pack a replication writes (before its trailer).
 const MAX_PACK_BYTES: usize = 32 << 20;
+/// Uploads in flight at once on a multipart store, unless configured.
+pub const DEFAULT_UPLOAD_JOBS: usize = 4;
 /// Most chunks in one pack (bounds the trailer: 16 Ki × 48 bytes).
 const MAX_PACK_ENTRIES: usize = 16 << 10;
 /// An index object is written after this many packs (and at the end of a run).
@@ -63,6 +66,17 @@ pub struct ReplicateOptions {
     pub io_engine: IoEngine,
     /// Cancels the run; nothing is committed then.
     pub cancel: CancelToken,
+    /// Folder of the job database: the run is a job whose checkpoints let a later run of the
+    /// same replication resume it. `None`: nothing is recorded and nothing resumes.
+    pub job_state: Option<std::path::PathBuf>,
+    /// Start over even if an unfinished run of this job exists (its uploads are aborted).
+    pub restart: bool,
+    /// Which disk of a multi-disk source this is; part of the job's identity.
+    pub disk_selector: String,
+    /// Uploads in flight at once on a multipart store; 0 picks the default.
+    pub upload_jobs: usize,
+    /// Part size on a multipart store; 0 picks one from the memory budget.
+    pub part_size: usize,
 }
 
 impl Default for ReplicateOptions {
@@ -74,6 +88,11 @@ impl Default for ReplicateOptions {
             disk_name: None,
             io_engine: IoEngine::default(),
             cancel: CancelToken::new(),
+            job_state: None,
+            restart: false,
+            disk_selector: String::new(),
+            upload_jobs: 0,
+            part_size: 0,
         }
     }
 }
@@ -111,10 +130,18 @@ pub struct ReplicateReport {
     pub io_engine: &'static str,
     /// Worker threads used.
     pub workers: usize,
+    /// Uploader threads used (multipart stores), else 0.
+    pub uploads: usize,
     /// The memory budget, and what the pipeline planned to use within it.
     pub memory_budget: u64,
     /// Bytes the pipeline's buffers can reach at most.
     pub memory_planned: u64,
+    /// The job id, when the run was a job.
+    pub job: Option<String>,
+    /// Whether the run resumed an earlier, interrupted run of the job.
+    pub resumed: bool,
+    /// Bytes of the disk an earlier run had made durable (neither read nor sent again).
+    pub bytes_resumed: u64,
 }
 
 /// How a replication spends its memory budget.
@@ -132,22 +159,53 @@ pub struct MemoryPlan {
     pub total: usize,
 }
 
-/// Splits a memory budget between read buffers and pack buffers.
+/// Splits a memory budget between read buffers and pack buffers (a store without multipart
+/// uploads).
 pub fn plan(budget: usize, chunk_size: usize, workers: usize) -> Result<MemoryPlan> {
+    plan_parts(budget, chunk_size, workers, 0, None, 0)
+}
+
+/// Splits a memory budget between read buffers and pack buffers: one being filled per worker,
+/// plus one per upload in flight on a multipart store (`uploads` > 0), whose parts are at
+/// least `min_part` bytes (`part_size` if given).
+pub fn plan_parts(
+    budget: usize,
+    chunk_size: usize,
+    workers: usize,
+    uploads: usize,
+    min_part: Option<u64>,
+    part_size: usize,
+) -> Result<MemoryPlan> {
     let workers = worker_count(workers);
     let blob = format::blob_bound(chunk_size);
-    let pack_target =
-        (budget / (4 * workers)).clamp(2 * chunk_size, MAX_PACK_BYTES.max(2 * chunk_size));
+    let buffers = workers + uploads;
+    let pack_target = match min_part {
+        None => (budget / (4 * buffers)).clamp(2 * chunk_size, MAX_PACK_BYTES.max(2 * chunk_size)),
+        Some(min) => {
+            let min = usize::try_from(min).unwrap_or(usize::MAX).max(chunk_size);
+            if part_size > 0 {
+                if part_size < min || part_size > packer::MAX_PART_BYTES {
+                    return Err(Error::config(format!(
+                        "part size {part_size} is outside {min}..={} bytes",
+                        packer::MAX_PART_BYTES
+                    )));
+                }
+                part_size
+            } else {
+                (budget / (2 * buffers)).clamp(min, packer::MAX_PART_BYTES.max(min))
+            }
+        }
+    };
     let pack_capacity = pack_target + blob + MAX_PACK_ENTRIES * ENTRY_BYTES + 64;
-    let fixed = workers * pack_capacity;
+    let fixed = buffers * pack_capacity;
     let min_read_bufs = workers + 1;
     let want_read_bufs = 2 * workers + 2;
     let read_bufs = budget.saturating_sub(fixed) / chunk_size;
     if read_bufs < min_read_bufs {
         let need = fixed + min_read_bufs * chunk_size;
         return Err(Error::config(format!(
-            "memory budget of {} MiB is too small for {} MiB chunks and {workers} workers \
-             (needs at least {} MiB)",
+            "memory budget of {} MiB is too small for {} MiB chunks, {workers} workers and \
+             {uploads} uploads in flight (needs at least {} MiB)",
             budget >> 20,
             chunk_size >> 20,
             need.div_ceil(1 << 20)
@@ -257,10 +315,24 @@ enum Msg {
         len: u64,
         kind: ChunkKind,
     },
+    /// A multipart upload for a pack was started.
+    PackOpened {
+        id: PackId,
+        upload_id: String,
+    },
+    /// The store acknowledged a part, carrying these chunk records (offsets within the part).
+    PartAcked {
+        pack: PackId,
+        part: Part,
+        chunks: Vec<Entry>,
+    },
+    /// A pack is complete in the store.
     PackDone {
         id: PackId,
         entries: Vec<Entry>,
         bytes: u64,
+        /// Put in one piece (its bytes were not reported as parts).
+        whole: bool,
     },
     Failed(Error),
 }
@@ -278,33 +350,6 @@ impl Dedup<'_> {
     }
 }
 
-/// A worker's pack being filled.
-struct OpenPack {
-    id: PackId,
-    buf: Vec<u8>,
-    entries: Vec<Entry>,
-    sealer: crypto::Sealer,
-}
-
-impl OpenPack {
-    fn start(store: &Store, buf: &mut Vec<u8>) -> Result<OpenPack> {
-        let id: PackId = crypto::random()?;
-        let mut b = std::mem::take(buf);
-        b.clear();
-        b.extend_from_slice(&format::pack_header(&id));
-        Ok(OpenPack {
-            id,
-            buf: b,
-            entries: Vec::new(),
-            sealer: store.keys().pack_sealer(&id),
-        })
-    }
-
-    fn blob_bytes(&self) -> usize {
-        self.buf.len() - PACK_HEADER
-    }
-}
-
 /// Everything the stages share.
 struct Shared<'a> {
     store: &'a Store,
@@ -314,8 +359,11 @@ struct Shared<'a> {
     chunk_size: u64,
     n_chunks: u64,
     plan: MemoryPlan,
+    pack_mode: PackMode,
     compression: bool,
-    /// Set on the first error (or on cancel) so every stage winds down.
+    /// Positions a previous run of the job made durable: not read again.
+    skip: Vec<bool>,
+    /// Set on the first error so every stage winds down.
     stop: CancelToken,
     cancel: &'a CancelToken,
 }
@@ -348,6 +396,9 @@ fn reader(
     for idx in 0..sh.n_chunks {
         if sh.stopping() {
             return;
+        }
+        if sh.skip[usize::try_from(idx).expect("position fits")] {
+            continue;
         }
         let offset = idx * sh.chunk_size;
         let len = sh.chunk_len(idx);
@@ -388,7 +439,7 @@ fn reader(
     }
 }
 
-fn worker(sh: &Shared<'_>, work: &Receiver<Work>, msgs: &Sender<Msg>) {
+fn worker(sh: &Shared<'_>, work: &Receiver<Work>, parts: &Sender<PartJob>, msgs: &Sender<Msg>) {
     let mut spare = Vec::with_capacity(sh.plan.pack_capacity);
     let mut pack: Option<OpenPack> = None;
     let result = (|| -> Result<()> {
@@ -418,15 +469,16 @@ fn worker(sh: &Shared<'_>, work: &Receiver<Work>, msgs: &Sender<Msg>) {
             }
             let p = match &mut pack {
                 Some(p) => p,
-                None => pack.insert(OpenPack::start(sh.store, &mut spare)?),
+                None => pack.insert(OpenPack::start(sh, &mut spare, msgs)?),
             };
-            let offset = p.buf.len() as u64;
+            let offset = p.next_offset();
+            let before = p.buf.len();
             format::encode_blob(&p.sealer, &id, &buf, sh.compression, &mut p.buf)?;
             drop(buf); // Back to the pool before the (possibly slow) store write.
             p.entries.push(Entry {
                 id,
                 offset,
-                stored_len: u32::try_from(p.buf.len() as u64 - offset)
+                stored_len: u32::try_from(p.buf.len() - before)
                     .map_err(|_| Error::internal("blob too large"))?,
                 raw_len: u32::try_from(len).map_err(|_| Error::internal("chunk too large"))?,
             });
@@ -436,47 +488,149 @@ fn worker(sh: &Shared<'_>, work: &Receiver<Work>, msgs: &Sender<Msg>) {
                 len,
                 kind: ChunkKind::New,
             });
-            if p.blob_bytes() >= sh.plan.pack_target || p.entries.len() >= MAX_PACK_ENTRIES {
+            if p.after_add(sh, parts)? {
                 let full = pack.take().expect("pack is open");
-                flush_pack(sh, full, &mut spare, msgs)?;
+                full.finish(sh, parts, &mut spare, msgs)?;
             }
         }
-        // Cancelled or not, a pack of complete chunks is worth keeping for the next run.
-        if let Some(p) = pack.take() {
-            flush_pack(sh, p, &mut spare, msgs)?;
+        // At the end, or cancelled: a pack of complete chunks is worth keeping for the next
+        // run. After an error, a multipart pack stays open for the job's next run to finish.
+        if let Some(p) = pack.take()
+            && !sh.stop.is_cancelled()
+        {
+            p.finish(sh, parts, &mut spare, msgs)?;
         }
         Ok(())
     })();
-    if let Err(e) = result {
+    if let Err(e) = result
+        && e.kind() != ErrorKind::Cancelled
+    {
         sh.fail(msgs, e);
     }
-}
-
-fn flush_pack(
-    sh: &Shared<'_>,
-    mut p: OpenPack,
-    spare: &mut Vec<u8>,
-    msgs: &Sender<Msg>,
-) -> Result<()> {
-    format::finish_pack(&p.sealer, &mut p.buf, &p.entries)?;
-    debug_assert!(p.buf.len() <= sh.plan.pack_capacity + PACK_FOOTER);
-    sh.store.put_pack(&p.id, &p.buf)?;
-    let bytes = p.buf.len() as u64;
-    Counters::add(&sh.counters.bytes_written, bytes);
-    tracing::debug!(pack = %hex(&p.id), bytes, chunks = p.entries.len(), "pack stored");
-    let _ = msgs.send(Msg::PackDone {
-        id: p.id,
-        entries: p.entries,
-        bytes,
-    });
-    *spare = p.buf;
-    Ok(())
 }
 
 /// The collector's view of a manifest page being filled.
 struct PageFill {
     ids: Vec<Id>,
     filled: usize,
+}
+
+/// Checkpoints of a replication that runs as a job (see [`crate::job::state`]).
+struct Checkpoint {
+    db: JobDb,
+    job: String,
+    _lock: crate::job::state::JobLock,
+    /// Positions hashed but not yet written to the database.
+    positions: Vec<(u64, Id)>,
+}
+
+impl Checkpoint {
+    fn flush_positions(&mut self) -> Result<()> {
+        self.db.record_positions(&self.job, &self.positions)?;
+        self.positions.clear();
+        Ok(())
+    }
+}
+
+/// A job opened for a run: its checkpoint, the positions already durable, whether resumed.
+type Opened = (Checkpoint, Vec<(u64, Id)>, bool);
+
+/// Finds (or starts) the job of this replication, checks the source did not change under
+/// it, and finishes what its last run left open. Returns the checkpoint and the positions
+/// already durable.
+fn open_job(
+    store: &Store,
+    source: &dyn BlockSource,
+    opts: &ReplicateOptions,
+    dir: &std::path::Path,
+    index: &ChunkIndex,
+    reporter: &Reporter<'_>,
+) -> Result<Opened> {
+    let db = JobDb::open(dir)?;
+    let path = source_path(source);
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let key = JobKey {
+        store: store.location(),
+        store_id: store.config().store_id.clone(),
+        source: abs.display().to_string(),
+        disk: opts.disk_selector.clone(),
+        chunk_size: store.chunk_size(),
+    };
+    let mut found = db.find_active(&key)?;
+    if let Some(old) = found.as_ref().filter(|_| opts.restart) {
+        db.abandon(&old.id, store.backend().as_ref())?;
+        reporter.warn(format!(
+            "--restart: job {} forgotten, starting over",
+            old.id
+        ));
+        found = None;
+    }
+    let fp = source.fingerprint();
+    let (job, resumed) = match found {
+        Some(job) => {
+            let was = &job.fingerprint;
+            let mut changed = Vec::new();
+            if was.size != fp.size {
+                changed.push(format!("size {} → {}", was.size, fp.size));
+            }
+            if was.modified_unix_ns != fp.modified_unix_ns {
+                changed.push("modification time".to_owned());
+            }
+            if (was.device, was.inode) != (fp.device, fp.inode) {
+                changed
+                    .push("file identity (device and inode: replaced by another file)".to_owned());
+            }
+            if !changed.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "the source changed since job {} started ({}): resuming would mix two \
+                         states of the disk; run with --restart to start over",
+                        job.id,
+                        changed.join(", ")
+                    ),
+                )
+                .with_path(path));
+            }
+            (job, true)
+        }
+        None => (db.create(&key, fp)?, false),
+    };
+    let lock = db.lock(&job.id)?;
+    let mut positions = Vec::new();
+    if resumed {
+        db.start_run(&job.id)?;
+        let finished = packer::finish_open_packs(store, &db, &job.id)?;
+        if finished.lost_bytes > 0 {
+            db.add_resent(&job.id, finished.lost_bytes)?;
+        }
+        positions = db
+            .positions(&job.id)?
+            .into_iter()
+            .filter(|(_, id)| *id == ZERO_ID || finished.durable.contains(id) || index.contains(id))
+            .filter(|(idx, _)| {
+                *idx < source
+                    .info()
+                    .virtual_size
+                    .div_ceil(u64::from(store.chunk_size()))
+            })
+            .collect();
+        tracing::info!(
+            job = job.id,
+            positions = positions.len(),
+            "resuming: positions already durable"
+        );
+    }
+    Ok((
+        Checkpoint {
+            db,
+            job: job.id,
+            _lock: lock,
+            positions: Vec::new(),
+        },
+        positions,
+        resumed,
+    ))
 }
 
 /// Replicates a whole disk into the store as a new snapshot; the blocking entry point.
@@ -487,12 +641,45 @@ pub fn replicate(
     observer: &dyn Observer,
 ) -> Result<ReplicateReport> {
     let chunk_size = store.chunk_size() as usize;
-    let plan = plan(opts.memory_budget, chunk_size, opts.workers)?;
+    let rules = store.backend().multipart();
+    let uploads = match rules {
+        None => 0,
+        Some(_) if opts.upload_jobs == 0 => DEFAULT_UPLOAD_JOBS,
+        Some(_) => opts.upload_jobs.clamp(1, 64),
+    };
+    let plan = plan_parts(
+        opts.memory_budget,
+        chunk_size,
+        opts.workers,
+        uploads,
+        rules.map(|r| r.min_part),
+        opts.part_size,
+    )?;
+    let pack_mode = match rules {
+        None => PackMode::Whole,
+        Some(r) => PackMode::Multipart {
+            max_parts: r.max_parts.max(2),
+        },
+    };
     let info = source.info().clone();
     let index = store.load_index()?;
     let reporter = Reporter::start(observer, Phase::Replicating, info.virtual_size);
     for e in &index.damaged {
         reporter.warn(format!("{e}; its chunks will be stored again"));
+    }
+    let n_chunks = info.virtual_size.div_ceil(chunk_size as u64);
+    let n_positions = usize::try_from(n_chunks)
+        .map_err(|_| Error::new(ErrorKind::InvalidImage, "disk too large"))?;
+    let (mut ck, done, resumed) = match &opts.job_state {
+        Some(dir) => {
+            let (ck, done, resumed) = open_job(store, source, opts, dir, &index, &reporter)?;
+            (Some(ck), done, resumed)
+        }
+        None => (None, Vec::new(), false),
+    };
+    let mut skip = vec![false; n_positions];
+    for (idx, _) in &done {
+        skip[usize::try_from(*idx).expect("position fits")] = true;
     }
     let sh = Shared {
         store,
@@ -503,9 +690,11 @@ pub fn replicate(
         },
         counters: reporter.counters(),
         chunk_size: chunk_size as u64,
-        n_chunks: info.virtual_size.div_ceil(chunk_size as u64),
+        n_chunks,
         plan,
+        pack_mode,
         compression: opts.compression,
+        skip,
         stop: CancelToken::new(),
         cancel: &opts.cancel,
     };
@@ -513,6 +702,7 @@ pub fn replicate(
         .map_err(|_| Error::new(ErrorKind::InvalidImage, "disk too large"))?;
     tracing::info!(
         workers = plan.workers,
+        uploads,
         read_bufs = plan.read_bufs,
         pack_target = plan.pack_target,
         planned = plan.total,
@@ -521,14 +711,51 @@ pub fn replicate(
 
     let pool = BufferPool::new(plan.read_bufs, chunk_size);
     let (work_tx, work_rx) = bounded::<Work>(plan.read_bufs);
-    let (msg_tx, msg_rx) = bounded::<Msg>(4 * plan.read_bufs + 4 * plan.workers);
+    let (msg_tx, msg_rx) = bounded::<Msg>(4 * plan.read_bufs + 4 * plan.workers + 4 * uploads);
+    // A rendezvous: a part waits in its worker until an uploader takes it.
+    let (part_tx, part_rx) = bounded::<PartJob>(0);
 
     let mut stats = SnapshotStats::default();
     let mut pages: Vec<Option<String>> = vec![None; n_pages];
     let mut open_pages: BTreeMap<u64, PageFill> = BTreeMap::new();
     let mut pending_index: Vec<(PackId, Vec<Entry>)> = Vec::new();
+    let mut open_uploads: BTreeMap<PackId, String> = BTreeMap::new();
     let mut packs_written = 0u64;
     let mut first_error: Option<Error> = None;
+    let mut resumed_bytes = 0u64;
+
+    // Places a position's chunk id in its manifest page; writes the page once full.
+    let mut place =
+        |idx: u64, id: Id, pages: &mut Vec<Option<String>>, write: bool| -> Result<()> {
+            let page = idx / PAGE_ENTRIES as u64;
+            let in_page = (n_chunks - page * PAGE_ENTRIES as u64).min(PAGE_ENTRIES as u64);
+            let fill = open_pages.entry(page).or_insert_with(|| PageFill {
+                ids: vec![ZERO_ID; usize::try_from(in_page).expect("page fits")],
+                filled: 0,
+            });
+            fill.ids[usize::try_from(idx % PAGE_ENTRIES as u64).expect("slot fits")] = id;
+            fill.filled += 1;
+            if fill.filled == fill.ids.len() {
+                let fill = open_pages.remove(&page).expect("page is open");
+                if write {
+                    let page_id = store.write_page(&fill.ids)?;
+                    pages[usize::try_from(page).expect("page fits")] = page_id.map(|id| hex(&id));
+                }
+            }
+            Ok(())
+        };
+    for (idx, id) in &done {
+        let len = sh.chunk_len(*idx);
+        resumed_bytes += len;
+        if *id == ZERO_ID {
+            stats.bytes_zero += len;
+        } else {
+            stats.bytes_deduplicated += len;
+        }
+        Counters::add(&sh.counters.bytes_done, len);
+        place(*idx, *id, &mut pages, true)?;
+    }
+    drop(done);
 
     let joined = thread::scope(|s| {
         let sh = &sh;
@@ -539,10 +766,14 @@ pub fn replicate(
             handles.push(s.spawn(move || reader(sh, backend, pool, &work_tx, &msg_tx)));
         }
         for _ in 0..plan.workers {
-            let (work_rx, msg_tx) = (work_rx.clone(), msg_tx.clone());
-            handles.push(s.spawn(move || worker(sh, &work_rx, &msg_tx)));
+            let (work_rx, part_tx, msg_tx) = (work_rx.clone(), part_tx.clone(), msg_tx.clone());
+            handles.push(s.spawn(move || worker(sh, &work_rx, &part_tx, &msg_tx)));
         }
-        drop((work_rx, msg_tx));
+        for _ in 0..uploads {
+            let (part_rx, msg_tx) = (part_rx.clone(), msg_tx.clone());
+            handles.push(s.spawn(move || packer::uploader(sh, &part_rx, &msg_tx)));
+        }
+        drop((work_rx, part_tx, part_rx, msg_tx));
 
         for msg in &msg_rx {
             let step = (|| -> Result<()> {
@@ -561,31 +792,47 @@ pub fn replicate(
                         if matches!(kind, ChunkKind::Duplicate) {
                             Counters::add(&sh.counters.bytes_deduplicated, len);
                         }
-                        let page = idx / PAGE_ENTRIES as u64;
-                        let in_page =
-                            (sh.n_chunks - page * PAGE_ENTRIES as u64).min(PAGE_ENTRIES as u64);
-                        let fill = open_pages.entry(page).or_insert_with(|| PageFill {
-                            ids: vec![ZERO_ID; usize::try_from(in_page).expect("page fits")],
-                            filled: 0,
-                        });
-                        fill.ids[usize::try_from(idx % PAGE_ENTRIES as u64).expect("slot fits")] =
-                            id;
-                        fill.filled += 1;
-                        if fill.filled == fill.ids.len() {
-                            let fill = open_pages.remove(&page).expect("page is open");
-                            if first_error.is_none() {
-                                let page_id = store.write_page(&fill.ids)?;
-                                pages[usize::try_from(page).expect("page fits")] =
-                                    page_id.map(|id| hex(&id));
+                        if let Some(ck) = ck.as_mut() {
+                            ck.positions.push((idx, id));
+                            if ck.positions.len() >= POSITION_BATCH {
+                                ck.flush_positions()?;
                             }
                         }
+                        place(idx, id, &mut pages, first_error.is_none())?;
                     }
-                    Msg::PackDone { id, entries, bytes } => {
+                    Msg::PackOpened { id, upload_id } => {
+                        if let Some(ck) = &ck {
+                            ck.db.open_pack(&ck.job, &id, &upload_id)?;
+                        }
+                        open_uploads.insert(id, upload_id);
+                    }
+                    Msg::PartAcked { pack, part, chunks } => {
+                        stats.bytes_stored += part.size;
+                        if let Some(ck) = ck.as_mut() {
+                            // The positions of the part's chunks came before it.
+                            ck.flush_positions()?;
+                            ck.db.record_part(&ck.job, &pack, &part, &chunks)?;
+                        }
+                    }
+                    Msg::PackDone {
+                        id,
+                        entries,
+                        bytes,
+                        whole,
+                    } => {
                         packs_written += 1;
-                        stats.bytes_stored += bytes;
+                        open_uploads.remove(&id);
+                        if whole {
+                            stats.bytes_stored += bytes;
+                        }
+                        if let Some(ck) = ck.as_mut() {
+                            ck.flush_positions()?;
+                            ck.db
+                                .complete_pack(&ck.job, &id, &entries, whole.then_some(bytes))?;
+                        }
                         pending_index.push((id, entries));
                         if pending_index.len() >= INDEX_FLUSH_PACKS {
-                            store.write_index(&pending_index)?;
+                            write_index(store, ck.as_ref(), &pending_index)?;
                             pending_index.clear();
                         }
                     }
@@ -607,23 +854,48 @@ pub fn replicate(
     if joined.iter().any(std::result::Result::is_err) {
         first_error.get_or_insert(Error::internal("a pipeline thread panicked"));
     }
-    // Index what is durable even when failing, so that the next run reuses it.
-    if let Err(e) = store.write_index(&pending_index) {
+    if let Some(ck) = ck.as_mut()
+        && let Err(e) = ck.flush_positions()
+    {
         first_error.get_or_insert(e);
     }
+    // Index what is durable even when failing, so that the next run reuses it.
+    if let Err(e) = write_index(store, ck.as_ref(), &pending_index) {
+        first_error.get_or_insert(e);
+    }
+    if ck.is_none() {
+        // Without a job to resume them, open uploads are only litter.
+        for (pack, upload_id) in &open_uploads {
+            let _ = store
+                .backend()
+                .abort_upload(&crate::store::pack_key(pack), upload_id);
+        }
+    }
     if let Some(e) = first_error {
+        if let Some(ck) = &ck {
+            let _ = ck.db.set_error(&ck.job, &e.to_string());
+        }
         return Err(e);
     }
     if opts.cancel.is_cancelled() {
         return Err(Error::new(
             ErrorKind::Cancelled,
-            "replication cancelled; no snapshot was written",
+            if ck.is_some() {
+                "replication cancelled; no snapshot was written (run it again to resume)"
+            } else {
+                "replication cancelled; no snapshot was written"
+            },
         ));
     }
     if !open_pages.is_empty() {
         return Err(Error::internal(
             "chunk map incomplete at the end of the run",
         ));
+    }
+    if let Some(ck) = &ck {
+        // Packs a previous run completed but did not index.
+        let rest = ck.db.complete_packs(&ck.job, true)?;
+        write_index(store, Some(ck), &rest)?;
     }
     if source_changed(source) {
         reporter.warn(format!(
@@ -664,6 +936,9 @@ pub fn replicate(
         tool: format!("blockferry {}", env!("CARGO_PKG_VERSION")),
     };
     store.write_snapshot(&snapshot)?;
+    if let Some(ck) = &ck {
+        ck.db.finish(&ck.job, &snapshot.id)?;
+    }
     p = reporter.finish();
     Ok(ReplicateReport {
         snapshot: snapshot.id,
@@ -681,9 +956,27 @@ pub fn replicate(
         seconds: p.elapsed.as_secs_f64(),
         io_engine: opts.io_engine.name(),
         workers: plan.workers,
+        uploads,
         memory_budget: opts.memory_budget as u64,
         memory_planned: plan.total as u64,
+        job: ck.as_ref().map(|c| c.job.clone()),
+        resumed,
+        bytes_resumed: resumed_bytes,
     })
+}
+
+/// Writes an index object for complete packs and records them as indexed.
+fn write_index(
+    store: &Store,
+    ck: Option<&Checkpoint>,
+    packs: &[(PackId, Vec<Entry>)],
+) -> Result<()> {
+    store.write_index(packs)?;
+    if let Some(ck) = ck {
+        let ids: Vec<PackId> = packs.iter().map(|(id, _)| *id).collect();
+        ck.db.set_indexed(&ck.job, &ids)?;
+    }
+    Ok(())
 }
 
 /// The path of a source's top file.

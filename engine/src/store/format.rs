@@ -235,7 +235,8 @@ pub fn pack_header(pack_id: &PackId) -> [u8; PACK_HEADER] {
     h
 }
 
-fn encode_entries(entries: &[Entry], out: &mut Vec<u8>) {
+/// Appends entries in their 48-byte encoding (as in trailers and index objects).
+pub fn encode_entries(entries: &[Entry], out: &mut Vec<u8>) {
     for e in entries {
         out.extend_from_slice(&e.id);
         out.extend_from_slice(&e.offset.to_le_bytes());
@@ -253,11 +254,31 @@ fn decode_entry(b: &[u8]) -> Entry {
     }
 }
 
+/// Decodes entries in their 48-byte encoding; `None` if the length is not a multiple of 48.
+pub fn decode_entries(bytes: &[u8]) -> Option<Vec<Entry>> {
+    if !bytes.len().is_multiple_of(ENTRY_BYTES) {
+        return None;
+    }
+    Some(bytes.chunks_exact(ENTRY_BYTES).map(decode_entry).collect())
+}
+
 /// Appends the sealed trailer (a copy of the pack's entries) and the footer to a pack.
 pub fn finish_pack(sealer: &Sealer, pack: &mut Vec<u8>, entries: &[Entry]) -> Result<()> {
     let header: [u8; PACK_HEADER] = pack[..PACK_HEADER]
         .try_into()
         .expect("a pack starts with its header");
+    append_trailer(sealer, &header, entries, pack)
+}
+
+/// Appends the trailer and footer of the pack whose header is `header` to `out`, which may
+/// hold only the pack's last bytes (the last part of a multipart upload).
+pub fn append_trailer(
+    sealer: &Sealer,
+    header: &[u8; PACK_HEADER],
+    entries: &[Entry],
+    pack: &mut Vec<u8>,
+) -> Result<()> {
+    let header = *header;
     let mut record = vec![0u8; NONCE_BYTES];
     encode_entries(entries, &mut record);
     sealer.seal(&trailer_aad(&header), &mut record, 0)?;

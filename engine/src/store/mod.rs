@@ -21,9 +21,11 @@ mod repo;
 #[cfg(feature = "s3")]
 pub mod s3;
 
+pub(crate) use repo::pack_key;
 pub use repo::{
     ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions, MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE, Snapshot, SnapshotStats, SourceFingerprint, Store, StoreConfig, now_unix_ms,
+    read_store_id,
 };
 
 use std::fmt::Debug;
@@ -51,6 +53,54 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
+/// A part of a multipart upload, as the store acknowledged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// Part number, from 1.
+    pub number: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// The tag the store gave the part (S3: its ETag).
+    pub etag: String,
+    /// CRC-32C of the part, base64 as S3 carries it; the store checked the bytes against it.
+    pub crc32c: String,
+}
+
+/// A multipart upload the store holds open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    /// The object key it will create.
+    pub key: String,
+    /// The store's id of the upload.
+    pub upload_id: String,
+    /// When it was started, in milliseconds since the Unix epoch, if the store says.
+    pub initiated_unix_ms: Option<u64>,
+}
+
+/// How a backend that writes large objects as multipart uploads wants its parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartRules {
+    /// Smallest part but the last (S3: 5 MiB).
+    pub min_part: u64,
+    /// Largest part (S3: 5 GiB).
+    pub max_part: u64,
+    /// Most parts in one upload (S3: 10,000).
+    pub max_parts: u32,
+}
+
+impl PartRules {
+    /// The rules of Amazon S3.
+    pub const S3: PartRules = PartRules {
+        min_part: 5 << 20,
+        max_part: 5 << 30,
+        max_parts: 10_000,
+    };
+}
+
+fn no_multipart(location: &str) -> Error {
+    Error::internal(format!("{location} does not take multipart uploads"))
+}
+
 /// A flat namespace of immutable objects: the only thing a store backend provides.
 ///
 /// Contract: `put` is atomic (readers see the whole object or none) and durable when it
@@ -73,6 +123,50 @@ pub trait ObjectStore: Send + Sync + Debug {
     fn size(&self, key: &str) -> Result<u64>;
     /// Deletes an object; deleting a missing one is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+
+    /// The part rules when this backend writes large objects as multipart uploads (whose
+    /// parts become durable one by one); `None` when it writes whole objects only.
+    fn multipart(&self) -> Option<PartRules> {
+        None
+    }
+    /// Starts a multipart upload that will create `key`; returns its upload id.
+    fn create_upload(&self, key: &str) -> Result<String> {
+        let _ = key;
+        Err(no_multipart(&self.location()))
+    }
+    /// Uploads one part; the store checks the bytes against their CRC-32C in transit.
+    /// Uploading a number again replaces that part.
+    fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        data: bytes::Bytes,
+    ) -> Result<Part> {
+        let _ = (key, upload_id, number, data);
+        Err(no_multipart(&self.location()))
+    }
+    /// The parts the store holds for an upload, by number (every page of the listing).
+    fn list_parts(&self, key: &str, upload_id: &str) -> Result<Vec<Part>> {
+        let _ = (key, upload_id);
+        Err(no_multipart(&self.location()))
+    }
+    /// Assembles `parts` (ascending numbers, gaps allowed) into the object and checks that it
+    /// exists with their total size afterwards. An upload the store already completed (its
+    /// answer lost on the way) is recognised, not assembled twice.
+    fn complete_upload(&self, key: &str, upload_id: &str, parts: &[Part]) -> Result<()> {
+        let _ = (key, upload_id, parts);
+        Err(no_multipart(&self.location()))
+    }
+    /// Aborts an upload and frees its parts; a missing upload is not an error.
+    fn abort_upload(&self, key: &str, upload_id: &str) -> Result<()> {
+        let _ = (key, upload_id);
+        Err(no_multipart(&self.location()))
+    }
+    /// The multipart uploads open under this store.
+    fn list_uploads(&self) -> Result<Vec<Upload>> {
+        Ok(Vec::new())
+    }
 }
 
 /// Checks that a key is a relative path of safe components (`[a-z0-9._-]`, no `.`/`..`).
@@ -114,6 +208,9 @@ pub struct S3Options {
     pub operation_timeout: Duration,
     /// Time limit for opening a connection.
     pub connect_timeout: Duration,
+    /// Smallest part size to use instead of S3's 5 MiB, for services that take smaller parts
+    /// (tests of 10,000-part uploads use it); AWS refuses smaller parts at completion.
+    pub min_part_size: Option<u64>,
 }
 
 impl Default for S3Options {
@@ -126,6 +223,7 @@ impl Default for S3Options {
             attempt_timeout: Duration::from_secs(300),
             operation_timeout: Duration::from_secs(1800),
             connect_timeout: Duration::from_secs(5),
+            min_part_size: None,
         }
     }
 }

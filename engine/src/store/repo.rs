@@ -333,6 +333,12 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The id of the store on `backend`, read from its config (no passphrase needed).
+pub fn read_store_id(backend: &dyn ObjectStore) -> Result<String> {
+    let raw = backend.get(CONFIG_KEY, MAX_CONFIG_BYTES)?;
+    Ok(parse_config(&raw)?.store_id)
+}
+
 fn check_chunk_size(chunk_size: u32) -> Result<()> {
     if (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) && chunk_size.is_power_of_two() {
         Ok(())

@@ -27,7 +27,9 @@ use aws_smithy_types::config_bag::{ConfigBag, Storable, StoreReplace};
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 
-use super::{ObjectStore, PutMode, PutOutcome, S3Options, check_key};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+
+use super::{ObjectStore, Part, PartRules, PutMode, PutOutcome, S3Options, Upload, check_key};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Attempts per request while opening a store: fail fast on a wrong endpoint or bucket.
@@ -45,6 +47,7 @@ pub struct S3Store {
     /// Empty or ending in `/`.
     prefix: String,
     endpoint: String,
+    part_rules: PartRules,
 }
 
 impl fmt::Debug for S3Store {
@@ -150,6 +153,10 @@ impl S3Store {
             bucket,
             prefix,
             endpoint: custom_endpoint.unwrap_or_else(|| "AWS S3".to_owned()),
+            part_rules: PartRules {
+                min_part: opts.min_part_size.unwrap_or(PartRules::S3.min_part),
+                ..PartRules::S3
+            },
         };
         store.probe()?;
         Ok(store)
@@ -482,6 +489,228 @@ impl ObjectStore for S3Store {
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => Ok(()),
             Err(e) => Err(self.sdk_err("deleting an object", Some(key), &e)),
         }
+    }
+
+    fn multipart(&self) -> Option<PartRules> {
+        Some(self.part_rules)
+    }
+
+    fn create_upload(&self, key: &str) -> Result<String> {
+        let full = self.full_key(key)?;
+        let resp = self
+            .block(
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32C)
+                    .send(),
+            )
+            .map_err(|e| self.sdk_err("starting a multipart upload", Some(key), &e))?;
+        resp.upload_id().map(str::to_owned).ok_or_else(|| {
+            Error::new(ErrorKind::Store, "the store gave no upload id").with_object(key)
+        })
+    }
+
+    fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        data: bytes::Bytes,
+    ) -> Result<Part> {
+        let full = self.full_key(key)?;
+        let size = data.len() as u64;
+        let crc = aws_smithy_types::base64::encode(crc32c::crc32c(&data).to_be_bytes());
+        let resp = self
+            .block(
+                self.client
+                    .upload_part()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(upload_id)
+                    .part_number(i32::try_from(number).map_err(|_| {
+                        Error::internal("part number out of range").with_object(key)
+                    })?)
+                    .checksum_crc32_c(&crc)
+                    // The body shares the caller's buffer: no copy on the way to the socket.
+                    .body(ByteStream::from(data))
+                    .send(),
+            )
+            .map_err(|e| self.sdk_err(&format!("uploading part {number}"), Some(key), &e))?;
+        if let Some(echo) = resp.checksum_crc32_c()
+            && echo != crc
+        {
+            return Err(Error::new(
+                ErrorKind::Store,
+                format!(
+                    "part {number}: the store acknowledged another checksum ({echo}, not {crc})"
+                ),
+            )
+            .with_object(key));
+        }
+        let etag = resp.e_tag().map(str::to_owned).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Store,
+                format!("part {number}: the store gave no ETag"),
+            )
+            .with_object(key)
+        })?;
+        Ok(Part {
+            number,
+            size,
+            etag,
+            crc32c: crc,
+        })
+    }
+
+    fn list_parts(&self, key: &str, upload_id: &str) -> Result<Vec<Part>> {
+        let full = self.full_key(key)?;
+        let mut parts = Vec::new();
+        self.block(async {
+            let mut pages = self
+                .client
+                .list_parts()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(upload_id)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| self.sdk_err("listing parts", Some(key), &e))?;
+                for p in page.parts() {
+                    let (Some(n), Some(size), Some(etag)) = (p.part_number(), p.size(), p.e_tag())
+                    else {
+                        continue;
+                    };
+                    parts.push(Part {
+                        number: u32::try_from(n).unwrap_or(0),
+                        size: u64::try_from(size).unwrap_or(0),
+                        etag: etag.to_owned(),
+                        crc32c: p.checksum_crc32_c().unwrap_or_default().to_owned(),
+                    });
+                }
+            }
+            Ok::<_, Error>(())
+        })?;
+        parts.sort_by_key(|p| p.number);
+        Ok(parts)
+    }
+
+    fn complete_upload(&self, key: &str, upload_id: &str, parts: &[Part]) -> Result<()> {
+        let full = self.full_key(key)?;
+        let total: u64 = parts.iter().map(|p| p.size).sum();
+        let completed = CompletedMultipartUpload::builder()
+            .set_parts(Some(
+                parts
+                    .iter()
+                    .map(|p| {
+                        CompletedPart::builder()
+                            .part_number(i32::try_from(p.number).unwrap_or(i32::MAX))
+                            .e_tag(&p.etag)
+                            .checksum_crc32_c(&p.crc32c)
+                            .build()
+                    })
+                    .collect(),
+            ))
+            .build();
+        let result = self.block(
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(upload_id)
+                .multipart_upload(completed)
+                .send(),
+        );
+        if let Err(e) = result {
+            // The answer to an earlier attempt may have been lost after the store assembled
+            // the object: the retry then finds no such upload. The object tells.
+            if e.code() != Some("NoSuchUpload") {
+                return Err(self.sdk_err("completing a multipart upload", Some(key), &e));
+            }
+            tracing::info!(key, "completing found no such upload: checking the object");
+        }
+        // A 200 answer can still carry an error in its body: the object must be there, whole.
+        match self.size(key) {
+            Ok(n) if n == total => Ok(()),
+            Ok(n) => Err(Error::new(
+                ErrorKind::Store,
+                format!("after completing its upload the object has {n} bytes, not {total}"),
+            )
+            .with_object(key)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::new(
+                ErrorKind::Store,
+                "the store lost a multipart upload before it was completed (expired or aborted \
+                 by a lifecycle rule?); run the job again to send its parts anew",
+            )
+            .with_object(key)),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn abort_upload(&self, key: &str, upload_id: &str) -> Result<()> {
+        let full = self.full_key(key)?;
+        match self.block(
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(upload_id)
+                .send(),
+        ) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.code() == Some("NoSuchUpload")
+                    || e.raw_response().map(|r| r.status().as_u16()) == Some(404) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.sdk_err("aborting a multipart upload", Some(key), &e)),
+        }
+    }
+
+    fn list_uploads(&self) -> Result<Vec<Upload>> {
+        let mut out = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut id_marker: Option<String> = None;
+        loop {
+            let page = self
+                .block(
+                    self.client
+                        .list_multipart_uploads()
+                        .bucket(&self.bucket)
+                        .prefix(&self.prefix)
+                        .set_key_marker(key_marker.clone())
+                        .set_upload_id_marker(id_marker.clone())
+                        .send(),
+                )
+                .map_err(|e| self.sdk_err("listing multipart uploads", None, &e))?;
+            for u in page.uploads() {
+                let (Some(k), Some(id)) = (u.key(), u.upload_id()) else {
+                    continue;
+                };
+                let Some(k) = k.strip_prefix(&self.prefix) else {
+                    continue;
+                };
+                out.push(Upload {
+                    key: k.to_owned(),
+                    upload_id: id.to_owned(),
+                    initiated_unix_ms: u
+                        .initiated()
+                        .and_then(|t| u64::try_from(t.to_millis().ok()?).ok()),
+                });
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_owned);
+            id_marker = page.next_upload_id_marker().map(str::to_owned);
+            if key_marker.is_none() && id_marker.is_none() {
+                break;
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -1,0 +1,748 @@
+//! Job state and checkpoints: an embedded SQLite database (WAL, one writer per job).
+//!
+//! A job is one replication of one source into one store, identified by [`JobKey`]. While it
+//! runs, the database records what is durable in the store: every part the store
+//! acknowledged (with its ETag, checksum and the chunks it carries), every pack completed,
+//! and the chunk id found at each disk position. A run of the same job after a kill resumes
+//! from there: it reads only positions whose chunk is not durable and sends only what was in
+//! flight. Rows are written only after the store acknowledged what they describe.
+//!
+//! A lock file per job (an OS file lock, released when the process dies) keeps two processes
+//! from running one job at once.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::store::format::{self, Entry, Id, PackId, hex};
+use crate::store::{ObjectStore, Part, SourceFingerprint, now_unix_ms};
+
+/// Schema version of the database; a newer one is refused.
+const SCHEMA_VERSION: i64 = 1;
+
+/// How long taking a job's lock waits for a process that holds it.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Rows of positions written per transaction.
+pub const POSITION_BATCH: usize = 4096;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    store TEXT NOT NULL,
+    store_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    snapshot TEXT,
+    runs INTEGER NOT NULL DEFAULT 1,
+    bytes_sent INTEGER NOT NULL DEFAULT 0,
+    bytes_resent INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_key ON jobs (store_id, source, disk, chunk_size, state);
+CREATE TABLE IF NOT EXISTS packs (
+    job TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    pack BLOB NOT NULL,
+    upload_id TEXT,
+    state TEXT NOT NULL,
+    entries BLOB,
+    PRIMARY KEY (job, pack)
+);
+CREATE TABLE IF NOT EXISTS parts (
+    job TEXT NOT NULL,
+    pack BLOB NOT NULL,
+    number INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    crc32c TEXT NOT NULL,
+    chunks BLOB NOT NULL,
+    PRIMARY KEY (job, pack, number),
+    FOREIGN KEY (job, pack) REFERENCES packs (job, pack) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS positions (
+    job TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    id BLOB NOT NULL,
+    PRIMARY KEY (job, idx)
+) WITHOUT ROWID;
+";
+
+/// What identifies a job: the same store, source, disk and chunk size mean the same job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobKey {
+    /// The store's location as given (for messages).
+    pub store: String,
+    /// The store's id (a store moved to another location is the same store).
+    pub store_id: String,
+    /// The source, as an absolute path.
+    pub source: String,
+    /// Which disk of a multi-disk source (an OVA), or empty.
+    pub disk: String,
+    /// Chunk size of the store.
+    pub chunk_size: u32,
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Not finished: running now, or stopped (killed, failed, cancelled) and resumable.
+    Active,
+    /// Finished with a snapshot.
+    Done,
+}
+
+impl JobState {
+    fn parse(s: &str) -> JobState {
+        if s == "done" {
+            JobState::Done
+        } else {
+            JobState::Active
+        }
+    }
+}
+
+/// A job as the database records it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    /// Job id (16 hex digits).
+    pub id: String,
+    /// Store location as given when the job started.
+    pub store: String,
+    /// The store's id.
+    pub store_id: String,
+    /// Source path.
+    pub source: String,
+    /// Disk selector, or empty.
+    pub disk: String,
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// The source as it was when the job started.
+    pub fingerprint: SourceFingerprint,
+    /// Active or done.
+    pub state: JobState,
+    /// The snapshot a finished job made.
+    pub snapshot: Option<String>,
+    /// Runs so far (the first and every resume).
+    pub runs: u32,
+    /// Bytes of parts and packs the store acknowledged, over all runs.
+    pub bytes_sent: u64,
+    /// Bytes sent again because they were in flight when a run stopped.
+    pub bytes_resent: u64,
+    /// When the job started, ms since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// When the database last heard of it.
+    pub updated_unix_ms: u64,
+    /// The error the last run stopped on, if it failed.
+    pub last_error: Option<String>,
+    /// Whether a process is running it now (its lock is held).
+    pub running: bool,
+}
+
+/// A pack of a job whose multipart upload is still open.
+#[derive(Debug, Clone)]
+pub struct OpenPack {
+    /// Pack id.
+    pub pack: PackId,
+    /// The store's upload id.
+    pub upload_id: String,
+    /// Parts the store acknowledged, with the entries each carries (offsets within the part).
+    pub parts: Vec<(Part, Vec<Entry>)>,
+}
+
+/// Holds a job's lock file locked; dropping it releases the job.
+#[derive(Debug)]
+pub struct JobLock {
+    _file: File,
+}
+
+/// The job database.
+#[derive(Debug)]
+pub struct JobDb {
+    conn: Connection,
+    dir: PathBuf,
+}
+
+/// The default folder of the job database: `$BLOCKFERRY_STATE_DIR`, else
+/// `$XDG_STATE_HOME/blockferry`, else `~/.local/state/blockferry`.
+pub fn default_state_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("BLOCKFERRY_STATE_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("blockferry"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| {
+            Error::config("no folder for job state: set BLOCKFERRY_STATE_DIR or HOME")
+        })?;
+    Ok(PathBuf::from(home).join(".local/state/blockferry"))
+}
+
+fn db_err(what: &str, e: rusqlite::Error) -> Error {
+    Error::new(ErrorKind::Io, format!("job database: {what}")).with_source(e)
+}
+
+fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl JobDb {
+    /// Opens (creating if needed) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<JobDb> {
+        std::fs::create_dir_all(dir.join("locks"))
+            .map_err(|e| Error::io("creating the job state folder", dir, e))?;
+        let path = dir.join("jobs.sqlite");
+        let conn = Connection::open(&path).map_err(|e| db_err("opening", e).with_path(&path))?;
+        conn.busy_timeout(Duration::from_secs(30))
+            .map_err(|e| db_err("configuring", e))?;
+        // WAL with NORMAL sync: a commit survives the process being killed; the OS crashing
+        // may lose the last commits, which only costs re-sending their parts.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| db_err("configuring", e))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| db_err("configuring", e))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(|e| db_err("configuring", e))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|e| db_err("creating tables", e).with_path(&path))?;
+        let version: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| db_err("reading the schema version", e))?;
+        match version.as_deref().map(str::parse::<i64>) {
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema', ?1)",
+                    params![SCHEMA_VERSION.to_string()],
+                )
+                .map_err(|e| db_err("writing the schema version", e))?;
+            }
+            Some(Ok(v)) if v <= SCHEMA_VERSION => {}
+            Some(_) => {
+                return Err(Error::new(
+                    ErrorKind::UnsupportedVersion,
+                    "the job database was written by a newer blockferry; upgrade, or point \
+                     BLOCKFERRY_STATE_DIR elsewhere",
+                )
+                .with_path(&path));
+            }
+        }
+        Ok(JobDb {
+            conn,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The folder holding the database.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn lock_path(&self, job: &str) -> PathBuf {
+        self.dir.join("locks").join(format!("{job}.lock"))
+    }
+
+    /// Takes the job's lock, failing if another process holds it.
+    pub fn lock(&self, job: &str) -> Result<JobLock> {
+        let path = self.lock_path(job);
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io("opening the job lock", &path, e))?;
+        // A process killed a moment ago may still hold the lock while the kernel tears it
+        // down: wait a little before calling the job busy.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(JobLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "job {job} is running in another process; wait for it or stop it \
+                             first"
+                        ),
+                    ));
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::io("locking the job", &path, e));
+                }
+            }
+        }
+    }
+
+    fn is_running(&self, job: &str) -> bool {
+        File::options()
+            .write(true)
+            .open(self.lock_path(job))
+            .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+    }
+
+    fn record(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+        let id: String = row.get(0)?;
+        let fingerprint: String = row.get(6)?;
+        let state: String = row.get(7)?;
+        Ok(JobRecord {
+            running: self.is_running(&id),
+            id,
+            store: row.get(1)?,
+            store_id: row.get(2)?,
+            source: row.get(3)?,
+            disk: row.get(4)?,
+            chunk_size: u32::try_from(row.get::<_, i64>(5)?).unwrap_or(0),
+            fingerprint: serde_json::from_str(&fingerprint).unwrap_or(SourceFingerprint {
+                size: 0,
+                modified_unix_ns: 0,
+                device: 0,
+                inode: 0,
+            }),
+            state: JobState::parse(&state),
+            snapshot: row.get(8)?,
+            runs: u32::try_from(row.get::<_, i64>(9)?).unwrap_or(0),
+            bytes_sent: u64_of(row.get(10)?),
+            bytes_resent: u64_of(row.get(11)?),
+            created_unix_ms: u64_of(row.get(12)?),
+            updated_unix_ms: u64_of(row.get(13)?),
+            last_error: row.get(14)?,
+        })
+    }
+
+    const COLUMNS: &'static str = "id, store, store_id, source, disk, chunk_size, fingerprint, \
+        state, snapshot, runs, bytes_sent, bytes_resent, created_ms, updated_ms, last_error";
+
+    /// Every job, newest first.
+    pub fn list(&self) -> Result<Vec<JobRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {} FROM jobs ORDER BY created_ms DESC",
+                Self::COLUMNS
+            ))
+            .map_err(|e| db_err("listing jobs", e))?;
+        let rows = stmt
+            .query_map([], |r| self.record(r))
+            .map_err(|e| db_err("listing jobs", e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| db_err("listing jobs", e))
+    }
+
+    /// One job by id (or a unique prefix of it).
+    pub fn get(&self, id: &str) -> Result<JobRecord> {
+        let matches: Vec<JobRecord> = self
+            .list()?
+            .into_iter()
+            .filter(|j| j.id.starts_with(id))
+            .collect();
+        match matches.len() {
+            1 => Ok(matches.into_iter().next().expect("one match")),
+            0 => Err(Error::new(ErrorKind::NotFound, format!("no job {id:?}"))),
+            _ => Err(Error::config(format!(
+                "{id:?} names several jobs; give more of the id"
+            ))),
+        }
+    }
+
+    /// The unfinished job for `key`, if there is one.
+    pub fn find_active(&self, key: &JobKey) -> Result<Option<JobRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT {} FROM jobs WHERE store_id = ?1 AND source = ?2 AND disk = ?3 \
+                 AND chunk_size = ?4 AND state = 'active' ORDER BY created_ms DESC LIMIT 1",
+                Self::COLUMNS
+            ))
+            .map_err(|e| db_err("finding the job", e))?;
+        stmt.query_row(
+            params![key.store_id, key.source, key.disk, key.chunk_size],
+            |r| self.record(r),
+        )
+        .optional()
+        .map_err(|e| db_err("finding the job", e))
+    }
+
+    /// Records a new job.
+    pub fn create(&self, key: &JobKey, fingerprint: &SourceFingerprint) -> Result<JobRecord> {
+        let id = hex(&crate::store::crypto::random::<8>()?);
+        let now = i64_of(now_unix_ms());
+        let fp = serde_json::to_string(fingerprint)
+            .map_err(|e| Error::internal("encoding a fingerprint").with_source(e))?;
+        self.conn
+            .execute(
+                "INSERT INTO jobs (id, store, store_id, source, disk, chunk_size, fingerprint, \
+                 state, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', \
+                 ?8, ?8)",
+                params![
+                    id,
+                    key.store,
+                    key.store_id,
+                    key.source,
+                    key.disk,
+                    key.chunk_size,
+                    fp,
+                    now
+                ],
+            )
+            .map_err(|e| db_err("recording the job", e))?;
+        self.get(&id)
+    }
+
+    /// Counts one more run of a job and clears its last error.
+    pub fn start_run(&self, job: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET runs = runs + 1, last_error = NULL, updated_ms = ?2 \
+                 WHERE id = ?1",
+                params![job, i64_of(now_unix_ms())],
+            )
+            .map(drop)
+            .map_err(|e| db_err("updating the job", e))
+    }
+
+    /// Records the error a run stopped on.
+    pub fn set_error(&self, job: &str, error: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET last_error = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![job, error, i64_of(now_unix_ms())],
+            )
+            .map(drop)
+            .map_err(|e| db_err("updating the job", e))
+    }
+
+    /// Adds to the bytes a job re-sent.
+    pub fn add_resent(&self, job: &str, bytes: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET bytes_resent = bytes_resent + ?2 WHERE id = ?1",
+                params![job, i64_of(bytes)],
+            )
+            .map(drop)
+            .map_err(|e| db_err("updating the job", e))
+    }
+
+    /// Marks a job done with its snapshot and forgets its checkpoints.
+    pub fn finish(&self, job: &str, snapshot: &str) -> Result<()> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(|e| db_err("finishing the job", e))?;
+        tx.execute(
+            "UPDATE jobs SET state = 'done', snapshot = ?2, last_error = NULL, updated_ms = ?3 \
+             WHERE id = ?1",
+            params![job, snapshot, i64_of(now_unix_ms())],
+        )
+        .map_err(|e| db_err("finishing the job", e))?;
+        tx.execute("DELETE FROM positions WHERE job = ?1", params![job])
+            .map_err(|e| db_err("finishing the job", e))?;
+        tx.execute("DELETE FROM packs WHERE job = ?1", params![job])
+            .map_err(|e| db_err("finishing the job", e))?;
+        tx.commit().map_err(|e| db_err("finishing the job", e))
+    }
+
+    /// Abandons a job: aborts the multipart uploads it left open in its store (`backend`)
+    /// and forgets it. Fails if a process is running it.
+    pub fn abandon(&self, job: &str, backend: &dyn ObjectStore) -> Result<()> {
+        let lock = self.lock(job)?;
+        for open in self.open_packs(job)? {
+            backend.abort_upload(&crate::store::pack_key(&open.pack), &open.upload_id)?;
+            self.drop_pack(job, &open.pack)?;
+        }
+        self.delete(job)?;
+        drop(lock);
+        Ok(())
+    }
+
+    /// Upload ids of every open pack of every unfinished job of a store.
+    pub fn open_upload_ids(&self, store_id: &str) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT packs.upload_id FROM packs JOIN jobs ON jobs.id = packs.job \
+                 WHERE jobs.store_id = ?1 AND jobs.state = 'active' AND packs.state = 'open'",
+            )
+            .map_err(|e| db_err("reading packs", e))?;
+        let rows = stmt
+            .query_map(params![store_id], |r| r.get::<_, Option<String>>(0))
+            .map_err(|e| db_err("reading packs", e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let Some(id) = row.map_err(|e| db_err("reading packs", e))? {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets a job and everything recorded for it.
+    pub fn delete(&self, job: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM jobs WHERE id = ?1", params![job])
+            .map_err(|e| db_err("deleting the job", e))?;
+        let _ = std::fs::remove_file(self.lock_path(job));
+        Ok(())
+    }
+
+    /// Records the chunk id found at disk positions.
+    pub fn record_positions(&self, job: &str, positions: &[(u64, Id)]) -> Result<()> {
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(|e| db_err("recording positions", e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO positions (job, idx, id) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(|e| db_err("recording positions", e))?;
+            for (idx, id) in positions {
+                stmt.execute(params![job, i64_of(*idx), &id[..]])
+                    .map_err(|e| db_err("recording positions", e))?;
+            }
+        }
+        tx.commit().map_err(|e| db_err("recording positions", e))
+    }
+
+    /// Every recorded position of a job.
+    pub fn positions(&self, job: &str) -> Result<Vec<(u64, Id)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT idx, id FROM positions WHERE job = ?1")
+            .map_err(|e| db_err("reading positions", e))?;
+        let rows = stmt
+            .query_map(params![job], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(|e| db_err("reading positions", e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (idx, id) = row.map_err(|e| db_err("reading positions", e))?;
+            // A damaged row only costs reading that position again.
+            if let (Ok(idx), Ok(id)) = (u64::try_from(idx), Id::try_from(id.as_slice())) {
+                out.push((idx, id));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a pack whose multipart upload was started.
+    pub fn open_pack(&self, job: &str, pack: &PackId, upload_id: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO packs (job, pack, upload_id, state) VALUES (?1, ?2, ?3, 'open')",
+                params![job, &pack[..], upload_id],
+            )
+            .map(drop)
+            .map_err(|e| db_err("recording a pack", e))
+    }
+
+    /// Records a part the store acknowledged, with the entries it carries.
+    pub fn record_part(
+        &self,
+        job: &str,
+        pack: &PackId,
+        part: &Part,
+        chunks: &[Entry],
+    ) -> Result<()> {
+        let mut blob = Vec::with_capacity(chunks.len() * format::ENTRY_BYTES);
+        format::encode_entries(chunks, &mut blob);
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(|e| db_err("recording a part", e))?;
+        tx.execute(
+            "INSERT OR REPLACE INTO parts (job, pack, number, size, etag, crc32c, chunks) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                job,
+                &pack[..],
+                part.number,
+                i64_of(part.size),
+                part.etag,
+                part.crc32c,
+                blob
+            ],
+        )
+        .map_err(|e| db_err("recording a part", e))?;
+        tx.execute(
+            "UPDATE jobs SET bytes_sent = bytes_sent + ?2, updated_ms = ?3 WHERE id = ?1",
+            params![job, i64_of(part.size), i64_of(now_unix_ms())],
+        )
+        .map_err(|e| db_err("recording a part", e))?;
+        tx.commit().map_err(|e| db_err("recording a part", e))
+    }
+
+    /// Records a pack as complete in the store, with its entries (pack offsets).
+    pub fn complete_pack(
+        &self,
+        job: &str,
+        pack: &PackId,
+        entries: &[Entry],
+        whole: Option<u64>,
+    ) -> Result<()> {
+        let mut blob = Vec::with_capacity(entries.len() * format::ENTRY_BYTES);
+        format::encode_entries(entries, &mut blob);
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(|e| db_err("recording a pack", e))?;
+        tx.execute(
+            "INSERT INTO packs (job, pack, state, entries) VALUES (?1, ?2, 'complete', ?3) \
+             ON CONFLICT (job, pack) DO UPDATE SET state = 'complete', entries = ?3",
+            params![job, &pack[..], blob],
+        )
+        .map_err(|e| db_err("recording a pack", e))?;
+        tx.execute(
+            "DELETE FROM parts WHERE job = ?1 AND pack = ?2",
+            params![job, &pack[..]],
+        )
+        .map_err(|e| db_err("recording a pack", e))?;
+        if let Some(bytes) = whole {
+            tx.execute(
+                "UPDATE jobs SET bytes_sent = bytes_sent + ?2, updated_ms = ?3 WHERE id = ?1",
+                params![job, i64_of(bytes), i64_of(now_unix_ms())],
+            )
+            .map_err(|e| db_err("recording a pack", e))?;
+        }
+        tx.commit().map_err(|e| db_err("recording a pack", e))
+    }
+
+    /// Forgets a pack (its upload was aborted).
+    pub fn drop_pack(&self, job: &str, pack: &PackId) -> Result<()> {
+        self.conn
+            .execute(
+                "DELETE FROM packs WHERE job = ?1 AND pack = ?2",
+                params![job, &pack[..]],
+            )
+            .map(drop)
+            .map_err(|e| db_err("forgetting a pack", e))
+    }
+
+    /// Marks complete packs as listed in an index object of the store.
+    pub fn set_indexed(&self, job: &str, packs: &[PackId]) -> Result<()> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(|e| db_err("recording the index", e))?;
+        for pack in packs {
+            tx.execute(
+                "UPDATE packs SET state = 'indexed' WHERE job = ?1 AND pack = ?2",
+                params![job, &pack[..]],
+            )
+            .map_err(|e| db_err("recording the index", e))?;
+        }
+        tx.commit().map_err(|e| db_err("recording the index", e))
+    }
+
+    /// Complete packs, with their entries; `unindexed_only` leaves out those already indexed.
+    pub fn complete_packs(
+        &self,
+        job: &str,
+        unindexed_only: bool,
+    ) -> Result<Vec<(PackId, Vec<Entry>)>> {
+        let sql = if unindexed_only {
+            "SELECT pack, entries FROM packs WHERE job = ?1 AND state = 'complete'"
+        } else {
+            "SELECT pack, entries FROM packs WHERE job = ?1 AND state IN ('complete', 'indexed')"
+        };
+        let mut stmt = self
+            .conn
+            .prepare(sql)
+            .map_err(|e| db_err("reading packs", e))?;
+        let rows = stmt
+            .query_map(params![job], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
+            })
+            .map_err(|e| db_err("reading packs", e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (pack, entries) = row.map_err(|e| db_err("reading packs", e))?;
+            let pack = PackId::try_from(pack.as_slice())
+                .map_err(|_| Error::new(ErrorKind::Io, "job database: a damaged pack id"))?;
+            let entries = format::decode_entries(&entries.unwrap_or_default())
+                .ok_or_else(|| Error::new(ErrorKind::Io, "job database: damaged pack entries"))?;
+            out.push((pack, entries));
+        }
+        Ok(out)
+    }
+
+    /// Packs whose multipart upload is open, with their acknowledged parts.
+    pub fn open_packs(&self, job: &str) -> Result<Vec<OpenPack>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pack, upload_id FROM packs WHERE job = ?1 AND state = 'open'")
+            .map_err(|e| db_err("reading packs", e))?;
+        let packs = stmt
+            .query_map(params![job], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Option<String>>(1)?))
+            })
+            .map_err(|e| db_err("reading packs", e))?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| db_err("reading packs", e))?;
+        let mut out = Vec::new();
+        for (pack, upload_id) in packs {
+            let pack = PackId::try_from(pack.as_slice())
+                .map_err(|_| Error::new(ErrorKind::Io, "job database: a damaged pack id"))?;
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT number, size, etag, crc32c, chunks FROM parts \
+                     WHERE job = ?1 AND pack = ?2 ORDER BY number",
+                )
+                .map_err(|e| db_err("reading parts", e))?;
+            let parts = stmt
+                .query_map(params![job, &pack[..]], |r| {
+                    Ok((
+                        Part {
+                            number: r.get(0)?,
+                            size: u64_of(r.get(1)?),
+                            etag: r.get(2)?,
+                            crc32c: r.get(3)?,
+                        },
+                        r.get::<_, Vec<u8>>(4)?,
+                    ))
+                })
+                .map_err(|e| db_err("reading parts", e))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(|e| db_err("reading parts", e))?;
+            let mut decoded = Vec::new();
+            for (part, chunks) in parts {
+                let chunks = format::decode_entries(&chunks).ok_or_else(|| {
+                    Error::new(ErrorKind::Io, "job database: damaged part entries")
+                })?;
+                decoded.push((part, chunks));
+            }
+            out.push(OpenPack {
+                pack,
+                upload_id: upload_id.unwrap_or_default(),
+                parts: decoded,
+            });
+        }
+        Ok(out)
+    }
+}

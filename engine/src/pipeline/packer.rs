@@ -1,0 +1,427 @@
+//! Packs on their way to the store: whole objects for backends without multipart uploads
+//! (local folders), or multipart uploads whose parts go up in parallel on uploader threads
+//! (S3), each part durable on its own.
+//!
+//! Rules for a multipart pack, which make resuming simple:
+//! - every part but the last is at least the part target (≥ the store's minimum part);
+//! - part 1 (which starts with the pack header) is acknowledged before any other part is sent,
+//!   so a pack with durable parts always has its header;
+//! - the last part (the remaining chunk records, then the trailer) is sent only after every
+//!   other part was acknowledged, and the upload is completed right after it.
+//!
+//! A run that stops leaves at most the open packs' uploads; the next run of the job completes
+//! them from the parts the job database recorded (see [`finish_open_packs`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+
+use super::{Msg, Shared};
+use crate::error::{Error, ErrorKind, Result};
+use crate::job::Counters;
+use crate::job::state::JobDb;
+use crate::store::format::{self, Entry, Id, PackId, hex};
+use crate::store::{Part, Store, crypto};
+
+/// Largest part a pack is cut into.
+pub(super) const MAX_PART_BYTES: usize = 64 << 20;
+
+/// How packs reach the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PackMode {
+    /// One put per pack, of at most `target` bytes of chunk records.
+    Whole,
+    /// Multipart uploads: parts of `part_target` bytes, at most `max_parts` parts a pack.
+    Multipart { max_parts: u32 },
+}
+
+/// The acknowledged parts of one pack, shared by its worker and the uploaders.
+pub(super) struct PackAcks {
+    state: Mutex<AckState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct AckState {
+    parts: BTreeMap<u32, Part>,
+    failed: bool,
+}
+
+impl PackAcks {
+    fn new() -> Arc<PackAcks> {
+        Arc::new(PackAcks {
+            state: Mutex::new(AckState::default()),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn ack(&self, part: Part) {
+        let mut s = self.state.lock().expect("acks lock");
+        s.parts.insert(part.number, part);
+        self.cv.notify_all();
+    }
+
+    fn fail(&self) {
+        self.state.lock().expect("acks lock").failed = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until parts `1..=n` are all acknowledged; false if a part failed or the run
+    /// stops for an error.
+    fn wait_through(&self, n: u32, sh: &Shared<'_>) -> bool {
+        let mut s = self.state.lock().expect("acks lock");
+        loop {
+            if s.failed || sh.stop.is_cancelled() {
+                return false;
+            }
+            if (1..=n).all(|k| s.parts.contains_key(&k)) {
+                return true;
+            }
+            s = self
+                .cv
+                .wait_timeout(s, Duration::from_millis(100))
+                .expect("acks lock")
+                .0;
+        }
+    }
+
+    fn parts(&self) -> Vec<Part> {
+        self.state
+            .lock()
+            .expect("acks lock")
+            .parts
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// A part on its way to an uploader.
+pub(super) struct PartJob {
+    pack: PackId,
+    upload_id: String,
+    number: u32,
+    data: Bytes,
+    /// The chunk records it carries, offsets within the part.
+    chunks: Vec<Entry>,
+    acks: Arc<PackAcks>,
+    /// For the last part: the pack's entries (pack offsets); the uploader completes the upload.
+    last: Option<Vec<Entry>>,
+}
+
+/// The multipart side of an open pack.
+struct Upload {
+    id: String,
+    next_number: u32,
+    /// Pack offset where the part being filled starts.
+    part_base: u64,
+    /// First entry of the part being filled.
+    part_first_entry: usize,
+    acks: Arc<PackAcks>,
+}
+
+/// A worker's pack being filled.
+pub(super) struct OpenPack {
+    pub(super) id: PackId,
+    /// The whole pack (whole mode) or the part being filled (multipart).
+    pub(super) buf: Vec<u8>,
+    /// Every chunk record of the pack, pack offsets.
+    pub(super) entries: Vec<Entry>,
+    pub(super) sealer: crypto::Sealer,
+    upload: Option<Upload>,
+}
+
+impl OpenPack {
+    pub(super) fn start(
+        sh: &Shared<'_>,
+        spare: &mut Vec<u8>,
+        msgs: &Sender<Msg>,
+    ) -> Result<OpenPack> {
+        let id: PackId = crypto::random()?;
+        let mut buf = std::mem::take(spare);
+        buf.clear();
+        buf.extend_from_slice(&format::pack_header(&id));
+        let upload = match sh.pack_mode {
+            PackMode::Whole => None,
+            PackMode::Multipart { .. } => {
+                let upload_id = sh
+                    .store
+                    .backend()
+                    .create_upload(&crate::store::pack_key(&id))?;
+                // Recorded before any of its parts can be acknowledged.
+                let _ = msgs.send(Msg::PackOpened {
+                    id,
+                    upload_id: upload_id.clone(),
+                });
+                Some(Upload {
+                    id: upload_id,
+                    next_number: 1,
+                    part_base: 0,
+                    part_first_entry: 0,
+                    acks: PackAcks::new(),
+                })
+            }
+        };
+        Ok(OpenPack {
+            id,
+            buf,
+            entries: Vec::new(),
+            sealer: sh.store.keys().pack_sealer(&id),
+            upload,
+        })
+    }
+
+    /// Pack offset at which the next chunk record goes.
+    pub(super) fn next_offset(&self) -> u64 {
+        self.upload.as_ref().map_or(0, |u| u.part_base) + self.buf.len() as u64
+    }
+
+    /// After a chunk record was added: sends a full part, or says the pack is full.
+    /// Returns true when the pack should be finished now.
+    pub(super) fn after_add(&mut self, sh: &Shared<'_>, parts: &Sender<PartJob>) -> Result<bool> {
+        let full_entries = self.entries.len() >= super::MAX_PACK_ENTRIES;
+        match (&self.upload, sh.pack_mode) {
+            (None, _) => {
+                Ok(self.buf.len() - format::PACK_HEADER >= sh.plan.pack_target || full_entries)
+            }
+            (Some(u), PackMode::Multipart { max_parts }) => {
+                if full_entries || u.next_number + 1 >= max_parts {
+                    return Ok(true);
+                }
+                if self.buf.len() >= sh.plan.pack_target {
+                    self.send_part(sh, parts, None)?;
+                }
+                Ok(false)
+            }
+            (Some(_), PackMode::Whole) => Err(Error::internal("multipart pack in whole mode")),
+        }
+    }
+
+    /// Hands the part being filled to the uploaders (`last`: the pack's entries, for the
+    /// last part).
+    fn send_part(
+        &mut self,
+        sh: &Shared<'_>,
+        parts: &Sender<PartJob>,
+        last: Option<Vec<Entry>>,
+    ) -> Result<()> {
+        let u = self.upload.as_mut().expect("multipart pack");
+        let number = u.next_number;
+        // Part 1 first; the last part after all the others.
+        let wait_for = if last.is_some() {
+            number - 1
+        } else {
+            u32::from(number > 1)
+        };
+        if wait_for > 0 && !u.acks.wait_through(wait_for, sh) {
+            return Err(stopped());
+        }
+        let chunks = self.entries[u.part_first_entry..]
+            .iter()
+            .map(|e| Entry {
+                offset: e.offset - u.part_base,
+                ..*e
+            })
+            .collect();
+        let capacity = self.buf.capacity();
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(capacity));
+        u.part_base += data.len() as u64;
+        u.part_first_entry = self.entries.len();
+        u.next_number += 1;
+        let mut job = PartJob {
+            pack: self.id,
+            upload_id: u.id.clone(),
+            number,
+            data: Bytes::from(data),
+            chunks,
+            acks: Arc::clone(&u.acks),
+            last,
+        };
+        loop {
+            match parts.send_timeout(job, Duration::from_millis(100)) {
+                Ok(()) => return Ok(()),
+                Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
+                    if sh.stop.is_cancelled() {
+                        return Err(stopped());
+                    }
+                    job = j;
+                }
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
+                    return Err(stopped());
+                }
+            }
+        }
+    }
+
+    /// Finishes the pack: whole mode puts it; multipart sends the last part (records and
+    /// trailer), and its uploader completes the upload.
+    pub(super) fn finish(
+        mut self,
+        sh: &Shared<'_>,
+        parts: &Sender<PartJob>,
+        spare: &mut Vec<u8>,
+        msgs: &Sender<Msg>,
+    ) -> Result<()> {
+        if self.upload.is_none() {
+            format::finish_pack(&self.sealer, &mut self.buf, &self.entries)?;
+            sh.store.put_pack(&self.id, &self.buf)?;
+            let bytes = self.buf.len() as u64;
+            Counters::add(&sh.counters.bytes_written, bytes);
+            tracing::debug!(pack = %hex(&self.id), bytes, chunks = self.entries.len(), "pack stored");
+            let _ = msgs.send(Msg::PackDone {
+                id: self.id,
+                entries: self.entries,
+                bytes,
+                whole: true,
+            });
+            *spare = self.buf;
+            return Ok(());
+        }
+        let header = format::pack_header(&self.id);
+        format::append_trailer(&self.sealer, &header, &self.entries, &mut self.buf)?;
+        let entries = self.entries.clone();
+        self.send_part(sh, parts, Some(entries))
+    }
+}
+
+fn stopped() -> Error {
+    Error::new(ErrorKind::Cancelled, "stopped")
+}
+
+/// An uploader thread: sends parts, reports acknowledgements, completes finished packs.
+pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<PartJob>, msgs: &Sender<Msg>) {
+    let backend = sh.store.backend();
+    for job in parts {
+        if sh.stop.is_cancelled() {
+            job.acks.fail();
+            continue;
+        }
+        let key = crate::store::pack_key(&job.pack);
+        let size = job.data.len() as u64;
+        let result = backend.upload_part(&key, &job.upload_id, job.number, job.data);
+        let part = match result {
+            Ok(part) => part,
+            Err(e) => {
+                job.acks.fail();
+                sh.fail(msgs, e);
+                continue;
+            }
+        };
+        Counters::add(&sh.counters.bytes_written, size);
+        job.acks.ack(part.clone());
+        let _ = msgs.send(Msg::PartAcked {
+            pack: job.pack,
+            part,
+            chunks: job.chunks,
+        });
+        if let Some(entries) = job.last {
+            let all = job.acks.parts();
+            let bytes = all.iter().map(|p| p.size).sum();
+            match backend.complete_upload(&key, &job.upload_id, &all) {
+                Ok(()) => {
+                    tracing::debug!(pack = %hex(&job.pack), bytes, parts = all.len(), "pack completed");
+                    let _ = msgs.send(Msg::PackDone {
+                        id: job.pack,
+                        entries,
+                        bytes,
+                        whole: false,
+                    });
+                }
+                Err(e) => sh.fail(msgs, e),
+            }
+        }
+    }
+}
+
+/// What finishing a job's open packs found.
+#[derive(Debug, Default)]
+pub(super) struct Finished {
+    /// Chunk ids now durable in complete packs.
+    pub(super) durable: HashSet<Id>,
+    /// Bytes of acknowledged parts that were lost and will be sent again.
+    pub(super) lost_bytes: u64,
+}
+
+/// Completes the multipart uploads a stopped run of `job` left open, from the parts the
+/// database recorded and the store still holds (checked with a paginated ListParts): each
+/// becomes a pack of its durable parts plus a trailer part. An upload without its first part
+/// is aborted (nothing of it was durable). Returns the chunk ids of every complete pack of
+/// the job.
+pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<Finished> {
+    let backend = store.backend();
+    let mut out = Finished::default();
+    for open in db.open_packs(job)? {
+        let key = crate::store::pack_key(&open.pack);
+        let recorded: u64 = open.parts.iter().map(|(p, _)| p.size).sum();
+        let held = match backend.list_parts(&key, &open.upload_id) {
+            Ok(held) => held,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                tracing::warn!(pack = %hex(&open.pack), "an open upload of the job is gone from the store; its chunks will be sent again");
+                db.drop_pack(job, &open.pack)?;
+                out.lost_bytes += recorded;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let held: BTreeMap<u32, Part> = held.into_iter().map(|p| (p.number, p)).collect();
+        let trim = |s: &str| s.trim_matches('"').to_owned();
+        let durable: Vec<&(Part, Vec<Entry>)> = open
+            .parts
+            .iter()
+            .filter(|(p, _)| {
+                held.get(&p.number)
+                    .is_some_and(|h| h.size == p.size && trim(&h.etag) == trim(&p.etag))
+            })
+            .collect();
+        let durable_bytes: u64 = durable.iter().map(|(p, _)| p.size).sum();
+        out.lost_bytes += recorded - durable_bytes;
+        if durable.first().is_none_or(|(p, _)| p.number != 1) {
+            backend.abort_upload(&key, &open.upload_id)?;
+            db.drop_pack(job, &open.pack)?;
+            continue;
+        }
+        let mut entries = Vec::new();
+        let mut base = 0u64;
+        let mut parts = Vec::new();
+        for (part, chunks) in &durable {
+            entries.extend(chunks.iter().map(|e| Entry {
+                offset: base + e.offset,
+                ..*e
+            }));
+            base += part.size;
+            parts.push(part.clone());
+        }
+        let sealer = store.keys().pack_sealer(&open.pack);
+        let mut last = Vec::new();
+        format::append_trailer(
+            &sealer,
+            &format::pack_header(&open.pack),
+            &entries,
+            &mut last,
+        )?;
+        let number = held
+            .keys()
+            .chain(open.parts.iter().map(|(p, _)| &p.number))
+            .max()
+            .copied()
+            .unwrap_or(0)
+            + 1;
+        let trailer = backend.upload_part(&key, &open.upload_id, number, Bytes::from(last))?;
+        parts.push(trailer);
+        backend.complete_upload(&key, &open.upload_id, &parts)?;
+        tracing::info!(
+            pack = %hex(&open.pack),
+            parts = parts.len(),
+            chunks = entries.len(),
+            "completed a pack the last run left open"
+        );
+        db.complete_pack(job, &open.pack, &entries, None)?;
+    }
+    for (_, entries) in db.complete_packs(job, false)? {
+        out.durable.extend(entries.iter().map(|e| e.id));
+    }
+    Ok(out)
+}
