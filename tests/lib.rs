@@ -15,6 +15,8 @@ use std::process::{Command, Output};
 
 pub use serde_json::Value;
 
+/// A fault-injecting HTTP proxy between blockferry and the S3 server.
+pub mod proxy;
 /// VHD files built from the specification.
 pub mod vhd_builder;
 /// VHDX files built from the specification.

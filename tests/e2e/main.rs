@@ -31,6 +31,8 @@ mod ova;
 mod roundtrip;
 /// The S3 backend against a real S3 server on loopback.
 mod s3;
+/// S3 under faults: kill -9 and resume, network cuts, 503 storms, lost answers.
+mod s3_faults;
 /// VHD chains and hostile VHDs built from the specification.
 mod vhd;
 /// Hostile VHDX files.

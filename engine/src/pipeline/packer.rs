@@ -409,9 +409,23 @@ pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<
             .copied()
             .unwrap_or(0)
             + 1;
-        let trailer = backend.upload_part(&key, &open.upload_id, number, Bytes::from(last))?;
-        parts.push(trailer);
-        backend.complete_upload(&key, &open.upload_id, &parts)?;
+        let completed = backend
+            .upload_part(&key, &open.upload_id, number, Bytes::from(last))
+            .and_then(|trailer| {
+                parts.push(trailer);
+                backend.complete_upload(&key, &open.upload_id, &parts)
+            });
+        if let Err(e) = completed {
+            // A pack that cannot be completed must not block the job for ever: give it up
+            // (if the store can be told) and send its chunks again.
+            if backend.abort_upload(&key, &open.upload_id).is_err() {
+                return Err(e);
+            }
+            tracing::warn!(pack = %hex(&open.pack), error = %e, "an open pack of the last run could not be completed; its chunks will be sent again");
+            db.drop_pack(job, &open.pack)?;
+            out.lost_bytes += durable_bytes;
+            continue;
+        }
         tracing::info!(
             pack = %hex(&open.pack),
             parts = parts.len(),

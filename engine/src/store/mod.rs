@@ -208,6 +208,9 @@ pub struct S3Options {
     pub operation_timeout: Duration,
     /// Time limit for opening a connection.
     pub connect_timeout: Duration,
+    /// Access key id and secret key to use instead of the AWS chain (for embedding callers
+    /// that hold credentials themselves).
+    pub static_credentials: Option<(String, String)>,
     /// Smallest part size to use instead of S3's 5 MiB, for services that take smaller parts
     /// (tests of 10,000-part uploads use it); AWS refuses smaller parts at completion.
     pub min_part_size: Option<u64>,
@@ -224,6 +227,7 @@ impl Default for S3Options {
             operation_timeout: Duration::from_secs(1800),
             connect_timeout: Duration::from_secs(5),
             min_part_size: None,
+            static_credentials: None,
         }
     }
 }

@@ -20,6 +20,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
+use aws_smithy_runtime::client::retries::{RetryPartition, TokenBucket};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::orchestrator::{HttpResponse, Metadata};
 use aws_smithy_runtime_api::client::retries::RequestAttempts;
@@ -31,6 +32,12 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
 use super::{ObjectStore, Part, PartRules, PutMode, PutOutcome, S3Options, Upload, check_key};
 use crate::error::{Error, ErrorKind, Result};
+
+/// Fetches of one object tried when its body breaks off mid-transfer.
+const BODY_ATTEMPTS: u32 = 4;
+
+/// Completions of one upload tried when the store claims success but shows no object.
+const COMPLETE_ATTEMPTS: u32 = 3;
 
 /// Attempts per request while opening a store: fail fast on a wrong endpoint or bucket.
 const PROBE_ATTEMPTS: u32 = 3;
@@ -136,6 +143,15 @@ impl S3Store {
         if let Some(endpoint) = &opts.endpoint {
             loader = loader.endpoint_url(endpoint);
         }
+        if let Some((key, secret)) = &opts.static_credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                key.clone(),
+                secret.clone(),
+                None,
+                None,
+                "blockferry options",
+            ));
+        }
         if let Some(region) = &opts.region {
             loader = loader.region(Region::new(region.clone()));
         }
@@ -143,6 +159,13 @@ impl S3Store {
         let custom_endpoint = shared.endpoint_url().map(str::to_owned);
         let mut conf = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(opts.path_style.unwrap_or(custom_endpoint.is_some()))
+            // No client-side retry quota: under a long throttling storm a migration keeps
+            // trying within each request's attempts and deadline instead of giving up early.
+            .retry_partition(
+                RetryPartition::custom("blockferry")
+                    .token_bucket(TokenBucket::unlimited())
+                    .build(),
+            )
             .interceptor(LogRetries);
         if shared.region().is_none() {
             conf = conf.region(Region::from_static("us-east-1"));
@@ -214,6 +237,62 @@ impl S3Store {
         Ok(format!("{}{key}", self.prefix))
     }
 
+    /// GETs an object or an inclusive byte range of it, refusing more than `max_len` bytes.
+    /// A body that breaks off mid-transfer is fetched again (the SDK retries a request only
+    /// until its answer's headers arrive).
+    fn get_bytes(&self, key: &str, range: Option<(u64, u64)>, max_len: u64) -> Result<Vec<u8>> {
+        let full = self.full_key(key)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let fetched = self.block(async {
+                let mut req = self.client.get_object().bucket(&self.bucket).key(&full);
+                if let Some((first, last)) = range {
+                    req = req.range(format!("bytes={first}-{last}"));
+                }
+                let resp = req.send().await.map_err(|e| {
+                    let status = e.raw_response().map(|r| r.status().as_u16());
+                    Fetch::Failed(if e.code() == Some("InvalidRange") || status == Some(416) {
+                        Error::corrupt(key, "range past the end of the object (truncated)")
+                            .with_offset(range.map_or(0, |r| r.0))
+                    } else {
+                        self.sdk_err("reading an object", Some(key), &e)
+                    })
+                })?;
+                let announced = resp.content_length().and_then(|n| u64::try_from(n).ok());
+                if announced.is_some_and(|n| n > max_len) {
+                    return Err(Fetch::Failed(Error::corrupt(
+                        key,
+                        format!("object is larger than the {max_len} bytes it may have"),
+                    )));
+                }
+                let body = collect_body(resp.body, key, max_len).await?;
+                if announced.is_some_and(|n| n != body.len() as u64) {
+                    return Err(Fetch::Broken(
+                        Error::new(
+                            ErrorKind::Store,
+                            format!(
+                                "reading an object: the answer ended after {} of {} bytes",
+                                body.len(),
+                                announced.unwrap_or_default()
+                            ),
+                        )
+                        .with_object(key),
+                    ));
+                }
+                Ok(body)
+            });
+            match fetched {
+                Ok(body) => return Ok(body),
+                Err(Fetch::Broken(e)) if attempt < BODY_ATTEMPTS => {
+                    tracing::info!(key, attempt, reason = %e, "retrying S3 read");
+                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+                }
+                Err(Fetch::Broken(e) | Fetch::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
     /// Turns an SDK error into an engine error that says what failed and how to fix it.
     fn sdk_err<E>(&self, doing: &str, key: Option<&str>, e: &SdkError<E, HttpResponse>) -> Error
     where
@@ -232,6 +311,14 @@ impl S3Store {
                 ErrorKind::Store,
                 format!(
                     "{doing}: cannot reach {} ({}); check the endpoint and the network",
+                    self.endpoint,
+                    chain(e)
+                ),
+            ),
+            SdkError::ResponseError(_) => (
+                ErrorKind::Store,
+                format!(
+                    "{doing}: the connection to {} broke before a whole answer came ({})",
                     self.endpoint,
                     chain(e)
                 ),
@@ -360,33 +447,7 @@ impl ObjectStore for S3Store {
     }
 
     fn get(&self, key: &str, max_len: u64) -> Result<Vec<u8>> {
-        let full = self.full_key(key)?;
-        self.block(async {
-            let resp = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(&full)
-                .send()
-                .await
-                .map_err(|e| self.sdk_err("reading an object", Some(key), &e))?;
-            let announced = resp.content_length().and_then(|n| u64::try_from(n).ok());
-            if announced.is_some_and(|n| n > max_len) {
-                return Err(Error::corrupt(
-                    key,
-                    format!("object is larger than the {max_len} bytes it may have"),
-                ));
-            }
-            let body = collect_body(resp.body, key, max_len).await?;
-            if announced.is_some_and(|n| n != body.len() as u64) {
-                return Err(Error::new(
-                    ErrorKind::Store,
-                    "reading an object: the response body ended early",
-                )
-                .with_object(key));
-            }
-            Ok(body)
-        })
+        self.get_bytes(key, None, max_len)
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()> {
@@ -394,39 +455,18 @@ impl ObjectStore for S3Store {
         if len == 0 {
             return Ok(());
         }
-        let full = self.full_key(key)?;
         let last = offset
             .checked_add(len as u64 - 1)
             .ok_or_else(|| Error::corrupt(key, "range past the end of the object"))?;
-        self.block(async {
-            let resp = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(&full)
-                .range(format!("bytes={offset}-{last}"))
-                .send()
-                .await
-                .map_err(|e| {
-                    if e.code() == Some("InvalidRange")
-                        || e.raw_response().map(|r| r.status().as_u16()) == Some(416)
-                    {
-                        Error::corrupt(key, "range past the end of the object (truncated)")
-                            .with_offset(offset)
-                    } else {
-                        self.sdk_err("reading an object", Some(key), &e)
-                    }
-                })?;
-            let body = collect_body(resp.body, key, len as u64).await?;
-            if body.len() != len {
-                return Err(
-                    Error::corrupt(key, "range past the end of the object (truncated)")
-                        .with_offset(offset),
-                );
-            }
-            *buf = body;
-            Ok(())
-        })
+        let body = self.get_bytes(key, Some((offset, last)), len as u64)?;
+        if body.len() != len {
+            return Err(
+                Error::corrupt(key, "range past the end of the object (truncated)")
+                    .with_offset(offset),
+            );
+        }
+        *buf = body;
+        Ok(())
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
@@ -614,38 +654,57 @@ impl ObjectStore for S3Store {
                     .collect(),
             ))
             .build();
-        let result = self.block(
-            self.client
-                .complete_multipart_upload()
-                .bucket(&self.bucket)
-                .key(&full)
-                .upload_id(upload_id)
-                .multipart_upload(completed)
-                .send(),
-        );
-        if let Err(e) = result {
-            // The answer to an earlier attempt may have been lost after the store assembled
-            // the object: the retry then finds no such upload. The object tells.
-            if e.code() != Some("NoSuchUpload") {
-                return Err(self.sdk_err("completing a multipart upload", Some(key), &e));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self.block(
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(upload_id)
+                    .multipart_upload(completed.clone())
+                    .send(),
+            );
+            let mut no_such_upload = false;
+            if let Err(e) = result {
+                // The answer to an earlier attempt may have been lost after the store
+                // assembled the object: the retry then finds no such upload. The object tells.
+                if e.code() != Some("NoSuchUpload") {
+                    return Err(self.sdk_err("completing a multipart upload", Some(key), &e));
+                }
+                no_such_upload = true;
+                tracing::info!(key, "completing found no such upload: checking the object");
             }
-            tracing::info!(key, "completing found no such upload: checking the object");
-        }
-        // A 200 answer can still carry an error in its body: the object must be there, whole.
-        match self.size(key) {
-            Ok(n) if n == total => Ok(()),
-            Ok(n) => Err(Error::new(
-                ErrorKind::Store,
-                format!("after completing its upload the object has {n} bytes, not {total}"),
-            )
-            .with_object(key)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::new(
-                ErrorKind::Store,
-                "the store lost a multipart upload before it was completed (expired or aborted \
-                 by a lifecycle rule?); run the job again to send its parts anew",
-            )
-            .with_object(key)),
-            Err(e) => Err(e),
+            // A success is believed only once the object is there, whole.
+            match self.size(key) {
+                Ok(n) if n == total => return Ok(()),
+                Ok(n) => {
+                    return Err(Error::new(
+                        ErrorKind::Store,
+                        format!(
+                            "after completing its upload the object has {n} bytes, not {total}"
+                        ),
+                    )
+                    .with_object(key));
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound && no_such_upload => {
+                    return Err(Error::new(
+                        ErrorKind::Store,
+                        "the store lost a multipart upload before it was completed (expired, \
+                         or aborted by a lifecycle rule?); run the job again to send it anew",
+                    )
+                    .with_object(key));
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound && attempt < COMPLETE_ATTEMPTS => {
+                    tracing::info!(
+                        key,
+                        attempt,
+                        "the store answered the completion but has no object: completing again"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -714,22 +773,34 @@ impl ObjectStore for S3Store {
     }
 }
 
+/// Why a GET failed: a body that broke off (worth fetching again) or anything else.
+enum Fetch {
+    Broken(Error),
+    Failed(Error),
+}
+
 /// Reads a response body, refusing more than `max_len` bytes.
-async fn collect_body(mut body: ByteStream, key: &str, max_len: u64) -> Result<Vec<u8>> {
+async fn collect_body(
+    mut body: ByteStream,
+    key: &str,
+    max_len: u64,
+) -> std::result::Result<Vec<u8>, Fetch> {
     let mut out = Vec::new();
     while let Some(piece) = body.next().await {
         let piece = piece.map_err(|e| {
-            Error::new(
-                ErrorKind::Store,
-                format!("reading an object: the transfer broke ({})", chain(&e)),
+            Fetch::Broken(
+                Error::new(
+                    ErrorKind::Store,
+                    format!("reading an object: the transfer broke ({})", chain(&e)),
+                )
+                .with_object(key),
             )
-            .with_object(key)
         })?;
         if out.len() as u64 + piece.len() as u64 > max_len {
-            return Err(Error::corrupt(
+            return Err(Fetch::Failed(Error::corrupt(
                 key,
                 format!("object is larger than the {max_len} bytes it may have"),
-            ));
+            )));
         }
         out.extend_from_slice(&piece);
     }

@@ -1,0 +1,300 @@
+//! S3 under faults, through a fault-injecting proxy in front of the real server: kill -9 at
+//! random moments with resume, network cuts, 503 storms, lost and broken answers.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use blockferry::store::{S3Options, open_backend};
+use blockferry_tests::proxy::{Action, Proxy};
+use blockferry_tests::{MIB, PASSPHRASE, Rng, Sandbox, bin, file_hash, make_image, s3};
+
+/// Part size of these tests: S3's smallest (SeaweedFS, like AWS, refuses smaller parts when
+/// an upload is completed), so that one job has many parts.
+const PART: &str = "5M";
+const PART_BYTES: u64 = 5 * MIB;
+/// Uploads in flight at once in the kill test.
+const JOBS: u64 = 2;
+
+/// A sandbox whose store is reached through `proxy`.
+fn through(proxy: &Proxy, tag: &str) -> (Sandbox, Vec<String>) {
+    let sb = Sandbox::new_s3(tag);
+    let args = vec!["--endpoint".to_owned(), proxy.url.clone()];
+    (sb, args)
+}
+
+fn with<'a>(base: &[&'a str], extra: &'a [String]) -> Vec<&'a str> {
+    let mut v = base.to_vec();
+    v.extend(extra.iter().map(String::as_str));
+    v
+}
+
+/// Bytes of the packs in a store.
+fn pack_bytes(url: &str) -> u64 {
+    let env = s3();
+    let backend = open_backend(
+        url,
+        false,
+        &S3Options {
+            endpoint: Some(env.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            static_credentials: Some((env.access_key.clone(), env.secret_key.clone())),
+            ..S3Options::default()
+        },
+    )
+    .unwrap();
+    backend
+        .list("packs/")
+        .unwrap()
+        .iter()
+        .map(|k| backend.size(k).unwrap())
+        .sum()
+}
+
+/// Replicates, restores and verifies; returns the replicate report and stderr.
+fn replicate_and_check(
+    sb: &Sandbox,
+    image: &std::path::Path,
+    extra: &[String],
+) -> (blockferry_tests::Value, String) {
+    let store = sb.store();
+    let mut args = with(
+        &[
+            "replicate",
+            image.to_str().unwrap(),
+            "--store",
+            &store,
+            "--part-size",
+            PART,
+            "--json",
+        ],
+        extra,
+    );
+    args.extend(["--jobs", "4"]);
+    let out = sb.run(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "replicate failed:\n{stderr}");
+    let report: blockferry_tests::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let snap = report["snapshot"].as_str().unwrap().to_owned();
+    let restored = sb.path(&format!("{snap}.out"));
+    let out = sb.run(&with(
+        &[
+            "restore",
+            "--store",
+            &store,
+            &snap,
+            restored.to_str().unwrap(),
+        ],
+        extra,
+    ));
+    assert!(
+        out.status.success(),
+        "restore failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(file_hash(&restored), file_hash(image), "restore differs");
+    let out = sb.run(&with(
+        &[
+            "verify",
+            "--store",
+            &store,
+            &snap,
+            "--image",
+            image.to_str().unwrap(),
+        ],
+        extra,
+    ));
+    assert!(
+        out.status.success(),
+        "verify failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (report, stderr)
+}
+
+fn sample(sb: &Sandbox, rng: &mut Rng, mib: u64) -> std::path::PathBuf {
+    let image = sb.path("disk.raw");
+    let half = (mib / 2 * MIB) as usize;
+    make_image(
+        &image,
+        mib * MIB,
+        &[(0, rng.bytes(half)), (mib / 2 * MIB, rng.texty(half))],
+    );
+    image
+}
+
+#[test]
+fn kill_9_twenty_times_resumes_and_resends_only_what_was_in_flight() {
+    let mut rng = Rng::seeded("s3_kill_9");
+    let proxy = Proxy::start(&s3().endpoint);
+    let (sb, extra) = through(&proxy, "kill9");
+    sb.init(&with(&[], &extra));
+    let image = sample(&sb, &mut rng, 128);
+    let store = sb.store();
+    let mut kills = 0;
+    let mut resumed_runs = 0;
+    let mut failures = 0;
+    while kills < 20 {
+        let mut args = with(
+            &[
+                "replicate",
+                image.to_str().unwrap(),
+                "--store",
+                &store,
+                "--part-size",
+                PART,
+                "--json",
+            ],
+            &extra,
+        );
+        args.extend(["--jobs", "2"]);
+        let mut child = Command::new(bin())
+            .args(&args)
+            .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
+            .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+            .envs(s3().vars())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Kill at a random moment of the upload: the parts sent tell how far it got.
+        let before = proxy.part_bytes();
+        let target = before + MIB / 2 + rng.below(3 * PART_BYTES);
+        let start = Instant::now();
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if proxy.part_bytes() >= target || start.elapsed() > Duration::from_secs(20) {
+                child.kill().unwrap();
+                kills += 1;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let out = child.wait_with_output().unwrap();
+        let status = out.status;
+        if !status.success() && std::os::unix::process::ExitStatusExt::signal(&status).is_none() {
+            failures += 1;
+            assert!(
+                failures < 3,
+                "replicate failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if status.success() {
+            // The job finished before the kill point: it made its snapshot; start another
+            // job on a changed image so the kills go on.
+            resumed_runs += 1;
+            let n = rng.below(90);
+            blockferry_tests::write_at(&image, n * MIB, &rng.bytes(MIB as usize));
+        }
+    }
+    let (report, _) = replicate_and_check(&sb, &image, &extra);
+    let sent = proxy.part_bytes();
+    let stored = pack_bytes(&store);
+    let resent = sent.saturating_sub(stored);
+    let bound = kills * JOBS * (PART_BYTES + MIB);
+    println!(
+        "{kills} kills ({resumed_runs} runs finished first): parts sent {sent} bytes, packs stored \
+         {stored} bytes, re-sent {resent} bytes (bound: {JOBS} parts in flight per kill = {bound})"
+    );
+    assert!(resent <= bound, "re-sent {resent} > {bound}");
+    assert!(
+        report["bytes_resumed"].as_u64().unwrap() > 0 || resumed_runs > 0,
+        "{report}"
+    );
+}
+
+#[test]
+fn network_cuts_and_slowdown_storms_are_ridden_out() {
+    let mut rng = Rng::seeded("s3_storms");
+    let proxy = Proxy::start(&s3().endpoint);
+    let (sb, extra) = through(&proxy, "storms");
+    sb.init(&with(&[], &extra));
+    let image = sample(&sb, &mut rng, 24);
+
+    // Every third request answered 503 SlowDown.
+    proxy.set_rule(|r| {
+        if r.n % 3 == 0 {
+            Action::SlowDown
+        } else {
+            Action::Forward
+        }
+    });
+    let (_, stderr) = replicate_and_check(&sb, &image, &extra);
+    assert!(
+        stderr.contains("retrying S3 request"),
+        "retries are not logged:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("SlowDown") || stderr.contains("503"),
+        "{stderr}"
+    );
+
+    // The network drops every upload connection for two seconds from the first part on.
+    let start = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    {
+        let start = start.clone();
+        proxy.set_rule(move |r| {
+            let now = t0.elapsed().as_millis() as u64;
+            if r.is_upload_part() && start.load(Ordering::Relaxed) == 0 {
+                start.store(now, Ordering::Relaxed);
+            }
+            let s = start.load(Ordering::Relaxed);
+            let uploading = r.is_upload_part() || r.is_complete();
+            if uploading && s > 0 && now < s + 2000 {
+                Action::Cut
+            } else {
+                Action::Forward
+            }
+        });
+    }
+    blockferry_tests::write_at(&image, 3 * MIB, &rng.bytes(8 << 20));
+    let (_, stderr) = replicate_and_check(&sb, &image, &extra);
+    assert!(stderr.contains("retrying S3 request"), "{stderr}");
+}
+
+#[test]
+fn lost_and_broken_answers_neither_lose_nor_duplicate() {
+    let mut rng = Rng::seeded("s3_answers");
+    let proxy = Proxy::start(&s3().endpoint);
+    let (sb, extra) = through(&proxy, "answers");
+    sb.init(&with(&[], &extra));
+    let image = sample(&sb, &mut rng, 24);
+    let completes = Arc::new(AtomicU64::new(0));
+    let parts = Arc::new(AtomicU64::new(0));
+    let gets = Arc::new(AtomicU64::new(0));
+    {
+        let (completes, parts, gets) = (completes.clone(), parts.clone(), gets.clone());
+        proxy.set_rule(move |r| {
+            if r.is_complete() {
+                // 1st: done by the server, answer lost; 2nd: 200 with an error inside.
+                match completes.fetch_add(1, Ordering::Relaxed) {
+                    0 => return Action::LoseAnswer,
+                    1 => return Action::ErrorIn200,
+                    _ => {}
+                }
+            }
+            if r.is_upload_part() && parts.fetch_add(1, Ordering::Relaxed) == 3 {
+                // Stored by the server, answer lost.
+                return Action::LoseAnswer;
+            }
+            if r.method == "GET"
+                && r.target.contains("/packs/")
+                && gets.fetch_add(1, Ordering::Relaxed) == 2
+            {
+                return Action::TruncateAnswer;
+            }
+            Action::Forward
+        });
+    }
+    let (_, stderr) = replicate_and_check(&sb, &image, &extra);
+    assert!(completes.load(Ordering::Relaxed) >= 3, "{stderr}");
+    assert!(
+        gets.load(Ordering::Relaxed) >= 3,
+        "the truncated read was not exercised"
+    );
+}
