@@ -243,3 +243,19 @@ fn concurrent_writers_share_a_bucket_safely() {
     }
     sb2.store_url = None;
 }
+
+#[test]
+fn bwlimit_caps_the_upload_rate() {
+    let mut rng = Rng::seeded("s3_bwlimit");
+    let sb = Sandbox::new_s3("bwlimit");
+    sb.init(&["--no-encryption"]);
+    let image = sb.path("noise.raw");
+    make_image(&image, 40 * MIB, &[(0, rng.bytes(40 << 20))]);
+    let start = Instant::now();
+    let report = sb.replicate(&image, &["--bwlimit", "10M", "--part-size", "5M"]);
+    let took = start.elapsed();
+    let sent = report["bytes_stored"].as_u64().unwrap();
+    // The first part may go at once; every later byte waits its turn at 10 MiB/s.
+    let floor = Duration::from_millis((sent - 6 * MIB) * 1000 / (10 * MIB));
+    assert!(took >= floor, "{sent} bytes in {took:?}, faster than the cap allows ({floor:?})");
+}

@@ -145,6 +145,9 @@ struct ReplicateArgs {
     /// Start over instead of resuming an unfinished run of this job.
     #[arg(long)]
     restart: bool,
+    /// Cap upload bandwidth, in bytes per second (e.g. 50M).
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    bwlimit: Option<u64>,
     #[command(flatten)]
     state: jobs::StateArgs,
 }
@@ -468,6 +471,7 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
         part_size: a
             .part_size
             .map_or(0, |p| usize::try_from(p).unwrap_or(usize::MAX)),
+        bwlimit: a.bwlimit,
         ..ReplicateOptions::default()
     };
     let bar = Bar::new(

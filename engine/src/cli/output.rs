@@ -84,10 +84,16 @@ impl Observer for Bar {
             }
             Event::Progress(p) | Event::Finished(p) => {
                 bar.set_position(p.bytes_done);
+                let in_flight = if p.parts_in_flight > 0 {
+                    format!(" ({} parts in flight)", p.parts_in_flight)
+                } else {
+                    String::new()
+                };
                 bar.set_message(format!(
-                    "read {} dedup {}",
+                    "read {} dedup {} sent {}{in_flight}",
                     human_bytes(p.bytes_read),
-                    human_bytes(p.bytes_deduplicated)
+                    human_bytes(p.bytes_deduplicated),
+                    human_bytes(p.bytes_written),
                 ));
             }
             Event::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),

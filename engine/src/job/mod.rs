@@ -82,6 +82,8 @@ pub struct Progress {
     pub bytes_deduplicated: u64,
     /// Bytes written to the store (replicate) or to the output (restore).
     pub bytes_written: u64,
+    /// Parts being uploaded right now (replicate to a multipart store).
+    pub parts_in_flight: u64,
     /// Time since the operation started.
     pub elapsed: Duration,
 }
@@ -159,6 +161,7 @@ pub(crate) struct Counters {
     pub(crate) bytes_zero: AtomicU64,
     pub(crate) bytes_deduplicated: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
+    pub(crate) parts_in_flight: AtomicU64,
 }
 
 impl Counters {
@@ -174,6 +177,7 @@ impl Counters {
             bytes_zero: self.bytes_zero.load(Ordering::Relaxed),
             bytes_deduplicated: self.bytes_deduplicated.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            parts_in_flight: self.parts_in_flight.load(Ordering::Relaxed),
             elapsed: started.elapsed(),
         }
     }

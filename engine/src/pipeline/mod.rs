@@ -77,6 +77,8 @@ pub struct ReplicateOptions {
     pub upload_jobs: usize,
     /// Part size on a multipart store; 0 picks one from the memory budget.
     pub part_size: usize,
+    /// Upload bandwidth cap in bytes per second (an average; bursts of one part).
+    pub bwlimit: Option<u64>,
 }
 
 impl Default for ReplicateOptions {
@@ -93,6 +95,7 @@ impl Default for ReplicateOptions {
             disk_selector: String::new(),
             upload_jobs: 0,
             part_size: 0,
+            bwlimit: None,
         }
     }
 }
@@ -363,6 +366,8 @@ struct Shared<'a> {
     compression: bool,
     /// Positions a previous run of the job made durable: not read again.
     skip: Vec<bool>,
+    /// Upload bandwidth cap.
+    bwlimit: Option<packer::RateLimit>,
     /// Set on the first error so every stage winds down.
     stop: CancelToken,
     cancel: &'a CancelToken,
@@ -532,8 +537,15 @@ impl Checkpoint {
     }
 }
 
-/// A job opened for a run: its checkpoint, the positions already durable, whether resumed.
-type Opened = (Checkpoint, Vec<(u64, Id)>, bool);
+/// A job opened for a run.
+struct Opened {
+    ck: Checkpoint,
+    /// Positions already durable, with their chunk ids.
+    done: Vec<(u64, Id)>,
+    /// Chunk ids in the job's complete packs (durable, perhaps not yet indexed).
+    durable: HashSet<Id>,
+    resumed: bool,
+}
 
 /// Finds (or starts) the job of this replication, checks the source did not change under
 /// it, and finishes what its last run left open. Returns the checkpoint and the positions
@@ -598,6 +610,7 @@ fn open_job(
     };
     let lock = db.lock(&job.id)?;
     let mut positions = Vec::new();
+    let mut durable = HashSet::new();
     if resumed {
         db.start_run(&job.id)?;
         let finished = packer::finish_open_packs(store, &db, &job.id)?;
@@ -620,17 +633,19 @@ fn open_job(
             positions = positions.len(),
             "resuming: positions already durable"
         );
+        durable = finished.durable;
     }
-    Ok((
-        Checkpoint {
+    Ok(Opened {
+        ck: Checkpoint {
             db,
             job: job.id,
             _lock: lock,
             positions: Vec::new(),
         },
-        positions,
+        done: positions,
+        durable,
         resumed,
-    ))
+    })
 }
 
 /// Replicates a whole disk into the store as a new snapshot; the blocking entry point.
@@ -670,12 +685,12 @@ pub fn replicate(
     let n_chunks = info.virtual_size.div_ceil(chunk_size as u64);
     let n_positions = usize::try_from(n_chunks)
         .map_err(|_| Error::new(ErrorKind::InvalidImage, "disk too large"))?;
-    let (mut ck, done, resumed) = match &opts.job_state {
+    let (mut ck, done, durable, resumed) = match &opts.job_state {
         Some(dir) => {
-            let (ck, done, resumed) = open_job(store, source, opts, dir, &index, &reporter)?;
-            (Some(ck), done, resumed)
+            let o = open_job(store, source, opts, dir, &index, &reporter)?;
+            (Some(o.ck), o.done, o.durable, o.resumed)
         }
-        None => (None, Vec::new(), false),
+        None => (None, Vec::new(), HashSet::new(), false),
     };
     let mut skip = vec![false; n_positions];
     for (idx, _) in &done {
@@ -686,7 +701,8 @@ pub fn replicate(
         source,
         dedup: Dedup {
             index: &index,
-            claimed: Mutex::new(HashSet::new()),
+            // Chunks the job's earlier runs made durable count as stored.
+            claimed: Mutex::new(durable),
         },
         counters: reporter.counters(),
         chunk_size: chunk_size as u64,
@@ -695,6 +711,7 @@ pub fn replicate(
         pack_mode,
         compression: opts.compression,
         skip,
+        bwlimit: opts.bwlimit.map(packer::RateLimit::new),
         stop: CancelToken::new(),
         cancel: &opts.cancel,
     };

@@ -13,8 +13,9 @@
 //! them from the parts the job database recorded (see [`finish_open_packs`]).
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
@@ -267,6 +268,9 @@ impl OpenPack {
     ) -> Result<()> {
         if self.upload.is_none() {
             format::finish_pack(&self.sealer, &mut self.buf, &self.entries)?;
+            if let Some(limit) = &sh.bwlimit {
+                limit.acquire(self.buf.len() as u64);
+            }
             sh.store.put_pack(&self.id, &self.buf)?;
             let bytes = self.buf.len() as u64;
             Counters::add(&sh.counters.bytes_written, bytes);
@@ -301,7 +305,12 @@ pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<PartJob>, msgs: &Sender
         }
         let key = crate::store::pack_key(&job.pack);
         let size = job.data.len() as u64;
+        if let Some(limit) = &sh.bwlimit {
+            limit.acquire(size);
+        }
+        sh.counters.parts_in_flight.fetch_add(1, Ordering::Relaxed);
         let result = backend.upload_part(&key, &job.upload_id, job.number, job.data);
+        sh.counters.parts_in_flight.fetch_sub(1, Ordering::Relaxed);
         let part = match result {
             Ok(part) => part,
             Err(e) => {
@@ -332,6 +341,39 @@ pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<PartJob>, msgs: &Sender
                 }
                 Err(e) => sh.fail(msgs, e),
             }
+        }
+    }
+}
+
+/// Paces uploads to an average rate: each upload of `n` bytes starts only once the bytes
+/// before it have had their time at `rate` bytes per second (bursts of one part at most).
+#[derive(Debug)]
+pub(super) struct RateLimit {
+    rate: f64,
+    next: Mutex<Instant>,
+}
+
+impl RateLimit {
+    pub(super) fn new(bytes_per_sec: u64) -> RateLimit {
+        RateLimit {
+            #[allow(clippy::cast_precision_loss)] // a rate needs no exactness
+            rate: bytes_per_sec.max(1) as f64,
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn acquire(&self, n: u64) {
+        let now = Instant::now();
+        let start = {
+            let mut next = self.next.lock().expect("rate limit lock");
+            let start = (*next).max(now);
+            #[allow(clippy::cast_precision_loss)]
+            let cost = Duration::from_secs_f64(n as f64 / self.rate);
+            *next = start + cost;
+            start
+        };
+        if start > now {
+            std::thread::sleep(start - now);
         }
     }
 }
