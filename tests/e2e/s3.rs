@@ -257,5 +257,8 @@ fn bwlimit_caps_the_upload_rate() {
     let sent = report["bytes_stored"].as_u64().unwrap();
     // The first part may go at once; every later byte waits its turn at 10 MiB/s.
     let floor = Duration::from_millis((sent - 6 * MIB) * 1000 / (10 * MIB));
-    assert!(took >= floor, "{sent} bytes in {took:?}, faster than the cap allows ({floor:?})");
+    assert!(
+        took >= floor,
+        "{sent} bytes in {took:?}, faster than the cap allows ({floor:?})"
+    );
 }
