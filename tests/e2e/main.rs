@@ -19,6 +19,8 @@ mod crash;
 mod dedup;
 /// Errors: wrong passphrase, damaged or missing objects, newer versions, bad inputs.
 mod errors;
+/// Jobs: resume, changed sources, jobs/abandon/cleanup.
+mod jobs;
 /// The library facade: progress streams and cancellation.
 mod library;
 /// Peak memory stays within the budget.

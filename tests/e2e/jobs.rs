@@ -1,0 +1,182 @@
+//! Jobs: resume after a kill reads only what is not durable; a changed source is refused;
+//! `jobs`, `abandon` and `cleanup` on local and S3 stores.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockferry::store::{S3Options, open_backend};
+use blockferry_tests::{
+    MIB, PASSPHRASE, Rng, Sandbox, Value, bin, file_hash, make_image, objects, s3, write_at,
+};
+
+fn spawn_replicate(sb: &Sandbox, image: &std::path::Path, extra: &[&str]) -> Child {
+    let store = sb.store();
+    let mut cmd = Command::new(bin());
+    cmd.args(["replicate", image.to_str().unwrap(), "--store", &store])
+        .args(extra)
+        .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
+        .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if sb.store_url.is_some() {
+        cmd.envs(s3().vars());
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Starts a replication and kills it with SIGKILL once `ready()` says enough is durable.
+fn kill_when(sb: &Sandbox, image: &std::path::Path, extra: &[&str], ready: impl Fn() -> bool) {
+    let mut child = spawn_replicate(sb, image, extra);
+    let start = Instant::now();
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        if ready() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never got ready");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn jobs(sb: &Sandbox) -> Vec<Value> {
+    sb.json(&["jobs"])["jobs"].as_array().unwrap().clone()
+}
+
+fn s3_backend(url: &str) -> std::sync::Arc<dyn blockferry::store::ObjectStore> {
+    let env = s3();
+    open_backend(
+        url,
+        false,
+        &S3Options {
+            endpoint: Some(env.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            static_credentials: Some((env.access_key.clone(), env.secret_key.clone())),
+            ..S3Options::default()
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn resume_reads_only_what_is_not_durable() {
+    let mut rng = Rng::seeded("jobs_resume");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let image = sb.path("disk.raw");
+    make_image(&image, 160 * MIB, &[(0, rng.bytes(160 << 20))]);
+    let store = sb.store();
+    // Packs of 8 MiB: kill once two are durable.
+    kill_when(&sb, &image, &["--memory-budget", "64M"], || {
+        objects(&store, "packs").len() >= 2
+    });
+    let listed = jobs(&sb);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["state"], "active");
+    assert_eq!(listed[0]["running"], false);
+
+    let report = sb.replicate(&image, &["--memory-budget", "64M"]);
+    assert_eq!(report["resumed"], true, "{report}");
+    let resumed = report["bytes_resumed"].as_u64().unwrap();
+    assert!(resumed >= 8 * MIB, "{report}");
+    // Nothing durable was read again.
+    assert_eq!(
+        report["bytes_read"].as_u64().unwrap() + resumed,
+        160 * MIB,
+        "{report}"
+    );
+    let out = sb.restore(report["snapshot"].as_str().unwrap(), "out.raw");
+    assert_eq!(file_hash(&out), file_hash(&image));
+    let listed = jobs(&sb);
+    assert_eq!(listed[0]["state"], "done", "{listed:?}");
+    assert_eq!(listed[0]["runs"], 2);
+}
+
+#[test]
+fn a_changed_source_is_refused_until_restart() {
+    let mut rng = Rng::seeded("jobs_changed");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let image = sb.path("disk.raw");
+    make_image(&image, 96 * MIB, &[(0, rng.bytes(96 << 20))]);
+    let store = sb.store();
+    kill_when(&sb, &image, &["--memory-budget", "64M"], || {
+        !objects(&store, "packs").is_empty()
+    });
+    write_at(&image, 5 * MIB, &rng.bytes(4096));
+    let args = ["replicate", image.to_str().unwrap(), "--store", &store];
+    sb.fails(
+        &args,
+        1,
+        &[
+            "the source changed since job",
+            "modification time",
+            "--restart",
+        ],
+    );
+    let mut with_restart = args.to_vec();
+    with_restart.push("--restart");
+    let report = sb.json(&with_restart);
+    assert_eq!(report["resumed"], false, "{report}");
+    let out = sb.restore(report["snapshot"].as_str().unwrap(), "out.raw");
+    assert_eq!(file_hash(&out), file_hash(&image));
+    // The forgotten job is gone; the new one is done.
+    let listed = jobs(&sb);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["state"], "done");
+}
+
+#[test]
+fn abandon_and_cleanup_abort_uploads_on_s3() {
+    let mut rng = Rng::seeded("jobs_abandon");
+    let sb = Sandbox::new_s3("abandon");
+    sb.init(&[]);
+    let image = sb.path("disk.raw");
+    make_image(&image, 96 * MIB, &[(0, rng.bytes(96 << 20))]);
+    let store = sb.store();
+    let backend = s3_backend(&store);
+    // Once a part is recorded (both workers' packs are open by then).
+    kill_when(&sb, &image, &["--part-size", "5M"], || {
+        jobs(&sb)
+            .first()
+            .is_some_and(|j| j["bytes_sent"].as_u64().unwrap_or(0) > 0)
+    });
+    // Let the killed run's parts land, then look.
+    std::thread::sleep(Duration::from_millis(200));
+    let open = backend.list_uploads().unwrap();
+    assert!(!open.is_empty());
+
+    // cleanup keeps the uploads of a job that can still resume, and aborts strays.
+    let stray_key = "packs/00/00000000000000000000000000000000";
+    let stray = backend.create_upload(stray_key).unwrap();
+    backend
+        .upload_part(stray_key, &stray, 1, bytes::Bytes::from(vec![7u8; 1024]))
+        .unwrap();
+    let v = sb.json(&["cleanup", "--store", &store, "--older-than", "0s"]);
+    assert_eq!(v["aborted"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["aborted"][0], stray_key, "{v}");
+    let left: Vec<String> = backend
+        .list_uploads()
+        .unwrap()
+        .into_iter()
+        .map(|u| u.upload_id)
+        .collect();
+    assert!(!left.contains(&stray), "{left:?}");
+    assert_eq!(left.len(), open.len(), "cleanup aborted a resumable upload");
+
+    // abandon aborts the job's uploads and forgets it.
+    let listed = jobs(&sb);
+    let id = listed[0]["id"].as_str().unwrap();
+    sb.json(&["abandon", id]);
+    assert!(backend.list_uploads().unwrap().is_empty());
+    assert!(jobs(&sb).is_empty());
+    // A new run starts afresh and completes.
+    let report = sb.replicate(&image, &[]);
+    assert_eq!(report["resumed"], false);
+    let out = sb.restore(report["snapshot"].as_str().unwrap(), "out.raw");
+    assert_eq!(file_hash(&out), file_hash(&image));
+}
