@@ -107,33 +107,55 @@ impl S3Env {
 pub fn s3() -> &'static S3Env {
     static ENV: std::sync::OnceLock<S3Env> = std::sync::OnceLock::new();
     ENV.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let dir = bin().parent().and_then(Path::parent).unwrap().join("s3");
-        let out = Command::new("bash")
-            .arg(root.join("s3-server.sh"))
-            .arg("start")
-            .arg(&dir)
-            .output()
-            .expect("running tests/s3-server.sh");
-        assert!(
-            out.status.success(),
-            "starting the S3 server failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
-        let var = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{name}=")))
-                .unwrap_or_else(|| panic!("s3-server.sh printed no {name}"))
-                .to_owned()
-        };
+        let vars = start_server("s3-server.sh", "s3");
         S3Env {
-            endpoint: var("BF_S3_ENDPOINT"),
-            bucket: var("BF_S3_BUCKET"),
-            access_key: var("BF_S3_ACCESS_KEY"),
-            secret_key: var("BF_S3_SECRET_KEY"),
-            nolist_key: var("BF_S3_NOLIST_KEY"),
+            endpoint: var(&vars, "BF_S3_ENDPOINT"),
+            bucket: var(&vars, "BF_S3_BUCKET"),
+            access_key: var(&vars, "BF_S3_ACCESS_KEY"),
+            secret_key: var(&vars, "BF_S3_SECRET_KEY"),
+            nolist_key: var(&vars, "BF_S3_NOLIST_KEY"),
         }
+    })
+}
+
+/// Runs a server script (`tests/NAME.sh start target/DIR`) once per test process and returns
+/// the `KEY=value` lines it prints.
+fn start_server(script: &str, dir: &str) -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = bin().parent().and_then(Path::parent).unwrap().join(dir);
+    let out = Command::new("bash")
+        .arg(root.join(script))
+        .arg("start")
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+fn var(vars: &[(String, String)], name: &str) -> String {
+    let found = vars.iter().find(|(k, _)| k == name);
+    found
+        .unwrap_or_else(|| panic!("the server script printed no {name}"))
+        .1
+        .clone()
+}
+
+/// moto's S3 emulator taking parts of any size (see `tests/moto-server.sh`): endpoint and bucket.
+pub fn moto() -> &'static (String, String) {
+    static ENV: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let vars = start_server("moto-server.sh", "moto");
+        (var(&vars, "BF_MOTO_ENDPOINT"), var(&vars, "BF_MOTO_BUCKET"))
     })
 }
 

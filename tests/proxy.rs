@@ -58,6 +58,7 @@ pub struct Proxy {
     rule: Arc<Mutex<Arc<Rule>>>,
     requests: Arc<AtomicU64>,
     part_bytes: Arc<AtomicU64>,
+    part_requests: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -82,12 +83,14 @@ impl Proxy {
             Arc::new(Mutex::new(Arc::new(|_: &Request<'_>| Action::Forward)));
         let requests = Arc::new(AtomicU64::new(0));
         let part_bytes = Arc::new(AtomicU64::new(0));
+        let part_requests = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         {
-            let (rule, requests, part_bytes, stop) = (
+            let (rule, requests, part_bytes, part_requests, stop) = (
                 rule.clone(),
                 requests.clone(),
                 part_bytes.clone(),
+                part_requests.clone(),
                 stop.clone(),
             );
             listener.set_nonblocking(true).unwrap();
@@ -96,14 +99,14 @@ impl Proxy {
                     match listener.accept() {
                         Ok((client, _)) => {
                             client.set_nonblocking(false).unwrap();
-                            let (rule, requests, part_bytes, upstream) = (
-                                rule.clone(),
-                                requests.clone(),
-                                part_bytes.clone(),
-                                upstream.clone(),
-                            );
+                            let counts = Counts {
+                                requests: requests.clone(),
+                                part_bytes: part_bytes.clone(),
+                                part_requests: part_requests.clone(),
+                            };
+                            let (rule, upstream) = (rule.clone(), upstream.clone());
                             thread::spawn(move || {
-                                let _ = serve(client, &upstream, &rule, &requests, &part_bytes);
+                                let _ = serve(client, &upstream, &rule, &counts);
                             });
                         }
                         Err(_) => thread::sleep(Duration::from_millis(5)),
@@ -116,6 +119,7 @@ impl Proxy {
             rule,
             requests,
             part_bytes,
+            part_requests,
             stop,
         }
     }
@@ -128,6 +132,11 @@ impl Proxy {
     /// Body bytes of the part uploads forwarded so far.
     pub fn part_bytes(&self) -> u64 {
         self.part_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Part uploads forwarded so far.
+    pub fn part_requests(&self) -> u64 {
+        self.part_requests.load(Ordering::Relaxed)
     }
 
     /// Requests seen so far.
@@ -227,12 +236,18 @@ fn canned(w: &mut impl Write, status: &str, code: &str) -> std::io::Result<()> {
     write_message(w, &head, body.as_bytes())
 }
 
+/// The proxy's counters, shared by its connection threads.
+struct Counts {
+    requests: Arc<AtomicU64>,
+    part_bytes: Arc<AtomicU64>,
+    part_requests: Arc<AtomicU64>,
+}
+
 fn serve(
     client: TcpStream,
     upstream: &str,
     rule: &Mutex<Arc<Rule>>,
-    requests: &AtomicU64,
-    part_bytes: &AtomicU64,
+    counts: &Counts,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(client.try_clone()?);
     let mut writer = client;
@@ -244,7 +259,7 @@ fn serve(
         let mut parts = head[0].split(' ');
         let method = parts.next().unwrap_or("").to_owned();
         let target = parts.next().unwrap_or("").to_owned();
-        let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = counts.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let req = Request {
             method: &method,
             target: &target,
@@ -269,7 +284,10 @@ fn serve(
             _ => {}
         }
         if req.is_upload_part() {
-            part_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+            counts
+                .part_bytes
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            counts.part_requests.fetch_add(1, Ordering::Relaxed);
         }
         // One upstream connection per request: simple, and faults never leave it half-read.
         let mut up = TcpStream::connect(upstream)?;

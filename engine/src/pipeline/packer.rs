@@ -189,7 +189,8 @@ impl OpenPack {
                 Ok(self.buf.len() - format::PACK_HEADER >= sh.plan.pack_target || full_entries)
             }
             (Some(u), PackMode::Multipart { max_parts }) => {
-                if full_entries || u.next_number + 1 >= max_parts {
+                // The part being filled becomes the last when it is the last one allowed.
+                if full_entries || u.next_number >= max_parts {
                     return Ok(true);
                 }
                 if self.buf.len() >= sh.plan.pack_target {
