@@ -364,8 +364,8 @@ struct Shared<'a> {
     plan: MemoryPlan,
     pack_mode: PackMode,
     compression: bool,
-    /// Positions a previous run of the job made durable: not read again.
-    skip: Vec<bool>,
+    /// Positions a previous run of the job made durable (a bit each): not read again.
+    skip: Vec<u64>,
     /// Upload bandwidth cap.
     bwlimit: Option<packer::RateLimit>,
     /// Set on the first error so every stage winds down.
@@ -402,7 +402,7 @@ fn reader(
         if sh.stopping() {
             return;
         }
-        if sh.skip[usize::try_from(idx).expect("position fits")] {
+        if sh.skip[usize::try_from(idx / 64).expect("position fits")] & (1 << (idx % 64)) != 0 {
             continue;
         }
         let offset = idx * sh.chunk_size;
@@ -692,9 +692,9 @@ pub fn replicate(
         }
         None => (None, Vec::new(), HashSet::new(), false),
     };
-    let mut skip = vec![false; n_positions];
+    let mut skip = vec![0u64; n_positions.div_ceil(64)];
     for (idx, _) in &done {
-        skip[usize::try_from(*idx).expect("position fits")] = true;
+        skip[usize::try_from(*idx / 64).expect("position fits")] |= 1 << (*idx % 64);
     }
     let sh = Shared {
         store,
