@@ -328,6 +328,9 @@ enum Msg {
         pack: PackId,
         part: Part,
         chunks: Vec<Entry>,
+        /// The pack's last part (records and trailer): not recorded, as a resumed run could
+        /// not use it (its trailer would be stale).
+        last: bool,
     },
     /// A pack is complete in the store.
     PackDone {
@@ -823,9 +826,14 @@ pub fn replicate(
                         }
                         open_uploads.insert(id, upload_id);
                     }
-                    Msg::PartAcked { pack, part, chunks } => {
+                    Msg::PartAcked {
+                        pack,
+                        part,
+                        chunks,
+                        last,
+                    } => {
                         stats.bytes_stored += part.size;
-                        if let Some(ck) = ck.as_mut() {
+                        if let Some(ck) = ck.as_mut().filter(|_| !last) {
                             // The positions of the part's chunks came before it.
                             ck.flush_positions()?;
                             ck.db.record_part(&ck.job, &pack, &part, &chunks)?;
@@ -842,12 +850,15 @@ pub fn replicate(
                         if whole {
                             stats.bytes_stored += bytes;
                         }
+                        // Queued for the index first: whatever fails next, a durable pack
+                        // is indexed at the end of the run.
+                        pending_index.push((id, entries));
                         if let Some(ck) = ck.as_mut() {
                             ck.flush_positions()?;
+                            let (id, entries) = pending_index.last().expect("just pushed");
                             ck.db
-                                .complete_pack(&ck.job, &id, &entries, whole.then_some(bytes))?;
+                                .complete_pack(&ck.job, id, entries, whole.then_some(bytes))?;
                         }
-                        pending_index.push((id, entries));
                         if pending_index.len() >= INDEX_FLUSH_PACKS {
                             write_index(store, ck.as_ref(), &pending_index)?;
                             pending_index.clear();

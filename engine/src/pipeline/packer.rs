@@ -144,6 +144,8 @@ impl OpenPack {
         let id: PackId = crypto::random()?;
         let mut buf = std::mem::take(spare);
         buf.clear();
+        // A multipart pack hands its buffers to the uploaders: the next one starts sized.
+        buf.reserve(sh.plan.pack_capacity);
         buf.extend_from_slice(&format::pack_header(&id));
         let upload = match sh.pack_mode {
             PackMode::Whole => None,
@@ -228,8 +230,7 @@ impl OpenPack {
                 ..*e
             })
             .collect();
-        let capacity = self.buf.capacity();
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(capacity));
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(sh.plan.pack_capacity));
         u.part_base += data.len() as u64;
         u.part_first_entry = self.entries.len();
         u.next_number += 1;
@@ -269,8 +270,10 @@ impl OpenPack {
     ) -> Result<()> {
         if self.upload.is_none() {
             format::finish_pack(&self.sealer, &mut self.buf, &self.entries)?;
-            if let Some(limit) = &sh.bwlimit {
-                limit.acquire(self.buf.len() as u64);
+            if let Some(limit) = &sh.bwlimit
+                && !limit.acquire(self.buf.len() as u64, &|| sh.stopping())
+            {
+                return Err(stopped());
             }
             sh.store.put_pack(&self.id, &self.buf)?;
             let bytes = self.buf.len() as u64;
@@ -298,6 +301,16 @@ fn stopped() -> Error {
 
 /// An uploader thread: sends parts, reports acknowledgements, completes finished packs.
 pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<PartJob>, msgs: &Sender<Msg>) {
+    /// Stops the run if this thread panics, so that no worker waits for its acks for ever.
+    struct StopOnPanic<'a>(&'a crate::job::CancelToken);
+    impl Drop for StopOnPanic<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.cancel();
+            }
+        }
+    }
+    let _guard = StopOnPanic(&sh.stop);
     let backend = sh.store.backend();
     for job in parts {
         if sh.stop.is_cancelled() {
@@ -306,8 +319,11 @@ pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<PartJob>, msgs: &Sender
         }
         let key = crate::store::pack_key(&job.pack);
         let size = job.data.len() as u64;
-        if let Some(limit) = &sh.bwlimit {
-            limit.acquire(size);
+        if let Some(limit) = &sh.bwlimit
+            && !limit.acquire(size, &|| sh.stop.is_cancelled())
+        {
+            job.acks.fail();
+            continue;
         }
         sh.counters.parts_in_flight.fetch_add(1, Ordering::Relaxed);
         let result = backend.upload_part(&key, &job.upload_id, job.number, job.data);
@@ -321,12 +337,15 @@ pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<PartJob>, msgs: &Sender
             }
         };
         Counters::add(&sh.counters.bytes_written, size);
-        job.acks.ack(part.clone());
+        // Reported before the worker hears of it, so that the database learns of part 1
+        // before any later part, and of every part before the pack is complete.
         let _ = msgs.send(Msg::PartAcked {
             pack: job.pack,
-            part,
+            part: part.clone(),
             chunks: job.chunks,
+            last: job.last.is_some(),
         });
+        job.acks.ack(part);
         if let Some(entries) = job.last {
             let all = job.acks.parts();
             let bytes = all.iter().map(|p| p.size).sum();
@@ -363,7 +382,8 @@ impl RateLimit {
         }
     }
 
-    fn acquire(&self, n: u64) {
+    /// Waits for the turn of `n` bytes; false if `stopping` turned true meanwhile.
+    fn acquire(&self, n: u64, stopping: &dyn Fn() -> bool) -> bool {
         let now = Instant::now();
         let start = {
             let mut next = self.next.lock().expect("rate limit lock");
@@ -373,9 +393,14 @@ impl RateLimit {
             *next = start + cost;
             start
         };
-        if start > now {
-            std::thread::sleep(start - now);
+        // In short naps, so that a stopping run is not held up by its queued turns.
+        while Instant::now() < start {
+            if stopping() {
+                return false;
+            }
+            std::thread::sleep((start - Instant::now()).min(Duration::from_millis(100)));
         }
+        true
     }
 }
 
@@ -429,14 +454,27 @@ pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<
         let mut entries = Vec::new();
         let mut base = 0u64;
         let mut parts = Vec::new();
+        let mut damaged = false;
         for (part, chunks) in &durable {
-            entries.extend(chunks.iter().map(|e| Entry {
-                offset: base + e.offset,
-                ..*e
-            }));
-            base += part.size;
+            for e in chunks {
+                match base.checked_add(e.offset) {
+                    Some(offset) => entries.push(Entry { offset, ..*e }),
+                    None => damaged = true,
+                }
+            }
+            base = base.saturating_add(part.size);
             parts.push(part.clone());
         }
+        // The trailer part follows the last durable part (replacing any later part the store
+        // holds: the run's last part is never recorded, as its trailer would be stale).
+        let number = durable.last().map_or(0, |(p, _)| p.number).checked_add(1);
+        let Some(number) = number.filter(|_| !damaged) else {
+            tracing::warn!(pack = %hex(&open.pack), "damaged part records in the job database; the pack's chunks will be sent again");
+            backend.abort_upload(&key, &open.upload_id)?;
+            db.drop_pack(job, &open.pack)?;
+            out.lost_bytes += durable_bytes;
+            continue;
+        };
         let sealer = store.keys().pack_sealer(&open.pack);
         let mut last = Vec::new();
         format::append_trailer(
@@ -445,13 +483,6 @@ pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<
             &entries,
             &mut last,
         )?;
-        let number = held
-            .keys()
-            .chain(open.parts.iter().map(|(p, _)| &p.number))
-            .max()
-            .copied()
-            .unwrap_or(0)
-            + 1;
         let completed = backend
             .upload_part(&key, &open.upload_id, number, Bytes::from(last))
             .and_then(|trailer| {
