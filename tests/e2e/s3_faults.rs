@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use blockferry::store::{S3Options, open_backend};
 use blockferry_tests::proxy::{Action, Proxy};
-use blockferry_tests::{MIB, PASSPHRASE, Rng, Sandbox, bin, file_hash, make_image, s3};
+use blockferry_tests::{MIB, PASSPHRASE, Rng, Sandbox, bin, file_hash, make_image, s3, s3_backend};
 
 /// Part size of these tests: S3's smallest (SeaweedFS, like AWS, refuses smaller parts when
 /// an upload is completed), so that one job has many parts.
@@ -32,24 +31,36 @@ fn with<'a>(base: &[&'a str], extra: &'a [String]) -> Vec<&'a str> {
 
 /// Bytes of the packs in a store.
 fn pack_bytes(url: &str) -> u64 {
-    let env = s3();
-    let backend = open_backend(
-        url,
-        false,
-        &S3Options {
-            endpoint: Some(env.endpoint.clone()),
-            region: Some("us-east-1".into()),
-            static_credentials: Some((env.access_key.clone(), env.secret_key.clone())),
-            ..S3Options::default()
-        },
-    )
-    .unwrap();
+    let backend = s3_backend(url);
     backend
         .list("packs/")
         .unwrap()
         .iter()
         .map(|k| backend.size(k).unwrap())
         .sum()
+}
+
+/// `replicate --json` of `image` into `store` with the tests' part size and `jobs` uploads.
+fn replicate_args<'a>(
+    image: &'a std::path::Path,
+    store: &'a str,
+    extra: &'a [String],
+    jobs: &'a str,
+) -> Vec<&'a str> {
+    let mut args = with(
+        &[
+            "replicate",
+            image.to_str().unwrap(),
+            "--store",
+            store,
+            "--part-size",
+            PART,
+            "--json",
+        ],
+        extra,
+    );
+    args.extend(["--jobs", jobs]);
+    args
 }
 
 /// Replicates, restores and verifies; returns the replicate report and stderr.
@@ -59,20 +70,7 @@ fn replicate_and_check(
     extra: &[String],
 ) -> (blockferry_tests::Value, String) {
     let store = sb.store();
-    let mut args = with(
-        &[
-            "replicate",
-            image.to_str().unwrap(),
-            "--store",
-            &store,
-            "--part-size",
-            PART,
-            "--json",
-        ],
-        extra,
-    );
-    args.extend(["--jobs", "4"]);
-    let out = sb.run(&args);
+    let out = sb.run(&replicate_args(image, &store, extra, "4"));
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "replicate failed:\n{stderr}");
     let report: blockferry_tests::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -136,21 +134,8 @@ fn kill_9_twenty_times_resumes_and_resends_only_what_was_in_flight() {
     let mut resumed_runs = 0;
     let mut failures = 0;
     while kills < 20 {
-        let mut args = with(
-            &[
-                "replicate",
-                image.to_str().unwrap(),
-                "--store",
-                &store,
-                "--part-size",
-                PART,
-                "--json",
-            ],
-            &extra,
-        );
-        args.extend(["--jobs", "2"]);
         let mut child = Command::new(bin())
-            .args(&args)
+            .args(replicate_args(&image, &store, &extra, "2"))
             .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
             .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
             .envs(s3().vars())
