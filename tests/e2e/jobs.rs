@@ -47,6 +47,126 @@ fn jobs(sb: &Sandbox) -> Vec<Value> {
     sb.json(&["jobs"])["jobs"].as_array().unwrap().clone()
 }
 
+/// Bytes the (only) job recorded as sent, 0 before it exists.
+fn bytes_sent(sb: &Sandbox) -> u64 {
+    jobs(sb)
+        .first()
+        .and_then(|j| j["bytes_sent"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Packs the job database records as complete (read while the job runs).
+fn complete_packs(sb: &Sandbox) -> u64 {
+    let path = sb.path("state").join("jobs.sqlite");
+    let Ok(db) =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
+        return 0;
+    };
+    db.query_row(
+        "SELECT count(*) FROM packs WHERE state IN ('complete', 'indexed')",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap_or(0)
+}
+
+/// Sizes of the pack objects of a store (local or S3).
+fn pack_sizes(store: &str) -> Vec<u64> {
+    if store.starts_with("s3://") {
+        let backend = s3_backend(store);
+        let keys = backend.list("packs/").unwrap();
+        keys.iter().map(|k| backend.size(k).unwrap()).collect()
+    } else {
+        objects(store, "packs")
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .collect()
+    }
+}
+
+/// Rewrites the killed run's job database and store as if the run had stopped right after
+/// the store completed its packs and before the database or an index heard of them: each
+/// complete pack becomes `reserved` (local: a whole pack about to be put) or `open` with an
+/// upload the store no longer has (S3: a completed multipart upload), and the index objects
+/// go. Returns how many packs were rewound.
+fn forget_completed_packs(sb: &Sandbox, store: &str) -> usize {
+    let db = rusqlite::Connection::open(sb.path("state").join("jobs.sqlite")).unwrap();
+    let (state, upload) = if store.starts_with("s3://") {
+        ("open", Some("the-store-completed-this-upload"))
+    } else {
+        ("reserved", None)
+    };
+    let n = db
+        .execute(
+            "UPDATE packs SET state = ?1, upload_id = ?2, entries = NULL \
+             WHERE state IN ('complete', 'indexed')",
+            rusqlite::params![state, upload],
+        )
+        .unwrap();
+    if store.starts_with("s3://") {
+        let backend = s3_backend(store);
+        for key in backend.list("index/").unwrap() {
+            backend.delete(&key).unwrap();
+        }
+    } else {
+        for path in objects(store, "index") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    n
+}
+
+/// A run stopped between the store completing a pack and the job database recording it:
+/// the next run finds the pack by its reserved id (or its upload) and neither reads nor
+/// sends its chunks again.
+fn packs_completed_but_not_recorded_are_adopted(sb: &Sandbox, extra: &[&str]) {
+    let mut rng = Rng::seeded("jobs_adopt");
+    sb.init(&[]);
+    let image = sb.path("disk.raw");
+    let size = 128 * MIB;
+    make_image(&image, size, &[(0, rng.bytes(size as usize))]);
+    let store = sb.store();
+    kill_when(sb, &image, extra, || complete_packs(sb) >= 1);
+    let rewound = forget_completed_packs(sb, &store);
+    assert!(rewound >= 1, "no complete pack to rewind");
+
+    let report = sb.replicate(&image, extra);
+    assert_eq!(report["resumed"], true, "{report}");
+    let resumed = report["bytes_resumed"].as_u64().unwrap();
+    assert!(
+        resumed >= 8 * MIB,
+        "adopted packs' chunks were read again: {report}"
+    );
+    assert_eq!(
+        report["bytes_read"].as_u64().unwrap() + resumed,
+        size,
+        "{report}"
+    );
+    // Every byte of the (incompressible) image is stored once: nothing adopted was sent
+    // again (that would leave its packs unreferenced and store their chunks twice).
+    let stored: u64 = pack_sizes(&store).iter().sum();
+    assert!(
+        stored < size + MIB,
+        "packs hold {stored} bytes for a {size}-byte image"
+    );
+    let out = sb.restore(report["snapshot"].as_str().unwrap(), "out.raw");
+    assert_eq!(file_hash(&out), file_hash(&image));
+    sb.verify_latest_against(&image);
+}
+
+#[test]
+fn whole_packs_put_but_not_recorded_are_adopted() {
+    let sb = Sandbox::new();
+    packs_completed_but_not_recorded_are_adopted(&sb, &["--memory-budget", "64M"]);
+}
+
+#[test]
+fn multipart_packs_completed_but_not_recorded_are_adopted() {
+    let sb = Sandbox::new_s3("adopt");
+    packs_completed_but_not_recorded_are_adopted(&sb, &["--part-size", "5M", "--jobs", "2"]);
+}
+
 #[test]
 fn resume_reads_only_what_is_not_durable() {
     let mut rng = Rng::seeded("jobs_resume");
@@ -54,10 +174,9 @@ fn resume_reads_only_what_is_not_durable() {
     sb.init(&[]);
     let image = sb.path("disk.raw");
     make_image(&image, 160 * MIB, &[(0, rng.bytes(160 << 20))]);
-    let store = sb.store();
-    // Packs of 8 MiB: kill once two are durable.
+    // Packs of 8 MiB: kill once the job recorded two as durable.
     kill_when(&sb, &image, &["--memory-budget", "64M"], || {
-        objects(&store, "packs").len() >= 2
+        bytes_sent(&sb) >= 16 * MIB
     });
     let listed = jobs(&sb);
     assert_eq!(listed.len(), 1, "{listed:?}");

@@ -550,11 +550,44 @@ impl JobDb {
         Ok(out)
     }
 
-    /// Records a pack whose multipart upload was started.
+    /// Reserves a pack id for a run's workers: a reserved pack may be in the store (complete)
+    /// even if the run stopped before recording it, so a resumed run looks for each.
+    pub fn reserve_pack(&self, job: &str, pack: &PackId) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO packs (job, pack, state) VALUES (?1, ?2, 'reserved')",
+                params![job, &pack[..]],
+            )
+            .map(drop)
+            .map_err(|e| db_err("reserving a pack id", e))
+    }
+
+    /// Pack ids reserved and not yet known to be open or complete.
+    pub fn reserved_packs(&self, job: &str) -> Result<Vec<PackId>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT pack FROM packs WHERE job = ?1 AND state = 'reserved'")
+            .map_err(|e| db_err("reading packs", e))?;
+        let rows = stmt
+            .query_map(params![job], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(|e| db_err("reading packs", e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let pack = row.map_err(|e| db_err("reading packs", e))?;
+            out.push(
+                PackId::try_from(pack.as_slice())
+                    .map_err(|_| Error::new(ErrorKind::Io, "job database: a damaged pack id"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Records a pack whose multipart upload was started (reserved or not).
     pub fn open_pack(&self, job: &str, pack: &PackId, upload_id: &str) -> Result<()> {
         self.conn
             .execute(
-                "INSERT INTO packs (job, pack, upload_id, state) VALUES (?1, ?2, ?3, 'open')",
+                "INSERT INTO packs (job, pack, upload_id, state) VALUES (?1, ?2, ?3, 'open') \
+                 ON CONFLICT (job, pack) DO UPDATE SET upload_id = ?3, state = 'open'",
                 params![job, &pack[..], upload_id],
             )
             .map(drop)

@@ -46,8 +46,6 @@ pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
 const MAX_PACK_BYTES: usize = 32 << 20;
 /// Uploads in flight at once on a multipart store, unless configured.
 pub const DEFAULT_UPLOAD_JOBS: usize = 4;
-/// Most chunks in one pack (bounds the trailer: 16 Ki × 48 bytes).
-const MAX_PACK_ENTRIES: usize = 16 << 10;
 /// An index object is written after this many packs (and at the end of a run).
 const INDEX_FLUSH_PACKS: usize = 16;
 
@@ -199,7 +197,7 @@ pub fn plan_parts(
             }
         }
     };
-    let pack_capacity = pack_target + blob + MAX_PACK_ENTRIES * ENTRY_BYTES + 64;
+    let pack_capacity = pack_target + blob + format::MAX_PACK_CHUNKS * ENTRY_BYTES + 64;
     let fixed = buffers * pack_capacity;
     let min_read_bufs = workers + 1;
     let want_read_bufs = 2 * workers + 2;
@@ -318,10 +316,10 @@ enum Msg {
         len: u64,
         kind: ChunkKind,
     },
-    /// A multipart upload for a pack was started.
-    PackOpened {
+    /// A worker started a pack (with a multipart upload, or to be put whole).
+    PackStarted {
         id: PackId,
-        upload_id: String,
+        upload_id: Option<String>,
     },
     /// The store acknowledged a part, carrying these chunk records (offsets within the part).
     PartAcked {
@@ -371,6 +369,8 @@ struct Shared<'a> {
     skip: Vec<u64>,
     /// Upload bandwidth cap.
     bwlimit: Option<packer::RateLimit>,
+    /// Pack ids the job database reserved, when the run has a job.
+    pack_ids: Option<Receiver<PackId>>,
     /// Set on the first error so every stage winds down.
     stop: CancelToken,
     cancel: &'a CancelToken,
@@ -538,6 +538,14 @@ impl Checkpoint {
         self.positions.clear();
         Ok(())
     }
+
+    /// Reserves a fresh pack id in the job database and hands it to the workers.
+    fn reserve_pack_id(&self, ids: &Sender<PackId>) -> Result<()> {
+        let id: PackId = crate::store::crypto::random()?;
+        self.db.reserve_pack(&self.job, &id)?;
+        let _ = ids.send(id);
+        Ok(())
+    }
 }
 
 /// A job opened for a run.
@@ -695,6 +703,14 @@ pub fn replicate(
         }
         None => (None, Vec::new(), HashSet::new(), false),
     };
+    // Pack ids reserved in the job database before a worker can use them (one more each
+    // time a worker takes one), so that a resumed run can find every pack this run put.
+    let (id_tx, id_rx) = crossbeam_channel::unbounded::<PackId>();
+    if let Some(ck) = &ck {
+        for _ in 0..plan.workers + 2 {
+            ck.reserve_pack_id(&id_tx)?;
+        }
+    }
     let mut skip = vec![0u64; n_positions.div_ceil(64)];
     for (idx, _) in &done {
         skip[usize::try_from(*idx / 64).expect("position fits")] |= 1 << (*idx % 64);
@@ -715,6 +731,7 @@ pub fn replicate(
         compression: opts.compression,
         skip,
         bwlimit: opts.bwlimit.map(packer::RateLimit::new),
+        pack_ids: ck.as_ref().map(|_| id_rx.clone()),
         stop: CancelToken::new(),
         cancel: &opts.cancel,
     };
@@ -820,11 +837,16 @@ pub fn replicate(
                         }
                         place(idx, id, &mut pages, first_error.is_none())?;
                     }
-                    Msg::PackOpened { id, upload_id } => {
+                    Msg::PackStarted { id, upload_id } => {
                         if let Some(ck) = &ck {
-                            ck.db.open_pack(&ck.job, &id, &upload_id)?;
+                            ck.reserve_pack_id(&id_tx)?;
+                            if let Some(upload_id) = &upload_id {
+                                ck.db.open_pack(&ck.job, &id, upload_id)?;
+                            }
                         }
-                        open_uploads.insert(id, upload_id);
+                        if let Some(upload_id) = upload_id {
+                            open_uploads.insert(id, upload_id);
+                        }
                     }
                     Msg::PartAcked {
                         pack,
@@ -886,6 +908,14 @@ pub fn replicate(
         && let Err(e) = ck.flush_positions()
     {
         first_error.get_or_insert(e);
+    }
+    if let Some(ck) = &ck {
+        // Reserved ids no worker took are known to be unused.
+        for id in id_rx.try_iter() {
+            if let Err(e) = ck.db.drop_pack(&ck.job, &id) {
+                first_error.get_or_insert(e);
+            }
+        }
     }
     // Index what is durable even when failing, so that the next run reuses it.
     if let Err(e) = write_index(store, ck.as_ref(), &pending_index) {

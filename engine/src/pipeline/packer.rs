@@ -141,23 +141,29 @@ impl OpenPack {
         spare: &mut Vec<u8>,
         msgs: &Sender<Msg>,
     ) -> Result<OpenPack> {
-        let id: PackId = crypto::random()?;
+        let id = next_pack_id(sh)?;
         let mut buf = std::mem::take(spare);
         buf.clear();
         // A multipart pack hands its buffers to the uploaders: the next one starts sized.
         buf.reserve(sh.plan.pack_capacity);
         buf.extend_from_slice(&format::pack_header(&id));
         let upload = match sh.pack_mode {
-            PackMode::Whole => None,
+            PackMode::Whole => {
+                let _ = msgs.send(Msg::PackStarted {
+                    id,
+                    upload_id: None,
+                });
+                None
+            }
             PackMode::Multipart { .. } => {
                 let upload_id = sh
                     .store
                     .backend()
                     .create_upload(&crate::store::pack_key(&id))?;
                 // Recorded before any of its parts can be acknowledged.
-                let _ = msgs.send(Msg::PackOpened {
+                let _ = msgs.send(Msg::PackStarted {
                     id,
-                    upload_id: upload_id.clone(),
+                    upload_id: Some(upload_id.clone()),
                 });
                 Some(Upload {
                     id: upload_id,
@@ -185,7 +191,7 @@ impl OpenPack {
     /// After a chunk record was added: sends a full part, or says the pack is full.
     /// Returns true when the pack should be finished now.
     pub(super) fn after_add(&mut self, sh: &Shared<'_>, parts: &Sender<PartJob>) -> Result<bool> {
-        let full_entries = self.entries.len() >= super::MAX_PACK_ENTRIES;
+        let full_entries = self.entries.len() >= format::MAX_PACK_CHUNKS;
         match (&self.upload, sh.pack_mode) {
             (None, _) => {
                 Ok(self.buf.len() - format::PACK_HEADER >= sh.plan.pack_target || full_entries)
@@ -292,6 +298,21 @@ impl OpenPack {
         format::append_trailer(&self.sealer, &header, &self.entries, &mut self.buf)?;
         let entries = self.entries.clone();
         self.send_part(sh, parts, Some(entries))
+    }
+}
+
+/// The id of a new pack: one the job database reserved (so that a resumed run can find the
+/// pack if this run stops before recording it), or a fresh random one without a job.
+fn next_pack_id(sh: &Shared<'_>) -> Result<PackId> {
+    let Some(ids) = &sh.pack_ids else {
+        return crypto::random();
+    };
+    loop {
+        match ids.recv_timeout(Duration::from_millis(100)) {
+            Ok(id) => return Ok(id),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) if !sh.stopping() => {}
+            Err(_) => return Err(stopped()),
+        }
     }
 }
 
@@ -413,23 +434,53 @@ pub(super) struct Finished {
     pub(super) lost_bytes: u64,
 }
 
-/// Completes the multipart uploads a stopped run of `job` left open, from the parts the
-/// database recorded and the store still holds (checked with a paginated ListParts): each
-/// becomes a pack of its durable parts plus a trailer part. An upload without its first part
-/// is aborted (nothing of it was durable). Returns the chunk ids of every complete pack of
-/// the job.
+/// Adopts a pack of `job` that may be complete in the store although the database does not
+/// say so (the run stopped between the store's answer and the database write): reads its
+/// trailer and records it complete. False if the store has no such (valid) pack.
+fn adopt(store: &Store, db: &JobDb, job: &str, pack: &PackId, whole: bool) -> Result<bool> {
+    match store.read_pack_entries(pack) {
+        Ok((entries, size)) => {
+            tracing::info!(pack = %hex(pack), chunks = entries.len(), "found a pack the last run completed without recording it");
+            db.complete_pack(job, pack, &entries, whole.then_some(size))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) if e.kind() == ErrorKind::Corrupt => {
+            tracing::warn!(pack = %hex(pack), error = %e, "a pack of the last run is damaged; its chunks will be sent again");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Brings the packs a stopped run of `job` left unfinished to an end, and returns the chunk
+/// ids of every complete pack of the job:
+/// - a reserved pack id is looked for in the store (a whole pack put just before the stop)
+///   and adopted if there, forgotten if not;
+/// - an open multipart upload is completed from the parts the database recorded and the
+///   store still holds (checked with a paginated ListParts), as its durable parts plus a
+///   trailer part; one the store already completed is adopted; one without its first part
+///   is aborted (nothing of it was durable).
 pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<Finished> {
     let backend = store.backend();
     let mut out = Finished::default();
+    for pack in db.reserved_packs(job)? {
+        if !adopt(store, db, job, &pack, true)? {
+            db.drop_pack(job, &pack)?;
+        }
+    }
     for open in db.open_packs(job)? {
         let key = crate::store::pack_key(&open.pack);
         let recorded: u64 = open.parts.iter().map(|(p, _)| p.size).sum();
         let held = match backend.list_parts(&key, &open.upload_id) {
             Ok(held) => held,
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                tracing::warn!(pack = %hex(&open.pack), "an open upload of the job is gone from the store; its chunks will be sent again");
-                db.drop_pack(job, &open.pack)?;
-                out.lost_bytes += recorded;
+                // Completed by the last run (its answer lost to the stop), or aborted.
+                if !adopt(store, db, job, &open.pack, false)? {
+                    tracing::warn!(pack = %hex(&open.pack), "an open upload of the job is gone from the store; its chunks will be sent again");
+                    db.drop_pack(job, &open.pack)?;
+                    out.lost_bytes += recorded;
+                }
                 continue;
             }
             Err(e) => return Err(e),
@@ -492,6 +543,9 @@ pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<
         if let Err(e) = completed {
             // A pack that cannot be completed must not block the job for ever: give it up
             // (if the store can be told) and send its chunks again.
+            if adopt(store, db, job, &open.pack, false)? {
+                continue;
+            }
             if backend.abort_upload(&key, &open.upload_id).is_err() {
                 return Err(e);
             }

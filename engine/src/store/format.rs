@@ -31,6 +31,10 @@ const PACK_END_MAGIC: &[u8; 6] = b"BFPEND";
 pub const PACK_FOOTER: usize = 12;
 /// One trailer or index entry: id (32), offset (u64), stored length (u32), raw length (u32).
 pub const ENTRY_BYTES: usize = 48;
+/// Most chunk records one pack holds (each pack key seals at most this many records).
+pub const MAX_PACK_CHUNKS: usize = 16 << 10;
+/// Longest valid trailer record: every entry of a full pack, sealed.
+pub const MAX_TRAILER_RECORD: usize = MAX_PACK_CHUNKS * ENTRY_BYTES + BLOB_OVERHEAD;
 
 /// Kinds of metadata objects, each with its own magic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,38 +302,67 @@ fn trailer_aad(header: &[u8; PACK_HEADER]) -> [u8; PACK_HEADER + 7] {
 }
 
 /// Reads a whole pack's trailer: checks header, footer and trailer authentication, and that
-/// every entry lies inside the pack's blob area. Used by verify and index rebuilds.
+/// every entry lies inside the pack's blob area. Used by tests and fuzzing; stores read only
+/// a pack's ends (see [`decode_pack_tail`]).
 pub fn decode_pack_trailer(sealer: &Sealer, pack: &[u8], object: &str) -> Result<Vec<Entry>> {
     check_magic(pack, *PACK_MAGIC, object)?;
-    if pack.len() < PACK_HEADER + PACK_FOOTER {
+    let header: [u8; PACK_HEADER] = pack
+        .get(..PACK_HEADER)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| Error::corrupt(object, "pack truncated inside its header"))?;
+    decode_pack_tail(sealer, &header, pack, 0, pack.len() as u64, object)
+}
+
+/// Reads a pack's trailer from its `header` and `tail`, the pack's last bytes starting at
+/// pack offset `tail_at` (they must hold the footer and the whole trailer record); `size` is
+/// the pack's length. Checks the end marker, the trailer's authentication (bound to the
+/// header), and that every entry lies inside the pack's blob area.
+pub fn decode_pack_tail(
+    sealer: &Sealer,
+    header: &[u8; PACK_HEADER],
+    tail: &[u8],
+    tail_at: u64,
+    size: u64,
+    object: &str,
+) -> Result<Vec<Entry>> {
+    if size < (PACK_HEADER + PACK_FOOTER) as u64 || tail.len() < PACK_FOOTER {
         return Err(Error::corrupt(
             object,
             "pack truncated: shorter than header and footer",
         ));
     }
-    let footer_at = pack.len() - PACK_FOOTER;
-    let footer = &pack[footer_at..];
+    if tail_at.checked_add(tail.len() as u64) != Some(size) {
+        return Err(Error::internal("pack tail does not end the pack").with_object(object));
+    }
+    let footer_at = tail.len() - PACK_FOOTER;
+    let footer = &tail[footer_at..];
+    let footer_pos = tail_at + footer_at as u64;
     if &footer[4..10] != PACK_END_MAGIC {
         return Err(
             Error::corrupt(object, "pack truncated or damaged: end marker missing")
-                .with_offset(footer_at as u64),
+                .with_offset(footer_pos),
         );
     }
-    let record_len = u32_at(footer, 0) as usize;
-    let trailer_at = footer_at
+    let record_len = u64::from(u32_at(footer, 0));
+    let trailer_pos = footer_pos
         .checked_sub(record_len)
-        .filter(|&at| at >= PACK_HEADER)
+        .filter(|&at| at >= PACK_HEADER as u64)
         .ok_or_else(|| {
             Error::corrupt(object, "pack trailer length points outside the pack")
-                .with_offset(footer_at as u64)
+                .with_offset(footer_pos)
         })?;
-    let header: [u8; PACK_HEADER] = pack[..PACK_HEADER].try_into().expect("checked length");
-    let mut record = pack[trailer_at..footer_at].to_vec();
+    let in_tail = trailer_pos
+        .checked_sub(tail_at)
+        .and_then(|d| usize::try_from(d).ok())
+        .ok_or_else(|| {
+            Error::corrupt(object, "pack trailer starts before the bytes read of it")
+                .with_offset(trailer_pos)
+        })?;
+    let mut record = tail[in_tail..footer_at].to_vec();
     let plain = sealer
-        .open(&trailer_aad(&header), &mut record, 0)
+        .open(&trailer_aad(header), &mut record, 0)
         .map_err(|_| {
-            Error::corrupt(object, "pack trailer failed authentication")
-                .with_offset(trailer_at as u64)
+            Error::corrupt(object, "pack trailer failed authentication").with_offset(trailer_pos)
         })?;
     if !plain.len().is_multiple_of(ENTRY_BYTES) {
         return Err(Error::corrupt(object, "pack trailer has a partial entry"));
@@ -337,7 +370,7 @@ pub fn decode_pack_trailer(sealer: &Sealer, pack: &[u8], object: &str) -> Result
     let entries: Vec<Entry> = plain.chunks_exact(ENTRY_BYTES).map(decode_entry).collect();
     for e in &entries {
         let end = e.offset.checked_add(u64::from(e.stored_len));
-        if e.offset < PACK_HEADER as u64 || end.is_none_or(|end| end > trailer_at as u64) {
+        if e.offset < PACK_HEADER as u64 || end.is_none_or(|end| end > trailer_pos) {
             return Err(
                 Error::corrupt(object, "pack trailer entry points outside the pack")
                     .with_offset(e.offset),

@@ -546,6 +546,41 @@ impl Store {
         self.put_new(&pack_key(pack_id), bytes)
     }
 
+    /// Reads the chunk records a pack in the store lists, from its header and trailer only
+    /// (two ranged reads), and its size. `NotFound` if the store has no such pack.
+    pub fn read_pack_entries(&self, pack_id: &PackId) -> Result<(Vec<Entry>, u64)> {
+        let key = pack_key(pack_id);
+        let size = self.backend.size(&key)?;
+        let min = (format::PACK_HEADER + format::PACK_FOOTER) as u64;
+        if size < min {
+            return Err(Error::corrupt(
+                &key,
+                "pack truncated: shorter than header and footer",
+            ));
+        }
+        let mut header = Vec::new();
+        self.backend
+            .get_range(&key, 0, format::PACK_HEADER, &mut header)?;
+        if format::pack_id_of(&header, &key)? != *pack_id {
+            return Err(Error::corrupt(&key, "pack header names another pack"));
+        }
+        let header: [u8; format::PACK_HEADER] = header
+            .as_slice()
+            .try_into()
+            .map_err(|_| Error::corrupt(&key, "pack truncated inside its header"))?;
+        // The footer and the longest trailer a pack can have, or the whole pack after its
+        // header if it is shorter.
+        let tail_len = (size - format::PACK_HEADER as u64)
+            .min((format::MAX_TRAILER_RECORD + format::PACK_FOOTER) as u64);
+        let tail_at = size - tail_len;
+        let mut tail = Vec::new();
+        let len = usize::try_from(tail_len).expect("bounded by the trailer cap");
+        self.backend.get_range(&key, tail_at, len, &mut tail)?;
+        let sealer = self.keys.pack_sealer(pack_id);
+        let entries = format::decode_pack_tail(&sealer, &header, &tail, tail_at, size, &key)?;
+        Ok((entries, size))
+    }
+
     fn put_new(&self, key: &str, bytes: &[u8]) -> Result<()> {
         match self.backend.put(key, bytes, PutMode::Create)? {
             PutOutcome::Written => Ok(()),

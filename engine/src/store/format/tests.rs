@@ -77,6 +77,36 @@ fn golden_unencrypted_pack() {
     finish_pack(&sealer, &mut pack, &entries).unwrap();
     golden("pack-unencrypted", &pack);
     assert_eq!(decode_pack_trailer(&sealer, &pack, "p").unwrap(), entries);
+    // A store reads only the header and a tail holding the trailer: any tail that does gives
+    // the same entries; one that starts inside the trailer is refused, as is a wrong header.
+    let header: [u8; PACK_HEADER] = pack[..PACK_HEADER].try_into().unwrap();
+    let size = pack.len() as u64;
+    let trailer_at =
+        pack.len() - PACK_FOOTER - u32_at(&pack[pack.len() - PACK_FOOTER..], 0) as usize;
+    for at in [PACK_HEADER, entries[2].offset as usize, trailer_at] {
+        let got = decode_pack_tail(&sealer, &header, &pack[at..], at as u64, size, "p").unwrap();
+        assert_eq!(got, entries, "tail at {at}");
+    }
+    let e = decode_pack_tail(
+        &sealer,
+        &header,
+        &pack[trailer_at + 1..],
+        trailer_at as u64 + 1,
+        size,
+        "p",
+    );
+    assert_eq!(e.unwrap_err().kind(), ErrorKind::Corrupt);
+    let mut other = header;
+    other[8] ^= 1;
+    let e = decode_pack_tail(
+        &sealer,
+        &other,
+        &pack[PACK_HEADER..],
+        PACK_HEADER as u64,
+        size,
+        "p",
+    );
+    assert_eq!(e.unwrap_err().kind(), ErrorKind::Corrupt);
     // First blob is compressed, second raw (lz4 did not shrink it), third raw by request.
     assert_eq!(pack[entries[0].offset as usize], 1);
     assert_eq!(pack[entries[1].offset as usize], 0);
