@@ -5,8 +5,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blockferry_tests::{
-    MIB, PASSPHRASE, Rng, Sandbox, Value, bin, file_hash, make_image, objects, s3, s3_backend,
-    write_at,
+    MIB, PASSPHRASE, Rng, Sandbox, Value, bin, file_hash, have_qemu, make_image, objects, qemu,
+    qemu_from_raw, s3, s3_backend, write_at,
 };
 
 fn spawn_replicate(sb: &Sandbox, image: &std::path::Path, extra: &[&str]) -> Child {
@@ -232,6 +232,59 @@ fn a_changed_source_is_refused_until_restart() {
     let listed = jobs(&sb);
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["state"], "done");
+}
+
+#[test]
+fn a_changed_parent_is_refused_until_restart() {
+    if !have_qemu() {
+        return;
+    }
+    let mut rng = Rng::seeded("jobs_parent");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let raw = sb.path("base.raw");
+    make_image(&raw, 128 * MIB, &[(0, rng.bytes(128 << 20))]);
+    let base = sb.path("base.vmdk");
+    qemu_from_raw(&raw, &base, "vmdk", "");
+    let child = sb.path("child.vmdk");
+    qemu(&[
+        "create",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        child.to_str().unwrap(),
+    ]);
+    kill_when(&sb, &child, &["--memory-budget", "64M"], || {
+        complete_packs(&sb) >= 1
+    });
+    // The parent is touched (as if a snapshot were consolidated into it); the child is not.
+    let later = std::time::SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&base)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let store = sb.store();
+    let args = ["replicate", child.to_str().unwrap(), "--store", &store];
+    sb.fails(
+        &args,
+        1,
+        &[
+            "the source changed since job",
+            "base.vmdk: modification time",
+            "--restart",
+        ],
+    );
+    let mut with_restart = args.to_vec();
+    with_restart.push("--restart");
+    let report = sb.json(&with_restart);
+    assert_eq!(report["resumed"], false, "{report}");
+    let out = sb.restore(report["snapshot"].as_str().unwrap(), "out.raw");
+    assert_eq!(file_hash(&out), file_hash(&raw));
 }
 
 #[test]

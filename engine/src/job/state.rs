@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::format::{self, Entry, Id, PackId, hex};
@@ -92,6 +92,69 @@ pub struct JobKey {
     pub chunk_size: u32,
 }
 
+/// What a job's source looked like when the job started: its top file, and every other file
+/// it reads (parents of a chain, extents of a VMDK descriptor), so that a resumed run can
+/// tell whether any of them changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSource {
+    /// The top file (the path the job was started with).
+    #[serde(flatten)]
+    pub top: SourceFingerprint,
+    /// The other files, in the order the source reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others: Vec<SourceFile>,
+}
+
+/// One file of a source besides its top file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// The file's path as opened.
+    pub path: String,
+    /// Its identity then.
+    #[serde(flatten)]
+    pub fingerprint: SourceFingerprint,
+}
+
+impl JobSource {
+    /// What changed from `self` (the job's record) to `now`, in words; empty if nothing.
+    pub fn changes(&self, now: &JobSource) -> Vec<String> {
+        fn diff(was: &SourceFingerprint, now: &SourceFingerprint, out: &mut Vec<String>, of: &str) {
+            if was.size != now.size {
+                out.push(format!("{of}size {} → {}", was.size, now.size));
+            }
+            if was.modified_unix_ns != now.modified_unix_ns {
+                out.push(format!("{of}modification time"));
+            }
+            if (was.device, was.inode) != (now.device, now.inode) {
+                out.push(format!(
+                    "{of}file identity (device and inode: replaced by another file)"
+                ));
+            }
+        }
+        let mut out = Vec::new();
+        diff(&self.top, &now.top, &mut out, "");
+        let was: Vec<&str> = self.others.iter().map(|f| f.path.as_str()).collect();
+        let is: Vec<&str> = now.others.iter().map(|f| f.path.as_str()).collect();
+        if was != is {
+            out.push(format!(
+                "the files it reads: [{}] → [{}]",
+                was.join(", "),
+                is.join(", ")
+            ));
+            return out;
+        }
+        for (w, n) in self.others.iter().zip(&now.others) {
+            diff(
+                &w.fingerprint,
+                &n.fingerprint,
+                &mut out,
+                &format!("{}: ", w.path),
+            );
+        }
+        out
+    }
+}
+
 /// Where a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -128,7 +191,7 @@ pub struct JobRecord {
     /// Chunk size.
     pub chunk_size: u32,
     /// The source as it was when the job started.
-    pub fingerprint: SourceFingerprint,
+    pub fingerprint: JobSource,
     /// Active or done.
     pub state: JobState,
     /// The snapshot a finished job made.
@@ -313,12 +376,8 @@ impl JobDb {
             source: row.get(3)?,
             disk: row.get(4)?,
             chunk_size: u32::try_from(row.get::<_, i64>(5)?).unwrap_or(0),
-            fingerprint: serde_json::from_str(&fingerprint).unwrap_or(SourceFingerprint {
-                size: 0,
-                modified_unix_ns: 0,
-                device: 0,
-                inode: 0,
-            }),
+            // An unreadable record compares as changed, so the job is refused, not resumed.
+            fingerprint: serde_json::from_str(&fingerprint).unwrap_or_default(),
             state: JobState::parse(&state),
             snapshot: row.get(8)?,
             runs: u32::try_from(row.get::<_, i64>(9)?).unwrap_or(0),
@@ -384,7 +443,7 @@ impl JobDb {
     }
 
     /// Records a new job.
-    pub fn create(&self, key: &JobKey, fingerprint: &SourceFingerprint) -> Result<JobRecord> {
+    pub fn create(&self, key: &JobKey, fingerprint: &JobSource) -> Result<JobRecord> {
         let id = hex(&crate::store::crypto::random::<8>()?);
         let now = i64_of(now_unix_ms());
         let fp = serde_json::to_string(fingerprint)

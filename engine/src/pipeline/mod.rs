@@ -34,7 +34,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::{BlockSource, Mapping, Target};
 use crate::io::buf::{BufferPool, PooledBuf};
 use crate::io::{IoEngine, ReadBackend};
-use crate::job::state::{JobDb, JobKey, POSITION_BATCH};
+use crate::job::state::{JobDb, JobKey, JobSource, POSITION_BATCH, SourceFile};
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
 use crate::store::format::{self, ENTRY_BYTES, Entry, Id, PAGE_ENTRIES, PackId, ZERO_ID, hex};
 use crate::store::{ChunkIndex, DiskMeta, Part, Snapshot, SnapshotStats, Store};
@@ -558,6 +558,26 @@ struct Opened {
     resumed: bool,
 }
 
+/// The identity of every file `source` reads: its top file as opened, and the others
+/// (chain parents, extents) as they are now.
+fn job_source(source: &dyn BlockSource) -> Result<JobSource> {
+    let top = source.fingerprint().clone();
+    let mut others = Vec::new();
+    for idx in 0..source.n_files() {
+        let Some(file) = source.file(idx) else {
+            continue;
+        };
+        let fingerprint = crate::image::util::fingerprint(file)?;
+        if (fingerprint.device, fingerprint.inode) != (top.device, top.inode) {
+            others.push(SourceFile {
+                path: file.path().display().to_string(),
+                fingerprint,
+            });
+        }
+    }
+    Ok(JobSource { top, others })
+}
+
 /// Finds (or starts) the job of this replication, checks the source did not change under
 /// it, and finishes what its last run left open. Returns the checkpoint and the positions
 /// already durable.
@@ -588,21 +608,10 @@ fn open_job(
         ));
         found = None;
     }
-    let fp = source.fingerprint();
+    let fp = job_source(source)?;
     let (job, resumed) = match found {
         Some(job) => {
-            let was = &job.fingerprint;
-            let mut changed = Vec::new();
-            if was.size != fp.size {
-                changed.push(format!("size {} → {}", was.size, fp.size));
-            }
-            if was.modified_unix_ns != fp.modified_unix_ns {
-                changed.push("modification time".to_owned());
-            }
-            if (was.device, was.inode) != (fp.device, fp.inode) {
-                changed
-                    .push("file identity (device and inode: replaced by another file)".to_owned());
-            }
+            let changed = job.fingerprint.changes(&fp);
             if !changed.is_empty() {
                 return Err(Error::new(
                     ErrorKind::Config,
@@ -617,7 +626,7 @@ fn open_job(
             }
             (job, true)
         }
-        None => (db.create(&key, fp)?, false),
+        None => (db.create(&key, &fp)?, false),
     };
     let lock = db.lock(&job.id)?;
     let mut positions = Vec::new();
