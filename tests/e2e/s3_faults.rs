@@ -243,6 +243,42 @@ fn network_cuts_and_slowdown_storms_are_ridden_out() {
 }
 
 #[test]
+fn a_one_minute_outage_is_ridden_out() {
+    let mut rng = Rng::seeded("s3_outage");
+    let proxy = Proxy::start(&s3().endpoint);
+    let (sb, extra) = through(&proxy, "outage");
+    sb.init(&with(&[], &extra));
+    let image = sample(&sb, &mut rng, 24);
+    // From the first part on, the network refuses every request for a minute (longer than
+    // a few retries last): the run waits it out and completes on its own.
+    let start = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    {
+        let start = start.clone();
+        proxy.set_rule(move |r| {
+            let now = t0.elapsed().as_millis() as u64;
+            if r.is_upload_part() && start.load(Ordering::Relaxed) == 0 {
+                start.store(now, Ordering::Relaxed);
+            }
+            let s = start.load(Ordering::Relaxed);
+            if s > 0 && now < s + 60_000 {
+                Action::Cut
+            } else {
+                Action::Forward
+            }
+        });
+    }
+    let began = Instant::now();
+    let (_, stderr) = replicate_and_check(&sb, &image, &extra);
+    assert!(
+        began.elapsed() >= Duration::from_secs(60),
+        "no outage happened"
+    );
+    let retries = stderr.matches("retrying S3 request").count();
+    assert!(retries >= 2, "{stderr}");
+}
+
+#[test]
 fn lost_and_broken_answers_neither_lose_nor_duplicate() {
     let mut rng = Rng::seeded("s3_answers");
     let proxy = Proxy::start(&s3().endpoint);

@@ -543,7 +543,8 @@ impl Checkpoint {
     fn reserve_pack_id(&self, ids: &Sender<PackId>) -> Result<()> {
         let id: PackId = crate::store::crypto::random()?;
         self.db.reserve_pack(&self.job, &id)?;
-        let _ = ids.send(id);
+        // (Were the queue full, the id would stay unused: a resumed run finds no such pack.)
+        let _ = ids.try_send(id);
         Ok(())
     }
 }
@@ -714,7 +715,8 @@ pub fn replicate(
     };
     // Pack ids reserved in the job database before a worker can use them (one more each
     // time a worker takes one), so that a resumed run can find every pack this run put.
-    let (id_tx, id_rx) = crossbeam_channel::unbounded::<PackId>();
+    // Never full: a worker takes an id before the collector hears of its pack.
+    let (id_tx, id_rx) = bounded::<PackId>(plan.workers + 2);
     if let Some(ck) = &ck {
         for _ in 0..plan.workers + 2 {
             ck.reserve_pack_id(&id_tx)?;

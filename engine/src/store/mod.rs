@@ -200,7 +200,8 @@ pub struct S3Options {
     pub region: Option<String>,
     /// Path-style addressing (`endpoint/bucket/key`); `None` picks it for custom endpoints.
     pub path_style: Option<bool>,
-    /// Attempts per request, the first included, for a running job.
+    /// Attempts per request, the first included, for a running job. The default (40, with
+    /// backoff growing to 20 s) rides out an outage of about five minutes.
     pub max_attempts: u32,
     /// Time limit of one attempt of one request.
     pub attempt_timeout: Duration,
@@ -222,7 +223,7 @@ impl Default for S3Options {
             endpoint: None,
             region: None,
             path_style: None,
-            max_attempts: 10,
+            max_attempts: 40,
             attempt_timeout: Duration::from_secs(300),
             operation_timeout: Duration::from_secs(1800),
             connect_timeout: Duration::from_secs(5),
