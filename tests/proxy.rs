@@ -27,6 +27,9 @@ pub enum Action {
     TruncateAnswer,
     /// Answer 200 with an `InternalError` body without forwarding.
     ErrorIn200,
+    /// Take the whole request, then answer nothing for this long and close (a stalled
+    /// server).
+    Stall(std::time::Duration),
 }
 
 /// A request as the rule sees it.
@@ -278,6 +281,11 @@ fn serve(
                 continue;
             }
             Action::Cut => {
+                let _ = writer.shutdown(Shutdown::Both);
+                return Ok(());
+            }
+            Action::Stall(d) => {
+                std::thread::sleep(d);
                 let _ = writer.shutdown(Shutdown::Both);
                 return Ok(());
             }

@@ -279,6 +279,44 @@ fn a_one_minute_outage_is_ridden_out() {
 }
 
 #[test]
+fn stalled_requests_are_retried_and_reported() {
+    let mut rng = Rng::seeded("s3_stall");
+    let proxy = Proxy::start(&s3().endpoint);
+    let (sb, mut extra) = through(&proxy, "stall");
+    sb.init(&with(&[], &extra));
+    let image = sample(&sb, &mut rng, 24);
+    // For 40 s from the first part on, the server takes every part and never answers.
+    let start = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    {
+        let start = start.clone();
+        proxy.set_rule(move |r| {
+            let now = t0.elapsed().as_millis() as u64;
+            if r.is_upload_part() && start.load(Ordering::Relaxed) == 0 {
+                start.store(now, Ordering::Relaxed);
+            }
+            let s = start.load(Ordering::Relaxed);
+            if r.is_upload_part() && now < s + 40_000 {
+                Action::Stall(Duration::from_secs(300))
+            } else {
+                Action::Forward
+            }
+        });
+    }
+    extra.extend(["--s3-attempt-timeout".to_owned(), "12s".to_owned()]);
+    let began = Instant::now();
+    let (_, stderr) = replicate_and_check(&sb, &image, &extra);
+    let took = began.elapsed();
+    assert!(took >= Duration::from_secs(40), "no stall happened");
+    assert!(took < Duration::from_secs(150), "took {took:?}");
+    assert!(stderr.contains("retrying S3 request"), "{stderr}");
+    assert!(
+        stderr.contains("the store has acknowledged nothing for 3"),
+        "the wait is not reported:\n{stderr}"
+    );
+}
+
+#[test]
 fn lost_and_broken_answers_neither_lose_nor_duplicate() {
     let mut rng = Rng::seeded("s3_answers");
     let proxy = Proxy::start(&s3().endpoint);

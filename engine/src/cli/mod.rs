@@ -75,6 +75,10 @@ struct S3Args {
     /// S3 path-style addressing: on or off (default: on for a custom endpoint, off for AWS).
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     path_style: Option<bool>,
+    /// Time limit of one attempt of one S3 request, after which it is retried (raise it
+    /// for large parts on slow links).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5m")]
+    s3_attempt_timeout: std::time::Duration,
     /// Smallest S3 part size, for S3-compatible services that take parts under 5 MiB.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, hide = true)]
     s3_min_part_size: Option<u64>,
@@ -290,6 +294,7 @@ fn s3_options(args: &S3Args) -> S3Options {
         region: args.region.clone(),
         path_style: args.path_style,
         min_part_size: args.s3_min_part_size,
+        attempt_timeout: args.s3_attempt_timeout,
         ..S3Options::default()
     }
 }

@@ -549,6 +549,50 @@ impl Checkpoint {
     }
 }
 
+/// How long the store may acknowledge nothing, with parts in flight, before the run says so.
+const STALL_WARNING: Duration = Duration::from_secs(30);
+
+/// Makes a wait on the store visible: warns when nothing was acknowledged for
+/// [`STALL_WARNING`] although parts are in flight (the SDK retries a stalled transfer after
+/// its grace period and an unanswered request at the attempt timeout; this says why nothing
+/// moves meanwhile).
+struct Watchdog {
+    written: u64,
+    since: std::time::Instant,
+    warned: Option<std::time::Instant>,
+}
+
+impl Watchdog {
+    fn new() -> Watchdog {
+        Watchdog {
+            written: 0,
+            since: std::time::Instant::now(),
+            warned: None,
+        }
+    }
+
+    fn check(&mut self, counters: &Counters, reporter: &Reporter<'_>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let written = counters.bytes_written.load(Relaxed);
+        let in_flight = counters.parts_in_flight.load(Relaxed);
+        let now = std::time::Instant::now();
+        if written != self.written || in_flight == 0 {
+            self.written = written;
+            self.since = now;
+            return;
+        }
+        let idle = now - self.since;
+        if idle >= STALL_WARNING && self.warned.is_none_or(|w| now - w >= STALL_WARNING) {
+            self.warned = Some(now);
+            reporter.warn(format!(
+                "the store has acknowledged nothing for {} s with {in_flight} part(s) in \
+                 flight; stalled or unanswered requests are retried (see the log)",
+                idle.as_secs()
+            ));
+        }
+    }
+}
+
 /// A job opened for a run.
 struct Opened {
     ck: Checkpoint,
@@ -823,7 +867,17 @@ pub fn replicate(
         }
         drop((work_rx, part_tx, part_rx, msg_tx));
 
-        for msg in &msg_rx {
+        let mut watchdog = Watchdog::new();
+        loop {
+            let msg = match msg_rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(msg) => msg,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    watchdog.check(sh.counters, &reporter);
+                    reporter.tick();
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             let step = (|| -> Result<()> {
                 match msg {
                     Msg::Chunk { idx, id, len, kind } => {
@@ -905,6 +959,7 @@ pub fn replicate(
                 sh.stop.cancel();
                 first_error.get_or_insert(e);
             }
+            watchdog.check(sh.counters, &reporter);
             reporter.tick();
         }
         handles
