@@ -88,6 +88,28 @@ pub struct Progress {
     pub elapsed: Duration,
 }
 
+impl Progress {
+    /// Virtual bytes done per second, on average since the start.
+    #[allow(clippy::cast_precision_loss)] // a rate needs no exactness
+    pub fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.bytes_done as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Time left at the average rate so far; `None` before anything is done.
+    #[allow(clippy::cast_precision_loss)]
+    pub fn eta(&self) -> Option<Duration> {
+        let rate = self.rate();
+        (rate > 0.0).then(|| {
+            Duration::from_secs_f64(self.bytes_total.saturating_sub(self.bytes_done) as f64 / rate)
+        })
+    }
+}
+
 /// A progress event. Observers receive them in order from one thread at a time.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -235,5 +257,26 @@ impl<'a> Reporter<'a> {
         let p = self.counters.progress(self.bytes_total, self.started);
         self.observer.event(&Event::Finished(p.clone()));
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_and_eta_follow_the_average() {
+        let mut p = Progress {
+            bytes_total: 1000,
+            bytes_done: 250,
+            elapsed: Duration::from_secs(5),
+            ..Progress::default()
+        };
+        assert!((p.rate() - 50.0).abs() < 1e-9);
+        assert_eq!(p.eta(), Some(Duration::from_secs(15)));
+        p.bytes_done = 0;
+        assert_eq!(p.eta(), None);
+        p.elapsed = Duration::ZERO;
+        assert!(p.rate().abs() < f64::EPSILON);
     }
 }
