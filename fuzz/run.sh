@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 secs=${2:-600}
 [ -d corpus ] || bash seed.sh
 targets=$1
-[ "$targets" = all ] && targets="vhd vhdx vmdk_descriptor vmdk_sparse store_objects ova"
+[ "$targets" = all ] && targets="vhd vhdx vmdk_descriptor vmdk_sparse store_objects ova change_list"
 for t in $targets; do
   mkdir -p corpus/"$t"
   RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" corpus/"$t" -- -max_total_time="$secs" -rss_limit_mb=2048 -max_len=4194304 2>&1 | tail -n 3

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-mkdir -p corpus/{vhd,vhdx,vmdk_descriptor,vmdk_sparse,store_objects,ova}
+mkdir -p corpus/{vhd,vhdx,vmdk_descriptor,vmdk_sparse,store_objects,ova,change_list}
 head -c 3M /dev/urandom > "$tmp/d.raw"
 truncate -s 8M "$tmp/d.raw"
 qemu-img convert -f raw -O vpc -o subformat=dynamic "$tmp/d.raw" corpus/vhd/dynamic.vhd
@@ -30,4 +30,9 @@ qemu-img create -q -f vmdk -o subformat=streamOptimized "$tmp/disk.vmdk" 1M
 (cd "$tmp" && tar --format=ustar -cf vm.ova vm.ovf disk.vmdk)
 cp "$tmp/vm.ova" corpus/ova/
 cp "$tmp/vm.ovf" corpus/ova/
+# Change lists: 8 bytes of disk size (16 MiB, little endian), then the list.
+disk16m() { printf '\x00\x00\x00\x01\x00\x00\x00\x00'; }
+{ disk16m; echo '{"startOffset": 0, "length": 16777216, "changeId": "52 1a/4", "changedArea": [{"start": 65536, "length": 131072}]}'; } > corpus/change_list/cbt.json
+{ disk16m; echo '{"ChangedByteOffsets": [0, 1048576], "ChangedByteLengths": [512, 4096], "TargetRctId": "rctX:1:2", "ByteOffset": 0, "ProcessedByteLength": 16777216}'; } > corpus/change_list/rct.json
+{ disk16m; printf '0,4096\n0x100000 0x1000 # hex\n'; } > corpus/change_list/extents.txt
 echo "seeded: $(find corpus -type f | wc -l) files"

@@ -17,6 +17,8 @@ pub enum ErrorKind {
     InvalidImage,
     /// A source image is well formed but of a kind this version cannot read.
     UnsupportedImage,
+    /// A change list (VMware CBT, Hyper-V RCT, extents) is malformed or does not fit the disk.
+    InvalidChangeList,
     /// An object in the store is damaged: truncated, bit-flipped, or failed authentication.
     Corrupt,
     /// An object the store should hold is missing (a snapshot, a pack, an index).
@@ -42,10 +44,11 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for exhaustive mapping tests in the bindings.
-    pub const ALL: [ErrorKind; 13] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::Io,
         ErrorKind::InvalidImage,
         ErrorKind::UnsupportedImage,
+        ErrorKind::InvalidChangeList,
         ErrorKind::Corrupt,
         ErrorKind::NotFound,
         ErrorKind::UnsupportedVersion,

@@ -33,6 +33,7 @@
 
 #![deny(missing_docs)]
 
+pub mod changes;
 mod error;
 pub mod image;
 pub mod io;
