@@ -27,6 +27,8 @@ pub enum Action {
     TruncateAnswer,
     /// Answer 200 with an `InternalError` body without forwarding.
     ErrorIn200,
+    /// Answer `403 AccessDenied` without forwarding (an error no client retries).
+    Deny,
     /// Take the whole request, then answer nothing for this long and close (a stalled
     /// server).
     Stall(std::time::Duration),
@@ -278,6 +280,10 @@ fn serve(
             }
             Action::ErrorIn200 => {
                 canned(&mut writer, "200 OK", "InternalError")?;
+                continue;
+            }
+            Action::Deny => {
+                canned(&mut writer, "403 Forbidden", "AccessDenied")?;
                 continue;
             }
             Action::Cut => {

@@ -4,6 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use blockferry_tests::proxy::{Action, Proxy};
 use blockferry_tests::{
     MIB, PASSPHRASE, Rng, Sandbox, Value, bin, file_hash, have_qemu, make_image, objects, qemu,
     qemu_from_raw, s3, s3_backend, write_at,
@@ -119,15 +120,18 @@ fn forget_completed_packs(sb: &Sandbox, store: &str) -> usize {
 
 /// A run stopped between the store completing a pack and the job database recording it:
 /// the next run finds the pack by its reserved id (or its upload) and neither reads nor
-/// sends its chunks again.
-fn packs_completed_but_not_recorded_are_adopted(sb: &Sandbox, extra: &[&str]) {
+/// sends its chunks again. `stop` runs the first run and stops it once a pack is complete.
+fn packs_completed_but_not_recorded_are_adopted(
+    sb: &Sandbox,
+    extra: &[&str],
+    stop: impl FnOnce(&std::path::Path),
+) {
     let mut rng = Rng::seeded("jobs_adopt");
-    sb.init(&[]);
     let image = sb.path("disk.raw");
     let size = 128 * MIB;
     make_image(&image, size, &[(0, rng.bytes(size as usize))]);
     let store = sb.store();
-    kill_when(sb, &image, extra, || complete_packs(sb) >= 1);
+    stop(&image);
     let rewound = forget_completed_packs(sb, &store);
     assert!(rewound >= 1, "no complete pack to rewind");
 
@@ -158,13 +162,40 @@ fn packs_completed_but_not_recorded_are_adopted(sb: &Sandbox, extra: &[&str]) {
 #[test]
 fn whole_packs_put_but_not_recorded_are_adopted() {
     let sb = Sandbox::new();
-    packs_completed_but_not_recorded_are_adopted(&sb, &["--memory-budget", "64M"]);
+    sb.init(&[]);
+    let extra = ["--memory-budget", "64M"];
+    packs_completed_but_not_recorded_are_adopted(&sb, &extra, |image| {
+        kill_when(&sb, image, &extra, || complete_packs(&sb) >= 1);
+    });
 }
 
 #[test]
 fn multipart_packs_completed_but_not_recorded_are_adopted() {
+    // An S3 pack completes only at the end of a run (it holds up to 16 Ki chunks): the first
+    // run is stopped there, by a store that refuses the snapshot manifest.
+    let proxy = Proxy::start(&s3().endpoint);
     let sb = Sandbox::new_s3("adopt");
-    packs_completed_but_not_recorded_are_adopted(&sb, &["--part-size", "5M", "--jobs", "2"]);
+    let endpoint = ["--endpoint", proxy.url.as_str()];
+    let mut args = vec!["init", "--store"];
+    let store = sb.store();
+    args.push(&store);
+    args.extend(endpoint);
+    sb.ok(&args);
+    let mut extra = vec!["--part-size", "5M", "--jobs", "2"];
+    extra.extend(endpoint);
+    packs_completed_but_not_recorded_are_adopted(&sb, &extra, |image| {
+        proxy.set_rule(|r| {
+            if r.method == "PUT" && r.target.contains("/snapshots/") {
+                Action::Deny
+            } else {
+                Action::Forward
+            }
+        });
+        let mut args = vec!["replicate", image.to_str().unwrap(), "--store", &store];
+        args.extend(&extra);
+        sb.fails(&args, 1, &["snapshots/"]);
+        proxy.set_rule(|_| Action::Forward);
+    });
 }
 
 #[test]

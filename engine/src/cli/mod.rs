@@ -77,7 +77,7 @@ struct S3Args {
     path_style: Option<bool>,
     /// Time limit of one attempt of one S3 request, after which it is retried (raise it
     /// for large parts on slow links).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5m")]
+    #[arg(long, value_name = "DURATION", value_parser = parse_attempt_timeout, default_value = "5m")]
     s3_attempt_timeout: std::time::Duration,
     /// Smallest S3 part size, for S3-compatible services that take parts under 5 MiB.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, hide = true)]
@@ -286,6 +286,14 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
         "off" | "false" | "no" => Ok(false),
         _ => Err(format!("{s:?}: give on or off")),
     }
+}
+
+fn parse_attempt_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err("an attempt needs at least 1s".to_owned());
+    }
+    Ok(d)
 }
 
 fn s3_options(args: &S3Args) -> S3Options {

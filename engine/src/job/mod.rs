@@ -84,29 +84,35 @@ pub struct Progress {
     pub bytes_written: u64,
     /// Parts being uploaded right now (replicate to a multipart store).
     pub parts_in_flight: u64,
+    /// Of `bytes_done`, the bytes counted done without work at the start: durable from an
+    /// earlier run of the job, or unchanged since a delta's base.
+    pub bytes_skipped: u64,
     /// Time since the operation started.
     pub elapsed: Duration,
 }
 
 impl Progress {
-    /// Virtual bytes done per second, on average since the start.
+    /// Virtual bytes worked through per second, on average since the start (bytes skipped
+    /// without work are left out).
     #[allow(clippy::cast_precision_loss)] // a rate needs no exactness
     pub fn rate(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
         if secs > 0.0 {
-            self.bytes_done as f64 / secs
+            self.bytes_done.saturating_sub(self.bytes_skipped) as f64 / secs
         } else {
             0.0
         }
     }
 
-    /// Time left at the average rate so far; `None` before anything is done.
+    /// Time left at the average rate so far; `None` before any work is done.
     #[allow(clippy::cast_precision_loss)]
     pub fn eta(&self) -> Option<Duration> {
         let rate = self.rate();
-        (rate > 0.0).then(|| {
-            Duration::from_secs_f64(self.bytes_total.saturating_sub(self.bytes_done) as f64 / rate)
-        })
+        if rate <= 0.0 {
+            return None;
+        }
+        Duration::try_from_secs_f64(self.bytes_total.saturating_sub(self.bytes_done) as f64 / rate)
+            .ok()
     }
 }
 
@@ -184,6 +190,7 @@ pub(crate) struct Counters {
     pub(crate) bytes_deduplicated: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
     pub(crate) parts_in_flight: AtomicU64,
+    pub(crate) bytes_skipped: AtomicU64,
 }
 
 impl Counters {
@@ -200,6 +207,7 @@ impl Counters {
             bytes_deduplicated: self.bytes_deduplicated.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
             parts_in_flight: self.parts_in_flight.load(Ordering::Relaxed),
+            bytes_skipped: self.bytes_skipped.load(Ordering::Relaxed),
             elapsed: started.elapsed(),
         }
     }
@@ -274,7 +282,12 @@ mod tests {
         };
         assert!((p.rate() - 50.0).abs() < 1e-9);
         assert_eq!(p.eta(), Some(Duration::from_secs(15)));
+        // Bytes skipped at the start (resumed, unchanged) are not work.
+        p.bytes_skipped = 200;
+        assert!((p.rate() - 10.0).abs() < 1e-9);
+        assert_eq!(p.eta(), Some(Duration::from_secs(75)));
         p.bytes_done = 0;
+        p.bytes_skipped = 0;
         assert_eq!(p.eta(), None);
         p.elapsed = Duration::ZERO;
         assert!(p.rate().abs() < f64::EPSILON);

@@ -103,6 +103,9 @@ pub struct JobSource {
     /// The other files, in the order the source reads them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub others: Vec<SourceFile>,
+    /// What the run makes: empty for a full copy; for a delta, its base and change list.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plan: String,
 }
 
 /// One file of a source besides its top file.
@@ -132,6 +135,12 @@ impl JobSource {
             }
         }
         let mut out = Vec::new();
+        if self.plan != now.plan {
+            out.push(
+                "the delta's base snapshot or change list (the job was started with others)"
+                    .to_owned(),
+            );
+        }
         diff(&self.top, &now.top, &mut out, "");
         let was: Vec<&str> = self.others.iter().map(|f| f.path.as_str()).collect();
         let is: Vec<&str> = now.others.iter().map(|f| f.path.as_str()).collect();

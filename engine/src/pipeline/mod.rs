@@ -13,12 +13,14 @@
 //! the chunk index of the store (48 bytes per stored chunk) and a few manifest pages.
 
 mod convert;
+mod delta;
 mod packer;
 mod restore;
 mod verify;
 mod walk;
 
 pub use convert::{ConvertOptions, ConvertReport, convert};
+pub use delta::{Changes, DEFAULT_VERIFY_SAMPLE, DeltaOptions};
 pub use restore::{RestoreOptions, RestoreReport, restore};
 pub use verify::{Problem, VerifyOptions, VerifyReport, verify};
 
@@ -77,6 +79,11 @@ pub struct ReplicateOptions {
     pub part_size: usize,
     /// Upload bandwidth cap in bytes per second (an average; bursts of one part).
     pub bwlimit: Option<u64>,
+    /// Make a delta on a base snapshot (reading only what changed) instead of a full copy.
+    pub delta: Option<DeltaOptions>,
+    /// The source's change-tracking id now, recorded in the snapshot (for a full copy; a
+    /// delta takes it from its options or its change list).
+    pub change_id: Option<String>,
 }
 
 impl Default for ReplicateOptions {
@@ -94,6 +101,8 @@ impl Default for ReplicateOptions {
             upload_jobs: 0,
             part_size: 0,
             bwlimit: None,
+            delta: None,
+            change_id: None,
         }
     }
 }
@@ -133,6 +142,12 @@ pub struct ReplicateReport {
     pub workers: usize,
     /// Uploader threads used (multipart stores), else 0.
     pub uploads: usize,
+    /// Bytes a delta took from its base without reading them.
+    pub bytes_unchanged: u64,
+    /// The base snapshot of a delta.
+    pub base: Option<String>,
+    /// How a delta used its change list (see [`ChangeRecord`](crate::store::ChangeRecord)).
+    pub changes: Option<crate::store::ChangeRecord>,
     /// The memory budget, and what the pipeline planned to use within it.
     pub memory_budget: u64,
     /// Bytes the pipeline's buffers can reach at most.
@@ -605,7 +620,7 @@ struct Opened {
 
 /// The identity of every file `source` reads: its top file as opened, and the others
 /// (chain parents, extents) as they are now.
-fn job_source(source: &dyn BlockSource) -> Result<JobSource> {
+fn job_source(source: &dyn BlockSource, plan: &str) -> Result<JobSource> {
     let top = source.fingerprint().clone();
     let mut others = Vec::new();
     for idx in 0..source.n_files() {
@@ -620,7 +635,11 @@ fn job_source(source: &dyn BlockSource) -> Result<JobSource> {
             });
         }
     }
-    Ok(JobSource { top, others })
+    Ok(JobSource {
+        top,
+        others,
+        plan: plan.to_owned(),
+    })
 }
 
 /// Finds (or starts) the job of this replication, checks the source did not change under
@@ -630,6 +649,7 @@ fn open_job(
     store: &Store,
     source: &dyn BlockSource,
     opts: &ReplicateOptions,
+    plan_key: &str,
     dir: &std::path::Path,
     index: &ChunkIndex,
     reporter: &Reporter<'_>,
@@ -653,7 +673,7 @@ fn open_job(
         ));
         found = None;
     }
-    let fp = job_source(source)?;
+    let fp = job_source(source, plan_key)?;
     let (job, resumed) = match found {
         Some(job) => {
             let changed = job.fingerprint.changes(&fp);
@@ -750,9 +770,29 @@ pub fn replicate(
     let n_chunks = info.virtual_size.div_ceil(chunk_size as u64);
     let n_positions = usize::try_from(n_chunks)
         .map_err(|_| Error::new(ErrorKind::InvalidImage, "disk too large"))?;
+    let source_path = source_path(source);
+    let disk_name = opts.disk_name.clone().unwrap_or_else(|| {
+        source_path
+            .file_name()
+            .map_or_else(|| "disk".to_owned(), |n| n.to_string_lossy().into_owned())
+    });
+    let delta = match &opts.delta {
+        Some(d) => Some(delta::plan(
+            store,
+            source,
+            &disk_name,
+            d,
+            opts.io_engine.backend().as_mut(),
+            &reporter,
+        )?),
+        None => None,
+    };
     let (mut ck, done, durable, resumed) = match &opts.job_state {
         Some(dir) => {
-            let o = open_job(store, source, opts, dir, &index, &reporter)?;
+            let plan_key = delta
+                .as_ref()
+                .map_or_else(String::new, delta::DeltaPlan::key);
+            let o = open_job(store, source, opts, &plan_key, dir, &index, &reporter)?;
             (Some(o.ck), o.done, o.durable, o.resumed)
         }
         None => (None, Vec::new(), HashSet::new(), false),
@@ -767,8 +807,22 @@ pub fn replicate(
         }
     }
     let mut skip = vec![0u64; n_positions.div_ceil(64)];
+    let mut skip_position = |idx: u64| {
+        skip[usize::try_from(idx / 64).expect("position fits")] |= 1 << (idx % 64);
+    };
     for (idx, _) in &done {
-        skip[usize::try_from(*idx / 64).expect("position fits")] |= 1 << (*idx % 64);
+        skip_position(*idx);
+    }
+    if let Some(d) = &delta {
+        for (p, _) in d.reuse_page.iter().enumerate().filter(|(_, r)| **r) {
+            let first = p as u64 * PAGE_ENTRIES as u64;
+            for idx in first..(first + PAGE_ENTRIES as u64).min(n_chunks) {
+                skip_position(idx);
+            }
+        }
+        for (idx, _) in &d.unchanged {
+            skip_position(*idx);
+        }
     }
     let sh = Shared {
         store,
@@ -836,6 +890,26 @@ pub fn replicate(
             }
             Ok(())
         };
+    if let Some(d) = &delta {
+        // What the delta takes from its base: whole pages, then single positions.
+        let per_page = PAGE_ENTRIES as u64;
+        for (p, _) in d.reuse_page.iter().enumerate().filter(|(_, r)| **r) {
+            let first = p as u64 * per_page;
+            let last = (first + per_page).min(n_chunks);
+            let bytes = (last * sh.chunk_size).min(info.virtual_size) - first * sh.chunk_size;
+            stats.bytes_unchanged += bytes;
+            Counters::add(&sh.counters.bytes_done, bytes);
+            Counters::add(&sh.counters.bytes_skipped, bytes);
+            pages[p].clone_from(&d.base.pages[p]);
+        }
+        for (idx, id) in &d.unchanged {
+            let len = sh.chunk_len(*idx);
+            stats.bytes_unchanged += len;
+            Counters::add(&sh.counters.bytes_done, len);
+            Counters::add(&sh.counters.bytes_skipped, len);
+            place(*idx, *id, &mut pages, true)?;
+        }
+    }
     for (idx, id) in &done {
         let len = sh.chunk_len(*idx);
         resumed_bytes += len;
@@ -845,6 +919,7 @@ pub fn replicate(
             stats.bytes_deduplicated += len;
         }
         Counters::add(&sh.counters.bytes_done, len);
+        Counters::add(&sh.counters.bytes_skipped, len);
         place(*idx, *id, &mut pages, true)?;
     }
     drop(done);
@@ -903,14 +978,14 @@ pub fn replicate(
                         place(idx, id, &mut pages, first_error.is_none())?;
                     }
                     Msg::PackStarted { id, upload_id } => {
+                        if let Some(upload_id) = &upload_id {
+                            open_uploads.insert(id, upload_id.clone());
+                        }
                         if let Some(ck) = &ck {
-                            ck.reserve_pack_id(&id_tx)?;
                             if let Some(upload_id) = &upload_id {
                                 ck.db.open_pack(&ck.job, &id, upload_id)?;
                             }
-                        }
-                        if let Some(upload_id) = upload_id {
-                            open_uploads.insert(id, upload_id);
+                            ck.reserve_pack_id(&id_tx)?;
                         }
                     }
                     Msg::PartAcked {
@@ -1025,19 +1100,13 @@ pub fn replicate(
         reporter.warn(format!(
             "{} changed while it was being read: the snapshot may not be consistent; \
              replicate from a snapshot or a stopped VM",
-            source_path(source).display()
+            source_path.display()
         ));
     }
 
     let _ = Reporter::start(observer, Phase::Committing, 0);
     let mut p = sh.counters.progress(info.virtual_size, reporter.started());
     stats.bytes_read = p.bytes_read;
-    let source_path = source_path(source);
-    let disk_name = opts.disk_name.clone().unwrap_or_else(|| {
-        source_path
-            .file_name()
-            .map_or_else(|| "disk".to_owned(), |n| n.to_string_lossy().into_owned())
-    });
     let snapshot = Snapshot {
         id: Store::new_snapshot_id()?,
         created_unix_ms: crate::store::now_unix_ms(),
@@ -1053,8 +1122,12 @@ pub fn replicate(
         },
         chunk_size: store.chunk_size(),
         page_entries: u32::try_from(PAGE_ENTRIES).expect("page size fits"),
-        parent: None,
-        change_id: None,
+        parent: delta.as_ref().map(|d| d.base.id.clone()),
+        change_id: match &delta {
+            Some(d) => d.change_id.clone(),
+            None => opts.change_id.clone(),
+        },
+        changes: delta.as_ref().map(|d| d.record.clone()),
         pages,
         stats: stats.clone(),
         tool: format!("blockferry {}", env!("CARGO_PKG_VERSION")),
@@ -1083,6 +1156,9 @@ pub fn replicate(
         uploads,
         memory_budget: opts.memory_budget as u64,
         memory_planned: plan.total as u64,
+        bytes_unchanged: stats.bytes_unchanged,
+        base: delta.as_ref().map(|d| d.base.id.clone()),
+        changes: delta.as_ref().map(|d| d.record.clone()),
         job: ck.as_ref().map(|c| c.job.clone()),
         resumed,
         bytes_resumed: resumed_bytes,

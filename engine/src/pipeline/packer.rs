@@ -543,7 +543,8 @@ pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<
         if let Err(e) = completed {
             // A pack that cannot be completed must not block the job for ever: give it up
             // (if the store can be told) and send its chunks again.
-            if adopt(store, db, job, &open.pack, false)? {
+            // (Completed after all, its answer lost? A failed look counts as not found.)
+            if adopt(store, db, job, &open.pack, false).unwrap_or(false) {
                 continue;
             }
             if backend.abort_upload(&key, &open.upload_id).is_err() {

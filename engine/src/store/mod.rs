@@ -23,9 +23,9 @@ pub mod s3;
 
 pub(crate) use repo::pack_key;
 pub use repo::{
-    ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions, MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE, Snapshot, SnapshotStats, SourceFingerprint, Store, StoreConfig, now_unix_ms,
-    read_store_id,
+    ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Snapshot, SnapshotStats, SourceFingerprint, Store, StoreConfig,
+    now_unix_ms, read_store_id,
 };
 
 use std::fmt::Debug;

@@ -125,6 +125,35 @@ pub struct SnapshotStats {
     pub bytes_stored: u64,
     /// Chunks stored by this run.
     pub chunks_stored: u64,
+    /// Bytes a delta took from its parent snapshot without reading them.
+    #[serde(default)]
+    pub bytes_unchanged: u64,
+}
+
+/// How a delta snapshot was made from its parent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    /// Where the changes came from: `vmware-cbt`, `hyperv-rct`, `extents` or `hash` (every
+    /// chunk read and compared by id).
+    pub source: String,
+    /// The change id the list was taken against, if it named one.
+    #[serde(default)]
+    pub base_change_id: Option<String>,
+    /// Bytes the list named as changed.
+    #[serde(default)]
+    pub bytes_listed: u64,
+    /// Why the list was not trusted and every chunk was compared instead, if so.
+    #[serde(default)]
+    pub fallback: Option<String>,
+    /// Chunk positions the list called unchanged that were read to check it.
+    #[serde(default)]
+    pub sample_chunks: u64,
+    /// Of those, how many differed from the parent (the change tracking missed writes).
+    #[serde(default)]
+    pub sample_mismatches: u64,
+    /// Chunk position where the next delta's sample starts.
+    #[serde(default)]
+    pub sample_next: u64,
 }
 
 /// A snapshot manifest: the commit point of a replication.
@@ -144,6 +173,9 @@ pub struct Snapshot {
     pub parent: Option<String>,
     /// Change-tracking id of the source at this snapshot, if any.
     pub change_id: Option<String>,
+    /// How this snapshot was made from its parent (a delta), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<ChangeRecord>,
     /// Page ids (hex) in disk order; `None` for a page of zero chunks.
     pub pages: Vec<Option<String>>,
     /// Counters of the run that made it.

@@ -1,0 +1,367 @@
+//! Delta snapshots: a base snapshot plus what changed since it.
+//!
+//! [`plan`] decides what a delta reads. A change list is trusted only if it follows the base
+//! (its change id is the one the base recorded; a reset, a `*` or another disk fall back to
+//! comparing every chunk by id) and if a rotating sample of the chunks it calls unchanged
+//! still hash to the base's ids (else the tracking missed writes: warn, compare everything).
+//! The plan then takes every page without a change whole from the base (not even read), and
+//! the unchanged positions of the other pages from the base's pages.
+
+use super::{fill_chunk, has_data, is_zero};
+use crate::changes::{ChangeFormat, ChangeList};
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::BlockSource;
+use crate::io::ReadBackend;
+use crate::job::{Counters, Reporter};
+use crate::store::format::{Id, PAGE_ENTRIES, ZERO_ID};
+use crate::store::{ChangeRecord, Snapshot, Store};
+
+/// Where a delta's changes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// Read every chunk and keep what differs from the base by id (no change tracking).
+    Hash,
+    /// A change-tracking list (VMware CBT, Hyper-V RCT, extents).
+    List(ChangeList),
+}
+
+/// What makes a replication a delta on a base snapshot.
+#[derive(Debug, Clone)]
+pub struct DeltaOptions {
+    /// The base snapshot: an id (or unique prefix), or `latest` for the newest snapshot of
+    /// the same disk.
+    pub base: String,
+    /// What changed since the base.
+    pub changes: Changes,
+    /// Share of the chunks a list calls unchanged that each delta reads to check the list
+    /// (0 to 1; 0 disables the check). The sample rotates, so successive deltas cover the disk.
+    pub verify_sample: f64,
+    /// The source's change id now (VMware `changeId`, Hyper-V RCT id), recorded in the
+    /// snapshot so that the next delta can be checked against it; else the list's own.
+    pub change_id: Option<String>,
+}
+
+/// The default share of unchanged chunks a delta reads to check its change list.
+pub const DEFAULT_VERIFY_SAMPLE: f64 = 0.01;
+
+/// What a delta reads and what it takes from its base.
+pub(super) struct DeltaPlan {
+    pub(super) base: Snapshot,
+    /// Per page: take the base's page whole (nothing of it is read).
+    pub(super) reuse_page: Vec<bool>,
+    /// Positions taken from the base, with their ids, in the pages not reused whole.
+    pub(super) unchanged: Vec<(u64, Id)>,
+    pub(super) record: ChangeRecord,
+    pub(super) change_id: Option<String>,
+}
+
+impl DeltaPlan {
+    /// Identifies the plan within a job: a resumed run must make the same delta.
+    pub(super) fn key(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        for (p, reuse) in self.reuse_page.iter().enumerate() {
+            if *reuse {
+                h.update(&(p as u64).to_le_bytes());
+            }
+        }
+        for (idx, _) in &self.unchanged {
+            h.update(&idx.to_le_bytes());
+        }
+        h.update(format!("{:?}", self.record).as_bytes());
+        format!(
+            "delta on {}: {}",
+            self.base.id,
+            &h.finalize().to_hex()[..16]
+        )
+    }
+}
+
+/// The newest snapshot of the disk named `disk` (for `--base latest`).
+fn latest_of(store: &Store, disk: &str) -> Result<Snapshot> {
+    let (snaps, _) = store.snapshots()?;
+    snaps
+        .into_iter()
+        .rev()
+        .find(|s| s.disk.name == disk)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("the store has no snapshot of disk {disk:?} to base a delta on"),
+            )
+        })
+}
+
+/// Why a change list cannot be trusted to follow `base`, if it cannot.
+fn distrust(list: &ChangeList, base: &Snapshot) -> Option<String> {
+    let listed = list.base_change_id.as_deref()?;
+    if list.all_allocated() {
+        return Some("the list names every allocated area (change id *), not changes".to_owned());
+    }
+    let what = match list.format {
+        ChangeFormat::HypervRct => "RCT id",
+        _ => "change id",
+    };
+    let Some(recorded) = base.change_id.as_deref() else {
+        return Some(format!(
+            "the list was taken against {what} {listed:?} but base snapshot {} records none \
+             (give --change-id when replicating so that deltas can be checked)",
+            base.id
+        ));
+    };
+    if listed == recorded {
+        return None;
+    }
+    // VMware change ids are `<tracking epoch>/<sequence>`, Hyper-V RCT ids
+    // `rctX:<epoch>:<sequence>`: a new epoch means the tracking was reset.
+    let epoch = |id: &str| -> String {
+        match id.rsplit_once(['/', ':']) {
+            Some((head, _)) => head.to_owned(),
+            None => id.to_owned(),
+        }
+    };
+    if epoch(listed) == epoch(recorded) {
+        Some(format!(
+            "the list was taken against {what} {listed:?} but base snapshot {} is at {recorded:?}",
+            base.id
+        ))
+    } else {
+        Some(format!(
+            "change tracking was reset: the list's {what} {listed:?} is of another tracking \
+             epoch than base snapshot {}'s {recorded:?}",
+            base.id
+        ))
+    }
+}
+
+/// Decides what a delta of `source` on `opts.base` reads. `disk` is the disk's name.
+pub(super) fn plan(
+    store: &Store,
+    source: &dyn BlockSource,
+    disk: &str,
+    opts: &DeltaOptions,
+    backend: &mut dyn ReadBackend,
+    reporter: &Reporter<'_>,
+) -> Result<DeltaPlan> {
+    let base = if opts.base == "latest" {
+        latest_of(store, disk)?
+    } else {
+        store.snapshot(&opts.base)?
+    };
+    let size = source.info().virtual_size;
+    let chunk = u64::from(store.chunk_size());
+    if base.chunk_size != store.chunk_size() || base.n_chunks() != size.div_ceil(chunk) {
+        return Err(Error::internal(
+            "base snapshot's chunk map does not fit the store",
+        ));
+    }
+    if !(0.0..=1.0).contains(&opts.verify_sample) {
+        return Err(Error::config("--verify-sample must be between 0% and 100%"));
+    }
+    let mut record = ChangeRecord {
+        source: "hash".to_owned(),
+        ..ChangeRecord::default()
+    };
+    let mut change_id = opts.change_id.clone();
+    let mut fallback = None;
+    if base.disk.virtual_size != size {
+        fallback = Some(format!(
+            "base snapshot {} is of a disk of {} bytes, this one has {size}",
+            base.id, base.disk.virtual_size
+        ));
+    } else if base.disk.name != disk {
+        fallback = Some(format!(
+            "base snapshot {} is of disk {:?}, this is {disk:?}",
+            base.id, base.disk.name
+        ));
+    }
+    let mut list = None;
+    if let Changes::List(l) = &opts.changes {
+        l.format.name().clone_into(&mut record.source);
+        record.base_change_id.clone_from(&l.base_change_id);
+        record.bytes_listed = l.extents.bytes();
+        match (&change_id, &l.new_change_id) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::config(format!(
+                    "--change-id {a:?} disagrees with the list's new change id {b:?}"
+                )));
+            }
+            (None, Some(b)) => change_id = Some(b.clone()),
+            _ => {}
+        }
+        if fallback.is_none() {
+            fallback = distrust(l, &base);
+        }
+        if fallback.is_none() {
+            list = Some(l);
+        }
+    }
+    let n = base.n_chunks();
+    let n_pages = base.pages.len();
+    // Changed chunk positions, as sorted disjoint ranges.
+    let changed_ranges = list
+        .map(|l| l.extents.chunk_ranges(chunk))
+        .unwrap_or_default();
+    let changed = |idx: u64| {
+        let i = changed_ranges.partition_point(|r| r.end <= idx);
+        changed_ranges.get(i).is_some_and(|r| r.start <= idx)
+    };
+    let mut pages = PageCache::new(store, &base);
+    if let Some(l) = list {
+        // The sample: positions the list calls unchanged, from where the base's sample ended.
+        let want = sample_size(n, opts.verify_sample);
+        let start = base.changes.as_ref().map_or(0, |c| c.sample_next) % n.max(1);
+        let mut taken = 0u64;
+        let mut maps = Vec::new();
+        let mut buf = Vec::new();
+        let mut idx = start;
+        while taken < want && n > 0 {
+            if !changed(idx) {
+                taken += 1;
+                let expected = pages.id(idx)?;
+                let offset = idx * chunk;
+                let len = chunk.min(size - offset);
+                maps.clear();
+                source.map(offset, len, &mut maps)?;
+                let id = if has_data(&maps) {
+                    buf.resize(usize::try_from(len).expect("a chunk fits in memory"), 0);
+                    let read = fill_chunk(source, backend, &maps, offset, &mut buf)?;
+                    Counters::add(&reporter.counters().bytes_read, read);
+                    if is_zero(&buf) {
+                        ZERO_ID
+                    } else {
+                        store.keys().chunk_id(&buf)
+                    }
+                } else {
+                    ZERO_ID
+                };
+                if id != expected {
+                    record.sample_mismatches += 1;
+                }
+            }
+            idx = (idx + 1) % n;
+            if idx == start {
+                break;
+            }
+        }
+        record.sample_chunks = taken;
+        record.sample_next = idx;
+        if record.sample_mismatches > 0 {
+            reporter.warn(format!(
+                "CHANGE TRACKING MISSED WRITES: {} of {taken} sampled chunks the {} list calls \
+                 unchanged differ from base snapshot {}; comparing every chunk instead \
+                 (recorded in the snapshot)",
+                record.sample_mismatches,
+                l.format.name(),
+                base.id
+            ));
+            fallback = Some(format!(
+                "{} sampled chunks differed from the base",
+                record.sample_mismatches
+            ));
+        }
+    }
+    if let Some(why) = &fallback {
+        if matches!(opts.changes, Changes::List(_)) && record.sample_mismatches == 0 {
+            reporter.warn(format!("not using the change list: {why}; comparing every chunk"));
+        }
+        record.fallback = Some(why.clone());
+        // Every position is read; nothing is taken from the base.
+        return Ok(DeltaPlan {
+            reuse_page: vec![false; n_pages],
+            unchanged: Vec::new(),
+            record,
+            change_id,
+            base,
+        });
+    }
+    if list.is_none() {
+        // Hash mode: every position is read and compared by id (dedup does the rest).
+        return Ok(DeltaPlan {
+            reuse_page: vec![false; n_pages],
+            unchanged: Vec::new(),
+            record,
+            change_id,
+            base,
+        });
+    }
+    let mut reuse_page = vec![false; n_pages];
+    let mut unchanged = Vec::new();
+    let per_page = PAGE_ENTRIES as u64;
+    for (p, reuse) in (0u64..).zip(reuse_page.iter_mut()) {
+        let (first, last) = (p * per_page, ((p + 1) * per_page).min(n));
+        let i = changed_ranges.partition_point(|r| r.end <= first);
+        if changed_ranges.get(i).is_none_or(|r| r.start >= last) {
+            *reuse = true;
+            continue;
+        }
+        for idx in first..last {
+            if !changed(idx) {
+                unchanged.push((idx, pages.id(idx)?));
+            }
+        }
+    }
+    Ok(DeltaPlan {
+        base,
+        reuse_page,
+        unchanged,
+        record,
+        change_id,
+    })
+}
+
+/// Positions in a sample of `share` (0 to 1) of `n`, rounded up.
+#[allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss
+)] // checked range; a share needs no exactness
+fn sample_size(n: u64, share: f64) -> u64 {
+    ((n as f64 * share.clamp(0.0, 1.0)).ceil() as u64).min(n)
+}
+
+/// The base's pages, one loaded at a time.
+struct PageCache<'a> {
+    store: &'a Store,
+    base: &'a Snapshot,
+    loaded: Option<(usize, Vec<Id>)>,
+}
+
+impl<'a> PageCache<'a> {
+    fn new(store: &'a Store, base: &'a Snapshot) -> PageCache<'a> {
+        PageCache {
+            store,
+            base,
+            loaded: None,
+        }
+    }
+
+    /// The base's chunk id at position `idx`.
+    fn id(&mut self, idx: u64) -> Result<Id> {
+        let page = usize::try_from(idx / PAGE_ENTRIES as u64).expect("page fits");
+        let slot = usize::try_from(idx % PAGE_ENTRIES as u64).expect("slot fits");
+        if self.loaded.as_ref().is_none_or(|(p, _)| *p != page) {
+            let ids = match self.base.page_id(page)? {
+                None => Vec::new(),
+                Some(id) => {
+                    let ids = self.store.read_page(&id)?;
+                    let expected = (self.base.n_chunks() - (page * PAGE_ENTRIES) as u64)
+                        .min(PAGE_ENTRIES as u64);
+                    if ids.len() as u64 != expected {
+                        return Err(Error::corrupt(
+                            "snapshot",
+                            format!(
+                                "page {page} of snapshot {} has {} ids, not {expected}",
+                                self.base.id,
+                                ids.len()
+                            ),
+                        ));
+                    }
+                    ids
+                }
+            };
+            self.loaded = Some((page, ids));
+        }
+        let (_, ids) = self.loaded.as_ref().expect("just loaded");
+        Ok(ids.get(slot).copied().unwrap_or(ZERO_ID))
+    }
+}
