@@ -17,6 +17,8 @@ mod corpus;
 mod crash;
 /// Replicate twice, shared content, holes and zero runs.
 mod dedup;
+/// Delta snapshots from change lists, and what happens when a list cannot be trusted.
+mod delta;
 /// Errors: wrong passphrase, damaged or missing objects, newer versions, bad inputs.
 mod errors;
 /// Jobs: resume, changed sources, jobs/abandon/cleanup.

@@ -262,7 +262,9 @@ pub(super) fn plan(
     }
     if let Some(why) = &fallback {
         if matches!(opts.changes, Changes::List(_)) && record.sample_mismatches == 0 {
-            reporter.warn(format!("not using the change list: {why}; comparing every chunk"));
+            reporter.warn(format!(
+                "not using the change list: {why}; comparing every chunk"
+            ));
         }
         record.fallback = Some(why.clone());
         // Every position is read; nothing is taken from the base.
