@@ -345,6 +345,20 @@ pub fn qemu(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
+/// Runs one qemu-io command (e.g. `write -P 7 0 64k`) on `image`, writing through its format.
+pub fn qemu_io(image: &Path, command: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-c", command, image.to_str().expect("utf-8")])
+        .output()
+        .expect("running qemu-io");
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("error"),
+        "qemu-io {command:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Makes `dst` in qemu format `fmt` (with `-o` options, if any) from the raw disk `raw`.
 pub fn qemu_from_raw(raw: &Path, dst: &Path, fmt: &str, opts: &str) {
     let mut args = vec!["convert", "-f", "raw", "-O", fmt];

@@ -304,7 +304,105 @@ fn bad_lists_are_refused_clearly() {
             needles,
         );
     }
+    sb.fails(
+        &[
+            "replicate",
+            image.to_str().unwrap(),
+            "--store",
+            &store,
+            "--base",
+            "latest",
+            "--changes-from-chain",
+        ],
+        1,
+        &["needs a child image"],
+    );
     // Only the full snapshot exists: nothing half-made.
     let snaps = sb.json(&["snapshots", "--store", &store]);
     assert_eq!(snaps["snapshots"].as_array().unwrap().len(), 1, "{snaps}");
+}
+
+#[test]
+fn snapshot_chains_are_their_own_change_lists() {
+    if !blockferry_tests::have_qemu() {
+        return;
+    }
+    let mut rng = Rng::seeded("delta_chain");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let raw = sb.path("base.raw");
+    make_image(
+        &raw,
+        SIZE,
+        &[
+            (0, rng.bytes((40 * MIB) as usize)),
+            (48 * MIB, rng.texty((8 * MIB) as usize)),
+        ],
+    );
+    let mut parent = sb.path("vm.vmdk");
+    blockferry_tests::qemu_from_raw(&raw, &parent, "vmdk", "");
+    let full = sb.replicate(&parent, &["--name", "vm"]);
+    assert!(
+        full["snapshot"].is_string() && full["base"].is_null(),
+        "{full}"
+    );
+    for level in 1..=2 {
+        let child = sb.path(&format!("vm-00000{level}.vmdk"));
+        blockferry_tests::qemu(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            parent.file_name().unwrap().to_str().unwrap(),
+            "-F",
+            "vmdk",
+            child.to_str().unwrap(),
+        ]);
+        // Writes through qemu-io: the child allocates 64 KiB grains around each.
+        let mut written = Vec::new();
+        for _ in 0..4 {
+            let len = 4096 * (1 + rng.below(300));
+            let offset = 4096 * rng.below((SIZE - len) / 4096);
+            let cmd = format!("write -P {} {offset} {len}", 1 + rng.below(250));
+            blockferry_tests::qemu_io(&child, &cmd);
+            written.push((
+                offset / 65536 * 65536,
+                (offset + len).div_ceil(65536) * 65536 - offset / 65536 * 65536,
+            ));
+        }
+        let store = sb.store();
+        let out = sb.run(&[
+            "replicate",
+            child.to_str().unwrap(),
+            "--store",
+            &store,
+            "--name",
+            "vm",
+            "--base",
+            "latest",
+            "--changes-from-chain",
+            "--json",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let c = &report["changes"];
+        assert_eq!(c["source"], "chain", "{report}");
+        assert!(c["fallback"].is_null(), "level {level}: {report}\n{stderr}");
+        let sample = c["sample_chunks"].as_u64().unwrap() * MIB;
+        let read = report["bytes_read"].as_u64().unwrap();
+        assert!(read <= rounded(&written) + sample, "read {read}: {report}");
+        // The restored delta is the chain as qemu-img reads it.
+        let expected = sb.path(&format!("expected-{level}.raw"));
+        blockferry_tests::qemu(&[
+            "convert",
+            "-O",
+            "raw",
+            child.to_str().unwrap(),
+            expected.to_str().unwrap(),
+        ]);
+        restores_to(&sb, &report, &expected);
+        parent = child;
+    }
 }

@@ -156,12 +156,16 @@ struct ReplicateArgs {
     bwlimit: Option<u64>,
     /// Make a delta on this snapshot (an id, a unique prefix, or `latest`: the newest
     /// snapshot of this disk), reading only what --changes names.
-    #[arg(long, value_name = "SNAPSHOT", requires = "changes")]
+    #[arg(long, value_name = "SNAPSHOT")]
     base: Option<String>,
     /// What changed since --base: a change list file (VMware CBT, Hyper-V RCT or extents;
     /// format detected), or `hash` to read everything and keep what differs by chunk id.
     #[arg(long, value_name = "FILE|hash", requires = "base")]
     changes: Option<String>,
+    /// What changed since --base is what the image (a VMDK snapshot delta, a VHDX/VHD
+    /// differencing disk) allocates over its parent: no change list needed.
+    #[arg(long, requires = "base", conflicts_with = "changes")]
+    changes_from_chain: bool,
     /// The change list's format, instead of detecting it.
     #[arg(long, value_name = "vmware-cbt|hyperv-rct|extents")]
     changes_format: Option<String>,
@@ -519,7 +523,7 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
             .part_size
             .map_or(0, |p| usize::try_from(p).unwrap_or(usize::MAX)),
         bwlimit: a.bwlimit,
-        delta: delta_options(a, source.info().virtual_size)?,
+        delta: delta_options(a, source.as_ref())?,
         change_id: a.change_id.clone(),
         ..ReplicateOptions::default()
     };
@@ -564,19 +568,27 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The delta a `replicate` asks for, with its change list read and checked.
-fn delta_options(a: &ReplicateArgs, disk_size: u64) -> anyhow::Result<Option<DeltaOptions>> {
-    let (Some(base), Some(changes)) = (&a.base, &a.changes) else {
+fn delta_options(
+    a: &ReplicateArgs,
+    source: &dyn blockferry::image::BlockSource,
+) -> anyhow::Result<Option<DeltaOptions>> {
+    let Some(base) = &a.base else {
         return Ok(None);
     };
-    let changes = if changes == "hash" {
+    let disk_size = source.info().virtual_size;
+    let changes = if a.changes_from_chain {
+        Changes::List(ChangeList::from_chain(source)?)
+    } else if a.changes.as_deref() == Some("hash") {
         Changes::Hash
-    } else {
+    } else if let Some(changes) = &a.changes {
         let format = a
             .changes_format
             .as_deref()
             .map(ChangeFormat::from_name)
             .transpose()?;
         Changes::List(ChangeList::read(Path::new(changes), format, disk_size)?)
+    } else {
+        anyhow::bail!("--base needs --changes FILE|hash or --changes-from-chain");
     };
     Ok(Some(DeltaOptions {
         base: base.clone(),

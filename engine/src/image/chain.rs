@@ -99,4 +99,8 @@ impl BlockSource for Chain {
     fn identity(&self) -> Option<Identity> {
         self.child.identity()
     }
+
+    fn top_layer(&self) -> Option<&dyn BlockSource> {
+        Some(self.child.as_ref())
+    }
 }

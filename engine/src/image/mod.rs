@@ -143,6 +143,20 @@ pub enum Identity {
     VmdkCid(u32),
 }
 
+impl Identity {
+    /// The identity as a change id: what a snapshot of this image records, and what a child's
+    /// `--changes-from-chain` delta expects its base to have recorded.
+    pub fn change_id(&self) -> String {
+        match self {
+            Identity::VhdUniqueId(id) => format!("vhd-uid:{}", crate::store::format::hex(id)),
+            Identity::VhdxDataWriteGuid(id) => {
+                format!("vhdx-data-write:{}", crate::store::format::hex(id))
+            }
+            Identity::VmdkCid(cid) => format!("vmdk-cid:{cid:08x}"),
+        }
+    }
+}
+
 /// A child's reference to its parent: where to look, and what the parent must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParentLink {
@@ -188,6 +202,11 @@ pub trait BlockSource: Send + Sync + Debug {
     }
     /// What identifies this image to its children.
     fn identity(&self) -> Option<Identity> {
+        None
+    }
+    /// The top image of a chain (the child, whose allocation is what changed since its
+    /// parent was taken), or `None` if this is not a chain.
+    fn top_layer(&self) -> Option<&dyn BlockSource> {
         None
     }
 }

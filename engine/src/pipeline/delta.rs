@@ -111,6 +111,18 @@ fn distrust(list: &ChangeList, base: &Snapshot) -> Option<String> {
     if listed == recorded {
         return None;
     }
+    let identity = |id: &str| {
+        ["vmdk-cid:", "vhdx-data-write:", "vhd-uid:"]
+            .iter()
+            .any(|p| id.starts_with(p))
+    };
+    if identity(listed) != identity(recorded) {
+        return Some(format!(
+            "the list was taken against {what} {listed:?} but base snapshot {} records {recorded:?}, \
+             an id of another kind (give --change-id when replicating so that deltas can be checked)",
+            base.id
+        ));
+    }
     // VMware change ids are `<tracking epoch>/<sequence>`, Hyper-V RCT ids
     // `rctX:<epoch>:<sequence>`: a new epoch means the tracking was reset.
     let epoch = |id: &str| -> String {

@@ -1125,7 +1125,12 @@ pub fn replicate(
         parent: delta.as_ref().map(|d| d.base.id.clone()),
         change_id: match &delta {
             Some(d) => d.change_id.clone(),
-            None => opts.change_id.clone(),
+            // Without a change id given, an image's own identity (a child's delta checks
+            // its parent link against it).
+            None => opts
+                .change_id
+                .clone()
+                .or_else(|| source.identity().map(|i| i.change_id())),
         },
         changes: delta.as_ref().map(|d| d.record.clone()),
         pages,
