@@ -37,6 +37,8 @@ mod roundtrip;
 mod s3;
 /// S3 under faults: kill -9 and resume, network cuts, 503 storms, lost answers.
 mod s3_faults;
+/// Continuous replication: sync with kills, every snapshot restores, clean stop on SIGTERM.
+mod sync;
 /// VHD chains and hostile VHDs built from the specification.
 mod vhd;
 /// Hostile VHDX files.

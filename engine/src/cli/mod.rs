@@ -7,6 +7,7 @@ mod demo;
 mod image_cmds;
 mod jobs;
 mod output;
+mod sync;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -61,6 +62,8 @@ enum Command {
     Abandon(jobs::AbandonArgs),
     /// Abort multipart uploads a store's stopped jobs left behind.
     Cleanup(jobs::CleanupArgs),
+    /// Replicate continuously: a delta every interval from a change source, until stopped.
+    Sync(sync::SyncArgs),
     /// Show the whole job on a small sample disk: replicate, change, replicate, verify, restore.
     Demo(DemoArgs),
 }
@@ -399,6 +402,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Jobs(a) => a.json,
         Command::Abandon(a) => a.json,
         Command::Cleanup(a) => a.store.json,
+        Command::Sync(a) => a.store.json,
         Command::Demo(_) => false,
     };
     match run(cli.command) {
@@ -446,6 +450,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Jobs(a) => jobs::list(&a),
         Command::Abandon(a) => jobs::abandon(&a),
         Command::Cleanup(a) => jobs::cleanup(&a),
+        Command::Sync(a) => sync::run(&a),
         Command::Demo(a) => demo::run(a.dir.as_deref()),
     }
 }
@@ -614,6 +619,8 @@ fn cmd_snapshots(a: &SnapshotsArgs) -> anyhow::Result<ExitCode> {
                     "format": s.disk.format,
                     "virtual_size": s.disk.virtual_size,
                     "parent": s.parent,
+                    "change_id": s.change_id,
+                    "changes": s.changes,
                     "stats": s.stats,
                 })
             })

@@ -26,6 +26,11 @@ impl fmt::Debug for CancelToken {
 }
 
 impl CancelToken {
+    /// A token cancelled by setting `flag` (e.g. from a signal handler).
+    pub fn from_flag(flag: Arc<AtomicBool>) -> CancelToken {
+        CancelToken(flag)
+    }
+
     /// A fresh, uncancelled token.
     pub fn new() -> CancelToken {
         CancelToken::default()

@@ -71,6 +71,9 @@ pub struct ReplicateOptions {
     pub job_state: Option<std::path::PathBuf>,
     /// Start over even if an unfinished run of this job exists (its uploads are aborted).
     pub restart: bool,
+    /// Start over (with a warning) instead of failing when an unfinished run of this job saw
+    /// another state of the source or made another delta (continuous replication).
+    pub restart_if_changed: bool,
     /// Which disk of a multi-disk source this is; part of the job's identity.
     pub disk_selector: String,
     /// Uploads in flight at once on a multipart store; 0 picks the default.
@@ -97,6 +100,7 @@ impl Default for ReplicateOptions {
             cancel: CancelToken::new(),
             job_state: None,
             restart: false,
+            restart_if_changed: false,
             disk_selector: String::new(),
             upload_jobs: 0,
             part_size: 0,
@@ -674,6 +678,18 @@ fn open_job(
         found = None;
     }
     let fp = job_source(source, plan_key)?;
+    if let Some(old) = &found {
+        let changed = old.fingerprint.changes(&fp);
+        if !changed.is_empty() && opts.restart_if_changed {
+            db.abandon(&old.id, store.backend().as_ref())?;
+            reporter.warn(format!(
+                "job {} saw another state of the source ({}): starting over",
+                old.id,
+                changed.join(", ")
+            ));
+            found = None;
+        }
+    }
     let (job, resumed) = match found {
         Some(job) => {
             let changed = job.fingerprint.changes(&fp);

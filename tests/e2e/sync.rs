@@ -1,0 +1,147 @@
+//! Continuous replication: `sync` with a changes command that plays a running VM (random
+//! writes between cycles, the cumulative list since the base's change id, as CBT gives),
+//! killed at random moments and restarted; every snapshot it made restores to the disk's
+//! state at its change id. SIGTERM stops it cleanly.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockferry_tests::{MIB, PASSPHRASE, Rng, Sandbox, Value, bin, make_image, objects};
+
+/// Plays the VM: writes state N into the image (its extents recorded first, so a kill never
+/// loses a write from the lists), records the image's hash, prints the extents of every state
+/// since the base's change id `t/B`.
+const VM_SCRIPT: &str = r#"
+import hashlib, json, os, random, sys
+state, image = sys.argv[1], sys.argv[2]
+size = os.path.getsize(image)
+base = os.environ.get("BLOCKFERRY_BASE_CHANGE_ID", "")
+n = len([f for f in os.listdir(state) if f.endswith(".extents")])
+rng = random.Random(int(os.environ["VM_SEED"]) * 1000 + n)
+exts = []
+for _ in range(rng.randint(1, 4)):
+    l = rng.randint(1, 1 << 20)
+    exts.append([rng.randrange(0, size - l), l])
+with open(f"{state}/{n}.tmp", "w") as f:
+    json.dump(exts, f)
+os.rename(f"{state}/{n}.tmp", f"{state}/{n}.extents")
+with open(image, "r+b") as f:
+    for o, l in exts:
+        f.seek(o)
+        f.write(rng.randbytes(l))
+    f.flush()
+    os.fsync(f.fileno())
+with open(image, "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()
+with open(f"{state}/{n}.sha256", "w") as f:
+    f.write(digest)
+b = int(base.split("/")[1]) if base else -1
+listed = []
+for k in range(b + 1, n + 1):
+    with open(f"{state}/{k}.extents") as f:
+        listed += json.load(f)
+print(json.dumps({"changeId": base or "*", "newChangeId": f"t/{n}", "extents": listed}))
+"#;
+
+fn spawn_sync(sb: &Sandbox, image: &std::path::Path, every: &str) -> Child {
+    let script = sb.path("vm.py");
+    let cmd = format!(
+        "python3 {} {} {}",
+        script.display(),
+        sb.path("vm").display(),
+        image.display()
+    );
+    let store = sb.store();
+    Command::new(bin())
+        .args(["sync", image.to_str().unwrap(), "--store", &store])
+        .args(["--every", every, "--changes-command", &cmd, "--name", "vm"])
+        .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
+        .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+        .env("VM_SEED", "7")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap()
+}
+
+/// SIGKILL to the whole group: sync and its changes command.
+fn kill_group(child: &mut Child) {
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) with a negative pid signals the process group the test created; no
+    // memory is involved.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    child.wait().unwrap();
+}
+
+fn snapshots(sb: &Sandbox) -> Vec<Value> {
+    let store = sb.store();
+    sb.json(&["snapshots", "--store", &store])["snapshots"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn sync_survives_kills_and_every_snapshot_restores() {
+    let mut rng = Rng::seeded("sync_kills");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    std::fs::write(sb.path("vm.py"), VM_SCRIPT).unwrap();
+    std::fs::create_dir_all(sb.path("vm")).unwrap();
+    let image = sb.path("vm.raw");
+    make_image(&image, 32 * MIB, &[(0, rng.bytes((20 * MIB) as usize))]);
+    let store = sb.store();
+    let start = Instant::now();
+    let mut kills = 0;
+    while objects(&store, "snapshots").len() < 22 {
+        assert!(start.elapsed() < Duration::from_secs(240), "too slow");
+        let mut child = spawn_sync(&sb, &image, "100ms");
+        std::thread::sleep(Duration::from_millis(150 + rng.below(900)));
+        kill_group(&mut child);
+        kills += 1;
+    }
+    // A last cycle, then SIGTERM while it waits: a clean stop.
+    let mut child = spawn_sync(&sb, &image, "1h");
+    let before = objects(&store, "snapshots").len();
+    while objects(&store, "snapshots").len() == before {
+        assert!(child.try_wait().unwrap().is_none(), "sync ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the child's pid; no memory is involved.
+    unsafe {
+        libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("stopped by signal"), "{stderr}");
+    assert!(stderr.contains("lag"), "{stderr}");
+
+    let snaps = snapshots(&sb);
+    println!("{kills} kills, {} snapshots", snaps.len());
+    assert!(snaps.len() >= 20);
+    let mut deltas = 0;
+    for s in &snaps {
+        let id = s["id"].as_str().unwrap();
+        let state = s["change_id"].as_str().unwrap().trim_start_matches("t/");
+        let want = std::fs::read_to_string(sb.path(&format!("vm/{state}.sha256"))).unwrap();
+        let out = sb.restore(id, &format!("{id}.out"));
+        let got = Command::new("sha256sum").arg(&out).output().unwrap();
+        let got = String::from_utf8_lossy(&got.stdout);
+        assert_eq!(
+            got.split_whitespace().next(),
+            Some(want.trim()),
+            "snapshot {id} of state {state}: {s}"
+        );
+        std::fs::remove_file(out).unwrap();
+        if !s["parent"].is_null() {
+            deltas += 1;
+            assert!(s["changes"]["fallback"].is_null(), "{s}");
+        }
+    }
+    assert!(deltas >= snaps.len() - 1, "{snaps:?}");
+}
