@@ -31,6 +31,8 @@ mod memory;
 mod oracle;
 /// OVA archives read in place.
 mod ova;
+/// Retention: prune.
+mod retention;
 /// replicate → restore gives identical bytes, for many shapes of image.
 mod roundtrip;
 /// The S3 backend against a real S3 server on loopback.

@@ -64,6 +64,8 @@ enum Command {
     Cleanup(jobs::CleanupArgs),
     /// Replicate continuously: a delta every interval from a change source, until stopped.
     Sync(sync::SyncArgs),
+    /// Forget the snapshots a retention policy does not keep (per disk).
+    Prune(PruneArgs),
     /// Show the whole job on a small sample disk: replicate, change, replicate, verify, restore.
     Demo(DemoArgs),
 }
@@ -195,6 +197,30 @@ fn parse_percent(s: &str) -> Result<f64, String> {
     } else {
         Err(format!("{s:?}: give a percentage from 0% to 100%"))
     }
+}
+
+#[derive(Debug, Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Keep the newest N snapshots of each disk.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_last: usize,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_daily: usize,
+    /// Keep the newest snapshot of each of the last N weeks that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_weekly: usize,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_monthly: usize,
+    /// Only this disk's snapshots.
+    #[arg(long, value_name = "NAME")]
+    disk: Option<String>,
+    /// Say what would be forgotten; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -403,6 +429,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Abandon(a) => a.json,
         Command::Cleanup(a) => a.store.json,
         Command::Sync(a) => a.store.json,
+        Command::Prune(a) => a.store.json,
         Command::Demo(_) => false,
     };
     match run(cli.command) {
@@ -451,6 +478,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Abandon(a) => jobs::abandon(&a),
         Command::Cleanup(a) => jobs::cleanup(&a),
         Command::Sync(a) => sync::run(&a),
+        Command::Prune(a) => cmd_prune(&a),
         Command::Demo(a) => demo::run(a.dir.as_deref()),
     }
 }
@@ -601,6 +629,31 @@ fn delta_options(
         verify_sample: a.verify_sample,
         change_id: a.change_id.clone(),
     }))
+}
+
+fn cmd_prune(a: &PruneArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&a.store)?;
+    let policy = blockferry::pipeline::prune::KeepPolicy {
+        last: a.keep_last,
+        daily: a.keep_daily,
+        weekly: a.keep_weekly,
+        monthly: a.keep_monthly,
+    };
+    let report = blockferry::pipeline::prune::prune(&store, &policy, a.disk.as_deref(), a.dry_run)?;
+    if a.store.json {
+        print_json(&serde_json::to_value(&report)?);
+    } else {
+        let verb = if a.dry_run { "would forget" } else { "forgot" };
+        for id in &report.forgotten {
+            println!("{id}");
+        }
+        eprintln!(
+            "{verb} {} snapshots, kept {} (space is reclaimed by a garbage collection)",
+            report.forgotten.len(),
+            report.kept.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_snapshots(a: &SnapshotsArgs) -> anyhow::Result<ExitCode> {

@@ -15,6 +15,7 @@
 mod convert;
 mod delta;
 mod packer;
+pub mod prune;
 mod restore;
 mod verify;
 mod walk;

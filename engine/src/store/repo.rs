@@ -736,6 +736,15 @@ impl Store {
         Ok((good, bad))
     }
 
+    /// Forgets a snapshot: deletes its manifest (its chunks and pages stay until a garbage
+    /// collection). `id` is a whole snapshot id.
+    pub fn forget_snapshot(&self, id: &str) -> Result<()> {
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::config(format!("{id:?} is not a whole snapshot id")));
+        }
+        self.backend.delete(&snapshot_key(id))
+    }
+
     /// Loads a snapshot by id, unique id prefix, or `latest`.
     pub fn snapshot(&self, spec: &str) -> Result<Snapshot> {
         if spec == "latest" {
