@@ -406,3 +406,73 @@ fn snapshot_chains_are_their_own_change_lists() {
         parent = child;
     }
 }
+
+/// A chain of 200 deltas (through the library, in one process): the last and a middle one
+/// restore byte for byte, each from its own manifest (no walk up the chain).
+#[test]
+fn a_chain_of_hundreds_of_deltas_restores_exactly() {
+    use blockferry::changes::{ChangeFormat, ChangeList, ExtentSet};
+    use blockferry::pipeline::{Changes, DeltaOptions};
+    use blockferry::{InitOptions, ReplicateOptions, RestoreOptions, Silent, Store};
+
+    let mut rng = Rng::seeded("delta_chain_200");
+    let sb = Sandbox::new();
+    let path = sb.store();
+    let opts = InitOptions {
+        chunk_size: 1 << 16,
+        passphrase: None,
+    };
+    Store::init(&path, &opts).unwrap();
+    let store = Store::open(&path, None).unwrap();
+    let image = sb.path("vm.raw");
+    let size = 8 * MIB;
+    make_image(&image, size, &[(0, rng.bytes((6 * MIB) as usize))]);
+    let full = {
+        let source = blockferry::image::open(&image).unwrap();
+        let opts = ReplicateOptions {
+            change_id: Some("c/0".to_owned()),
+            ..ReplicateOptions::default()
+        };
+        blockferry::replicate(&store, source.as_ref(), &opts, &Silent).unwrap()
+    };
+    let mut middle = None;
+    let mut last = full.snapshot.clone();
+    for n in 1..=200u64 {
+        let len = 1 + rng.below(100_000);
+        let offset = rng.below(size - len);
+        write_at(&image, offset, &rng.bytes(len as usize));
+        let source = blockferry::image::open(&image).unwrap();
+        let list = ChangeList {
+            format: ChangeFormat::Extents,
+            base_change_id: Some(format!("c/{}", n - 1)),
+            new_change_id: Some(format!("c/{n}")),
+            extents: ExtentSet::from_ranges([(offset, len)], size).unwrap(),
+        };
+        let opts = ReplicateOptions {
+            delta: Some(DeltaOptions {
+                base: last.clone(),
+                changes: Changes::List(list),
+                verify_sample: 0.0,
+                change_id: None,
+            }),
+            ..ReplicateOptions::default()
+        };
+        let report = blockferry::replicate(&store, source.as_ref(), &opts, &Silent).unwrap();
+        assert_eq!(report.base.as_deref(), Some(last.as_str()));
+        assert!(
+            report.changes.as_ref().unwrap().fallback.is_none(),
+            "{report:?}"
+        );
+        last = report.snapshot;
+        if n == 100 {
+            let copy = sb.path("middle.raw");
+            std::fs::copy(&image, &copy).unwrap();
+            middle = Some((last.clone(), copy));
+        }
+    }
+    for (snap, expected) in [(last, image.clone()), middle.unwrap()] {
+        let out = sb.path(&format!("{snap}.out"));
+        blockferry::restore(&store, &snap, &out, &RestoreOptions::default(), &Silent).unwrap();
+        assert_eq!(file_hash(&out), file_hash(&expected), "snapshot {snap}");
+    }
+}
