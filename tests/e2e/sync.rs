@@ -98,17 +98,22 @@ fn sync_survives_kills_and_every_snapshot_restores() {
     let start = Instant::now();
     let mut kills = 0;
     while objects(&store, "snapshots").len() < 22 {
-        assert!(start.elapsed() < Duration::from_secs(240), "too slow");
+        assert!(start.elapsed() < Duration::from_secs(400), "too slow");
         let mut child = spawn_sync(&sb, &image, "100ms");
         std::thread::sleep(Duration::from_millis(150 + rng.below(900)));
         kill_group(&mut child);
         kills += 1;
     }
     // A last cycle, then SIGTERM while it waits: a clean stop.
-    let mut child = spawn_sync(&sb, &image, "1h");
     let before = objects(&store, "snapshots").len();
+    let mut child = spawn_sync(&sb, &image, "1h");
+    let waiting = Instant::now();
     while objects(&store, "snapshots").len() == before {
         assert!(child.try_wait().unwrap().is_none(), "sync ended early");
+        if waiting.elapsed() > Duration::from_secs(120) {
+            kill_group(&mut child);
+            panic!("no cycle completed in 120 s");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: kill(2) on the child's pid; no memory is involved.
@@ -144,4 +149,63 @@ fn sync_survives_kills_and_every_snapshot_restores() {
         }
     }
     assert!(deltas >= snaps.len() - 1, "{snaps:?}");
+}
+
+#[test]
+fn sync_takes_dropped_lists_together_and_files_them() {
+    let mut rng = Rng::seeded("sync_drop");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let image = sb.path("vm.raw");
+    make_image(&image, 16 * MIB, &[(0, rng.bytes((10 * MIB) as usize))]);
+    let dir = sb.path("lists");
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = sb.store();
+    let sync = |sb: &Sandbox| {
+        sb.run(&[
+            "sync",
+            image.to_str().unwrap(),
+            "--store",
+            &store,
+            "--changes-dir",
+            dir.to_str().unwrap(),
+            "--cycles",
+            "1",
+        ])
+    };
+    // No snapshot yet: the first cycle copies everything, list or not.
+    assert!(sync(&sb).status.success());
+    assert_eq!(objects(&store, "snapshots").len(), 1);
+    // Two lists wait (dropped whole: a dot file renamed); one cycle takes both.
+    for name in ["001.list", "002.list"] {
+        let len = 1 + rng.below(MIB);
+        let offset = rng.below(16 * MIB - len);
+        blockferry_tests::write_at(&image, offset, &rng.bytes(len as usize));
+        let tmp = dir.join(format!(".{name}"));
+        std::fs::write(&tmp, format!("{offset},{len}\n")).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+    let out = sync(&sb);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snaps = snapshots(&sb);
+    assert_eq!(snaps.len(), 2);
+    let delta = snaps.iter().find(|s| !s["parent"].is_null()).unwrap();
+    let id = delta["id"].as_str().unwrap();
+    let restored = sb.restore(id, "delta.out");
+    assert_eq!(
+        blockferry_tests::file_hash(&restored),
+        blockferry_tests::file_hash(&image)
+    );
+    assert!(dir.join("done/001.list").exists() && dir.join("done/002.list").exists());
+    // An empty file is refused, not taken as "nothing changed"; it stays for a look.
+    std::fs::write(dir.join("003.list"), "").unwrap();
+    let out = sync(&sb);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is empty"), "{stderr}");
+    assert!(dir.join("003.list").exists());
+    assert_eq!(snapshots(&sb).len(), 2);
 }

@@ -119,7 +119,8 @@ impl ChangeList {
     pub fn from_chain(source: &dyn BlockSource) -> Result<ChangeList> {
         let Some(top) = source.top_layer() else {
             return Err(invalid(
-                "--changes-from-chain needs a child image (a VMDK snapshot delta or a VHDX/VHD                  differencing disk) joined to its parent",
+                "--changes-from-chain needs a child image (a VMDK snapshot delta or a VHDX/VHD \
+                 differencing disk) joined to its parent",
             ));
         };
         let size = source.info().virtual_size;
@@ -304,8 +305,6 @@ struct RctChanges {
     new_rct_id: Option<String>,
     #[serde(alias = "byteOffset", default)]
     byte_offset: Option<u64>,
-    #[serde(alias = "byteLength", default)]
-    byte_length: Option<u64>,
     #[serde(alias = "processedByteLength", default)]
     processed_byte_length: Option<u64>,
 }
@@ -325,18 +324,15 @@ fn parse_rct(text: &[u8], disk_size: u64) -> Result<ChangeList> {
                 c.changed_byte_lengths.len()
             )));
         }
-        // What the call covered: ProcessedByteLength (or the ByteLength asked for) from
-        // ByteOffset; a result without them covers the whole disk.
-        match (c.processed_byte_length.or(c.byte_length), c.byte_offset) {
-            (Some(len), at) => covered.push((at.unwrap_or(0), len)),
-            (None, Some(_)) => {
-                return Err(invalid(format!(
-                    "result {i} has a ByteOffset but no ProcessedByteLength: cannot tell what \
-                     it covered"
-                )));
-            }
-            (None, None) => covered.push((0, disk_size)),
-        }
+        // What the call covered: ProcessedByteLength from ByteOffset (a call may stop short
+        // of the length asked for; without the field, coverage is unknown).
+        let Some(processed) = c.processed_byte_length else {
+            return Err(invalid(format!(
+                "result {i} has no ProcessedByteLength: cannot tell which part of the disk it \
+                 covered"
+            )));
+        };
+        covered.push((c.byte_offset.unwrap_or(0), processed));
         ranges.extend(
             c.changed_byte_offsets
                 .iter()

@@ -111,18 +111,14 @@ fn hyperv_rct_lists() {
     assert_eq!(l.format, ChangeFormat::HypervRct);
     assert_eq!(l.base_change_id.as_deref(), Some("rctX:1234:5"));
     assert_eq!(pairs(&l.extents), [(0, 512), (4 * MIB, MIB)]);
-    // Without offsets and lengths, a result covers the whole disk.
-    let bare = r#"{"ChangedByteOffsets": [], "ChangedByteLengths": []}"#;
-    assert!(
-        ChangeList::parse(bare.as_bytes(), None, disk)
-            .unwrap()
-            .extents
-            .is_empty()
-    );
+    // Without ProcessedByteLength, what a result covered is unknown: refused.
+    let bare = r#"{"ChangedByteOffsets": [], "ChangedByteLengths": [], "ByteLength": 8388608}"#;
+    let e = ChangeList::parse(bare.as_bytes(), None, disk).unwrap_err();
+    assert!(e.to_string().contains("ProcessedByteLength"), "{e}");
 
     for bad in [
-        r#"{"ChangedByteOffsets": [0], "ChangedByteLengths": []}"#,
-        r#"{"ChangedByteOffsets": [0], "ChangedByteLengths": [9000000]}"#,
+        r#"{"ChangedByteOffsets": [0], "ChangedByteLengths": [], "ProcessedByteLength": 8388608}"#,
+        r#"{"ChangedByteOffsets": [0], "ChangedByteLengths": [9000000], "ProcessedByteLength": 8388608}"#,
         r#"{"ChangedByteOffsets": [], "ChangedByteLengths": [], "ByteOffset": 0, "ProcessedByteLength": 4096}"#,
         r#"{"ChangedByteOffsets": [], "ChangedByteLengths": [], "ByteOffset": 0}"#,
     ] {

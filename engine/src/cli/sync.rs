@@ -19,7 +19,7 @@ use blockferry::pipeline::{Changes, DEFAULT_VERIFY_SAMPLE, DeltaOptions};
 use blockferry::{CancelToken, ErrorKind, ReplicateOptions, Silent, Store};
 
 use super::output::{human_bytes, rfc3339};
-use super::{StoreArgs, open_store, parse_percent, parse_size, print_json};
+use super::{StoreArgs, open_store, parse_percent, parse_size};
 
 #[derive(Debug, Args)]
 pub(crate) struct SyncArgs {
@@ -67,7 +67,8 @@ pub(crate) struct SyncArgs {
 
 /// Where this cycle's changes come from.
 enum Source {
-    List(ChangeList, Option<PathBuf>),
+    /// A list, and the dropped files it came from (moved to `done/` after the snapshot).
+    List(ChangeList, Vec<PathBuf>),
     Hash,
     /// Nothing to do this cycle (no list dropped).
     Nothing,
@@ -153,17 +154,19 @@ fn run_cycle(
         let out = run_command(cmd, base.as_ref(), size)?;
         Source::List(
             ChangeList::parse(&out, format, size).context("the changes command's output")?,
-            None,
+            Vec::new(),
         )
     } else if let Some(dir) = &a.changes_dir {
-        match oldest_file(dir)? {
-            Some(path) => Source::List(ChangeList::read(&path, format, size)?, Some(path)),
-            None => Source::Nothing,
+        let files = pending_files(dir)?;
+        if files.is_empty() {
+            Source::Nothing
+        } else {
+            Source::List(merge_lists(&files, format, size)?, files)
         }
     } else if a.changes_from_chain {
         Source::List(
             ChangeList::from_chain(blockferry::image::open(&a.image)?.as_ref())?,
-            None,
+            Vec::new(),
         )
     } else {
         Source::Hash
@@ -177,16 +180,17 @@ fn run_cycle(
             a.image.display()
         );
     }
-    let mut done_file = None;
+    let mut done_files = Vec::new();
     let (delta, change_id) = match (changes, &base) {
-        (Source::Nothing, _) => return Ok(None),
+        (Source::Nothing, Some(_)) => return Ok(None),
+        // The first copy needs no list.
+        (Source::Nothing | Source::Hash, None) => (None, None),
         (Source::List(list, file), None) => {
-            done_file = file;
+            done_files = file;
             (None, list.new_change_id)
         }
-        (Source::Hash, None) => (None, None),
         (Source::List(list, file), Some(b)) => {
-            done_file = file;
+            done_files = file;
             let id = list.new_change_id.clone();
             (
                 Some(DeltaOptions {
@@ -219,7 +223,9 @@ fn run_cycle(
         ..ReplicateOptions::default()
     };
     let report = blockferry::replicate(store, source.as_ref(), &opts, &Silent)?;
-    if let Some(file) = done_file {
+    // Only now, with the snapshot durable. (Stopped before this, the next cycle takes these
+    // lists again with any newer ones: more than needed is read, nothing is missed.)
+    for file in done_files {
         let done = file.parent().unwrap_or(Path::new(".")).join("done");
         std::fs::create_dir_all(&done).with_context(|| format!("creating {}", done.display()))?;
         let to = done.join(file.file_name().unwrap_or_default());
@@ -265,8 +271,9 @@ fn run_command(
     Ok(out)
 }
 
-/// The oldest change list in `dir` by name (dot files and folders skipped).
-fn oldest_file(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
+/// The change lists waiting in `dir`, oldest (by name) first; dot files (lists still being
+/// written: drop a list as a dot file, then rename it) and folders are skipped.
+fn pending_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;
@@ -276,7 +283,47 @@ fn oldest_file(dir: &Path) -> anyhow::Result<Option<PathBuf>> {
         }
     }
     files.sort();
-    Ok(files.into_iter().next())
+    Ok(files)
+}
+
+/// All waiting lists as one: the union of their extents, from the first one's base to the
+/// last one's new change id (each must follow the one before, when they say).
+fn merge_lists(
+    files: &[PathBuf],
+    format: Option<ChangeFormat>,
+    size: u64,
+) -> anyhow::Result<ChangeList> {
+    let mut merged: Option<ChangeList> = None;
+    for file in files {
+        if std::fs::metadata(file).is_ok_and(|m| m.len() == 0) {
+            anyhow::bail!(
+                "{} is empty: drop change lists whole (write a dot file, then rename it)",
+                file.display()
+            );
+        }
+        let list = ChangeList::read(file, format, size)?;
+        merged = Some(match merged {
+            None => list,
+            Some(mut m) => {
+                if let (Some(prev), Some(base)) = (&m.new_change_id, &list.base_change_id)
+                    && prev != base
+                {
+                    anyhow::bail!(
+                        "{} was taken against change id {base:?}, but the list before it \
+                         ends at {prev:?}",
+                        file.display()
+                    );
+                }
+                if m.format != list.format {
+                    m.format = ChangeFormat::Extents;
+                }
+                m.extents = m.extents.union(&list.extents);
+                m.new_change_id = list.new_change_id.or(m.new_change_id);
+                m
+            }
+        });
+    }
+    merged.context("no change list")
 }
 
 fn print_cycle(
@@ -312,7 +359,8 @@ fn print_cycle(
                 line["kind"] = json!(format!("{k:?}"));
             }
         }
-        print_json(&line);
+        // One line per cycle, for log shippers.
+        println!("{}", serde_json::to_string(&line).unwrap_or_default());
         return;
     }
     let lag = lag.map_or_else(|| "-".to_owned(), |s| format!("{s:.0}s"));

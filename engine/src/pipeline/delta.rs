@@ -91,9 +91,50 @@ fn latest_of(store: &Store, disk: &str) -> Result<Snapshot> {
         })
 }
 
+/// Why a chain's parent may not be the state `base` copied: an image identity (VHD unique id,
+/// VMDK CID, VHDX data write GUID) does not change with every write, so the parent's file
+/// must also be as the base saw it.
+fn parent_changed(source: &dyn BlockSource, base: &Snapshot) -> Option<String> {
+    let top = source.top_layer()?;
+    let Some(parent) = source.file(top.n_files()) else {
+        return Some("the chain's parent file is not known".to_owned());
+    };
+    let now = match crate::image::util::fingerprint(parent) {
+        Ok(f) => f,
+        Err(e) => return Some(format!("the chain's parent cannot be checked: {e}")),
+    };
+    let was = &base.disk.fingerprint;
+    (now.size != was.size
+        || now.modified_unix_ns != was.modified_unix_ns
+        || (now.device, now.inode) != (was.device, was.inode))
+        .then(|| {
+            format!(
+                "the chain's parent {} is not the file base snapshot {} copied (changed or \
+                 replaced since)",
+                parent.path().display(),
+                base.id
+            )
+        })
+}
+
 /// Why a change list cannot be trusted to follow `base`, if it cannot.
 fn distrust(list: &ChangeList, base: &Snapshot) -> Option<String> {
-    let listed = list.base_change_id.as_deref()?;
+    let Some(listed) = list.base_change_id.as_deref() else {
+        // A tracking list must say what it was taken against; an extent list from another
+        // tool is trusted as it is (the verify sample still checks it).
+        return match list.format {
+            ChangeFormat::VmwareCbt | ChangeFormat::HypervRct => Some(format!(
+                "the {} list does not say which change id it was taken against (add {} to it)",
+                list.format.name(),
+                if list.format == ChangeFormat::VmwareCbt {
+                    "\"changeId\""
+                } else {
+                    "\"TargetRctId\""
+                }
+            )),
+            ChangeFormat::Extents | ChangeFormat::Chain => None,
+        };
+    };
     if list.all_allocated() {
         return Some("the list names every allocated area (change id *), not changes".to_owned());
     }
@@ -161,9 +202,9 @@ pub(super) fn plan(
     };
     let size = source.info().virtual_size;
     let chunk = u64::from(store.chunk_size());
-    if base.chunk_size != store.chunk_size() || base.n_chunks() != size.div_ceil(chunk) {
+    if base.chunk_size != store.chunk_size() {
         return Err(Error::internal(
-            "base snapshot's chunk map does not fit the store",
+            "base snapshot's chunk size is not the store's",
         ));
     }
     if !(0.0..=1.0).contains(&opts.verify_sample) {
@@ -203,12 +244,18 @@ pub(super) fn plan(
         if fallback.is_none() {
             fallback = distrust(l, &base);
         }
+        if fallback.is_none() && l.format == ChangeFormat::Chain {
+            fallback = parent_changed(source, &base);
+        }
         if fallback.is_none() {
             list = Some(l);
         }
     }
-    let n = base.n_chunks();
-    let n_pages = base.pages.len();
+    // The disk's chunk positions and pages (the base's, unless the disk was resized: then
+    // nothing is taken from the base).
+    let n = size.div_ceil(chunk);
+    let n_pages = usize::try_from(n.div_ceil(PAGE_ENTRIES as u64))
+        .map_err(|_| Error::internal("disk too large"))?;
     // Changed chunk positions, as sorted disjoint ranges.
     let changed_ranges = list
         .map(|l| l.extents.chunk_ranges(chunk))

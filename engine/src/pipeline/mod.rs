@@ -823,6 +823,19 @@ pub fn replicate(
             ck.reserve_pack_id(&id_tx)?;
         }
     }
+    // A resumed delta's recorded positions are the ones it reads; any other (not expected)
+    // is left to the delta's base, so that no position is placed twice.
+    let done: Vec<(u64, Id)> = match &delta {
+        None => done,
+        Some(d) => done
+            .into_iter()
+            .filter(|(idx, _)| {
+                let page = usize::try_from(idx / PAGE_ENTRIES as u64).unwrap_or(usize::MAX);
+                !d.reuse_page.get(page).copied().unwrap_or(false)
+                    && d.unchanged.binary_search_by_key(idx, |(i, _)| *i).is_err()
+            })
+            .collect(),
+    };
     let mut skip = vec![0u64; n_positions.div_ceil(64)];
     let mut skip_position = |idx: u64| {
         skip[usize::try_from(idx / 64).expect("position fits")] |= 1 << (idx % 64);
