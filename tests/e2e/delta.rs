@@ -476,3 +476,104 @@ fn a_chain_of_hundreds_of_deltas_restores_exactly() {
         assert_eq!(file_hash(&out), file_hash(&expected), "snapshot {snap}");
     }
 }
+
+/// Two pages of chunk map (64 KiB chunks) and a short last chunk: a page with no change is
+/// taken whole, the tail chunk's change is read, and a delta killed midway resumes (same base,
+/// same list) to the same bytes.
+#[test]
+fn multi_page_deltas_with_a_short_tail_resume_after_a_kill() {
+    use std::process::{Command, Stdio};
+    let mut rng = Rng::seeded("delta_pages");
+    let sb = Sandbox::new();
+    sb.init(&["--chunk-size", "64K"]);
+    let image = sb.path("vm.raw");
+    let size = 300 * MIB + 12345;
+    make_image(&image, size, &[(0, rng.bytes((8 * MIB) as usize))]);
+    sb.replicate(&image, &["--change-id", "x/1"]);
+    // Changes: 96 MiB inside page 0 (positions below 4096 = 256 MiB), and the last 100 bytes.
+    let big = rng.bytes((96 * MIB) as usize);
+    write_at(&image, 64 * MIB, &big);
+    write_at(&image, size - 100, &rng.bytes(100));
+    let list = format!(
+        r#"{{"changeId": "x/1", "newChangeId": "x/2", "extents": [[{}, {}], [{}, 100]]}}"#,
+        64 * MIB,
+        96 * MIB,
+        size - 100
+    );
+    let file = sb.path("changes.json");
+    std::fs::write(&file, list).unwrap();
+    let store = sb.store();
+    let args = [
+        "replicate",
+        image.to_str().unwrap(),
+        "--store",
+        &store,
+        "--base",
+        "latest",
+        "--changes",
+        file.to_str().unwrap(),
+        "--memory-budget",
+        "32M",
+    ];
+    // Kill it once the job recorded a pack, then run it again: it resumes.
+    let mut child = Command::new(blockferry_tests::bin())
+        .args(args)
+        .env("BLOCKFERRY_PASSPHRASE", blockferry_tests::PASSPHRASE)
+        .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let packs = || -> u64 {
+        rusqlite::Connection::open_with_flags(
+            sb.path("state").join("jobs.sqlite"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .and_then(|db| {
+            db.query_row(
+                "SELECT count(*) FROM packs WHERE state IN ('complete', 'indexed')",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .unwrap_or(0)
+    };
+    let mut killed = false;
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60));
+        if packs() >= 1 {
+            child.kill().unwrap();
+            killed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.wait().unwrap();
+    println!("delta killed midway: {killed}");
+    let report = sb.json(&args);
+    if killed {
+        assert_eq!(report["resumed"], true, "{report}");
+    }
+    let c = &report["changes"];
+    assert!(c["fallback"].is_null(), "{report}");
+    // Both pages hold a change (page 1 the tail chunk), so they are filled position by
+    // position; every byte not listed came from the base.
+    let unchanged = report["bytes_unchanged"].as_u64().unwrap();
+    assert!(unchanged >= size - 96 * MIB - 128 * 1024, "{report}");
+    restores_to(&sb, &report, &image);
+
+    // A change in page 0 only: page 1 is reused whole.
+    write_at(&image, MIB, &rng.bytes(4096));
+    std::fs::write(
+        &file,
+        format!(r#"{{"changeId": "x/2", "newChangeId": "x/3", "extents": [[{MIB}, 4096]]}}"#),
+    )
+    .unwrap();
+    let report = sb.json(&args);
+    assert!(report["changes"]["fallback"].is_null(), "{report}");
+    let read = report["bytes_read"].as_u64().unwrap();
+    let sampled = report["changes"]["sample_chunks"].as_u64().unwrap() * 64 * 1024;
+    assert!(read <= 64 * 1024 + sampled, "{report}");
+    restores_to(&sb, &report, &image);
+}
