@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use blockferry_tests::proxy::{Action, Proxy};
+use blockferry_tests::proxy::{Action, Proxy, Request};
 use blockferry_tests::{MIB, PASSPHRASE, Rng, Sandbox, bin, file_hash, make_image, s3, s3_backend};
 
 /// Part size of these tests: S3's smallest (SeaweedFS, like AWS, refuses smaller parts when
@@ -27,6 +27,33 @@ fn with<'a>(base: &[&'a str], extra: &'a [String]) -> Vec<&'a str> {
     let mut v = base.to_vec();
     v.extend(extra.iter().map(String::as_str));
     v
+}
+
+/// Makes `proxy` answer with `fault` (where it gives one) for `window` from the first
+/// part upload on, and forward everything else.
+fn fault_window(
+    proxy: &Proxy,
+    window: Duration,
+    fault: impl Fn(&Request<'_>) -> Option<Action> + Send + Sync + 'static,
+) {
+    // Milliseconds since `t0` (plus one, so that 0 means "no part yet") of the first part.
+    let first = AtomicU64::new(0);
+    let t0 = Instant::now();
+    let window = u64::try_from(window.as_millis()).unwrap();
+    proxy.set_rule(move |r| {
+        let now = u64::try_from(t0.elapsed().as_millis()).unwrap() + 1;
+        if r.is_upload_part() {
+            let _ = first.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        let start = first.load(Ordering::Relaxed);
+        if start > 0
+            && now < start + window
+            && let Some(action) = fault(r)
+        {
+            return action;
+        }
+        Action::Forward
+    });
 }
 
 /// Bytes of the packs in a store.
@@ -219,24 +246,9 @@ fn network_cuts_and_slowdown_storms_are_ridden_out() {
     );
 
     // The network drops every upload connection for two seconds from the first part on.
-    let start = Arc::new(AtomicU64::new(0));
-    let t0 = Instant::now();
-    {
-        let start = start.clone();
-        proxy.set_rule(move |r| {
-            let now = t0.elapsed().as_millis() as u64;
-            if r.is_upload_part() && start.load(Ordering::Relaxed) == 0 {
-                start.store(now, Ordering::Relaxed);
-            }
-            let s = start.load(Ordering::Relaxed);
-            let uploading = r.is_upload_part() || r.is_complete();
-            if uploading && s > 0 && now < s + 2000 {
-                Action::Cut
-            } else {
-                Action::Forward
-            }
-        });
-    }
+    fault_window(&proxy, Duration::from_secs(2), |r| {
+        (r.is_upload_part() || r.is_complete()).then_some(Action::Cut)
+    });
     blockferry_tests::write_at(&image, 3 * MIB, &rng.bytes(8 << 20));
     let (_, stderr) = replicate_and_check(&sb, &image, &extra);
     assert!(stderr.contains("retrying S3 request"), "{stderr}");
@@ -251,23 +263,7 @@ fn a_one_minute_outage_is_ridden_out() {
     let image = sample(&sb, &mut rng, 24);
     // From the first part on, the network refuses every request for a minute (longer than
     // a few retries last): the run waits it out and completes on its own.
-    let start = Arc::new(AtomicU64::new(0));
-    let t0 = Instant::now();
-    {
-        let start = start.clone();
-        proxy.set_rule(move |r| {
-            let now = t0.elapsed().as_millis() as u64;
-            if r.is_upload_part() && start.load(Ordering::Relaxed) == 0 {
-                start.store(now, Ordering::Relaxed);
-            }
-            let s = start.load(Ordering::Relaxed);
-            if s > 0 && now < s + 60_000 {
-                Action::Cut
-            } else {
-                Action::Forward
-            }
-        });
-    }
+    fault_window(&proxy, Duration::from_secs(60), |_| Some(Action::Cut));
     let began = Instant::now();
     let (_, stderr) = replicate_and_check(&sb, &image, &extra);
     assert!(
@@ -286,23 +282,10 @@ fn stalled_requests_are_retried_and_reported() {
     sb.init(&with(&[], &extra));
     let image = sample(&sb, &mut rng, 24);
     // For 40 s from the first part on, the server takes every part and never answers.
-    let start = Arc::new(AtomicU64::new(0));
-    let t0 = Instant::now();
-    {
-        let start = start.clone();
-        proxy.set_rule(move |r| {
-            let now = t0.elapsed().as_millis() as u64;
-            if r.is_upload_part() && start.load(Ordering::Relaxed) == 0 {
-                start.store(now, Ordering::Relaxed);
-            }
-            let s = start.load(Ordering::Relaxed);
-            if r.is_upload_part() && now < s + 40_000 {
-                Action::Stall(Duration::from_secs(300))
-            } else {
-                Action::Forward
-            }
-        });
-    }
+    fault_window(&proxy, Duration::from_secs(40), |r| {
+        r.is_upload_part()
+            .then_some(Action::Stall(Duration::from_secs(300)))
+    });
     extra.extend(["--s3-attempt-timeout".to_owned(), "12s".to_owned()]);
     let began = Instant::now();
     let (_, stderr) = replicate_and_check(&sb, &image, &extra);

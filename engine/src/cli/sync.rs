@@ -264,6 +264,15 @@ fn run_command(
         .take(MAX_LIST_BYTES + 1)
         .read_to_end(&mut out)
         .context("reading the changes command's output")?;
+    if out.len() as u64 > MAX_LIST_BYTES {
+        // It would block on a full pipe for ever: stop it.
+        let _ = child.kill();
+        let _ = child.wait();
+        anyhow::bail!(
+            "the changes command {cmd:?} printed more than {} MiB",
+            MAX_LIST_BYTES >> 20
+        );
+    }
     let status = child.wait().context("waiting for the changes command")?;
     if !status.success() {
         anyhow::bail!("the changes command {cmd:?} failed ({status})");

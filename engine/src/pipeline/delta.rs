@@ -326,17 +326,10 @@ pub(super) fn plan(
             ));
         }
         record.fallback = Some(why.clone());
-        // Every position is read; nothing is taken from the base.
-        return Ok(DeltaPlan {
-            reuse_page: vec![false; n_pages],
-            unchanged: Vec::new(),
-            record,
-            change_id,
-            base,
-        });
     }
-    if list.is_none() {
-        // Hash mode: every position is read and compared by id (dedup does the rest).
+    if fallback.is_some() || list.is_none() {
+        // Every position is read and compared by id (dedup does the rest); nothing is taken
+        // from the base.
         return Ok(DeltaPlan {
             reuse_page: vec![false; n_pages],
             unchanged: Vec::new(),
