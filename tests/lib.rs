@@ -11,7 +11,8 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
@@ -507,4 +508,39 @@ pub fn objects(store: &str, prefix: &str) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+/// Starts `blockferry replicate IMAGE --store STORE EXTRA…` in the background, output discarded.
+pub fn spawn_replicate(sb: &Sandbox, image: &std::path::Path, extra: &[&str]) -> Child {
+    let store = sb.store();
+    let mut cmd = Command::new(bin());
+    cmd.args(["replicate", image.to_str().unwrap(), "--store", &store])
+        .args(extra)
+        .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
+        .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if sb.store_url.is_some() {
+        cmd.envs(s3().vars());
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Starts a replication (output discarded) and kills it with SIGKILL once `ready()` says enough is durable.
+pub fn kill_when(sb: &Sandbox, image: &std::path::Path, extra: &[&str], ready: impl Fn() -> bool) {
+    let mut child = spawn_replicate(sb, image, extra);
+    let start = Instant::now();
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        if ready() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never got ready");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -36,6 +36,9 @@ pub enum ErrorKind {
     VerifyMismatch,
     /// Invalid arguments or configuration.
     Config,
+    /// Another process holds what this operation needs: a running job, or the store while a
+    /// garbage collection runs.
+    Busy,
     /// The operation was cancelled on request.
     Cancelled,
     /// A bug: an internal invariant broke or a worker panicked.
@@ -44,7 +47,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for exhaustive mapping tests in the bindings.
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::Io,
         ErrorKind::InvalidImage,
         ErrorKind::UnsupportedImage,
@@ -57,6 +60,7 @@ impl ErrorKind {
         ErrorKind::Store,
         ErrorKind::VerifyMismatch,
         ErrorKind::Config,
+        ErrorKind::Busy,
         ErrorKind::Cancelled,
         ErrorKind::Internal,
     ];

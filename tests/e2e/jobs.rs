@@ -1,48 +1,13 @@
 //! Jobs: resume after a kill reads only what is not durable; a changed source is refused;
 //! `jobs`, `abandon` and `cleanup` on local and S3 stores.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blockferry_tests::proxy::{Action, Proxy};
 use blockferry_tests::{
-    MIB, PASSPHRASE, Rng, Sandbox, Value, bin, file_hash, have_qemu, make_image, objects, qemu,
+    MIB, Rng, Sandbox, Value, file_hash, have_qemu, kill_when, make_image, objects, qemu,
     qemu_from_raw, s3, s3_backend, write_at,
 };
-
-fn spawn_replicate(sb: &Sandbox, image: &std::path::Path, extra: &[&str]) -> Child {
-    let store = sb.store();
-    let mut cmd = Command::new(bin());
-    cmd.args(["replicate", image.to_str().unwrap(), "--store", &store])
-        .args(extra)
-        .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
-        .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if sb.store_url.is_some() {
-        cmd.envs(s3().vars());
-    }
-    cmd.spawn().unwrap()
-}
-
-/// Starts a replication and kills it with SIGKILL once `ready()` says enough is durable.
-fn kill_when(sb: &Sandbox, image: &std::path::Path, extra: &[&str], ready: impl Fn() -> bool) {
-    let mut child = spawn_replicate(sb, image, extra);
-    let start = Instant::now();
-    loop {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before it could be killed"
-        );
-        if ready() {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "never got ready");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-}
 
 fn jobs(sb: &Sandbox) -> Vec<Value> {
     sb.json(&["jobs"])["jobs"].as_array().unwrap().clone()

@@ -21,6 +21,8 @@ mod dedup;
 mod delta;
 /// Errors: wrong passphrase, damaged or missing objects, newer versions, bad inputs.
 mod errors;
+/// Garbage collection: space reclaimed, kept snapshots intact, store locks.
+mod gc;
 /// Jobs: resume, changed sources, jobs/abandon/cleanup.
 mod jobs;
 /// The library facade: progress streams and cancellation.

@@ -66,6 +66,9 @@ enum Command {
     Sync(sync::SyncArgs),
     /// Forget the snapshots a retention policy does not keep (per disk).
     Prune(PruneArgs),
+    /// Delete the chunks, packs and pages no snapshot references (repacking packs that are
+    /// mostly garbage); safe beside running replications.
+    Gc(GcArgs),
     /// Show the whole job on a small sample disk: replicate, change, replicate, verify, restore.
     Demo(DemoArgs),
 }
@@ -219,6 +222,23 @@ struct PruneArgs {
     #[arg(long, value_name = "NAME")]
     disk: Option<String>,
     /// Say what would be forgotten; delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+struct GcArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Repack the packs with the most unused bytes until at most this share of the live
+    /// bytes is left unused (0% repacks every pack with garbage, 100% repacks none).
+    #[arg(long, value_name = "PERCENT", default_value = "5%", value_parser = parse_percent)]
+    max_unused: f64,
+    /// How long to wait for running replications, restores and verifies to finish before
+    /// deleting (new ones wait for the gc meanwhile).
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
+    wait: std::time::Duration,
+    /// Say what would be deleted and repacked; change nothing.
     #[arg(long)]
     dry_run: bool,
 }
@@ -430,6 +450,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Cleanup(a) => a.store.json,
         Command::Sync(a) => a.store.json,
         Command::Prune(a) => a.store.json,
+        Command::Gc(a) => a.store.json,
         Command::Demo(_) => false,
     };
     match run(cli.command) {
@@ -479,6 +500,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Cleanup(a) => jobs::cleanup(&a),
         Command::Sync(a) => sync::run(&a),
         Command::Prune(a) => cmd_prune(&a),
+        Command::Gc(a) => cmd_gc(&a),
         Command::Demo(a) => demo::run(a.dir.as_deref()),
     }
 }
@@ -654,6 +676,50 @@ fn cmd_prune(a: &PruneArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_gc(a: &GcArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&a.store)?;
+    let opts = blockferry::pipeline::gc::GcOptions {
+        max_unused: a.max_unused,
+        wait: a.wait,
+        dry_run: a.dry_run,
+        cancel: sync::cancel_on_signals()?,
+    };
+    let bar = Bar::new(
+        !a.store.json && std::io::stderr().is_terminal(),
+        "repacking",
+    );
+    let r = blockferry::pipeline::gc::gc(&store, &opts, &bar);
+    bar.done();
+    let r = r?;
+    if a.store.json {
+        print_json(&serde_json::to_value(&r)?);
+    } else {
+        let b = output::human_bytes;
+        let verb = if r.dry_run { "would delete" } else { "deleted" };
+        eprintln!(
+            "{verb} {} packs and {} pages; {} packs repacked into {} ({} moved)",
+            r.packs_deleted,
+            r.pages_deleted,
+            r.packs_repacked,
+            r.packs_written,
+            b(r.bytes_repacked)
+        );
+        eprintln!(
+            "store: {} before, {} after; {} snapshots, {} chunks, {} unused left in packs",
+            b(r.bytes_before),
+            b(r.bytes_after),
+            r.snapshots,
+            r.chunks_live,
+            b(r.bytes_unused_left)
+        );
+    }
+    Ok(if r.chunks_missing > 0 {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn cmd_snapshots(a: &SnapshotsArgs) -> anyhow::Result<ExitCode> {

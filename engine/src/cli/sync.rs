@@ -74,6 +74,16 @@ enum Source {
     Nothing,
 }
 
+/// A cancel token that SIGINT and SIGTERM set: the command stops cleanly at its next check.
+pub(super) fn cancel_on_signals() -> anyhow::Result<CancelToken> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .context("installing a signal handler")?;
+    }
+    Ok(CancelToken::from_flag(stop))
+}
+
 pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
     if a.changes.as_deref().is_some_and(|c| c != "hash") {
         anyhow::bail!(
@@ -90,12 +100,7 @@ pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
              --changes hash or --changes-from-chain"
         );
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop))
-            .context("installing a signal handler")?;
-    }
-    let cancel = CancelToken::from_flag(stop);
+    let cancel = cancel_on_signals()?;
     let store = open_store(&a.store)?;
     let disk = a.name.clone().unwrap_or_else(|| {
         a.image

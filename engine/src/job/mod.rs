@@ -58,6 +58,8 @@ pub enum Phase {
     Restoring,
     /// Checking a snapshot.
     Verifying,
+    /// Collecting garbage: moving live chunks out of packs that are mostly garbage.
+    Collecting,
 }
 
 impl Phase {
@@ -68,6 +70,7 @@ impl Phase {
             Phase::Committing => "committing",
             Phase::Restoring => "restoring",
             Phase::Verifying => "verifying",
+            Phase::Collecting => "collecting",
         }
     }
 }

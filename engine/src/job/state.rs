@@ -352,7 +352,7 @@ impl JobDb {
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
                     return Err(Error::new(
-                        ErrorKind::Config,
+                        ErrorKind::Busy,
                         format!(
                             "job {job} is running in another process; wait for it or stop it \
                              first"

@@ -14,6 +14,7 @@
 
 mod convert;
 mod delta;
+pub mod gc;
 mod packer;
 pub mod prune;
 mod restore;
@@ -38,8 +39,9 @@ use crate::image::{BlockSource, Mapping, Target};
 use crate::io::buf::{BufferPool, PooledBuf};
 use crate::io::{IoEngine, ReadBackend};
 use crate::job::state::{JobDb, JobKey, JobSource, POSITION_BATCH, SourceFile};
-use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
+use crate::job::{CancelToken, Counters, Event, Observer, Phase, Reporter};
 use crate::store::format::{self, ENTRY_BYTES, Entry, Id, PAGE_ENTRIES, PackId, ZERO_ID, hex};
+use crate::store::lock::StoreLock;
 use crate::store::{ChunkIndex, DiskMeta, Part, Snapshot, SnapshotStats, Store};
 use packer::{OpenPack, PackMode, PartJob};
 
@@ -750,6 +752,29 @@ fn open_job(
     })
 }
 
+/// Takes the store's shared lock for `operation` (see `store::lock`), telling the observer
+/// when a garbage collection that is deleting makes it wait.
+pub(crate) fn shared_lock(
+    store: &Store,
+    operation: &str,
+    cancel: &CancelToken,
+    observer: &dyn Observer,
+) -> Result<StoreLock> {
+    StoreLock::shared(
+        store.backend(),
+        operation,
+        &|| cancel.is_cancelled(),
+        &mut |gc| {
+            let msg = format!(
+                "waiting for a garbage collection to finish deleting: {}",
+                gc.describe()
+            );
+            tracing::warn!("{msg}");
+            observer.event(&Event::Warning(msg));
+        },
+    )
+}
+
 /// Replicates a whole disk into the store as a new snapshot; the blocking entry point.
 pub fn replicate(
     store: &Store,
@@ -779,6 +804,9 @@ pub fn replicate(
         },
     };
     let info = source.info().clone();
+    // Held from before the index is read until the manifest is written: a garbage collection
+    // deletes nothing while it is live.
+    let lock = shared_lock(store, "replicate", &opts.cancel, observer)?;
     let index = store.load_index()?;
     let reporter = Reporter::start(observer, Phase::Replicating, info.virtual_size);
     for e in &index.damaged {
@@ -1167,6 +1195,7 @@ pub fn replicate(
         stats: stats.clone(),
         tool: format!("blockferry {}", env!("CARGO_PKG_VERSION")),
     };
+    lock.check()?;
     store.write_snapshot(&snapshot)?;
     if let Some(ck) = &ck {
         ck.db.finish(&ck.job, &snapshot.id)?;

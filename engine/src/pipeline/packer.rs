@@ -563,8 +563,18 @@ pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<
         );
         db.complete_pack(job, &open.pack, &entries, None)?;
     }
-    for (_, entries) in db.complete_packs(job, false)? {
-        out.durable.extend(entries.iter().map(|e| e.id));
+    for (pack, entries) in db.complete_packs(job, false)? {
+        // A garbage collection that ran while the job was stopped deletes the packs no
+        // snapshot references, which a stopped job's packs are: their chunks are sent again.
+        match backend.size(&crate::store::pack_key(&pack)) {
+            Ok(_) => out.durable.extend(entries.iter().map(|e| e.id)),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                tracing::warn!(pack = %hex(&pack), "a pack of the job is gone from the store (garbage collected while the job was stopped); its chunks will be sent again");
+                db.drop_pack(job, &pack)?;
+                out.lost_bytes += entries.iter().map(|e| u64::from(e.stored_len)).sum::<u64>();
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(out)
 }

@@ -227,6 +227,43 @@ pub fn decode_blob(
     Ok(())
 }
 
+/// Moves a sealed chunk record from one pack to another (a garbage collection's repack):
+/// opens it with the old pack's sealer, checks its header, and appends it to `out` sealed with
+/// the new pack's sealer and a fresh nonce. The payload (compressed or not) is not decoded.
+#[allow(clippy::too_many_arguments)]
+pub fn reseal_blob(
+    from: &Sealer,
+    to: &Sealer,
+    id: &Id,
+    record: &mut [u8],
+    max_raw: usize,
+    object: &str,
+    offset: u64,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let corrupt = |msg: &str| Error::corrupt(object, msg.to_owned()).with_offset(offset);
+    if record.len() < BLOB_OVERHEAD {
+        return Err(corrupt("chunk record shorter than its header"));
+    }
+    let mut header = [0u8; BLOB_HEADER];
+    header.copy_from_slice(&record[..BLOB_HEADER]);
+    if header[0] & !FLAG_LZ4 != 0 || header[1..4] != [0, 0, 0] {
+        return Err(corrupt("chunk record has unknown flags"));
+    }
+    if u32_at(&header, 4) as usize > max_raw {
+        return Err(corrupt("chunk record claims more bytes than a chunk holds"));
+    }
+    let aad = blob_aad(id, &header);
+    let payload = from
+        .open(&aad, record, BLOB_HEADER)
+        .map_err(|_| corrupt("chunk record failed authentication (damaged, or not this chunk)"))?;
+    let start = out.len();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&[0u8; NONCE_BYTES]);
+    out.extend_from_slice(payload);
+    to.seal(&aad, out, start + BLOB_HEADER)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Packs
 

@@ -17,6 +17,7 @@
 pub mod crypto;
 pub mod format;
 pub mod local;
+pub mod lock;
 mod repo;
 #[cfg(feature = "s3")]
 pub mod s3;
@@ -119,6 +120,18 @@ pub trait ObjectStore: Send + Sync + Debug {
     fn get_range(&self, key: &str, offset: u64, len: usize, buf: &mut Vec<u8>) -> Result<()>;
     /// Lists the keys under a prefix (`"snapshots/"`), sorted.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Lists the keys under a prefix with each object's size, sorted by key.
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for key in self.list(prefix)? {
+            match self.size(&key) {
+                Ok(size) => out.push((key, size)),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
     /// Size of an object in bytes.
     fn size(&self, key: &str) -> Result<u64>;
     /// Deletes an object; deleting a missing one is not an error.

@@ -537,12 +537,7 @@ impl Store {
     pub fn load_index(&self) -> Result<ChunkIndex> {
         let mut index = ChunkIndex::default();
         for key in self.backend.list("index/")? {
-            let loaded = self
-                .backend
-                .get(&key, MAX_META_BYTES)
-                .and_then(|raw| format::open_meta(&self.meta, MetaKind::Index, &key, raw))
-                .and_then(|payload| format::decode_index(&payload, &key));
-            match loaded {
+            match self.read_index_object(&key) {
                 Ok(packs) => {
                     for (pack_id, entries) in packs {
                         index.insert_pack(pack_id, &entries);
@@ -556,6 +551,13 @@ impl Store {
             }
         }
         Ok(index)
+    }
+
+    /// Reads one index object: the packs it lists with their entries.
+    pub fn read_index_object(&self, key: &str) -> Result<Vec<(PackId, Vec<Entry>)>> {
+        let raw = self.backend.get(key, MAX_META_BYTES)?;
+        let payload = format::open_meta(&self.meta, MetaKind::Index, key, raw)?;
+        format::decode_index(&payload, key)
     }
 
     /// Writes one index object listing the chunks of some durable packs.

@@ -470,6 +470,14 @@ impl ObjectStore for S3Store {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list_sized(prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
         let full = format!("{}{prefix}", self.prefix);
         let mut keys = Vec::new();
         self.block(async {
@@ -486,7 +494,8 @@ impl ObjectStore for S3Store {
                     if let Some(k) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) {
                         // Objects that are not ours (other tools' files) are not listed.
                         if check_key(k).is_ok() {
-                            keys.push(k.to_owned());
+                            let size = obj.size().and_then(|n| u64::try_from(n).ok());
+                            keys.push((k.to_owned(), size.unwrap_or(0)));
                         }
                     }
                 }

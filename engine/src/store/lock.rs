@@ -1,0 +1,454 @@
+//! Store locks: who is using a store right now, so that a garbage collection never deletes
+//! what a running replication, restore or verify relies on.
+//!
+//! A lock is a small plaintext JSON object `locks/<16 hex>` (docs/FORMAT.md, "Locks").
+//! Replications, restores and verifies hold a **shared** lock for their whole run; a garbage
+//! collection holds a **gc** lock (one gc per store) while it marks and repacks beside them,
+//! then an **exclusive** lock for the short phase in which it deletes. Both sides write their
+//! lock first and list the locks second, so of two that start together at least one sees the
+//! other: a shared holder that sees an exclusive lock withdraws and waits for it to go; the
+//! gc that sees shared locks waits for them to go. Nothing is deleted while a lock other than
+//! the gc's own is live.
+//!
+//! Locks are refreshed every [`LOCK_REFRESH`] (a new object, then the old one deleted: objects
+//! are never overwritten). A lock is stale when it was not refreshed for [`LOCK_STALE`], or
+//! when it names this host (and boot) and its process is gone; stale locks are ignored and a
+//! gc deletes them. A holder that could not refresh for [`LOCK_VALID`] may already be taken
+//! for stale, so it does not commit ([`StoreLock::check`]).
+
+use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{ObjectStore, PutMode, PutOutcome, crypto, format::hex, now_unix_ms};
+use crate::error::{Error, ErrorKind, Result};
+
+/// How often a holder writes its lock anew.
+pub const LOCK_REFRESH: Duration = Duration::from_secs(5 * 60);
+/// A lock not refreshed for this long is stale: its holder is taken for dead.
+pub const LOCK_STALE: Duration = Duration::from_secs(30 * 60);
+/// A holder whose last successful refresh is older than this does not commit.
+pub const LOCK_VALID: Duration = Duration::from_secs(20 * 60);
+/// How often a waiter looks at the locks again.
+const POLL: Duration = Duration::from_millis(500);
+/// Largest lock object read (they are about 200 bytes).
+const MAX_LOCK_BYTES: u64 = 64 << 10;
+
+/// What a lock allows its holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockKind {
+    /// Reads and writes beside other shared holders and a marking gc.
+    Shared,
+    /// A garbage collection that marks and repacks; one per store.
+    Gc,
+    /// A garbage collection that deletes; no other lock is live meanwhile.
+    Exclusive,
+}
+
+/// The content of a lock object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// What the lock allows.
+    pub kind: LockKind,
+    /// What the holder does (`replicate`, `restore`, `verify`, `gc`).
+    pub operation: String,
+    /// The holder's host name.
+    pub host: String,
+    /// The holder's boot id (Linux), to tell a reboot from a live process.
+    #[serde(default)]
+    pub boot: String,
+    /// The holder's process id.
+    pub pid: u32,
+    /// When the holder first took the lock, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// When this object was written.
+    pub refreshed_unix_ms: u64,
+}
+
+impl LockInfo {
+    fn new(kind: LockKind, operation: &str) -> LockInfo {
+        let now = now_unix_ms();
+        let (host, boot) = host_identity();
+        LockInfo {
+            kind,
+            operation: operation.to_owned(),
+            host,
+            boot,
+            pid: std::process::id(),
+            created_unix_ms: now,
+            refreshed_unix_ms: now,
+        }
+    }
+
+    /// Whether the holder is taken for dead.
+    pub fn is_stale(&self, now_unix_ms: u64) -> bool {
+        let age = now_unix_ms.saturating_sub(self.refreshed_unix_ms);
+        if u128::from(age) > LOCK_STALE.as_millis() {
+            return true;
+        }
+        let (host, boot) = host_identity();
+        if self.host != host {
+            return false;
+        }
+        (!boot.is_empty() && !self.boot.is_empty() && self.boot != boot) || !pid_alive(self.pid)
+    }
+
+    /// One line for messages: `replicate (shared) by pid 42 on host, since …`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({}) by pid {} on {}, started {} s ago",
+            self.operation,
+            match self.kind {
+                LockKind::Shared => "shared",
+                LockKind::Gc => "gc",
+                LockKind::Exclusive => "exclusive",
+            },
+            self.pid,
+            self.host,
+            now_unix_ms().saturating_sub(self.created_unix_ms) / 1000
+        )
+    }
+}
+
+fn host_identity() -> (String, String) {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let mut host = read("/proc/sys/kernel/hostname");
+    if host.is_empty() {
+        host = read("/etc/hostname");
+    }
+    if host.is_empty() {
+        host = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".to_owned());
+    }
+    (host, read("/proc/sys/kernel/random/boot_id"))
+}
+
+/// Whether a process of this host is alive (not gone, not a zombie). Without `/proc` every
+/// process counts as alive, and only age makes its locks stale.
+fn pid_alive(pid: u32) -> bool {
+    if !std::path::Path::new("/proc/self").exists() {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => match stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+        {
+            Some(state) => !matches!(state, "Z" | "X" | "x"),
+            None => true,
+        },
+        Err(_) => false,
+    }
+}
+
+/// A lock object as listed: its key and, if readable, its content.
+#[derive(Debug, Clone)]
+pub struct ListedLock {
+    /// The object key.
+    pub key: String,
+    /// The content; `None` if the object could not be parsed (ignored, never deleted).
+    pub info: Option<LockInfo>,
+}
+
+/// Every lock object of the store (a lock deleted while listing is left out).
+pub fn list_locks(backend: &dyn ObjectStore) -> Result<Vec<ListedLock>> {
+    let mut out = Vec::new();
+    for key in backend.list("locks/")? {
+        match backend.get(&key, MAX_LOCK_BYTES) {
+            Ok(raw) => {
+                let info = serde_json::from_slice::<LockInfo>(&raw).ok();
+                if info.is_none() {
+                    tracing::warn!(object = key, "ignoring a lock object that is not readable");
+                }
+                out.push(ListedLock { key, info });
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+fn write_lock(backend: &dyn ObjectStore, info: &LockInfo) -> Result<String> {
+    let key = format!("locks/{}", hex(&crypto::random::<8>()?));
+    let json =
+        serde_json::to_vec(info).map_err(|e| Error::internal("encoding a lock").with_source(e))?;
+    match backend.put(&key, &json, PutMode::Create)? {
+        PutOutcome::Written => Ok(key),
+        PutOutcome::AlreadyExists => Err(Error::internal(
+            "refusing to overwrite an existing lock (random name collided)",
+        )
+        .with_object(&key)),
+    }
+}
+
+/// Live locks other than `own`, optionally deleting the stale ones found.
+fn live_others(
+    backend: &dyn ObjectStore,
+    own: &[String],
+    delete_stale: bool,
+) -> Result<Vec<LockInfo>> {
+    let now = now_unix_ms();
+    let mut live = Vec::new();
+    for l in list_locks(backend)? {
+        let Some(info) = l.info else { continue };
+        if own.contains(&l.key) {
+            continue;
+        }
+        if info.is_stale(now) {
+            if delete_stale {
+                tracing::warn!(object = l.key, "removing a stale lock: {}", info.describe());
+                backend.delete(&l.key)?;
+            }
+            continue;
+        }
+        live.push(info);
+    }
+    Ok(live)
+}
+
+struct Held {
+    backend: Arc<dyn ObjectStore>,
+    keys: Mutex<Vec<(String, LockInfo)>>,
+    last_ok: Mutex<Instant>,
+}
+
+impl Held {
+    fn keys(&self) -> Vec<String> {
+        self.keys
+            .lock()
+            .expect("lock keys")
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Writes every held lock anew and deletes the old objects.
+    fn refresh(&self) {
+        let mut keys = self.keys.lock().expect("lock keys");
+        let mut ok = true;
+        for (key, info) in keys.iter_mut() {
+            let mut fresh = info.clone();
+            fresh.refreshed_unix_ms = now_unix_ms();
+            match write_lock(self.backend.as_ref(), &fresh) {
+                Ok(new_key) => {
+                    if let Err(e) = self.backend.delete(key) {
+                        tracing::warn!(object = key, "could not delete a refreshed lock: {e}");
+                    }
+                    *key = new_key;
+                    *info = fresh;
+                }
+                Err(e) => {
+                    tracing::warn!("could not refresh the store lock: {e}");
+                    ok = false;
+                }
+            }
+        }
+        if ok {
+            *self.last_ok.lock().expect("lock time") = Instant::now();
+        }
+    }
+}
+
+/// A held store lock; dropping it deletes its objects.
+pub struct StoreLock {
+    held: Arc<Held>,
+    stop: Option<Sender<()>>,
+    refresher: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for StoreLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreLock")
+            .field("keys", &self.held.keys())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StoreLock {
+    fn start(backend: Arc<dyn ObjectStore>, key: String, info: LockInfo) -> StoreLock {
+        let held = Arc::new(Held {
+            backend,
+            keys: Mutex::new(vec![(key, info)]),
+            last_ok: Mutex::new(Instant::now()),
+        });
+        let (stop, stopped) = channel::<()>();
+        let h = Arc::clone(&held);
+        let refresher = std::thread::Builder::new()
+            .name("store-lock".to_owned())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(LOCK_REFRESH) {
+                    h.refresh();
+                }
+            })
+            .ok();
+        if refresher.is_none() {
+            tracing::warn!(
+                "could not start the lock refresher; a run longer than 20 minutes will not commit"
+            );
+        }
+        StoreLock {
+            held,
+            stop: Some(stop),
+            refresher,
+        }
+    }
+
+    /// Takes a shared lock for `operation`. While a garbage collection deletes (holds an
+    /// exclusive lock) it waits, telling `waiting` once, and gives up if `cancelled`.
+    pub fn shared(
+        backend: &Arc<dyn ObjectStore>,
+        operation: &str,
+        cancelled: &dyn Fn() -> bool,
+        waiting: &mut dyn FnMut(&LockInfo),
+    ) -> Result<StoreLock> {
+        let info = LockInfo::new(LockKind::Shared, operation);
+        let mut told = false;
+        loop {
+            let key = write_lock(backend.as_ref(), &info)?;
+            let own = [key.clone()];
+            let blocker = live_others(backend.as_ref(), &own, false)?
+                .into_iter()
+                .find(|l| l.kind == LockKind::Exclusive);
+            let Some(blocker) = blocker else {
+                return Ok(StoreLock::start(Arc::clone(backend), key, info));
+            };
+            backend.delete(&key)?;
+            if !told {
+                waiting(&blocker);
+                told = true;
+            }
+            loop {
+                if cancelled() {
+                    return Err(Error::new(
+                        ErrorKind::Cancelled,
+                        "cancelled while waiting for a garbage collection to finish",
+                    ));
+                }
+                std::thread::sleep(POLL);
+                let busy = live_others(backend.as_ref(), &[], false)?
+                    .iter()
+                    .any(|l| l.kind == LockKind::Exclusive);
+                if !busy {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Takes the gc lock: fails with [`ErrorKind::Busy`] if another garbage collection holds
+    /// the store.
+    pub fn gc(backend: &Arc<dyn ObjectStore>) -> Result<StoreLock> {
+        let info = LockInfo::new(LockKind::Gc, "gc");
+        let key = write_lock(backend.as_ref(), &info)?;
+        let other = live_others(backend.as_ref(), std::slice::from_ref(&key), false)?
+            .into_iter()
+            .find(|l| l.kind != LockKind::Shared);
+        if let Some(other) = other {
+            backend.delete(&key)?;
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "another garbage collection holds the store: {}",
+                    other.describe()
+                ),
+            ));
+        }
+        Ok(StoreLock::start(Arc::clone(backend), key, info))
+    }
+
+    /// Adds an exclusive lock to a gc lock and waits, up to `wait`, until no other live lock
+    /// remains (deleting stale ones). New shared holders wait meanwhile. On failure the
+    /// exclusive lock is withdrawn.
+    pub fn exclusive(
+        &self,
+        wait: Duration,
+        cancelled: &dyn Fn() -> bool,
+        waiting: &mut dyn FnMut(&[LockInfo]),
+    ) -> Result<()> {
+        let backend = Arc::clone(&self.held.backend);
+        let info = LockInfo::new(LockKind::Exclusive, "gc");
+        let key = write_lock(backend.as_ref(), &info)?;
+        self.held.keys.lock().expect("lock keys").push((key, info));
+        let deadline = Instant::now() + wait;
+        let mut told = false;
+        let outcome = loop {
+            let others = live_others(backend.as_ref(), &self.held.keys(), true)?;
+            if others.is_empty() {
+                break Ok(());
+            }
+            if cancelled() {
+                break Err(Error::new(
+                    ErrorKind::Cancelled,
+                    "cancelled while waiting for the store's other users to finish",
+                ));
+            }
+            if Instant::now() >= deadline {
+                let list: Vec<String> = others.iter().map(LockInfo::describe).collect();
+                break Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "the store is still in use after waiting {} s: {}",
+                        wait.as_secs(),
+                        list.join("; ")
+                    ),
+                ));
+            }
+            if !told {
+                waiting(&others);
+                told = true;
+            }
+            std::thread::sleep(POLL);
+        };
+        if outcome.is_err() {
+            let mut keys = self.held.keys.lock().expect("lock keys");
+            if let Some(at) = keys.iter().position(|(_, i)| i.kind == LockKind::Exclusive) {
+                let (key, _) = keys.remove(at);
+                let _ = backend.delete(&key);
+            }
+        }
+        outcome
+    }
+
+    /// Fails if the lock may have been taken for stale (refreshes failed for
+    /// [`LOCK_VALID`]): a holder checks this before it commits.
+    pub fn check(&self) -> Result<()> {
+        let last = *self.held.last_ok.lock().expect("lock time");
+        if last.elapsed() > LOCK_VALID {
+            return Err(Error::new(
+                ErrorKind::Store,
+                format!(
+                    "the store lock could not be refreshed for {} minutes: a garbage collection \
+                     may have taken this run for dead, so it does not commit (run it again)",
+                    last.elapsed().as_secs() / 60
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.refresher.take() {
+            let _ = t.join();
+        }
+        for key in self.held.keys() {
+            if let Err(e) = self.held.backend.delete(&key) {
+                tracing::warn!(object = key, "could not remove the store lock: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
