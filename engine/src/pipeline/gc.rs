@@ -217,21 +217,32 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
         .sum();
     let reporter = Reporter::start(observer, Phase::Collecting, repack_bytes);
     if !opts.dry_run {
-        repack(store, &mut packs, &mut home, &opts.cancel, &reporter)?;
-        if opts.cancel.is_cancelled() {
-            return Err(cancelled());
+        let prepared = (|| -> Result<()> {
+            repack(store, &mut packs, &mut home, &opts.cancel, &reporter)?;
+            if opts.cancel.is_cancelled() {
+                return Err(cancelled());
+            }
+            let started = Instant::now();
+            lock.exclusive(opts.wait, &|| opts.cancel.is_cancelled(), &mut |others| {
+                let list: Vec<String> = others.iter().map(LockInfo::describe).collect();
+                reporter.warn(format!(
+                    "waiting for {} other users of the store to finish: {}",
+                    others.len(),
+                    list.join("; ")
+                ));
+            })?;
+            report.waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            keep_what_new_snapshots_need(store, &mut marks, &mut packs, &mut home, &index_keys)
+        })();
+        if let Err(e) = prepared {
+            // The packs this gc wrote are in no index: nothing can reference them.
+            for p in packs.iter().filter(|p| p.fate == Fate::New) {
+                if let Err(d) = backend.delete(&pack_key(&p.id)) {
+                    tracing::warn!("could not remove a pack this gc wrote: {d}");
+                }
+            }
+            return Err(e);
         }
-        let started = Instant::now();
-        lock.exclusive(opts.wait, &|| opts.cancel.is_cancelled(), &mut |others| {
-            let list: Vec<String> = others.iter().map(LockInfo::describe).collect();
-            reporter.warn(format!(
-                "waiting for {} other users of the store to finish: {}",
-                others.len(),
-                list.join("; ")
-            ));
-        })?;
-        report.waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        keep_what_new_snapshots_need(store, &mut marks, &mut packs, &mut home, &index_keys)?;
     }
 
     // The plan's (or the result's) figures.
@@ -615,6 +626,29 @@ fn repack(
         written: Vec::new(),
         span: Vec::new(),
     };
+    let moved = move_live_records(&mut r, packs, home, cancel, reporter).and_then(|()| r.flush());
+    for p in r.written {
+        let i = packs.len();
+        for e in &p.entries {
+            if home
+                .get(&e.id)
+                .is_some_and(|h| packs[*h].fate == Fate::Repack)
+            {
+                home.insert(e.id, i);
+            }
+        }
+        packs.push(p);
+    }
+    moved
+}
+
+fn move_live_records(
+    r: &mut Repacker<'_>,
+    packs: &mut [Pack],
+    home: &HashMap<Id, usize>,
+    cancel: &CancelToken,
+    reporter: &Reporter<'_>,
+) -> Result<()> {
     for (pi, pack) in packs.iter_mut().enumerate() {
         if pack.fate != Fate::Repack {
             continue;
@@ -637,19 +671,6 @@ fn repack(
             }
             Err(e) => return Err(e),
         }
-    }
-    r.flush()?;
-    for p in r.written {
-        let i = packs.len();
-        for e in &p.entries {
-            if home
-                .get(&e.id)
-                .is_some_and(|h| packs[*h].fate == Fate::Repack)
-            {
-                home.insert(e.id, i);
-            }
-        }
-        packs.push(p);
     }
     Ok(())
 }
