@@ -111,3 +111,80 @@ fn median(sorted: &[f64]) -> f64 {
         f64::midpoint(sorted[n / 2 - 1], sorted[n / 2])
     }
 }
+
+/// splitmix64: a fast, seeded generator for bench data.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next_u64() % n as u64).unwrap_or(0)
+    }
+
+    /// Fills `buf` with random bytes.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+const WORDS: &[&str] = &[
+    "the ", "kernel ", "lib", "usr/", "share/", "config ", "0x00", "\n", "error: ", "systemd ",
+    "python3 ", "int ", "return ", "{\n", "}\n", "ELF", "GNU ", "linux ", "module ", "= ",
+];
+
+/// Writes a disk image of `mib` MiB: `realistic` (a quarter never written, a tenth zeros,
+/// OS-like text and binaries, some blocks repeated: what a VM disk holds) or all random.
+pub fn make_image(path: &Path, mib: u64, realistic: bool) -> Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::File::create(path)?;
+    f.set_len(mib << 20)?;
+    let mut rng = Rng(0x5eed_0fb1_0c00);
+    let mut block = vec![0u8; 1 << 20];
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    for i in 0..mib {
+        let kind = if realistic { rng.next_u64() % 20 } else { 19 };
+        match kind {
+            // A quarter never written: a hole.
+            0..=4 => continue,
+            // Written zeros.
+            5 | 6 => block.fill(0),
+            // OS-like text and code.
+            7..=12 => {
+                let mut at = 0;
+                while at < block.len() {
+                    let w = WORDS[rng.below(WORDS.len())].as_bytes();
+                    let n = w.len().min(block.len() - at);
+                    block[at..at + n].copy_from_slice(&w[..n]);
+                    at += n;
+                }
+            }
+            // A block seen before (shared libraries, copies).
+            13 | 14 if !kept.is_empty() => {
+                let k = rng.below(kept.len());
+                block.copy_from_slice(&kept[k]);
+            }
+            // Compressed or encrypted content.
+            _ => rng.fill(&mut block),
+        }
+        if realistic && kept.len() < 64 && rng.next_u64().is_multiple_of(8) {
+            kept.push(block.clone());
+        }
+        f.seek(SeekFrom::Start(i << 20))?;
+        f.write_all(&block)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}

@@ -244,6 +244,7 @@ fn fake_lock(store: &str, name: &str, kind: &str, pid: u32, refreshed_ago_ms: u6
         "operation": "test",
         "host": read("/proc/sys/kernel/hostname"),
         "boot": read("/proc/sys/kernel/random/boot_id"),
+        "pidns": std::fs::read_link("/proc/self/ns/pid").unwrap().display().to_string(),
         "pid": pid,
         "created_unix_ms": now - refreshed_ago_ms,
         "refreshed_unix_ms": now - refreshed_ago_ms,

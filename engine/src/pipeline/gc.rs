@@ -2,7 +2,7 @@
 //! repacks packs that are mostly garbage, safely beside running replications.
 //!
 //! ```text
-//!  gc lock ─ list index/, packs/, pages/ ─ mark (every snapshot's pages and chunks)
+//!  gc lock ─ mark (every snapshot's pages and chunks) ─ list index/, packs/, pages/
 //!    ─ plan (a home pack for each live chunk; dead packs; packs to repack)
 //!    ─ repack (live records re-sealed into new packs)               ← beside other users
 //!  exclusive lock (waits for the other users to finish; new ones wait)
@@ -10,7 +10,8 @@
 //!    ─ write the new index ─ delete old index objects, dead packs, dead pages
 //! ```
 //!
-//! Why a running replication cannot lose a chunk (docs/FORMAT.md, "Garbage collection"):
+//! Why a running replication cannot lose a chunk (docs/FORMAT.md, "Locks and garbage
+//! collection"):
 //! nothing is deleted while any other lock is live, and a replication holds its lock from
 //! before it reads the index until after its manifest is written. So by the time the gc
 //! deletes, every replication that could have deduplicated against a chunk has either written
@@ -28,7 +29,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
 use crate::store::format::{self, Entry, Id, PackId, ZERO_ID, hex, unhex};
 use crate::store::lock::{LockInfo, StoreLock};
-use crate::store::{Snapshot, Store, pack_key};
+use crate::store::{IdHash, Snapshot, Store, pack_key};
 
 /// Default share of unused bytes left in packs, of the live bytes.
 pub const DEFAULT_MAX_UNUSED: f64 = 0.05;
@@ -127,8 +128,8 @@ enum Fate {
 #[derive(Default)]
 struct Marks {
     snapshots: HashSet<String>,
-    pages: HashSet<Id>,
-    chunks: HashSet<Id>,
+    pages: HashSet<Id, IdHash>,
+    chunks: HashSet<Id, IdHash>,
 }
 
 impl Marks {
@@ -156,9 +157,10 @@ impl Marks {
 }
 
 /// Reads every snapshot, refusing to go on if one cannot be read (its chunks are unknown).
+/// A manifest deleted between the listing and its read (a prune) is left out.
 fn all_snapshots(store: &Store) -> Result<Vec<Snapshot>> {
     let (snaps, bad) = store.snapshots()?;
-    if let Some(e) = bad.into_iter().next() {
+    if let Some(e) = bad.into_iter().find(|e| e.kind() != ErrorKind::NotFound) {
         return Err(Error::new(
             e.kind(),
             format!(
@@ -182,8 +184,13 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
         ..GcReport::default()
     };
 
-    // What the store holds, listed before anything is marked: objects written later are
-    // never touched. Index objects first: a pack an index lists existed before it.
+    // The snapshots first: every object they reference was durable before them, so it is in
+    // the listings that follow. Then what the store holds; objects written after the listing
+    // are never touched. Index objects before packs: a pack an index lists existed before it.
+    let mut marks = Marks::default();
+    for s in all_snapshots(store)? {
+        marks.add(store, &s)?;
+    }
     let index_keys = backend.list_sized("index/")?;
     let pack_list = backend.list_sized("packs/")?;
     let page_list = backend.list_sized("pages/")?;
@@ -193,21 +200,24 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
         .sum();
     report.packs_before = pack_list.len() as u64;
 
-    let mut marks = Marks::default();
-    let snaps = all_snapshots(store)?;
-    for s in &snaps {
-        marks.add(store, s)?;
-    }
-
     let mut packs = read_packs(store, &index_keys, &pack_list, &mut report)?;
     let mut home = choose_homes(&mut packs, &marks.chunks);
-    // Chunks the snapshots reference that no pack of the store holds (later snapshots' new
-    // chunks are in packs written after the listing, and are not counted).
+    // Chunks the snapshots reference that no pack of the store holds: damage. A gc then
+    // changes nothing (a dry run reports it).
     report.chunks_missing = marks
         .chunks
         .iter()
         .filter(|id| !home.contains_key(*id))
         .count() as u64;
+    if report.chunks_missing > 0 && !opts.dry_run {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "{} chunks that snapshots reference are in no pack of the store: it is                  damaged, and the gc changed nothing; run `blockferry verify` on each snapshot                  (and `gc --dry-run` for the figures)",
+                report.chunks_missing
+            ),
+        ));
+    }
     plan_repack(&mut packs, opts.max_unused);
 
     let repack_bytes: u64 = packs
@@ -232,7 +242,11 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
                 ));
             })?;
             report.waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            keep_what_new_snapshots_need(store, &mut marks, &mut packs, &mut home, &index_keys)
+            keep_what_new_snapshots_need(store, &mut marks, &mut packs, &mut home, &index_keys)?;
+            if opts.cancel.is_cancelled() {
+                return Err(cancelled());
+            }
+            Ok(())
         })();
         if let Err(e) = prepared {
             // The packs this gc wrote are in no index: nothing can reference them.
@@ -300,14 +314,20 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
 
     // Commit: the new index first (every pack kept or written), then deletions, so a reader
     // never finds a chunk only in an index that names a deleted pack.
-    let keep: Vec<(PackId, Vec<Entry>)> = packs
+    let keep: Vec<&Pack> = packs
         .iter()
         .filter(|p| matches!(p.fate, Fate::Keep | Fate::New))
-        .map(|p| (p.id, p.entries.clone()))
         .collect();
-    for batch in batches(&keep) {
-        store.write_index(batch)?;
+    let sizes: Vec<usize> = keep.iter().map(|p| p.entries.len()).collect();
+    for range in batches(&sizes) {
+        let batch: Vec<(PackId, Vec<Entry>)> = keep[range]
+            .iter()
+            .map(|p| (p.id, p.entries.clone()))
+            .collect();
+        store.write_index(&batch)?;
     }
+    // Still ours? (A lock taken for stale by another gc would let others in.)
+    lock.check()?;
     for (key, _) in &index_keys {
         backend.delete(key)?;
     }
@@ -348,19 +368,20 @@ fn overhead(p: &Pack) -> u64 {
         + p.entries.len() * format::ENTRY_BYTES) as u64
 }
 
-/// Splits packs into index objects of at most [`INDEX_ENTRIES`] entries.
-fn batches(packs: &[(PackId, Vec<Entry>)]) -> Vec<&[(PackId, Vec<Entry>)]> {
+/// Splits packs (by their entry counts) into index objects of at most [`INDEX_ENTRIES`]
+/// entries; a larger pack goes alone.
+fn batches(sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut n) = (0, 0);
-    for (i, (_, entries)) in packs.iter().enumerate() {
-        if n > 0 && n + entries.len() > INDEX_ENTRIES {
-            out.push(&packs[start..i]);
+    for (i, len) in sizes.iter().enumerate() {
+        if n > 0 && n + len > INDEX_ENTRIES {
+            out.push(start..i);
             (start, n) = (i, 0);
         }
-        n += entries.len();
+        n += len;
     }
-    if start < packs.len() {
-        out.push(&packs[start..]);
+    if start < sizes.len() {
+        out.push(start..sizes.len());
     }
     out
 }
@@ -408,9 +429,13 @@ fn read_packs(
                     }
                 }
             }
-            Err(e) if e.kind() == ErrorKind::Store => return Err(e),
-            // Its packs are read from their trailers below, and the new index replaces it.
-            Err(e) => tracing::warn!("an index object cannot be read: {e}"),
+            // Damaged: its packs are read from their trailers below, and the new index
+            // replaces it.
+            Err(e) if e.kind() == ErrorKind::Corrupt => {
+                tracing::warn!("an index object is damaged: {e}");
+            }
+            // Anything else (access, a newer format version) stops the gc.
+            Err(e) => return Err(e),
         }
     }
     for (key, _) in pack_list {
@@ -425,13 +450,13 @@ fn read_packs(
                 seen.insert(id);
                 packs.push(new_pack(id, size, entries));
             }
-            Err(e) if e.kind() == ErrorKind::Store => return Err(e),
             // Gone since the listing.
             Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => {
+            Err(e) if e.kind() == ErrorKind::Corrupt => {
                 tracing::warn!("leaving alone a pack whose chunk list cannot be read: {e}");
                 report.packs_unreadable += 1;
             }
+            Err(e) => return Err(e),
         }
     }
     Ok(packs)
@@ -439,8 +464,8 @@ fn read_packs(
 
 /// Gives each live chunk one home pack (the first that holds it) and counts each pack's live
 /// bytes. Returns chunk id → index in `packs`.
-fn choose_homes(packs: &mut [Pack], live: &HashSet<Id>) -> HashMap<Id, usize> {
-    let mut home = HashMap::with_capacity(live.len());
+fn choose_homes(packs: &mut [Pack], live: &HashSet<Id, IdHash>) -> HashMap<Id, usize, IdHash> {
+    let mut home = HashMap::with_capacity_and_hasher(live.len(), IdHash::default());
     for (i, p) in packs.iter_mut().enumerate() {
         for e in &p.entries {
             if live.contains(&e.id) && !home.contains_key(&e.id) {
@@ -556,7 +581,9 @@ impl Repacker<'_> {
             while end < live.len() {
                 let e = &live[end];
                 let e_end = e.offset.saturating_add(u64::from(e.stored_len));
-                if end > at && (e_end - first > REPACK_READ || e.offset > span_end + (64 << 10)) {
+                if end > at
+                    && (e_end - first > REPACK_READ || e.offset > span_end.saturating_add(64 << 10))
+                {
                     break;
                 }
                 span_end = span_end.max(e_end);
@@ -615,7 +642,7 @@ impl Repacker<'_> {
 fn repack(
     store: &Store,
     packs: &mut Vec<Pack>,
-    home: &mut HashMap<Id, usize>,
+    home: &mut HashMap<Id, usize, IdHash>,
     cancel: &CancelToken,
     reporter: &Reporter<'_>,
 ) -> Result<()> {
@@ -645,7 +672,7 @@ fn repack(
 fn move_live_records(
     r: &mut Repacker<'_>,
     packs: &mut [Pack],
-    home: &HashMap<Id, usize>,
+    home: &HashMap<Id, usize, IdHash>,
     cancel: &CancelToken,
     reporter: &Reporter<'_>,
 ) -> Result<()> {
@@ -682,10 +709,10 @@ fn keep_what_new_snapshots_need(
     store: &Store,
     marks: &mut Marks,
     packs: &mut [Pack],
-    home: &mut HashMap<Id, usize>,
+    home: &mut HashMap<Id, usize, IdHash>,
     index_keys: &[(String, u64)],
 ) -> Result<()> {
-    let mut wanted: HashSet<Id> = HashSet::new();
+    let mut wanted: HashSet<Id, IdHash> = HashSet::default();
     for s in all_snapshots(store)? {
         for id in marks.add(store, &s)? {
             if !home.contains_key(&id) {

@@ -16,6 +16,7 @@
 //! gc deletes them. A holder that could not refresh for [`LOCK_VALID`] may already be taken
 //! for stale, so it does not commit ([`StoreLock::check`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -61,6 +62,10 @@ pub struct LockInfo {
     /// The holder's boot id (Linux), to tell a reboot from a live process.
     #[serde(default)]
     pub boot: String,
+    /// The holder's PID namespace (Linux), so that containers sharing a host name and boot
+    /// never judge each other's processes.
+    #[serde(default)]
+    pub pidns: String,
     /// The holder's process id.
     pub pid: u32,
     /// When the holder first took the lock, in milliseconds since the Unix epoch.
@@ -72,29 +77,39 @@ pub struct LockInfo {
 impl LockInfo {
     fn new(kind: LockKind, operation: &str) -> LockInfo {
         let now = now_unix_ms();
-        let (host, boot) = host_identity();
+        let me = Identity::here();
         LockInfo {
             kind,
             operation: operation.to_owned(),
-            host,
-            boot,
+            host: me.host,
+            boot: me.boot,
+            pidns: me.pidns,
             pid: std::process::id(),
             created_unix_ms: now,
             refreshed_unix_ms: now,
         }
     }
 
-    /// Whether the holder is taken for dead.
+    /// Whether the holder is taken for dead: not refreshed for [`LOCK_STALE`] (by this host's
+    /// clock: hosts' clocks must agree to within minutes), from an earlier boot of this host,
+    /// or from a process of this host, boot and PID namespace that is gone. A process this
+    /// host cannot judge (another host, another namespace, `/proc` hidden) counts as alive.
     pub fn is_stale(&self, now_unix_ms: u64) -> bool {
         let age = now_unix_ms.saturating_sub(self.refreshed_unix_ms);
         if u128::from(age) > LOCK_STALE.as_millis() {
             return true;
         }
-        let (host, boot) = host_identity();
-        if self.host != host {
+        let me = Identity::here();
+        if self.host != me.host || self.boot.is_empty() || me.boot.is_empty() {
             return false;
         }
-        (!boot.is_empty() && !self.boot.is_empty() && self.boot != boot) || !pid_alive(self.pid)
+        if self.boot != me.boot {
+            return true;
+        }
+        !self.pidns.is_empty()
+            && self.pidns == me.pidns
+            && can_see_processes()
+            && !pid_alive(self.pid)
     }
 
     /// One line for messages: `replicate (shared) by pid 42 on host, since …`.
@@ -114,28 +129,45 @@ impl LockInfo {
     }
 }
 
-fn host_identity() -> (String, String) {
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default()
-    };
-    let mut host = read("/proc/sys/kernel/hostname");
-    if host.is_empty() {
-        host = read("/etc/hostname");
-    }
-    if host.is_empty() {
-        host = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".to_owned());
-    }
-    (host, read("/proc/sys/kernel/random/boot_id"))
+/// Who this process is, as far as lock staleness goes.
+struct Identity {
+    host: String,
+    boot: String,
+    pidns: String,
 }
 
-/// Whether a process of this host is alive (not gone, not a zombie). Without `/proc` every
-/// process counts as alive, and only age makes its locks stale.
-fn pid_alive(pid: u32) -> bool {
-    if !std::path::Path::new("/proc/self").exists() {
-        return true;
+impl Identity {
+    fn here() -> Identity {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let mut host = read("/proc/sys/kernel/hostname");
+        if host.is_empty() {
+            host = read("/etc/hostname");
+        }
+        if host.is_empty() {
+            host = std::env::var("HOSTNAME").unwrap_or_else(|_| "unknown".to_owned());
+        }
+        let pidns = std::fs::read_link("/proc/self/ns/pid")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        Identity {
+            host,
+            boot: read("/proc/sys/kernel/random/boot_id"),
+            pidns,
+        }
     }
+}
+
+/// Whether `/proc` shows every process (not mounted with `hidepid`).
+fn can_see_processes() -> bool {
+    std::fs::read_to_string("/proc/1/stat").is_ok()
+}
+
+/// Whether a process of this host is alive (not gone, not a zombie).
+fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses and may hold spaces.
         Ok(stat) => match stat
@@ -158,23 +190,34 @@ pub struct ListedLock {
     pub info: Option<LockInfo>,
 }
 
-/// Every lock object of the store (a lock deleted while listing is left out).
+/// Every lock object of the store. A lock that vanishes between the listing and its read
+/// may have been replaced by a refresh, so the listing is taken again until it reads whole.
 pub fn list_locks(backend: &dyn ObjectStore) -> Result<Vec<ListedLock>> {
-    let mut out = Vec::new();
-    for key in backend.list("locks/")? {
-        match backend.get(&key, MAX_LOCK_BYTES) {
-            Ok(raw) => {
-                let info = serde_json::from_slice::<LockInfo>(&raw).ok();
-                if info.is_none() {
-                    tracing::warn!(object = key, "ignoring a lock object that is not readable");
+    let mut attempt = 0;
+    'list: loop {
+        attempt += 1;
+        let mut out = Vec::new();
+        for key in backend.list("locks/")? {
+            match backend.get(&key, MAX_LOCK_BYTES) {
+                Ok(raw) => {
+                    let info = serde_json::from_slice::<LockInfo>(&raw).ok();
+                    if info.is_none() {
+                        tracing::warn!(object = key, "a lock object that is not readable");
+                    }
+                    out.push(ListedLock { key, info });
                 }
-                out.push(ListedLock { key, info });
+                Err(e) if e.kind() == ErrorKind::NotFound && attempt < 20 => continue 'list,
+                // Released for good (or refreshed that often): left out.
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                // Larger than any lock: not one of ours to read.
+                Err(e) if e.kind() == ErrorKind::Corrupt => {
+                    out.push(ListedLock { key, info: None });
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
         }
+        return Ok(out);
     }
-    Ok(out)
 }
 
 fn write_lock(backend: &dyn ObjectStore, info: &LockInfo) -> Result<String> {
@@ -183,6 +226,8 @@ fn write_lock(backend: &dyn ObjectStore, info: &LockInfo) -> Result<String> {
         serde_json::to_vec(info).map_err(|e| Error::internal("encoding a lock").with_source(e))?;
     match backend.put(&key, &json, PutMode::Create)? {
         PutOutcome::Written => Ok(key),
+        // A retried write whose first attempt landed finds its own object.
+        PutOutcome::AlreadyExists if backend.get(&key, MAX_LOCK_BYTES)? == json => Ok(key),
         PutOutcome::AlreadyExists => Err(Error::internal(
             "refusing to overwrite an existing lock (random name collided)",
         )
@@ -190,19 +235,27 @@ fn write_lock(backend: &dyn ObjectStore, info: &LockInfo) -> Result<String> {
     }
 }
 
-/// Live locks other than `own`, optionally deleting the stale ones found.
-fn live_others(
-    backend: &dyn ObjectStore,
-    own: &[String],
-    delete_stale: bool,
-) -> Result<Vec<LockInfo>> {
+/// The locks other than one's own: live ones, and how many could not be read.
+struct Others {
+    live: Vec<LockInfo>,
+    unreadable: usize,
+}
+
+/// Locks other than `own`, optionally deleting the stale ones found.
+fn others(backend: &dyn ObjectStore, own: &[String], delete_stale: bool) -> Result<Others> {
     let now = now_unix_ms();
-    let mut live = Vec::new();
+    let mut out = Others {
+        live: Vec::new(),
+        unreadable: 0,
+    };
     for l in list_locks(backend)? {
-        let Some(info) = l.info else { continue };
         if own.contains(&l.key) {
             continue;
         }
+        let Some(info) = l.info else {
+            out.unreadable += 1;
+            continue;
+        };
         if info.is_stale(now) {
             if delete_stale {
                 tracing::warn!(object = l.key, "removing a stale lock: {}", info.describe());
@@ -210,15 +263,19 @@ fn live_others(
             }
             continue;
         }
-        live.push(info);
+        out.live.push(info);
     }
-    Ok(live)
+    Ok(out)
 }
 
 struct Held {
     backend: Arc<dyn ObjectStore>,
     keys: Mutex<Vec<(String, LockInfo)>>,
-    last_ok: Mutex<Instant>,
+    /// The last successful refresh, by the monotonic and the wall clock.
+    last_ok: Mutex<(Instant, u64)>,
+    /// Set for good once the lock may have been taken for stale: a refresh came too late, or
+    /// found its object deleted (by a gc that judged it stale).
+    lost: AtomicBool,
 }
 
 impl Held {
@@ -231,11 +288,36 @@ impl Held {
             .collect()
     }
 
+    /// Marks the lock lost if its last successful refresh is older than [`LOCK_VALID`].
+    fn check_age(&self) {
+        let (mono, wall) = *self.last_ok.lock().expect("lock time");
+        let valid = u64::try_from(LOCK_VALID.as_millis()).unwrap_or(u64::MAX);
+        if mono.elapsed() > LOCK_VALID || now_unix_ms().saturating_sub(wall) > valid {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Writes every held lock anew and deletes the old objects.
     fn refresh(&self) {
+        self.check_age();
         let mut keys = self.keys.lock().expect("lock keys");
         let mut ok = true;
         for (key, info) in keys.iter_mut() {
+            match self.backend.size(key) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    tracing::warn!(
+                        object = key,
+                        "the store lock was removed by another process that took it for stale"
+                    );
+                    self.lost.store(true, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    tracing::warn!("could not look at the store lock: {e}");
+                    ok = false;
+                    continue;
+                }
+            }
             let mut fresh = info.clone();
             fresh.refreshed_unix_ms = now_unix_ms();
             match write_lock(self.backend.as_ref(), &fresh) {
@@ -253,7 +335,7 @@ impl Held {
             }
         }
         if ok {
-            *self.last_ok.lock().expect("lock time") = Instant::now();
+            *self.last_ok.lock().expect("lock time") = (Instant::now(), now_unix_ms());
         }
     }
 }
@@ -273,12 +355,35 @@ impl std::fmt::Debug for StoreLock {
     }
 }
 
+/// Deletes a freshly written lock object on an early return.
+struct Written<'a> {
+    backend: &'a dyn ObjectStore,
+    key: Option<String>,
+}
+
+impl Written<'_> {
+    fn keep(mut self) -> String {
+        self.key.take().expect("a written lock")
+    }
+}
+
+impl Drop for Written<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take()
+            && let Err(e) = self.backend.delete(&key)
+        {
+            tracing::warn!(object = key, "could not remove a lock: {e}");
+        }
+    }
+}
+
 impl StoreLock {
     fn start(backend: Arc<dyn ObjectStore>, key: String, info: LockInfo) -> StoreLock {
         let held = Arc::new(Held {
             backend,
             keys: Mutex::new(vec![(key, info)]),
-            last_ok: Mutex::new(Instant::now()),
+            last_ok: Mutex::new((Instant::now(), now_unix_ms())),
+            lost: AtomicBool::new(false),
         });
         let (stop, stopped) = channel::<()>();
         let h = Arc::clone(&held);
@@ -310,18 +415,23 @@ impl StoreLock {
         cancelled: &dyn Fn() -> bool,
         waiting: &mut dyn FnMut(&LockInfo),
     ) -> Result<StoreLock> {
-        let info = LockInfo::new(LockKind::Shared, operation);
         let mut told = false;
         loop {
-            let key = write_lock(backend.as_ref(), &info)?;
-            let own = [key.clone()];
-            let blocker = live_others(backend.as_ref(), &own, false)?
+            // Fresh times on every attempt: a lock written after a long wait must not look old.
+            let info = LockInfo::new(LockKind::Shared, operation);
+            let written = Written {
+                backend: backend.as_ref(),
+                key: Some(write_lock(backend.as_ref(), &info)?),
+            };
+            let own = [written.key.clone().expect("a written lock")];
+            let blocker = others(backend.as_ref(), &own, false)?
+                .live
                 .into_iter()
                 .find(|l| l.kind == LockKind::Exclusive);
             let Some(blocker) = blocker else {
-                return Ok(StoreLock::start(Arc::clone(backend), key, info));
+                return Ok(StoreLock::start(Arc::clone(backend), written.keep(), info));
             };
-            backend.delete(&key)?;
+            drop(written);
             if !told {
                 waiting(&blocker);
                 told = true;
@@ -334,7 +444,8 @@ impl StoreLock {
                     ));
                 }
                 std::thread::sleep(POLL);
-                let busy = live_others(backend.as_ref(), &[], false)?
+                let busy = others(backend.as_ref(), &[], false)?
+                    .live
                     .iter()
                     .any(|l| l.kind == LockKind::Exclusive);
                 if !busy {
@@ -348,12 +459,16 @@ impl StoreLock {
     /// the store.
     pub fn gc(backend: &Arc<dyn ObjectStore>) -> Result<StoreLock> {
         let info = LockInfo::new(LockKind::Gc, "gc");
-        let key = write_lock(backend.as_ref(), &info)?;
-        let other = live_others(backend.as_ref(), std::slice::from_ref(&key), false)?
+        let written = Written {
+            backend: backend.as_ref(),
+            key: Some(write_lock(backend.as_ref(), &info)?),
+        };
+        let own = [written.key.clone().expect("a written lock")];
+        let other = others(backend.as_ref(), &own, false)?
+            .live
             .into_iter()
             .find(|l| l.kind != LockKind::Shared);
         if let Some(other) = other {
-            backend.delete(&key)?;
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!(
@@ -362,12 +477,12 @@ impl StoreLock {
                 ),
             ));
         }
-        Ok(StoreLock::start(Arc::clone(backend), key, info))
+        Ok(StoreLock::start(Arc::clone(backend), written.keep(), info))
     }
 
     /// Adds an exclusive lock to a gc lock and waits, up to `wait`, until no other live lock
-    /// remains (deleting stale ones). New shared holders wait meanwhile. On failure the
-    /// exclusive lock is withdrawn.
+    /// (nor any lock object it cannot read) remains, deleting stale ones. New shared holders
+    /// wait meanwhile. On failure the exclusive lock is withdrawn.
     pub fn exclusive(
         &self,
         wait: Duration,
@@ -381,9 +496,12 @@ impl StoreLock {
         let deadline = Instant::now() + wait;
         let mut told = false;
         let outcome = loop {
-            let others = live_others(backend.as_ref(), &self.held.keys(), true)?;
-            if others.is_empty() {
-                break Ok(());
+            let found = match others(backend.as_ref(), &self.held.keys(), true) {
+                Ok(found) => found,
+                Err(e) => break Err(e),
+            };
+            if found.live.is_empty() && found.unreadable == 0 {
+                break self.check();
             }
             if cancelled() {
                 break Err(Error::new(
@@ -392,7 +510,13 @@ impl StoreLock {
                 ));
             }
             if Instant::now() >= deadline {
-                let list: Vec<String> = others.iter().map(LockInfo::describe).collect();
+                let mut list: Vec<String> = found.live.iter().map(LockInfo::describe).collect();
+                if found.unreadable > 0 {
+                    list.push(format!(
+                        "{} lock objects this version cannot read",
+                        found.unreadable
+                    ));
+                }
                 break Err(Error::new(
                     ErrorKind::Busy,
                     format!(
@@ -403,7 +527,7 @@ impl StoreLock {
                 ));
             }
             if !told {
-                waiting(&others);
+                waiting(&found.live);
                 told = true;
             }
             std::thread::sleep(POLL);
@@ -418,18 +542,23 @@ impl StoreLock {
         outcome
     }
 
-    /// Fails if the lock may have been taken for stale (refreshes failed for
-    /// [`LOCK_VALID`]): a holder checks this before it commits.
+    /// Fails if the lock may have been taken for stale: its refreshes failed for
+    /// [`LOCK_VALID`] or came late, or one of its objects is gone (removed by a gc that judged
+    /// it stale). A holder checks this before it commits; a gc before it deletes.
     pub fn check(&self) -> Result<()> {
-        let last = *self.held.last_ok.lock().expect("lock time");
-        if last.elapsed() > LOCK_VALID {
+        self.held.check_age();
+        let mut lost = self.held.lost.load(Ordering::SeqCst);
+        for key in self.held.keys() {
+            match self.held.backend.size(&key) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => lost = true,
+                Err(e) => return Err(e),
+            }
+        }
+        if lost {
             return Err(Error::new(
                 ErrorKind::Store,
-                format!(
-                    "the store lock could not be refreshed for {} minutes: a garbage collection \
-                     may have taken this run for dead, so it does not commit (run it again)",
-                    last.elapsed().as_secs() / 60
-                ),
+                "the store lock was lost (not refreshed in time, or removed by another process                  that took it for stale): this run does not commit; run it again",
             ));
         }
         Ok(())

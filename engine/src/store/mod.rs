@@ -22,12 +22,12 @@ mod repo;
 #[cfg(feature = "s3")]
 pub mod s3;
 
-pub(crate) use repo::pack_key;
 pub use repo::{
     ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions,
     MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Snapshot, SnapshotStats, SourceFingerprint, Store, StoreConfig,
     now_unix_ms, read_store_id,
 };
+pub(crate) use repo::{IdHash, pack_key};
 
 use std::fmt::Debug;
 use std::path::Path;

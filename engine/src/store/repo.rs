@@ -251,7 +251,10 @@ pub struct ChunkLocation {
 
 /// Chunk ids are keyed hashes, uniformly random and secret: their first 8 bytes are a good hash.
 #[derive(Default)]
-struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
+
+/// Hash maps and sets keyed by chunk or page ids.
+pub(crate) type IdHash = BuildHasherDefault<IdHasher>;
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {

@@ -22,8 +22,7 @@ fn locks_of_gone_or_silent_holders_are_stale() {
         "another host's process cannot be looked at"
     );
     if !info.boot.is_empty() {
-        let (host, _) = host_identity();
-        info.host = host;
+        info.host = Identity::here().host;
         info.pid = std::process::id();
         info.boot = "another boot".to_owned();
         assert!(info.is_stale(now), "a lock from before a reboot");
