@@ -209,3 +209,68 @@ fn sync_takes_dropped_lists_together_and_files_them() {
     assert!(dir.join("003.list").exists());
     assert_eq!(snapshots(&sb).len(), 2);
 }
+
+#[test]
+fn sync_by_hash_chains_across_restarts_and_reports_the_lag_after_one() {
+    let mut rng = Rng::seeded("sync_hash");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let image = sb.path("vm.raw");
+    make_image(&image, 16 * MIB, &[(0, rng.bytes((10 * MIB) as usize))]);
+    let store = sb.store();
+    let sync = |image: &std::path::Path| {
+        sb.run(&[
+            "sync",
+            image.to_str().unwrap(),
+            "--name",
+            "vm",
+            "--store",
+            &store,
+            "--changes",
+            "hash",
+            "--cycles",
+            "1",
+            "--json",
+        ])
+    };
+    let line = |out: &std::process::Output| -> Value {
+        serde_json::from_slice(&out.stdout).expect("one JSON line per cycle")
+    };
+    let first = sync(&image);
+    assert!(first.status.success());
+    for _ in 0..2 {
+        let len = 1 + rng.below(MIB);
+        let offset = rng.below(16 * MIB - len);
+        blockferry_tests::write_at(&image, offset, &rng.bytes(len as usize));
+        let out = sync(&image);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cycle = line(&out);
+        assert!(cycle["lag_seconds"].as_f64().is_some(), "{cycle}");
+    }
+    let snaps = snapshots(&sb);
+    assert_eq!(snaps.len(), 3);
+    let newest = snaps
+        .iter()
+        .max_by_key(|s| s["created_unix_ms"].as_u64())
+        .unwrap();
+    assert!(!newest["parent"].is_null(), "{newest}");
+    assert_eq!(newest["changes"]["source"], "hash", "{newest}");
+    let restored = sb.restore(newest["id"].as_str().unwrap(), "out.raw");
+    assert_eq!(
+        blockferry_tests::file_hash(&restored),
+        blockferry_tests::file_hash(&image)
+    );
+    // A restarted sync whose cycle fails still reports the lag, from the newest snapshot.
+    let out = sync(&sb.path("gone.raw"));
+    let cycle = line(&out);
+    assert!(
+        cycle["error"].is_string() || cycle["error"].is_object(),
+        "{cycle}"
+    );
+    assert!(cycle["lag_seconds"].as_f64().is_some(), "{cycle}");
+    assert!(cycle["last_success"].is_string(), "{cycle}");
+}

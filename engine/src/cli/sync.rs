@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Args;
@@ -74,6 +74,15 @@ enum Source {
     Nothing,
 }
 
+/// When the disk's newest snapshot in the store was written, if it has one.
+fn newest_snapshot(store: &Store, disk: &str) -> Option<(SystemTime, Instant)> {
+    let (snaps, _) = store.snapshots().ok()?;
+    let newest = snaps.iter().rev().find(|s| s.disk.name == disk)?;
+    let at = UNIX_EPOCH + Duration::from_millis(newest.created_unix_ms);
+    let age = SystemTime::now().duration_since(at).unwrap_or_default();
+    Some((at, Instant::now().checked_sub(age)?))
+}
+
 /// A cancel token that SIGINT and SIGTERM set: the command stops cleanly at its next check.
 pub(super) fn cancel_on_signals() -> anyhow::Result<CancelToken> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -107,7 +116,8 @@ pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
             .file_name()
             .map_or_else(|| "disk".to_owned(), |n| n.to_string_lossy().into_owned())
     });
-    let mut last_success: Option<(SystemTime, Instant)> = None;
+    // A restarted sync reports the lag from the disk's newest snapshot until its own first.
+    let mut last_success = newest_snapshot(&store, &disk);
     let mut cycle = 0u64;
     while a.cycles.is_none_or(|n| cycle < n) && !cancel.is_cancelled() {
         cycle += 1;
