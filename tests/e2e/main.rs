@@ -19,6 +19,8 @@ mod crash;
 mod dedup;
 /// Delta snapshots from change lists, and what happens when a list cannot be trusted.
 mod delta;
+/// Read engines: io_uring and pread read every format alike.
+mod engines;
 /// Errors: wrong passphrase, damaged or missing objects, newer versions, bad inputs.
 mod errors;
 /// Garbage collection: space reclaimed, kept snapshots intact, store locks.

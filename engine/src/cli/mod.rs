@@ -141,6 +141,17 @@ struct ReplicateArgs {
     /// Name recorded for the disk (default: the image's file name).
     #[arg(long)]
     name: Option<String>,
+    /// Read engine: `io_uring` where the kernel allows it (auto), `io_uring` or fail (uring), or
+    /// pread.
+    #[arg(long, value_name = "auto|uring|pread", default_value = "auto", value_parser = parse_io_engine)]
+    io_engine: blockferry::io::IoEngine,
+    /// Chunks in flight with `io_uring` (at most the memory budget's read buffers).
+    #[arg(long, value_name = "N", default_value_t = blockferry::pipeline::DEFAULT_IO_DEPTH)]
+    io_depth: usize,
+    /// With `io_uring`, read past the page cache (O_DIRECT) where the file system and alignment
+    /// allow (for cold sources that should not evict the host's cache).
+    #[arg(long)]
+    direct: bool,
     /// Memory the pipeline may use for data in flight.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     memory_budget: u64,
@@ -375,6 +386,10 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
+fn parse_io_engine(s: &str) -> Result<blockferry::io::IoEngine, String> {
+    blockferry::io::IoEngine::from_name(s).ok_or_else(|| format!("{s:?}: auto, uring or pread"))
+}
+
 fn parse_attempt_timeout(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d < std::time::Duration::from_secs(1) {
@@ -578,6 +593,9 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
             .part_size
             .map_or(0, |p| usize::try_from(p).unwrap_or(usize::MAX)),
         bwlimit: a.bwlimit,
+        io_engine: a.io_engine,
+        io_depth: a.io_depth,
+        direct_io: a.direct,
         delta: delta_options(a, source.as_ref())?,
         change_id: a.change_id.clone(),
         ..ReplicateOptions::default()

@@ -5,13 +5,14 @@ use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
+use super::sys::AlignedBuf;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
 /// A bounded pool of byte buffers of one capacity.
 #[derive(Clone)]
 pub struct BufferPool {
-    tx: Sender<Vec<u8>>,
-    rx: Receiver<Vec<u8>>,
+    tx: Sender<AlignedBuf>,
+    rx: Receiver<AlignedBuf>,
     capacity: usize,
     count: usize,
 }
@@ -32,7 +33,7 @@ impl BufferPool {
     pub fn new(count: usize, capacity: usize) -> BufferPool {
         let (tx, rx) = bounded(count);
         for _ in 0..count {
-            tx.send(Vec::new())
+            tx.send(AlignedBuf::new(capacity))
                 .expect("the pool has room for every buffer");
         }
         BufferPool {
@@ -52,10 +53,7 @@ impl BufferPool {
     pub fn get_timeout(&self, timeout: Duration) -> Option<PooledBuf> {
         match self.rx.recv_timeout(timeout) {
             Ok(mut buf) => {
-                buf.clear();
-                if buf.capacity() < self.capacity {
-                    buf.reserve_exact(self.capacity);
-                }
+                buf.set_len(0);
                 Some(PooledBuf {
                     buf,
                     home: self.tx.clone(),
@@ -68,8 +66,8 @@ impl BufferPool {
 
 /// A buffer on loan from a [`BufferPool`]; it goes back when dropped.
 pub struct PooledBuf {
-    buf: Vec<u8>,
-    home: Sender<Vec<u8>>,
+    buf: AlignedBuf,
+    home: Sender<AlignedBuf>,
 }
 
 impl fmt::Debug for PooledBuf {
@@ -81,14 +79,14 @@ impl fmt::Debug for PooledBuf {
 }
 
 impl Deref for PooledBuf {
-    type Target = Vec<u8>;
-    fn deref(&self) -> &Vec<u8> {
+    type Target = AlignedBuf;
+    fn deref(&self) -> &AlignedBuf {
         &self.buf
     }
 }
 
 impl DerefMut for PooledBuf {
-    fn deref_mut(&mut self) -> &mut Vec<u8> {
+    fn deref_mut(&mut self) -> &mut AlignedBuf {
         &mut self.buf
     }
 }
@@ -97,7 +95,8 @@ impl Drop for PooledBuf {
     fn drop(&mut self) {
         // The pool has room for every buffer it created, so this never blocks; if the pool
         // is gone the buffer is simply freed.
-        let _ = self.home.try_send(std::mem::take(&mut self.buf));
+        let buf = std::mem::replace(&mut self.buf, AlignedBuf::empty());
+        let _ = self.home.try_send(buf);
     }
 }
 
@@ -115,6 +114,7 @@ mod tests {
         drop(a);
         let c = pool.get_timeout(Duration::from_millis(10)).unwrap();
         assert!(c.capacity() >= 1024 && c.is_empty());
+        assert_eq!(c.as_ptr() as usize % super::super::sys::DIRECT_ALIGN, 0);
         drop((b, c));
         assert_eq!(pool.footprint(), 2048);
     }

@@ -1,10 +1,14 @@
 //! The read engine: reads byte ranges of source files into pooled buffers.
 //!
-//! The first backend is `pread`; `io_uring` joins it behind [`ReadBackend`]. All `unsafe` of
-//! the engine lives in this module (`sys`), each block with a `// SAFETY:` comment.
+//! Single reads go through [`ReadBackend`] (`pread`); the replicate pipeline's bulk reads go
+//! through an `io_uring` [`uring::ChunkRing`] (many chunks in flight, `O_DIRECT` where aligned)
+//! when the kernel allows it, else through `pread`. All `unsafe` of the engine lives in this
+//! module (`sys`, `uring`), each block with a `// SAFETY:` comment.
 
 pub mod buf;
 pub mod sys;
+#[cfg(target_os = "linux")]
+pub mod uring;
 
 use std::fs::File;
 use std::io;
@@ -64,26 +68,80 @@ impl SourceFile {
     }
 }
 
-/// Which read backend to use.
+/// Which read engine the replicate pipeline uses for bulk reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoEngine {
-    /// `pread(2)`, one request at a time: portable.
+    /// `io_uring` where the kernel allows it, else `pread` (with a one-line notice).
     #[default]
+    Auto,
+    /// `io_uring`, or fail.
+    Uring,
+    /// `pread(2)`, one request at a time: portable.
     Pread,
 }
 
-impl IoEngine {
+/// The engine a run ended up with.
+#[derive(Debug)]
+pub enum Engine {
+    /// `pread`, one request at a time.
+    Pread,
+    /// An `io_uring` ring.
+    #[cfg(target_os = "linux")]
+    Uring(Box<uring::ChunkRing>),
+}
+
+impl Engine {
     /// The name shown in progress and `--json` output.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
-            IoEngine::Pread => "pread",
+            Engine::Pread => "pread",
+            #[cfg(target_os = "linux")]
+            Engine::Uring(_) => "io_uring",
+        }
+    }
+}
+
+impl IoEngine {
+    /// Parses `auto`, `uring` (or `io_uring`), `pread`.
+    pub fn from_name(name: &str) -> Option<IoEngine> {
+        match name {
+            "auto" => Some(IoEngine::Auto),
+            "uring" | "io_uring" => Some(IoEngine::Uring),
+            "pread" => Some(IoEngine::Pread),
+            _ => None,
         }
     }
 
-    /// A backend instance for one reader thread.
+    /// A backend for single, synchronous reads (metadata, deltas' samples, verify).
     pub fn backend(self) -> Box<dyn ReadBackend> {
+        Box::new(Pread)
+    }
+
+    /// The bulk-read engine for `depth` chunks in flight. `Auto` falls back to `pread` when
+    /// `io_uring` cannot be set up, calling `notice` with the reason; `Uring` fails instead.
+    pub fn start(self, depth: usize, notice: &dyn Fn(String)) -> Result<Engine> {
         match self {
-            IoEngine::Pread => Box::new(Pread),
+            IoEngine::Pread => Ok(Engine::Pread),
+            #[cfg(target_os = "linux")]
+            IoEngine::Auto | IoEngine::Uring => match uring::ChunkRing::new(depth) {
+                Ok(ring) => Ok(Engine::Uring(Box::new(ring))),
+                Err(e) if self == IoEngine::Auto => {
+                    notice(format!(
+                        "io_uring is not available ({e}); reading with pread"
+                    ));
+                    Ok(Engine::Pread)
+                }
+                Err(e) => Err(Error::config(format!(
+                    "io_uring is not available here ({e}): use --io-engine pread or auto"
+                ))),
+            },
+            #[cfg(not(target_os = "linux"))]
+            IoEngine::Auto => {
+                let _ = (depth, notice);
+                Ok(Engine::Pread)
+            }
+            #[cfg(not(target_os = "linux"))]
+            IoEngine::Uring => Err(Error::config("io_uring exists on Linux only")),
         }
     }
 }

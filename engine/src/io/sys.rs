@@ -91,6 +91,104 @@ pub fn block_device_sectors(file: &File) -> io::Result<(u32, u32)> {
     Ok((logical, physical.max(logical)))
 }
 
+/// Alignment of read buffers: what `O_DIRECT` asks of memory on every common file system.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A heap buffer aligned to [`DIRECT_ALIGN`], zero-filled when allocated, of fixed capacity:
+/// it never moves while it lives, so a read the kernel has in flight into it stays valid as
+/// long as its owner keeps it.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: the buffer owns its allocation exclusively (like a Vec<u8>); nothing else aliases it.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only read the initialised bytes, as with &[u8].
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates `cap` zeroed bytes (at least one block); `len` starts at 0.
+    pub fn new(cap: usize) -> AlignedBuf {
+        let cap = cap.max(DIRECT_ALIGN).next_multiple_of(DIRECT_ALIGN);
+        let layout = std::alloc::Layout::from_size_align(cap, DIRECT_ALIGN)
+            .expect("a buffer size below isize::MAX");
+        // SAFETY: the layout has a non-zero size (at least one block).
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout);
+        };
+        AlignedBuf { ptr, cap, len: 0 }
+    }
+
+    /// A buffer of no capacity (no allocation), to leave behind when one is moved out.
+    pub fn empty() -> AlignedBuf {
+        AlignedBuf {
+            ptr: std::ptr::NonNull::dangling(),
+            cap: 0,
+            len: 0,
+        }
+    }
+
+    /// Capacity in bytes (a multiple of [`DIRECT_ALIGN`]).
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Sets the length (bytes hold whatever the last use left, all initialised).
+    ///
+    /// # Panics
+    /// If `len` exceeds the capacity.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.cap, "a buffer cannot grow past its capacity");
+        self.len = len;
+    }
+
+    /// The whole capacity, for reads whose length is rounded up to the alignment.
+    pub fn spare(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `cap` bytes, all initialised (zeroed at allocation), owned
+        // by `self` and borrowed mutably here (or is dangling with `cap` 0: an empty slice).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len <= cap` bytes at `ptr` are initialised and owned by `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and the borrow of `self` is exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        if self.cap == 0 {
+            return;
+        }
+        let layout = std::alloc::Layout::from_size_align(self.cap, DIRECT_ALIGN)
+            .expect("the layout it was allocated with");
+        // SAFETY: `ptr` was allocated by `alloc_zeroed` with this very layout and is freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,7 +37,7 @@ use serde::Serialize;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{BlockSource, Mapping, Target};
 use crate::io::buf::{BufferPool, PooledBuf};
-use crate::io::{IoEngine, ReadBackend};
+use crate::io::{Engine, IoEngine, ReadBackend};
 use crate::job::state::{JobDb, JobKey, JobSource, POSITION_BATCH, SourceFile};
 use crate::job::{CancelToken, Counters, Event, Observer, Phase, Reporter};
 use crate::store::format::{self, ENTRY_BYTES, Entry, Id, PAGE_ENTRIES, PackId, ZERO_ID, hex};
@@ -54,7 +54,12 @@ pub const DEFAULT_UPLOAD_JOBS: usize = 4;
 /// An index object is written after this many packs (and at the end of a run).
 const INDEX_FLUSH_PACKS: usize = 16;
 
+/// Default chunks in flight with `io_uring`.
+pub const DEFAULT_IO_DEPTH: usize = 32;
+
 /// Options of [`replicate`].
+// Switches of a call, not a state machine.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Clone)]
 pub struct ReplicateOptions {
     /// Peak memory the pipeline may use for data in flight, in bytes.
@@ -65,8 +70,14 @@ pub struct ReplicateOptions {
     pub compression: bool,
     /// Name recorded for the disk; defaults to the source's file name.
     pub disk_name: Option<String>,
-    /// Read backend.
+    /// Read engine for the source's bulk reads.
     pub io_engine: IoEngine,
+    /// Chunks in flight with `io_uring` (bounded by the memory budget's read buffers).
+    pub io_depth: usize,
+    /// Read with `O_DIRECT` (past the page cache) where the file system and alignment allow,
+    /// with `io_uring`. Off by default: measured here, it made warm-cache reads about 4× slower
+    /// and did not make cold reads faster at the depths the memory budget gives.
+    pub direct_io: bool,
     /// Cancels the run; nothing is committed then.
     pub cancel: CancelToken,
     /// Folder of the job database: the run is a job whose checkpoints let a later run of the
@@ -100,6 +111,8 @@ impl Default for ReplicateOptions {
             compression: true,
             disk_name: None,
             io_engine: IoEngine::default(),
+            io_depth: DEFAULT_IO_DEPTH,
+            direct_io: false,
             cancel: CancelToken::new(),
             job_state: None,
             restart: false,
@@ -455,7 +468,7 @@ fn reader(
             }
         };
         let len_usize = usize::try_from(len).expect("a chunk fits in memory");
-        buf.resize(len_usize, 0);
+        buf.set_len(len_usize);
         match fill_chunk(sh.source, backend.as_mut(), &maps, offset, &mut buf) {
             Ok(n) => Counters::add(&sh.counters.bytes_read, n),
             Err(e) => {
@@ -467,6 +480,206 @@ fn reader(
             return;
         }
     }
+}
+
+/// Descriptors of the source's files opened with `O_DIRECT`, by file index.
+#[cfg(target_os = "linux")]
+#[derive(Default)]
+struct DirectFiles(Vec<Direct>);
+
+#[cfg(target_os = "linux")]
+#[derive(Default)]
+enum Direct {
+    #[default]
+    Untried,
+    Open(std::fs::File),
+    /// The file system refuses `O_DIRECT`.
+    Refused,
+}
+
+#[cfg(target_os = "linux")]
+impl DirectFiles {
+    fn fd(&mut self, index: usize, src: &crate::io::SourceFile) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        if self.0.len() <= index {
+            self.0.resize_with(index + 1, Direct::default);
+        }
+        if matches!(self.0[index], Direct::Untried) {
+            self.0[index] = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(src.path())
+                .map_or(Direct::Refused, Direct::Open);
+        }
+        match &self.0[index] {
+            Direct::Open(f) => Some(f.as_raw_fd()),
+            _ => None,
+        }
+    }
+}
+
+/// The reader on `io_uring`: keeps up to the ring's depth of chunks in flight and hands each
+/// to the workers as its reads complete (in any order: positions travel with the chunks).
+#[cfg(target_os = "linux")]
+fn ring_reader(
+    sh: &Shared<'_>,
+    mut ring: crate::io::uring::ChunkRing,
+    direct: bool,
+    pool: &BufferPool,
+    work: &Sender<Work>,
+    msgs: &Sender<Msg>,
+) {
+    use crate::io::sys::DIRECT_ALIGN;
+    use crate::io::uring::ChunkRead;
+    use std::os::fd::AsRawFd;
+
+    let mut direct_files = DirectFiles::default();
+    let mut maps = Vec::new();
+    let mut reads = Vec::new();
+    let mut sync = crate::io::Pread;
+    let mut next = 0u64;
+    // Hands one completed chunk on; false when the run must stop.
+    let deliver = |ring: &mut crate::io::uring::ChunkRing, wait: bool| -> Result<bool> {
+        let Some(done) = ring
+            .complete(wait)
+            .map_err(|e| Error::new(ErrorKind::Io, "io_uring failed").with_source(e))?
+        else {
+            return Ok(false);
+        };
+        match done.result {
+            Ok(n) => Counters::add(&sh.counters.bytes_read, n),
+            Err(f) => {
+                let path = sh
+                    .source
+                    .file(f.file)
+                    .map_or_else(std::path::PathBuf::new, |s| s.path().to_path_buf());
+                let msg = if f.error.kind() == std::io::ErrorKind::UnexpectedEof {
+                    "the image ended before its expected size (was it truncated while reading?)"
+                } else {
+                    "reading the image"
+                };
+                return Err(Error::io(msg, &path, f.error).with_offset(f.offset));
+            }
+        }
+        Ok(work
+            .send(Work {
+                idx: done.token,
+                buf: done.buf,
+            })
+            .is_ok())
+    };
+    let result = (|| -> Result<()> {
+        loop {
+            if sh.stopping() {
+                return Ok(());
+            }
+            // Queue chunks while the ring has room.
+            let mut queued_any = false;
+            while ring.has_room() && next < sh.n_chunks {
+                let idx = next;
+                if sh.skip[usize::try_from(idx / 64).expect("position fits")] & (1 << (idx % 64))
+                    != 0
+                {
+                    next += 1;
+                    continue;
+                }
+                let offset = idx * sh.chunk_size;
+                let len = sh.chunk_len(idx);
+                maps.clear();
+                sh.source.map(offset, len, &mut maps)?;
+                if !has_data(&maps) {
+                    let _ = msgs.send(Msg::Chunk {
+                        idx,
+                        id: ZERO_ID,
+                        len,
+                        kind: ChunkKind::Unallocated,
+                    });
+                    next += 1;
+                    continue;
+                }
+                let Some(mut buf) =
+                    pool.get_timeout(Duration::from_millis(if ring.in_flight() > 0 {
+                        0
+                    } else {
+                        50
+                    }))
+                else {
+                    break; // Buffers are in the ring: reap first.
+                };
+                next += 1;
+                let len_usize = usize::try_from(len).expect("a chunk fits in memory");
+                buf.set_len(len_usize);
+                if maps
+                    .iter()
+                    .any(|m| matches!(m.target, Target::Deflate { .. }))
+                {
+                    // Compressed grains (streamOptimized): read and inflated here.
+                    let n = fill_chunk(sh.source, &mut sync, &maps, offset, &mut buf)?;
+                    Counters::add(&sh.counters.bytes_read, n);
+                    if work.send(Work { idx, buf }).is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                reads.clear();
+                for m in &maps {
+                    let at = usize::try_from(m.virt - offset).expect("inside the chunk");
+                    let mlen = usize::try_from(m.len).expect("inside the chunk");
+                    match m.target {
+                        Target::Data { file, offset: foff } => {
+                            let src = sh
+                                .source
+                                .file(file)
+                                .ok_or_else(|| Error::internal("mapping names an unknown file"))?;
+                            let buffered = src.file().as_raw_fd();
+                            let aligned = at % DIRECT_ALIGN == 0
+                                && mlen % DIRECT_ALIGN == 0
+                                && foff % DIRECT_ALIGN as u64 == 0;
+                            let fd = if direct && aligned {
+                                direct_files.fd(file, src).unwrap_or(buffered)
+                            } else {
+                                buffered
+                            };
+                            reads.push(ChunkRead {
+                                fd,
+                                fallback_fd: buffered,
+                                file,
+                                at,
+                                len: mlen,
+                                offset: foff,
+                            });
+                        }
+                        _ => buf[at..at + mlen].fill(0),
+                    }
+                }
+                ring.queue(idx, buf, &reads)
+                    .map_err(|e| Error::new(ErrorKind::Io, "io_uring failed").with_source(e))?;
+                queued_any = true;
+            }
+            if ring.in_flight() == 0 {
+                if next >= sh.n_chunks {
+                    return Ok(());
+                }
+                continue;
+            }
+            // Hand on what completed: wait for one unless more could be queued right away.
+            let wait = !queued_any || !ring.has_room() || next >= sh.n_chunks;
+            if !deliver(&mut ring, wait)? && wait {
+                return Ok(());
+            }
+            while ring.in_flight() > 0 {
+                if !deliver(&mut ring, false)? {
+                    break;
+                }
+            }
+        }
+    })();
+    if let Err(e) = result {
+        sh.fail(msgs, e);
+    }
+    // Dropping the ring waits for every read still in the kernel.
+    drop(ring);
 }
 
 fn worker(sh: &Shared<'_>, work: &Receiver<Work>, parts: &Sender<PartJob>, msgs: &Sender<Msg>) {
@@ -914,6 +1127,12 @@ pub fn replicate(
     );
 
     let pool = BufferPool::new(plan.read_bufs, chunk_size);
+    let engine = opts
+        .io_engine
+        .start(opts.io_depth.clamp(1, plan.read_bufs), &|m| {
+            reporter.warn(m);
+        })?;
+    let engine_name = engine.name();
     let (work_tx, work_rx) = bounded::<Work>(plan.read_bufs);
     let (msg_tx, msg_rx) = bounded::<Msg>(4 * plan.read_bufs + 4 * plan.workers + 4 * uploads);
     // A rendezvous: a part waits in its worker until an uploader takes it.
@@ -988,7 +1207,12 @@ pub fn replicate(
         {
             let (work_tx, msg_tx, pool) = (work_tx, msg_tx.clone(), &pool);
             let backend = opts.io_engine.backend();
-            handles.push(s.spawn(move || reader(sh, backend, pool, &work_tx, &msg_tx)));
+            let direct = opts.direct_io;
+            handles.push(s.spawn(move || match engine {
+                #[cfg(target_os = "linux")]
+                Engine::Uring(ring) => ring_reader(sh, *ring, direct, pool, &work_tx, &msg_tx),
+                Engine::Pread => reader(sh, backend, pool, &work_tx, &msg_tx),
+            }));
         }
         for _ in 0..plan.workers {
             let (work_rx, part_tx, msg_tx) = (work_rx.clone(), part_tx.clone(), msg_tx.clone());
@@ -1215,7 +1439,7 @@ pub fn replicate(
         chunks_stored: stats.chunks_stored,
         packs_written,
         seconds: p.elapsed.as_secs_f64(),
-        io_engine: opts.io_engine.name(),
+        io_engine: engine_name,
         workers: plan.workers,
         uploads,
         memory_budget: opts.memory_budget as u64,

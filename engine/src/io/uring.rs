@@ -1,0 +1,313 @@
+//! `io_uring` reads: many chunk reads in flight from one thread.
+//!
+//! A [`ChunkRing`] takes a chunk's buffer together with the reads that fill it and owns the
+//! buffer until every one of those reads has completed; only then does [`ChunkRing::complete`]
+//! hand it back. Dropping the ring waits for every read still in the kernel before any buffer
+//! is freed. Short reads are resubmitted for the rest, `EINTR`/`EAGAIN` retried, and a read
+//! that `O_DIRECT` refuses (`EINVAL`) is retried through the buffered descriptor.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use io_uring::{IoUring, opcode, types};
+
+use super::buf::PooledBuf;
+
+/// One read of a chunk: `len` bytes of a file at `offset`, into the buffer at `at`.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkRead {
+    /// The descriptor to read with (possibly opened `O_DIRECT`).
+    pub fd: RawFd,
+    /// A buffered descriptor of the same file, for a retry when `O_DIRECT` refuses.
+    pub fallback_fd: RawFd,
+    /// Which source file, for errors.
+    pub file: usize,
+    /// Offset in the chunk buffer.
+    pub at: usize,
+    /// Bytes to read.
+    pub len: usize,
+    /// Offset in the file.
+    pub offset: u64,
+}
+
+/// A read that failed.
+#[derive(Debug)]
+pub struct ReadFailure {
+    /// Which source file.
+    pub file: usize,
+    /// Where in it.
+    pub offset: u64,
+    /// Why; `UnexpectedEof` when the file ended first.
+    pub error: io::Error,
+}
+
+/// A chunk whose reads all completed.
+#[derive(Debug)]
+pub struct Done {
+    /// What the caller gave with it.
+    pub token: u64,
+    /// The buffer, filled where the reads said (unless one failed).
+    pub buf: PooledBuf,
+    /// Bytes read, or the first failure.
+    pub result: Result<u64, ReadFailure>,
+}
+
+struct Op {
+    read: ChunkRead,
+    /// Bytes of this read done so far.
+    done: usize,
+    finished: bool,
+}
+
+struct Pending {
+    token: u64,
+    buf: PooledBuf,
+    ops: Vec<Op>,
+    left: usize,
+    failure: Option<ReadFailure>,
+}
+
+/// A ring with the chunks whose reads are in flight.
+pub struct ChunkRing {
+    ring: IoUring,
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    /// Reads submitted whose completion was not reaped yet.
+    in_kernel: usize,
+    /// Chunks whose reads all completed, waiting to be handed back.
+    ready: Vec<usize>,
+}
+
+impl std::fmt::Debug for ChunkRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkRing")
+            .field("chunks", &(self.slots.len() - self.free.len()))
+            .field("in_kernel", &self.in_kernel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChunkRing {
+    /// A ring for up to `depth` chunks in flight. Fails where `io_uring` is unavailable
+    /// (`ENOSYS`, `EPERM` under seccomp or `kernel.io_uring_disabled`, old kernels).
+    pub fn new(depth: usize) -> io::Result<ChunkRing> {
+        let depth = depth.clamp(1, 1024);
+        let entries = u32::try_from(depth.next_power_of_two() * 4).unwrap_or(4096);
+        let ring = IoUring::new(entries)?;
+        Ok(ChunkRing {
+            ring,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth).rev().collect(),
+            in_kernel: 0,
+            ready: Vec::new(),
+        })
+    }
+
+    /// Whether another chunk can be queued.
+    pub fn has_room(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Chunks queued and not yet handed back.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Queues a chunk: `reads` fill parts of `buf` (each within `buf.spare()`); the ring owns
+    /// `buf` until [`ChunkRing::complete`] returns it. The caller checks [`has_room`] first.
+    ///
+    /// # Panics
+    /// If there is no room, or a read lies outside the buffer.
+    ///
+    /// [`has_room`]: ChunkRing::has_room
+    pub fn queue(&mut self, token: u64, mut buf: PooledBuf, reads: &[ChunkRead]) -> io::Result<()> {
+        let slot = self.free.pop().expect("queue called with room");
+        let cap = buf.spare().len();
+        for r in reads {
+            assert!(r.at + r.len <= cap, "a read lies outside its buffer");
+        }
+        let ops: Vec<Op> = reads
+            .iter()
+            .map(|r| Op {
+                read: *r,
+                done: 0,
+                finished: r.len == 0,
+            })
+            .collect();
+        let left = ops.iter().filter(|o| !o.finished).count();
+        self.slots[slot] = Some(Pending {
+            token,
+            buf,
+            ops,
+            left,
+            failure: None,
+        });
+        if left == 0 {
+            self.ready.push(slot);
+            return Ok(());
+        }
+        for (i, r) in reads.iter().enumerate() {
+            if r.len > 0 {
+                self.submit_op(slot, i, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes the rest of read `i` of chunk `slot` to the submission queue.
+    fn submit_op(&mut self, slot: usize, i: usize, buffered: bool) -> io::Result<()> {
+        let pending = self.slots[slot].as_mut().expect("a queued chunk");
+        let op = &pending.ops[i];
+        let fd = if buffered {
+            op.read.fallback_fd
+        } else {
+            op.read.fd
+        };
+        let at = op.read.at + op.done;
+        let len = op.read.len - op.done;
+        let offset = op.read.offset + op.done as u64;
+        let spare = pending.buf.spare();
+        let ptr = spare[at..at + len].as_mut_ptr();
+        let len32 = u32::try_from(len).map_err(|_| io::Error::other("read over 4 GiB"))?;
+        let entry = opcode::Read::new(types::Fd(fd), ptr, len32)
+            .offset(offset)
+            .build()
+            .user_data(((slot as u64) << 32) | i as u64);
+        loop {
+            // SAFETY: the entry points into the heap buffer of `self.slots[slot]`, which the
+            // ring owns until this read's completion is reaped (`complete` hands a buffer back
+            // only when all its reads completed, and `Drop` waits for every read in the
+            // kernel); the buffer's memory never moves (a fixed allocation), and no other
+            // read in flight covers the same bytes. The descriptor stays open: the caller
+            // keeps its files open for the ring's lifetime.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                break;
+            }
+            // Submission queue full: hand what is queued to the kernel and try again.
+            self.ring.submit()?;
+        }
+        self.in_kernel += 1;
+        Ok(())
+    }
+
+    /// Returns a chunk whose reads all completed, waiting for one if `wait` (and any is in
+    /// flight); `None` when there is none.
+    pub fn complete(&mut self, wait: bool) -> io::Result<Option<Done>> {
+        loop {
+            if let Some(slot) = self.ready.pop() {
+                let p = self.slots[slot].take().expect("a ready chunk");
+                self.free.push(slot);
+                let bytes = p.ops.iter().map(|o| o.done as u64).sum();
+                return Ok(Some(Done {
+                    token: p.token,
+                    buf: p.buf,
+                    result: match p.failure {
+                        Some(f) => Err(f),
+                        None => Ok(bytes),
+                    },
+                }));
+            }
+            if self.in_kernel == 0 {
+                return Ok(None);
+            }
+            if wait {
+                match self.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                self.ring.submit()?;
+            }
+            let reaped: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            if reaped.is_empty() && !wait {
+                return Ok(None);
+            }
+            for (data, res) in reaped {
+                self.in_kernel -= 1;
+                self.reaped(data, res)?;
+            }
+        }
+    }
+
+    /// Accounts one completion: resubmits what is left of a short or interrupted read.
+    fn reaped(&mut self, data: u64, res: i32) -> io::Result<()> {
+        let slot = usize::try_from(data >> 32).expect("a slot index");
+        let i = usize::try_from(data & 0xffff_ffff).expect("an op index");
+        let pending = self.slots[slot].as_mut().expect("a chunk in flight");
+        let op = &mut pending.ops[i];
+        let mut resubmit = None;
+        match res.cmp(&0) {
+            std::cmp::Ordering::Greater => {
+                op.done += usize::try_from(res).expect("positive");
+                if op.done < op.read.len {
+                    resubmit = Some(false);
+                }
+            }
+            std::cmp::Ordering::Equal => {
+                pending.failure.get_or_insert(ReadFailure {
+                    file: op.read.file,
+                    offset: op.read.offset + op.done as u64,
+                    error: io::Error::from(io::ErrorKind::UnexpectedEof),
+                });
+            }
+            std::cmp::Ordering::Less => {
+                let errno = -res;
+                if errno == libc::EINTR || errno == libc::EAGAIN {
+                    resubmit = Some(false);
+                } else if errno == libc::EINVAL && op.read.fd != op.read.fallback_fd {
+                    // O_DIRECT refused this one (alignment the file system wants larger):
+                    // read it through the page cache.
+                    op.read.fd = op.read.fallback_fd;
+                    resubmit = Some(true);
+                } else {
+                    pending.failure.get_or_insert(ReadFailure {
+                        file: op.read.file,
+                        offset: op.read.offset + op.done as u64,
+                        error: io::Error::from_raw_os_error(errno),
+                    });
+                }
+            }
+        }
+        if let Some(buffered) = resubmit {
+            return self.submit_op(slot, i, buffered);
+        }
+        op.finished = true;
+        pending.left -= 1;
+        if pending.left == 0 {
+            self.ready.push(slot);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ChunkRing {
+    fn drop(&mut self) {
+        // Every read still in the kernel writes into a buffer the ring owns: wait for all of
+        // them before the buffers go.
+        while self.in_kernel > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(_) => {
+                    // The ring cannot wait: leak the buffers rather than free memory the
+                    // kernel may still write.
+                    for p in self.slots.iter_mut().filter_map(Option::take) {
+                        std::mem::forget(p.buf);
+                    }
+                    return;
+                }
+            }
+            let n = self.ring.completion().count();
+            self.in_kernel = self.in_kernel.saturating_sub(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
