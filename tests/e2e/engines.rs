@@ -68,6 +68,9 @@ fn every_engine_reads_every_format_alike() {
         assert_eq!(seen[1].1, 0, "{name}: {seen:?}");
         assert_eq!(seen[2].1, 0, "{name}: {seen:?}");
     }
+    // `auto` takes io_uring where the kernel allows it (this machine does).
+    let r = sb.replicate(&raw, &["--io-engine", "auto"]);
+    assert_eq!(r["io_engine"], "io_uring", "{r}");
     let store = sb.store();
     sb.fails(
         &[

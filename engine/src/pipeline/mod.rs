@@ -1002,7 +1002,7 @@ pub fn replicate(
         Some(_) if opts.upload_jobs == 0 => DEFAULT_UPLOAD_JOBS,
         Some(_) => opts.upload_jobs.clamp(1, 64),
     };
-    let plan = plan_parts(
+    let mut plan = plan_parts(
         opts.memory_budget,
         chunk_size,
         opts.workers,
@@ -1010,6 +1010,14 @@ pub fn replicate(
         rules.map(|r| r.min_part),
         opts.part_size,
     )?;
+    if opts.io_engine != IoEngine::Pread {
+        // Chunks in flight on the ring, on top of those waiting for the workers, as far as
+        // the budget allows.
+        let room = opts.memory_budget.saturating_sub(plan.total) / chunk_size;
+        let extra = opts.io_depth.min(room);
+        plan.read_bufs += extra;
+        plan.total += extra * chunk_size;
+    }
     let pack_mode = match rules {
         None => PackMode::Whole,
         Some(r) => PackMode::Multipart {
