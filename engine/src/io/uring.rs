@@ -76,6 +76,9 @@ pub struct ChunkRing {
     in_kernel: usize,
     /// Chunks whose reads all completed, waiting to be handed back.
     ready: Vec<usize>,
+    /// Most reads in the kernel at once: what the completion queue holds, so that no
+    /// completion ever overflows it.
+    max_in_kernel: usize,
 }
 
 impl std::fmt::Debug for ChunkRing {
@@ -94,7 +97,9 @@ impl ChunkRing {
         let depth = depth.clamp(1, 1024);
         let entries = u32::try_from(depth.next_power_of_two() * 4).unwrap_or(4096);
         let ring = IoUring::new(entries)?;
+        let max_in_kernel = usize::try_from(ring.params().cq_entries()).unwrap_or(64);
         Ok(ChunkRing {
+            max_in_kernel,
             ring,
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
@@ -154,8 +159,48 @@ impl ChunkRing {
         Ok(())
     }
 
+    /// Waits for completions until another read fits in the completion queue (a chunk of
+    /// many small grains can hold more reads than it).
+    fn make_room(&mut self) -> io::Result<()> {
+        while self.in_kernel >= self.max_in_kernel {
+            self.reap(true)?;
+        }
+        Ok(())
+    }
+
+    /// Submits what is queued and accounts every completion there is, waiting for one first
+    /// if `wait`. Returns how many were reaped.
+    fn reap(&mut self, wait: bool) -> io::Result<usize> {
+        loop {
+            let submitted = if wait {
+                self.ring.submit_and_wait(1)
+            } else {
+                self.ring.submit()
+            };
+            match submitted {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // Completions waiting to be reaped: reap them below.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let reaped: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        let n = reaped.len();
+        for (data, res) in reaped {
+            self.in_kernel -= 1;
+            self.reaped(data, res)?;
+        }
+        Ok(n)
+    }
+
     /// Pushes the rest of read `i` of chunk `slot` to the submission queue.
     fn submit_op(&mut self, slot: usize, i: usize, buffered: bool) -> io::Result<()> {
+        self.make_room()?;
         let pending = self.slots[slot].as_mut().expect("a queued chunk");
         let op = &pending.ops[i];
         let fd = if buffered {
@@ -211,26 +256,8 @@ impl ChunkRing {
             if self.in_kernel == 0 {
                 return Ok(None);
             }
-            if wait {
-                match self.ring.submit_and_wait(1) {
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                    Err(e) => return Err(e),
-                }
-            } else {
-                self.ring.submit()?;
-            }
-            let reaped: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            if reaped.is_empty() && !wait {
+            if self.reap(wait)? == 0 && !wait {
                 return Ok(None);
-            }
-            for (data, res) in reaped {
-                self.in_kernel -= 1;
-                self.reaped(data, res)?;
             }
         }
     }

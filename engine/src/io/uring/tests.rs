@@ -117,3 +117,27 @@ fn a_ring_dropped_with_reads_in_flight_waits_for_them() {
         assert!(pool.get_timeout(Duration::from_millis(100)).is_some());
     }
 }
+
+#[test]
+fn a_chunk_with_more_reads_than_the_completion_queue_holds_completes() {
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    let f = file_of(&data);
+    let fd = f.as_file().as_raw_fd();
+    let pool = BufferPool::new(1, 1 << 20);
+    let Ok(mut ring) = ChunkRing::new(1) else {
+        return;
+    };
+    let mut buf = pool.get_timeout(Duration::from_millis(10)).unwrap();
+    buf.set_len(1 << 20);
+    // 256 grains of 4 KiB from scattered places: far more than the queue's entries.
+    let reads: Vec<ChunkRead> = (0..256)
+        .map(|g| read(fd, g * 4096, 4096, ((g * 7919) % 480) as u64 * 4096))
+        .collect();
+    ring.queue(1, buf, &reads).unwrap();
+    let done = ring.complete(true).unwrap().unwrap();
+    assert_eq!(*done.result.as_ref().unwrap(), 1 << 20);
+    for r in &reads {
+        let off = r.offset as usize;
+        assert_eq!(&done.buf[r.at..r.at + 4096], &data[off..off + 4096]);
+    }
+}
