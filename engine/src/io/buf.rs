@@ -32,8 +32,9 @@ impl BufferPool {
     /// Buffers are allocated lazily, on first use, so an idle pool costs nothing.
     pub fn new(count: usize, capacity: usize) -> BufferPool {
         let (tx, rx) = bounded(count);
+        // Allocated on first use: an idle pool costs nothing.
         for _ in 0..count {
-            tx.send(AlignedBuf::new(capacity))
+            tx.send(AlignedBuf::empty())
                 .expect("the pool has room for every buffer");
         }
         BufferPool {
@@ -53,6 +54,9 @@ impl BufferPool {
     pub fn get_timeout(&self, timeout: Duration) -> Option<PooledBuf> {
         match self.rx.recv_timeout(timeout) {
             Ok(mut buf) => {
+                if buf.capacity() < self.capacity {
+                    buf = AlignedBuf::new(self.capacity);
+                }
                 buf.set_len(0);
                 Some(PooledBuf {
                     buf,

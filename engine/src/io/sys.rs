@@ -145,11 +145,9 @@ impl AlignedBuf {
         self.len = len;
     }
 
-    /// The whole capacity, for reads whose length is rounded up to the alignment.
-    pub fn spare(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points to `cap` bytes, all initialised (zeroed at allocation), owned
-        // by `self` and borrowed mutably here (or is dangling with `cap` 0: an empty slice).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
+    /// The start of the buffer, for reads the kernel does into it.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
     }
 }
 

@@ -97,6 +97,15 @@ impl ChunkRing {
         let depth = depth.clamp(1, 1024);
         let entries = u32::try_from(depth.next_power_of_two() * 4).unwrap_or(4096);
         let ring = IoUring::new(entries)?;
+        // IORING_OP_READ came with Linux 5.6: an older ring would fail every read.
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        if !probe.is_supported(opcode::Read::CODE) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this kernel's io_uring has no read operation (Linux 5.6 or later needed)",
+            ));
+        }
         let max_in_kernel = usize::try_from(ring.params().cq_entries()).unwrap_or(64);
         Ok(ChunkRing {
             max_in_kernel,
@@ -118,16 +127,16 @@ impl ChunkRing {
         self.slots.len() - self.free.len()
     }
 
-    /// Queues a chunk: `reads` fill parts of `buf` (each within `buf.spare()`); the ring owns
+    /// Queues a chunk: `reads` fill parts of `buf` (each within its capacity); the ring owns
     /// `buf` until [`ChunkRing::complete`] returns it. The caller checks [`has_room`] first.
     ///
     /// # Panics
     /// If there is no room, or a read lies outside the buffer.
     ///
     /// [`has_room`]: ChunkRing::has_room
-    pub fn queue(&mut self, token: u64, mut buf: PooledBuf, reads: &[ChunkRead]) -> io::Result<()> {
+    pub fn queue(&mut self, token: u64, buf: PooledBuf, reads: &[ChunkRead]) -> io::Result<()> {
         let slot = self.free.pop().expect("queue called with room");
-        let cap = buf.spare().len();
+        let cap = buf.capacity();
         for r in reads {
             assert!(r.at + r.len <= cap, "a read lies outside its buffer");
         }
@@ -153,10 +162,24 @@ impl ChunkRing {
         }
         for (i, r) in reads.iter().enumerate() {
             if r.len > 0 {
-                self.submit_op(slot, i, false)?;
+                self.submit_op(slot, i, false);
             }
         }
-        Ok(())
+        // Hand the reads to the kernel now rather than at the next wait.
+        self.submit_now()
+    }
+
+    /// `io_uring_enter` without waiting, retried when interrupted or out of resources.
+    fn submit_now(&mut self) -> io::Result<()> {
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+                // Completions are waiting to be reaped; what is queued goes with the next call.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Waits for completions until another read fits in the completion queue (a chunk of
@@ -179,7 +202,7 @@ impl ChunkRing {
             };
             match submitted {
                 Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
                 // Completions waiting to be reaped: reap them below.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
                 Err(e) => return Err(e),
@@ -190,16 +213,23 @@ impl ChunkRing {
             .completion()
             .map(|c| (c.user_data(), c.result()))
             .collect();
-        let n = reaped.len();
-        for (data, res) in reaped {
-            self.in_kernel -= 1;
-            self.reaped(data, res)?;
+        // Every completion taken off the queue is accounted, whatever happens to the others.
+        self.in_kernel -= reaped.len();
+        for (data, res) in &reaped {
+            self.reaped(*data, *res);
         }
-        Ok(n)
+        Ok(reaped.len())
     }
 
-    /// Pushes the rest of read `i` of chunk `slot` to the submission queue.
-    fn submit_op(&mut self, slot: usize, i: usize, buffered: bool) -> io::Result<()> {
+    /// Pushes the rest of read `i` of chunk `slot` to the submission queue. A read that cannot
+    /// be submitted fails (and so finishes) there.
+    fn submit_op(&mut self, slot: usize, i: usize, buffered: bool) {
+        if let Err(e) = self.try_submit_op(slot, i, buffered) {
+            self.finish(slot, i, Some(e));
+        }
+    }
+
+    fn try_submit_op(&mut self, slot: usize, i: usize, buffered: bool) -> io::Result<()> {
         self.make_room()?;
         let pending = self.slots[slot].as_mut().expect("a queued chunk");
         let op = &pending.ops[i];
@@ -211,8 +241,8 @@ impl ChunkRing {
         let at = op.read.at + op.done;
         let len = op.read.len - op.done;
         let offset = op.read.offset + op.done as u64;
-        let spare = pending.buf.spare();
-        let ptr = spare[at..at + len].as_mut_ptr();
+        // Inside the buffer: `queue` checked `read.at + read.len` against its capacity.
+        let ptr = pending.buf.as_mut_ptr().wrapping_add(at);
         let len32 = u32::try_from(len).map_err(|_| io::Error::other("read over 4 GiB"))?;
         let entry = opcode::Read::new(types::Fd(fd), ptr, len32)
             .offset(offset)
@@ -222,18 +252,40 @@ impl ChunkRing {
             // SAFETY: the entry points into the heap buffer of `self.slots[slot]`, which the
             // ring owns until this read's completion is reaped (`complete` hands a buffer back
             // only when all its reads completed, and `Drop` waits for every read in the
-            // kernel); the buffer's memory never moves (a fixed allocation), and no other
-            // read in flight covers the same bytes. The descriptor stays open: the caller
-            // keeps its files open for the ring's lifetime.
+            // kernel); the buffer's memory never moves (a fixed allocation), and the reads of
+            // a chunk cover disjoint parts of it (the chunk's mappings do not overlap). The
+            // descriptor stays open: the caller keeps its files open for the ring's lifetime
+            // (`ring_reader` drops the ring before its descriptors).
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 break;
             }
             // Submission queue full: hand what is queued to the kernel and try again.
-            self.ring.submit()?;
+            self.submit_now()?;
         }
         self.in_kernel += 1;
         Ok(())
+    }
+
+    /// Marks read `i` of chunk `slot` finished (failed with `error`, if any).
+    fn finish(&mut self, slot: usize, i: usize, error: Option<io::Error>) {
+        let pending = self.slots[slot].as_mut().expect("a chunk in flight");
+        let op = &mut pending.ops[i];
+        if op.finished {
+            return;
+        }
+        if let Some(error) = error {
+            pending.failure.get_or_insert(ReadFailure {
+                file: op.read.file,
+                offset: op.read.offset,
+                error,
+            });
+        }
+        op.finished = true;
+        pending.left -= 1;
+        if pending.left == 0 {
+            self.ready.push(slot);
+        }
     }
 
     /// Returns a chunk whose reads all completed, waiting for one if `wait` (and any is in
@@ -263,53 +315,36 @@ impl ChunkRing {
     }
 
     /// Accounts one completion: resubmits what is left of a short or interrupted read.
-    fn reaped(&mut self, data: u64, res: i32) -> io::Result<()> {
+    fn reaped(&mut self, data: u64, res: i32) {
         let slot = usize::try_from(data >> 32).expect("a slot index");
         let i = usize::try_from(data & 0xffff_ffff).expect("an op index");
         let pending = self.slots[slot].as_mut().expect("a chunk in flight");
         let op = &mut pending.ops[i];
-        let mut resubmit = None;
         match res.cmp(&0) {
             std::cmp::Ordering::Greater => {
                 op.done += usize::try_from(res).expect("positive");
                 if op.done < op.read.len {
-                    resubmit = Some(false);
+                    return self.submit_op(slot, i, false);
                 }
+                self.finish(slot, i, None);
             }
             std::cmp::Ordering::Equal => {
-                pending.failure.get_or_insert(ReadFailure {
-                    file: op.read.file,
-                    offset: op.read.offset + op.done as u64,
-                    error: io::Error::from(io::ErrorKind::UnexpectedEof),
-                });
+                self.finish(slot, i, Some(io::Error::from(io::ErrorKind::UnexpectedEof)));
             }
             std::cmp::Ordering::Less => {
                 let errno = -res;
                 if errno == libc::EINTR || errno == libc::EAGAIN {
-                    resubmit = Some(false);
+                    self.submit_op(slot, i, false);
                 } else if errno == libc::EINVAL && op.read.fd != op.read.fallback_fd {
                     // O_DIRECT refused this one (alignment the file system wants larger):
                     // read it through the page cache.
                     op.read.fd = op.read.fallback_fd;
-                    resubmit = Some(true);
+                    self.submit_op(slot, i, true);
                 } else {
-                    pending.failure.get_or_insert(ReadFailure {
-                        file: op.read.file,
-                        offset: op.read.offset + op.done as u64,
-                        error: io::Error::from_raw_os_error(errno),
-                    });
+                    self.finish(slot, i, Some(io::Error::from_raw_os_error(errno)));
                 }
             }
         }
-        if let Some(buffered) = resubmit {
-            return self.submit_op(slot, i, buffered);
-        }
-        op.finished = true;
-        pending.left -= 1;
-        if pending.left == 0 {
-            self.ready.push(slot);
-        }
-        Ok(())
     }
 }
 

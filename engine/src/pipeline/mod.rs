@@ -284,6 +284,7 @@ pub(crate) fn fill_chunk(
     buf: &mut [u8],
 ) -> Result<u64> {
     let outside = || Error::internal("mapping outside chunk");
+    tiles(maps, offset, buf.len() as u64)?;
     let mut read = 0;
     for m in maps {
         let at = usize::try_from(m.virt - offset).map_err(|_| outside())?;
@@ -323,6 +324,24 @@ pub(crate) fn fill_chunk(
         }
     }
     Ok(read)
+}
+
+/// Checks that `maps` cover `[offset, offset + len)` exactly, in order: buffers are reused
+/// without clearing, so a gap would leave another chunk's bytes in place.
+fn tiles(maps: &[Mapping], offset: u64, len: u64) -> Result<()> {
+    let mut at = offset;
+    for m in maps {
+        if m.virt != at {
+            return Err(Error::internal("mappings leave a gap or overlap"));
+        }
+        at = at
+            .checked_add(m.len)
+            .ok_or_else(|| Error::internal("mapping past the disk"))?;
+    }
+    if at != offset + len {
+        return Err(Error::internal("mappings do not cover the chunk"));
+    }
+    Ok(())
 }
 
 /// Whether a range's mappings hold any data to read.
@@ -506,10 +525,11 @@ impl DirectFiles {
             self.0.resize_with(index + 1, Direct::default);
         }
         if matches!(self.0[index], Direct::Untried) {
+            // Through the open descriptor, not the path: the very file the reader parsed.
             self.0[index] = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_DIRECT)
-                .open(src.path())
+                .open(format!("/proc/self/fd/{}", src.file().as_raw_fd()))
                 .map_or(Direct::Refused, Direct::Open);
         }
         match &self.0[index] {
@@ -524,7 +544,7 @@ impl DirectFiles {
 #[cfg(target_os = "linux")]
 fn ring_reader(
     sh: &Shared<'_>,
-    mut ring: crate::io::uring::ChunkRing,
+    ring: crate::io::uring::ChunkRing,
     direct: bool,
     pool: &BufferPool,
     work: &Sender<Work>,
@@ -535,6 +555,9 @@ fn ring_reader(
     use std::os::fd::AsRawFd;
 
     let mut direct_files = DirectFiles::default();
+    // Declared after the descriptors it reads with, so dropped (waiting for the kernel)
+    // before them, even on a panic.
+    let mut ring = ring;
     let mut maps = Vec::new();
     let mut reads = Vec::new();
     let mut sync = crate::io::Pread;
@@ -576,7 +599,7 @@ fn ring_reader(
             }
             // Queue chunks while the ring has room.
             let mut queued_any = false;
-            while ring.has_room() && next < sh.n_chunks {
+            while ring.has_room() && next < sh.n_chunks && !sh.stopping() {
                 let idx = next;
                 if sh.skip[usize::try_from(idx / 64).expect("position fits")] & (1 << (idx % 64))
                     != 0
@@ -623,9 +646,18 @@ fn ring_reader(
                     continue;
                 }
                 reads.clear();
+                tiles(&maps, offset, len)?;
+                let outside = || Error::internal("mapping outside chunk");
                 for m in &maps {
-                    let at = usize::try_from(m.virt - offset).expect("inside the chunk");
-                    let mlen = usize::try_from(m.len).expect("inside the chunk");
+                    let at = m
+                        .virt
+                        .checked_sub(offset)
+                        .and_then(|a| usize::try_from(a).ok())
+                        .ok_or_else(outside)?;
+                    let mlen = usize::try_from(m.len).map_err(|_| outside())?;
+                    if at.checked_add(mlen).is_none_or(|end| end > len_usize) {
+                        return Err(outside());
+                    }
                     match m.target {
                         Target::Data { file, offset: foff } => {
                             let src = sh
@@ -1010,14 +1042,6 @@ pub fn replicate(
         rules.map(|r| r.min_part),
         opts.part_size,
     )?;
-    if opts.io_engine != IoEngine::Pread {
-        // Chunks in flight on the ring, on top of those waiting for the workers, as far as
-        // the budget allows.
-        let room = opts.memory_budget.saturating_sub(plan.total) / chunk_size;
-        let extra = opts.io_depth.min(room);
-        plan.read_bufs += extra;
-        plan.total += extra * chunk_size;
-    }
     let pack_mode = match rules {
         None => PackMode::Whole,
         Some(r) => PackMode::Multipart {
@@ -1103,6 +1127,17 @@ pub fn replicate(
             skip_position(*idx);
         }
     }
+    let engine = opts
+        .io_engine
+        .start(opts.io_depth.clamp(1, 1024), &|m| reporter.warn(m))?;
+    if !matches!(engine, Engine::Pread) {
+        // Chunks in flight on the ring, on top of those waiting for the workers, as far as
+        // the budget allows.
+        let room = opts.memory_budget.saturating_sub(plan.total) / chunk_size;
+        let extra = opts.io_depth.min(room);
+        plan.read_bufs += extra;
+        plan.total += extra * chunk_size;
+    }
     let sh = Shared {
         store,
         source,
@@ -1135,11 +1170,6 @@ pub fn replicate(
     );
 
     let pool = BufferPool::new(plan.read_bufs, chunk_size);
-    let engine = opts
-        .io_engine
-        .start(opts.io_depth.clamp(1, plan.read_bufs), &|m| {
-            reporter.warn(m);
-        })?;
     let engine_name = engine.name();
     let (work_tx, work_rx) = bounded::<Work>(plan.read_bufs);
     let (msg_tx, msg_rx) = bounded::<Msg>(4 * plan.read_bufs + 4 * plan.workers + 4 * uploads);
