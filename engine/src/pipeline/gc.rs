@@ -213,7 +213,9 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
         return Err(Error::new(
             ErrorKind::Corrupt,
             format!(
-                "{} chunks that snapshots reference are in no pack of the store: it is                  damaged, and the gc changed nothing; run `blockferry verify` on each snapshot                  (and `gc --dry-run` for the figures)",
+                "{} chunks that snapshots reference are in no pack of the store: it is \
+                 damaged, and the gc changed nothing; run `blockferry verify` on each snapshot \
+                 (and `gc --dry-run` for the figures)",
                 report.chunks_missing
             ),
         ));

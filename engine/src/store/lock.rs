@@ -558,7 +558,8 @@ impl StoreLock {
         if lost {
             return Err(Error::new(
                 ErrorKind::Store,
-                "the store lock was lost (not refreshed in time, or removed by another process                  that took it for stale): this run does not commit; run it again",
+                "the store lock was lost (not refreshed in time, or removed by another process \
+                 that took it for stale): this run does not commit; run it again",
             ));
         }
         Ok(())
