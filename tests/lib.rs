@@ -74,6 +74,8 @@ pub struct S3Env {
     pub secret_key: String,
     /// Keys of an identity that may read and write objects but not list them.
     pub nolist_key: String,
+    /// Credentials that may read and list, not write.
+    pub readonly_key: String,
 }
 
 impl S3Env {
@@ -131,6 +133,7 @@ pub fn s3() -> &'static S3Env {
             access_key: var(&vars, "BF_S3_ACCESS_KEY"),
             secret_key: var(&vars, "BF_S3_SECRET_KEY"),
             nolist_key: var(&vars, "BF_S3_NOLIST_KEY"),
+            readonly_key: var(&vars, "BF_S3_READONLY_KEY"),
         }
     })
 }

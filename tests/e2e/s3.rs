@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use blockferry_tests::{
-    MIB, Rng, Sandbox, expect_failure, file_hash, have_qemu, make_image, qemu_from_raw, s3,
+    MIB, PASSPHRASE, Rng, Sandbox, expect_failure, file_hash, have_qemu, make_image, qemu_from_raw,
+    s3,
 };
 
 /// A 48 MiB disk with random and text data, zero runs and holes at random places.
@@ -260,5 +261,39 @@ fn bwlimit_caps_the_upload_rate() {
     assert!(
         took >= floor,
         "{sent} bytes in {took:?}, faster than the cap allows ({floor:?})"
+    );
+}
+
+#[test]
+fn read_only_credentials_restore_without_a_store_lock() {
+    let env = s3();
+    let sb = Sandbox::new_s3("readonly");
+    sb.init(&[]);
+    let store = sb.store();
+    // They cannot write the lock, so the restore goes on without one, warned.
+    let image = sb.path("ro.raw");
+    make_image(&image, 2 * MIB, &[(0, vec![7u8; MIB as usize])]);
+    sb.replicate(&image, &[]);
+    let out_path = sb.path("ro.out");
+    let out = sb.run_env(
+        &[
+            "restore",
+            "--store",
+            &store,
+            "latest",
+            out_path.to_str().unwrap(),
+            "--force",
+        ],
+        &[
+            ("BLOCKFERRY_PASSPHRASE", PASSPHRASE),
+            ("AWS_ACCESS_KEY_ID", env.readonly_key.as_str()),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot write a store lock"), "{stderr}");
+    assert_eq!(
+        std::fs::read(&out_path).unwrap(),
+        std::fs::read(&image).unwrap()
     );
 }

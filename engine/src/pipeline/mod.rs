@@ -1020,6 +1020,30 @@ pub(crate) fn shared_lock(
     )
 }
 
+/// The shared lock of a run that only reads the store (restore, verify): with read-only
+/// credentials it cannot be written, and the run goes on without it, warned that a garbage
+/// collection running meanwhile could make it fail (never damage anything).
+pub(crate) fn reader_lock(
+    store: &Store,
+    operation: &str,
+    cancel: &CancelToken,
+    observer: &dyn Observer,
+) -> Result<Option<StoreLock>> {
+    match shared_lock(store, operation, cancel, observer) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(e) if e.kind() == ErrorKind::AccessDenied => {
+            let msg = format!(
+                "cannot write a store lock ({e}): going on without one; a garbage collection \
+                 running meanwhile could make this {operation} fail"
+            );
+            tracing::warn!("{msg}");
+            observer.event(&Event::Warning(msg));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Replicates a whole disk into the store as a new snapshot; the blocking entry point.
 pub fn replicate(
     store: &Store,

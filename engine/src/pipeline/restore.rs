@@ -99,7 +99,7 @@ pub fn restore(
     opts: &RestoreOptions,
     observer: &dyn Observer,
 ) -> Result<RestoreReport> {
-    let _lock = super::shared_lock(store, "restore", &opts.cancel, observer)?;
+    let _lock = super::reader_lock(store, "restore", &opts.cancel, observer)?;
     let snapshot = store.snapshot(spec)?;
     let index = store.load_index()?;
     let workers = super::worker_count(opts.workers);

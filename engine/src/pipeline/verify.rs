@@ -88,7 +88,7 @@ pub fn verify(
     opts: &VerifyOptions,
     observer: &dyn Observer,
 ) -> Result<VerifyReport> {
-    let _lock = super::shared_lock(store, "verify", &opts.cancel, observer)?;
+    let _lock = super::reader_lock(store, "verify", &opts.cancel, observer)?;
     let snapshot = store.snapshot(spec)?;
     let index = store.load_index()?;
     let image_opts = image::OpenOptions {
