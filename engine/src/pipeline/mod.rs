@@ -462,21 +462,14 @@ fn reader(
         if sh.skip[usize::try_from(idx / 64).expect("position fits")] & (1 << (idx % 64)) != 0 {
             continue;
         }
-        let offset = idx * sh.chunk_size;
-        let len = sh.chunk_len(idx);
-        maps.clear();
-        if let Err(e) = sh.source.map(offset, len, &mut maps) {
-            sh.fail(msgs, e);
-            return;
-        }
-        if !has_data(&maps) {
-            let _ = msgs.send(Msg::Chunk {
-                idx,
-                id: ZERO_ID,
-                len,
-                kind: ChunkKind::Unallocated,
-            });
-            continue;
+        let (offset, len) = (idx * sh.chunk_size, sh.chunk_len(idx));
+        match map_position(sh, idx, &mut maps, msgs) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                sh.fail(msgs, e);
+                return;
+            }
         }
         let mut buf = loop {
             if sh.stopping() {
@@ -499,6 +492,29 @@ fn reader(
             return;
         }
     }
+}
+
+/// Maps chunk position `idx` into `maps`; a position without data is recorded as such (and
+/// `false` returned), one with data is left to the caller to read.
+fn map_position(
+    sh: &Shared<'_>,
+    idx: u64,
+    maps: &mut Vec<Mapping>,
+    msgs: &Sender<Msg>,
+) -> Result<bool> {
+    let len = sh.chunk_len(idx);
+    maps.clear();
+    sh.source.map(idx * sh.chunk_size, len, maps)?;
+    if has_data(maps) {
+        return Ok(true);
+    }
+    let _ = msgs.send(Msg::Chunk {
+        idx,
+        id: ZERO_ID,
+        len,
+        kind: ChunkKind::Unallocated,
+    });
+    Ok(false)
 }
 
 /// Descriptors of the source's files opened with `O_DIRECT`, by file index.
@@ -607,17 +623,8 @@ fn ring_reader(
                     next += 1;
                     continue;
                 }
-                let offset = idx * sh.chunk_size;
-                let len = sh.chunk_len(idx);
-                maps.clear();
-                sh.source.map(offset, len, &mut maps)?;
-                if !has_data(&maps) {
-                    let _ = msgs.send(Msg::Chunk {
-                        idx,
-                        id: ZERO_ID,
-                        len,
-                        kind: ChunkKind::Unallocated,
-                    });
+                let (offset, len) = (idx * sh.chunk_size, sh.chunk_len(idx));
+                if !map_position(sh, idx, &mut maps, msgs)? {
                     next += 1;
                     continue;
                 }

@@ -178,6 +178,29 @@ fn blob_aad(id: &Id, header: &[u8]) -> [u8; 32 + BLOB_HEADER] {
     aad
 }
 
+/// The checked header of a chunk record: long enough, known flags, a plaintext length of at
+/// most `max_raw` (a hostile header cannot make a reader allocate more).
+fn blob_header(
+    record: &[u8],
+    max_raw: usize,
+    object: &str,
+    offset: u64,
+) -> Result<[u8; BLOB_HEADER]> {
+    let corrupt = |msg: &str| Error::corrupt(object, msg.to_owned()).with_offset(offset);
+    if record.len() < BLOB_OVERHEAD {
+        return Err(corrupt("chunk record shorter than its header"));
+    }
+    let mut header = [0u8; BLOB_HEADER];
+    header.copy_from_slice(&record[..BLOB_HEADER]);
+    if header[0] & !FLAG_LZ4 != 0 || header[1..4] != [0, 0, 0] {
+        return Err(corrupt("chunk record has unknown flags"));
+    }
+    if u32_at(&header, 4) as usize > max_raw {
+        return Err(corrupt("chunk record claims more bytes than a chunk holds"));
+    }
+    Ok(header)
+}
+
 /// Opens a blob in place and writes the chunk's plaintext to `out` (cleared first).
 ///
 /// `max_raw` caps the plaintext length (the store's chunk size): a hostile header cannot make
@@ -192,18 +215,10 @@ pub fn decode_blob(
     out: &mut Vec<u8>,
 ) -> Result<()> {
     let corrupt = |msg: &str| Error::corrupt(object, msg.to_owned()).with_offset(offset);
-    if record.len() < BLOB_OVERHEAD {
-        return Err(corrupt("chunk record shorter than its header"));
-    }
-    let flags = record[0];
-    let raw_len = u32_at(record, 4) as usize;
-    if flags & !FLAG_LZ4 != 0 || record[1..4] != [0, 0, 0] {
-        return Err(corrupt("chunk record has unknown flags"));
-    }
-    if raw_len > max_raw {
-        return Err(corrupt("chunk record claims more bytes than a chunk holds"));
-    }
-    let aad = blob_aad(id, &record[..BLOB_HEADER]);
+    let header = blob_header(record, max_raw, object, offset)?;
+    let flags = header[0];
+    let raw_len = u32_at(&header, 4) as usize;
+    let aad = blob_aad(id, &header);
     let payload = sealer
         .open(&aad, record, BLOB_HEADER)
         .map_err(|_| corrupt("chunk record failed authentication (damaged, or not this chunk)"))?;
@@ -242,17 +257,7 @@ pub fn reseal_blob(
     out: &mut Vec<u8>,
 ) -> Result<()> {
     let corrupt = |msg: &str| Error::corrupt(object, msg.to_owned()).with_offset(offset);
-    if record.len() < BLOB_OVERHEAD {
-        return Err(corrupt("chunk record shorter than its header"));
-    }
-    let mut header = [0u8; BLOB_HEADER];
-    header.copy_from_slice(&record[..BLOB_HEADER]);
-    if header[0] & !FLAG_LZ4 != 0 || header[1..4] != [0, 0, 0] {
-        return Err(corrupt("chunk record has unknown flags"));
-    }
-    if u32_at(&header, 4) as usize > max_raw {
-        return Err(corrupt("chunk record claims more bytes than a chunk holds"));
-    }
+    let header = blob_header(record, max_raw, object, offset)?;
     let aad = blob_aad(id, &header);
     let payload = from
         .open(&aad, record, BLOB_HEADER)
