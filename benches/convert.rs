@@ -1,7 +1,7 @@
 //! `blockferry convert` against `qemu-img convert -O raw`, on the same 2 GiB dense image in
 //! each format, in one run. Run: `cargo bench -p blockferry-benches --bench convert`
 //! (`BF_BENCH_GIB` sets the size). Output goes to tmpfs so both measure reading and
-//! decoding, not the disk. The tools run in turns, 7 times each;
+//! decoding, not the disk. The tools run in turns, 9 times each;
 //! the table gives median times and the ratios of medians and of bests.
 
 // A benchmark harness prints its results.
@@ -11,10 +11,10 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use blockferry_benches::{Paired, blockferry_release, machine, time};
+use blockferry_benches::{Paired, blockferry_release, machine, settle, time};
 
 /// Runs of each tool per format, taken in turns.
-const RUNS: usize = 7;
+const RUNS: usize = 9;
 
 fn main() -> Result<()> {
     let gib: u64 = std::env::var("BF_BENCH_GIB")
@@ -57,14 +57,16 @@ fn main() -> Result<()> {
         "{:<24} {:>10} {:>12} {:>10} {:>10}",
         "format", "qemu-img s", "blockferry s", "ratio med", "ratio best"
     );
-    let formats: [(&str, &str, &[&str]); 6] = [
+    let formats: [(&str, &str, &[&str]); 8] = [
         ("raw", "raw", &[]),
         (
             "vpc dynamic",
             "vpc",
             &["-o", "subformat=dynamic,force_size=on"],
         ),
+        ("vpc fixed", "vpc", &["-o", "subformat=fixed,force_size=on"]),
         ("vhdx dynamic", "vhdx", &[]),
+        ("vhdx fixed", "vhdx", &["-o", "subformat=fixed"]),
         ("vmdk monolithicSparse", "vmdk", &[]),
         (
             "vmdk streamOptimized",
@@ -77,12 +79,12 @@ fn main() -> Result<()> {
             &["-o", "subformat=monolithicFlat"],
         ),
     ];
-    for (i, (name, fmt, opts)) in formats.iter().enumerate() {
+    for (name, fmt, opts) in &formats {
         // Named by size: images made from another size of source are never reused.
         let image = if *fmt == "raw" {
             raw.clone()
         } else {
-            work.join(format!("img{i}-{gib}g.{fmt}"))
+            work.join(format!("{}-{gib}g.{fmt}", name.replace(' ', "-")))
         };
         if !image.exists() {
             let mut c = Command::new("qemu-img");
@@ -92,6 +94,9 @@ fn main() -> Result<()> {
                 .arg(&image);
             time(&mut c).with_context(|| format!("creating {name}"))?;
         }
+        // Written back and in the page cache before the first timed run: writeback of a
+        // new image would otherwise fall on whichever tool runs while it happens.
+        settle(&image)?;
         let q_out = out_dir.join("q.raw");
         let b_out = out_dir.join("b.raw");
         let runs = Paired::run(

@@ -13,114 +13,17 @@
 // A benchmark harness prints its results.
 #![allow(clippy::print_stdout)]
 
-use std::fmt::Write as _;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
-use blockferry_benches::{Rng, blockferry_release, machine, make_image};
+use anyhow::{Result, bail};
+use blockferry_benches::{
+    CHANGE_WRITE, blockferry_release, change_one_percent, field, machine, make_image, median_of,
+    run, snapshot_id,
+};
 
-const CHUNK: u64 = 1 << 20;
-/// Bytes rewritten inside each changed chunk.
-const WRITE: usize = 256 << 10;
 /// Runs of each delta (median taken).
 const DELTA_RUNS: usize = 3;
-
-/// Runs a command, failing on a non-zero exit; returns wall seconds and stdout.
-fn run(cmd: &mut Command) -> Result<(f64, String)> {
-    let start = Instant::now();
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    let secs = start.elapsed().as_secs_f64();
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok((secs, String::from_utf8(out.stdout)?))
-}
-
-/// A number field of a `replicate --json` report.
-fn field(json: &str, name: &str) -> u64 {
-    json.split(&format!("\"{name}\":"))
-        .nth(1)
-        .and_then(|rest| {
-            rest.trim_start()
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-        })
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The snapshot id of a `replicate --json` report.
-fn snapshot_id(json: &str) -> Result<String> {
-    json.split("\"snapshot\":")
-        .nth(1)
-        .and_then(|rest| rest.split('"').nth(1))
-        .map(str::to_owned)
-        .context("no snapshot id in the report")
-}
-
-/// Reads the whole image so that every timed run finds it in the page cache.
-fn warm(image: &Path) -> Result<()> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(image)?;
-    let mut buf = vec![0u8; 8 << 20];
-    while f.read(&mut buf)? > 0 {}
-    Ok(())
-}
-
-/// Runs `cmd()` `n` times (page cache warmed before each); returns the median seconds and
-/// the last stdout.
-fn median_of(n: usize, image: &Path, mut cmd: impl FnMut() -> Command) -> Result<(f64, String)> {
-    let mut times = Vec::new();
-    let mut last = String::new();
-    for _ in 0..n {
-        warm(image)?;
-        let (secs, out) = run(&mut cmd())?;
-        times.push(secs);
-        last = out;
-    }
-    times.sort_by(f64::total_cmp);
-    Ok((times[n / 2], last))
-}
-
-/// Rewrites `WRITE` random bytes inside 1% of the chunks (chosen at random); returns the
-/// VMware CBT `QueryChangedDiskAreas` result that describes the change.
-fn change_one_percent(image: &Path, mib: u64, base_change_id: &str) -> Result<(String, u64)> {
-    let f = std::fs::OpenOptions::new().write(true).open(image)?;
-    let chunks = mib * (1 << 20) / CHUNK;
-    let n = (chunks / 100).max(1);
-    let mut rng = Rng(0xde17_a0c4_a9ed);
-    let mut picked: Vec<u64> = Vec::new();
-    while (picked.len() as u64) < n {
-        let c = rng.next_u64() % chunks;
-        if !picked.contains(&c) {
-            picked.push(c);
-        }
-    }
-    picked.sort_unstable();
-    let mut buf = vec![0u8; WRITE];
-    let mut areas = String::new();
-    for c in &picked {
-        let within = (rng.next_u64() % ((CHUNK - WRITE as u64) / 4096)) * 4096;
-        let at = c * CHUNK + within;
-        rng.fill(&mut buf);
-        f.write_all_at(&buf, at)?;
-        if !areas.is_empty() {
-            areas.push_str(", ");
-        }
-        write!(areas, r#"{{"start": {at}, "length": {WRITE}}}"#)?;
-    }
-    f.sync_all()?;
-    let size = mib << 20;
-    Ok((
-        format!(
-            r#"{{"startOffset": 0, "length": {size}, "changeId": "{base_change_id}", "changedArea": [{areas}]}}"#
-        ),
-        n,
-    ))
-}
 
 fn main() -> Result<()> {
     let mib: u64 = std::env::var("BF_BENCH_MIB")
@@ -168,7 +71,7 @@ fn main() -> Result<()> {
         "image: {mib} MiB realistic (a quarter holes, a tenth zeros, OS-like text, repeated and \
          random blocks); 1% of its 1 MiB chunks then get {} KiB rewritten; page cache warmed \
          before each run; full copies and restic once, deltas median of {DELTA_RUNS}\n",
-        WRITE >> 10
+        CHANGE_WRITE >> 10
     );
     make_image(&image, mib, true)?;
     for store in [&cbt_store, &hash_store] {

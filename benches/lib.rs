@@ -1,5 +1,7 @@
 //! Shared pieces of the end-to-end benchmark harnesses: the machine, the binaries, timing.
 
+use std::fmt::Write as _;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -187,4 +189,316 @@ pub fn make_image(path: &Path, mib: u64, realistic: bool) -> Result<()> {
     }
     f.sync_all()?;
     Ok(())
+}
+
+/// Writes a dense, OS-like disk image of `mib` MiB in which no 4 KiB page repeats (nothing to
+/// skip or deduplicate): text pages (configuration, logs, source), code-like pages (random
+/// words with zeroed high bytes, as in binaries) and random pages (compressed or encrypted
+/// files). lz4 shrinks it to about 0.6 of its size.
+pub fn make_os_image(path: &Path, mib: u64, seed: u64) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(path)?);
+    let mut rng = Rng(seed);
+    let mut page = [0u8; 4096];
+    for _ in 0..mib * 256 {
+        os_page(&mut rng, &mut page);
+        f.write_all(&page)?;
+    }
+    f.into_inner()
+        .map_err(std::io::IntoInnerError::into_error)?
+        .sync_all()?;
+    Ok(())
+}
+
+/// Fills one page of OS-like content (see [`make_os_image`]).
+pub fn os_page(rng: &mut Rng, page: &mut [u8]) {
+    match rng.next_u64() % 20 {
+        0..=10 => {
+            let mut at = 0;
+            while at < page.len() {
+                let w = WORDS[rng.below(WORDS.len())].as_bytes();
+                let n = w.len().min(page.len() - at);
+                page[at..at + n].copy_from_slice(&w[..n]);
+                at += n;
+                // A number now and then, as in logs: the text never repeats exactly.
+                if at + 8 < page.len() && rng.next_u64().is_multiple_of(4) {
+                    let v = rng.next_u64() % 100_000;
+                    let digits = format!("{v} ");
+                    page[at..at + digits.len()].copy_from_slice(digits.as_bytes());
+                    at += digits.len();
+                }
+            }
+        }
+        11..=14 => {
+            for c in page.chunks_mut(8) {
+                let v = rng.next_u64();
+                let v = if v.is_multiple_of(4) { v } else { v & 0xffff };
+                c.copy_from_slice(&v.to_le_bytes()[..c.len()]);
+            }
+        }
+        _ => rng.fill(page),
+    }
+}
+
+/// Wall time and peak resident memory of a finished command.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// Wall seconds.
+    pub secs: f64,
+    /// Peak resident set size in bytes (0 where unknown).
+    pub peak_rss: u64,
+}
+
+/// Runs a command (failing on a non-zero exit) and measures its wall time and peak RSS
+/// (`wait4`'s resource usage of that one child). Returns the measurement and its stdout.
+pub fn measure(cmd: &mut Command) -> Result<(Measured, String)> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cmd:?}"))?;
+    // Drained on threads, so a chatty child never blocks on a full pipe.
+    let mut out_pipe = child.stdout.take().context("no stdout")?;
+    let mut err_pipe = child.stderr.take().context("no stderr")?;
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out_pipe.read_to_string(&mut s);
+        s
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err_pipe.read_to_string(&mut s);
+        s
+    });
+    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet reaped (`child` is never waited on); `status`
+    // and `usage` are valid for writes for the duration of the call.
+    let rc = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut usage) };
+    let secs = start.elapsed().as_secs_f64();
+    if rc != pid {
+        bail!("waiting for {cmd:?}: {}", std::io::Error::last_os_error());
+    }
+    let out = out_thread.join().unwrap_or_default();
+    let err = err_thread.join().unwrap_or_default();
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{cmd:?} failed: {err}");
+    }
+    // ru_maxrss is in KiB on Linux.
+    let peak_rss = u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024;
+    Ok((Measured { secs, peak_rss }, out))
+}
+
+/// Reads a whole file, so that the next run finds it in the page cache.
+pub fn warm(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 8 << 20];
+    while f.read(&mut buf)? > 0 {}
+    Ok(())
+}
+
+/// Writes a new file back to the disk and reads it into the page cache, so that neither
+/// writeback nor a cold read falls on a timed run.
+pub fn settle(path: &Path) -> Result<()> {
+    std::fs::File::open(path)?.sync_all()?;
+    // Some formats are a descriptor and extent files: flush those too.
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    warm(path)
+}
+
+/// Empties the page cache (needs root); false where that is not allowed.
+pub fn drop_caches() -> bool {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// The local S3 server of the tests (SeaweedFS on loopback), as `tests/s3-server.sh` started
+/// it.
+#[derive(Debug, Clone)]
+pub struct S3Server {
+    /// `http://127.0.0.1:port`.
+    pub endpoint: String,
+    /// A bucket that exists.
+    pub bucket: String,
+    /// Access key.
+    pub key: String,
+    /// Secret key.
+    pub secret: String,
+    /// The server's Python venv (where boto3 can be installed).
+    pub venv: PathBuf,
+}
+
+impl S3Server {
+    /// Starts the server (or finds it running) with `tests/s3-server.sh`.
+    pub fn start(root: &Path) -> Result<S3Server> {
+        let dir = root.join("target/s3");
+        let out = Command::new("bash")
+            .arg(root.join("tests/s3-server.sh"))
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .context("running tests/s3-server.sh")?;
+        if !out.status.success() {
+            bail!(
+                "starting the S3 server: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8(out.stdout)?;
+        let var = |name: &str| -> Result<String> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}=")))
+                .map(str::to_owned)
+                .with_context(|| format!("s3-server.sh printed no {name}"))
+        };
+        Ok(S3Server {
+            endpoint: var("BF_S3_ENDPOINT")?,
+            bucket: var("BF_S3_BUCKET")?,
+            key: var("BF_S3_ACCESS_KEY")?,
+            secret: var("BF_S3_SECRET_KEY")?,
+            venv: dir.join("venv"),
+        })
+    }
+
+    /// The server's Python with boto3 installed (installed on first use).
+    pub fn boto3_python(&self) -> Result<PathBuf> {
+        let python = self.venv.join("bin/python");
+        if !Command::new(&python)
+            .args(["-c", "import boto3"])
+            .status()?
+            .success()
+        {
+            let ok = Command::new(self.venv.join("bin/pip"))
+                .args(["install", "--quiet", "boto3"])
+                .status()?
+                .success();
+            if !ok {
+                bail!("installing boto3 failed");
+            }
+        }
+        Ok(python)
+    }
+
+    /// Environment for blockferry (AWS SDK variables), rclone (a remote named `bf`) and
+    /// boto3 to reach the server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", self.key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", self.secret.clone()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("RCLONE_CONFIG_BF_TYPE", "s3".into()),
+            ("RCLONE_CONFIG_BF_PROVIDER", "SeaweedFS".into()),
+            ("RCLONE_CONFIG_BF_ENDPOINT", self.endpoint.clone()),
+            ("RCLONE_CONFIG_BF_ACCESS_KEY_ID", self.key.clone()),
+            ("RCLONE_CONFIG_BF_SECRET_ACCESS_KEY", self.secret.clone()),
+            ("RCLONE_CONFIG_BF_REGION", "us-east-1".into()),
+        ]
+    }
+}
+
+/// boto3's managed upload of one file: `python -c BOTO3_UPLOAD FILE BUCKET KEY`.
+pub const BOTO3_UPLOAD: &str = "import sys, boto3\n\
+    boto3.client('s3').upload_file(sys.argv[1], sys.argv[2], sys.argv[3])\n";
+
+/// Chunk size the change generator assumes (blockferry's default).
+pub const CHANGE_CHUNK: u64 = 1 << 20;
+/// Bytes rewritten inside each changed chunk.
+pub const CHANGE_WRITE: usize = 256 << 10;
+
+/// Runs a command, failing on a non-zero exit; returns wall seconds and stdout.
+pub fn run(cmd: &mut Command) -> Result<(f64, String)> {
+    let start = Instant::now();
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    let secs = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((secs, String::from_utf8(out.stdout)?))
+}
+
+/// A number field of a `replicate --json` report.
+pub fn field(json: &str, name: &str) -> u64 {
+    json.split(&format!("\"{name}\":"))
+        .nth(1)
+        .and_then(|rest| {
+            rest.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The snapshot id of a `replicate --json` report.
+pub fn snapshot_id(json: &str) -> Result<String> {
+    json.split("\"snapshot\":")
+        .nth(1)
+        .and_then(|rest| rest.split('"').nth(1))
+        .map(str::to_owned)
+        .context("no snapshot id in the report")
+}
+
+/// Runs `cmd()` `n` times (page cache warmed before each); returns the median seconds and
+/// the last stdout.
+pub fn median_of(
+    n: usize,
+    image: &Path,
+    mut cmd: impl FnMut() -> Command,
+) -> Result<(f64, String)> {
+    let mut times = Vec::new();
+    let mut last = String::new();
+    for _ in 0..n {
+        warm(image)?;
+        let (secs, out) = run(&mut cmd())?;
+        times.push(secs);
+        last = out;
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[n / 2], last))
+}
+
+/// Rewrites `CHANGE_WRITE` random bytes inside 1% of the chunks (chosen at random); returns the
+/// VMware CBT `QueryChangedDiskAreas` result that describes the change.
+pub fn change_one_percent(image: &Path, mib: u64, base_change_id: &str) -> Result<(String, u64)> {
+    let f = std::fs::OpenOptions::new().write(true).open(image)?;
+    let chunks = mib * (1 << 20) / CHANGE_CHUNK;
+    let n = (chunks / 100).max(1);
+    let mut rng = Rng(0xde17_a0c4_a9ed);
+    let mut picked: Vec<u64> = Vec::new();
+    while (picked.len() as u64) < n {
+        let c = rng.next_u64() % chunks;
+        if !picked.contains(&c) {
+            picked.push(c);
+        }
+    }
+    picked.sort_unstable();
+    let mut buf = vec![0u8; CHANGE_WRITE];
+    let mut areas = String::new();
+    for c in &picked {
+        let within = (rng.next_u64() % ((CHANGE_CHUNK - CHANGE_WRITE as u64) / 4096)) * 4096;
+        let at = c * CHANGE_CHUNK + within;
+        rng.fill(&mut buf);
+        f.write_all_at(&buf, at)?;
+        if !areas.is_empty() {
+            areas.push_str(", ");
+        }
+        write!(areas, r#"{{"start": {at}, "length": {CHANGE_WRITE}}}"#)?;
+    }
+    f.sync_all()?;
+    let size = mib << 20;
+    Ok((
+        format!(
+            r#"{{"startOffset": 0, "length": {size}, "changeId": "{base_change_id}", "changedArea": [{areas}]}}"#
+        ),
+        n,
+    ))
 }

@@ -12,52 +12,16 @@
 // A benchmark harness prints its results.
 #![allow(clippy::print_stdout)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
-use blockferry_benches::{Paired, blockferry_release, machine, make_image, time};
+use anyhow::{Result, bail};
+use blockferry_benches::{
+    BOTO3_UPLOAD, Paired, S3Server, blockferry_release, machine, make_image, time,
+};
 
 /// Runs of each tool per image, taken in turns.
 const RUNS: usize = 3;
-
-struct Server {
-    endpoint: String,
-    bucket: String,
-    key: String,
-    secret: String,
-    venv: PathBuf,
-}
-
-fn start_server(root: &Path) -> Result<Server> {
-    let dir = root.join("target/s3");
-    let out = Command::new("bash")
-        .arg(root.join("tests/s3-server.sh"))
-        .arg("start")
-        .arg(&dir)
-        .output()
-        .context("running tests/s3-server.sh")?;
-    if !out.status.success() {
-        bail!(
-            "starting the S3 server: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8(out.stdout)?;
-    let var = |name: &str| -> Result<String> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}=")))
-            .map(str::to_owned)
-            .with_context(|| format!("s3-server.sh printed no {name}"))
-    };
-    Ok(Server {
-        endpoint: var("BF_S3_ENDPOINT")?,
-        bucket: var("BF_S3_BUCKET")?,
-        key: var("BF_S3_ACCESS_KEY")?,
-        secret: var("BF_S3_SECRET_KEY")?,
-        venv: dir.join("venv"),
-    })
-}
 
 fn main() -> Result<()> {
     let mib: u64 = std::env::var("BF_BENCH_MIB")
@@ -66,52 +30,25 @@ fn main() -> Result<()> {
         .unwrap_or(1024);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let bf = blockferry_release()?;
-    let server = start_server(&root)?;
-    let python = server.venv.join("bin/python");
-    if !Command::new(&python)
-        .args(["-c", "import boto3"])
-        .status()?
-        .success()
-    {
-        let ok = Command::new(server.venv.join("bin/pip"))
-            .args(["install", "--quiet", "boto3"])
-            .status()?
-            .success();
-        if !ok {
-            bail!("installing boto3 failed");
-        }
-    }
+    let server = S3Server::start(&root)?;
+    let python = server.boto3_python()?;
     if Command::new("rclone").arg("version").output().is_err() {
         bail!("rclone is missing: apt-get install rclone");
     }
     let work = root.join("target/bench-s3");
     std::fs::create_dir_all(&work)?;
     let state = work.join("state");
-    let env = [
-        ("AWS_ACCESS_KEY_ID", server.key.as_str()),
-        ("AWS_SECRET_ACCESS_KEY", server.secret.as_str()),
-        ("AWS_ENDPOINT_URL", server.endpoint.as_str()),
-        ("AWS_REGION", "us-east-1"),
-        ("BLOCKFERRY_PASSPHRASE", "bench passphrase"),
-        ("RCLONE_CONFIG_BF_TYPE", "s3"),
-        ("RCLONE_CONFIG_BF_PROVIDER", "SeaweedFS"),
-        ("RCLONE_CONFIG_BF_ENDPOINT", server.endpoint.as_str()),
-        ("RCLONE_CONFIG_BF_ACCESS_KEY_ID", server.key.as_str()),
-        ("RCLONE_CONFIG_BF_SECRET_ACCESS_KEY", server.secret.as_str()),
-        ("RCLONE_CONFIG_BF_REGION", "us-east-1"),
-    ];
+    let env = server.env();
     let cmd = |program: &Path| {
         let mut c = Command::new(program);
         // Plain HTTP on loopback: a CA bundle set for some proxy of the machine would only
         // trip rclone's SDK up.
-        c.envs(env)
+        c.envs(env.iter().map(|(k, v)| (k, v.as_str())))
+            .env("BLOCKFERRY_PASSPHRASE", "bench passphrase")
             .env("BLOCKFERRY_STATE_DIR", &state)
             .env_remove("AWS_CA_BUNDLE");
         c
     };
-    let boto = "import sys, boto3\n\
-                boto3.client('s3').upload_file(sys.argv[1], sys.argv[2], sys.argv[3])\n";
-
     println!("machine: {}", machine());
     println!(
         "S3 server: SeaweedFS (weed mini) on 127.0.0.1, sharing the machine; {RUNS} runs each in \
@@ -158,7 +95,7 @@ fn main() -> Result<()> {
         })?;
         let bf_vs_boto = Paired::run(RUNS, &mut run_bf, || {
             m += 1;
-            time(cmd(&python).args(["-c", boto]).arg(&image).args([
+            time(cmd(&python).args(["-c", BOTO3_UPLOAD]).arg(&image).args([
                 server.bucket.as_str(),
                 &format!("bench-boto3-{}/{name}-{m}.raw", std::process::id()),
             ]))

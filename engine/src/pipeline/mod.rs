@@ -357,7 +357,7 @@ struct Work {
 
 /// What a chunk turned out to be.
 enum ChunkKind {
-    Unallocated,
+    /// All zeros (read and found so).
     Zero,
     Duplicate,
     New,
@@ -383,6 +383,12 @@ enum Msg {
         /// The pack's last part (records and trailer): not recorded, as a resumed run could
         /// not use it (its trailer would be stale).
         last: bool,
+    },
+    /// Consecutive positions `first..first + count` hold no data (the source maps them
+    /// unallocated or zero): one message for a run, so that a huge thin disk costs little.
+    Holes {
+        first: u64,
+        count: u64,
     },
     /// A pack is complete in the store.
     PackDone {
@@ -455,6 +461,7 @@ fn reader(
     msgs: &Sender<Msg>,
 ) {
     let mut maps = Vec::new();
+    let mut holes = Holes::new(msgs);
     for idx in 0..sh.n_chunks {
         if sh.stopping() {
             return;
@@ -463,7 +470,7 @@ fn reader(
             continue;
         }
         let (offset, len) = (idx * sh.chunk_size, sh.chunk_len(idx));
-        match map_position(sh, idx, &mut maps, msgs) {
+        match map_position(sh, idx, &mut maps, &mut holes) {
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
@@ -500,21 +507,64 @@ fn map_position(
     sh: &Shared<'_>,
     idx: u64,
     maps: &mut Vec<Mapping>,
-    msgs: &Sender<Msg>,
+    holes: &mut Holes<'_>,
 ) -> Result<bool> {
     let len = sh.chunk_len(idx);
     maps.clear();
     sh.source.map(idx * sh.chunk_size, len, maps)?;
     if has_data(maps) {
+        holes.flush();
         return Ok(true);
     }
-    let _ = msgs.send(Msg::Chunk {
-        idx,
-        id: ZERO_ID,
-        len,
-        kind: ChunkKind::Unallocated,
-    });
+    holes.add(idx);
     Ok(false)
+}
+
+/// Most positions one [`Msg::Holes`] covers (progress moves at least this often).
+const MAX_HOLE_RUN: u64 = 1 << 14;
+
+/// A reader's run of positions without data, sent as one message when it ends, grows to
+/// [`MAX_HOLE_RUN`], or the reader returns (by any path: sent on drop).
+struct Holes<'a> {
+    msgs: &'a Sender<Msg>,
+    first: u64,
+    count: u64,
+}
+
+impl<'a> Holes<'a> {
+    fn new(msgs: &'a Sender<Msg>) -> Holes<'a> {
+        Holes {
+            msgs,
+            first: 0,
+            count: 0,
+        }
+    }
+
+    fn add(&mut self, idx: u64) {
+        if self.count > 0 && self.first + self.count == idx && self.count < MAX_HOLE_RUN {
+            self.count += 1;
+        } else {
+            self.flush();
+            self.first = idx;
+            self.count = 1;
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.count > 0 {
+            let _ = self.msgs.send(Msg::Holes {
+                first: self.first,
+                count: self.count,
+            });
+            self.count = 0;
+        }
+    }
+}
+
+impl Drop for Holes<'_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 /// Descriptors of the source's files opened with `O_DIRECT`, by file index.
@@ -578,6 +628,7 @@ fn ring_reader(
     let mut reads = Vec::new();
     let mut sync = crate::io::Pread;
     let mut next = 0u64;
+    let mut holes = Holes::new(msgs);
     // Hands one completed chunk on; false when the run must stop.
     let deliver = |ring: &mut crate::io::uring::ChunkRing, wait: bool| -> Result<bool> {
         let Some(done) = ring
@@ -624,7 +675,7 @@ fn ring_reader(
                     continue;
                 }
                 let (offset, len) = (idx * sh.chunk_size, sh.chunk_len(idx));
-                if !map_position(sh, idx, &mut maps, msgs)? {
+                if !map_position(sh, idx, &mut maps, &mut holes)? {
                     next += 1;
                     continue;
                 }
@@ -1308,7 +1359,7 @@ pub fn replicate(
                 match msg {
                     Msg::Chunk { idx, id, len, kind } => {
                         match kind {
-                            ChunkKind::Unallocated | ChunkKind::Zero => stats.bytes_zero += len,
+                            ChunkKind::Zero => stats.bytes_zero += len,
                             ChunkKind::Duplicate => stats.bytes_deduplicated += len,
                             ChunkKind::New => {
                                 stats.bytes_new += len;
@@ -1327,6 +1378,18 @@ pub fn replicate(
                             }
                         }
                         place(idx, id, &mut pages, first_error.is_none())?;
+                    }
+                    Msg::Holes { first, count } => {
+                        let end = ((first + count) * sh.chunk_size).min(info.virtual_size);
+                        let bytes = end - first * sh.chunk_size;
+                        stats.bytes_zero += bytes;
+                        Counters::add(&sh.counters.bytes_done, bytes);
+                        Counters::add(&sh.counters.bytes_zero, bytes);
+                        // Not recorded as positions: a resumed run maps them again, which
+                        // reads nothing.
+                        for idx in first..first + count {
+                            place(idx, ZERO_ID, &mut pages, first_error.is_none())?;
+                        }
                     }
                     Msg::PackStarted { id, upload_id } => {
                         if let Some(upload_id) = &upload_id {
