@@ -1,6 +1,6 @@
 //! `blockferry convert` against `qemu-img convert -O raw`, on the same 2 GiB dense image in
 //! each format, in one run. Run: `cargo bench -p blockferry-benches --bench convert`
-//! (`BF_BENCH_GIB` sets the size). Output goes to tmpfs so both measure reading and
+//! (`BF_BENCH_GIB` sets the size; `BF_BENCH_KEEP=1` keeps the images for the next run). Output goes to tmpfs so both measure reading and
 //! decoding, not the disk. The tools run in turns, 9 times each;
 //! the table gives median times and the ratios of medians and of bests.
 
@@ -123,6 +123,13 @@ fn main() -> Result<()> {
         );
         let _ = std::fs::remove_file(&q_out);
         let _ = std::fs::remove_file(&b_out);
+        if *fmt != "raw" && std::env::var_os("BF_BENCH_KEEP").is_none() {
+            // 2 GiB each: the disk holds one at a time.
+            let _ = std::fs::remove_file(&image);
+            let _ = std::fs::remove_file(
+                work.join(format!("{}-{gib}g-flat.vmdk", name.replace(' ', "-"))),
+            );
+        }
     }
     std::fs::remove_dir_all(&out_dir)?;
     println!("\nratio > 1: blockferry is faster");

@@ -111,8 +111,10 @@ impl Ctx {
         c
     }
 
-    /// A new, empty local store.
+    /// A new, empty local store. The one made before it is deleted (no section needs two
+    /// at once): the disk holds one store at a time.
     fn new_store(&mut self, encrypted: bool) -> Result<String> {
+        let _ = std::fs::remove_dir_all(self.work.join(format!("store-{}", self.stores)));
         self.stores += 1;
         let path = self.work.join(format!("store-{}", self.stores));
         let _ = std::fs::remove_dir_all(&path);

@@ -84,17 +84,83 @@ impl LocalStore {
         fs::create_dir_all(&dir).map_err(|e| store_err("creating tmp folder", &dir, e))?;
         let name: [u8; 12] = crypto::random()?;
         let path = dir.join(format!("{}.tmp", hex(&name)));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| store_err("creating a temporary object", &path, e))?;
-        f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| {
+        let direct = data.len() >= DIRECT_MIN;
+        let opened = open_tmp(&path, direct).or_else(|e| {
+            // File systems without O_DIRECT (tmpfs, some FUSE) refuse it at open.
+            if direct && e.raw_os_error() == Some(libc::EINVAL) {
+                open_tmp(&path, false)
+            } else {
+                Err(e)
+            }
+        });
+        let (f, direct) = opened.map_err(|e| store_err("creating a temporary object", &path, e))?;
+        let written = if direct {
+            write_direct(&f, &path, data)
+        } else {
+            (&f).write_all(data)
+        };
+        written.and_then(|()| f.sync_all()).map_err(|e| {
             let _ = fs::remove_file(&path);
             store_err("writing a temporary object", &path, e)
         })?;
         Ok(path)
     }
+}
+
+/// Objects from this size on (packs) are written with `O_DIRECT`: they are not read back
+/// soon, so they go past the page cache instead of evicting the host's (and the copy into
+/// fresh cache pages, which measured here as a quarter of a replication's CPU time, is
+/// saved).
+const DIRECT_MIN: usize = 1 << 20;
+/// Bytes staged in an aligned buffer per `O_DIRECT` write.
+const DIRECT_PIECE: usize = 4 << 20;
+
+/// Creates a temporary object file, with `O_DIRECT` if asked; says whether it has it.
+fn open_tmp(path: &Path, direct: bool) -> io::Result<(File, bool)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = OpenOptions::new();
+    o.write(true).create_new(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path).map(|f| (f, direct))
+}
+
+/// Writes `data` to a new file opened with `O_DIRECT`: the whole blocks through an aligned
+/// staging buffer, the tail (less than a block) through a buffered descriptor. Should the
+/// file system refuse a direct write after all, the rest goes buffered.
+fn write_direct(f: &File, path: &Path, data: &[u8]) -> io::Result<()> {
+    use crate::io::sys::{AlignedBuf, DIRECT_ALIGN};
+    thread_local! {
+        static STAGE: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::empty());
+    }
+    let whole = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    let done = STAGE.with_borrow_mut(|stage| -> io::Result<usize> {
+        if stage.capacity() < DIRECT_PIECE {
+            *stage = AlignedBuf::new(DIRECT_PIECE);
+        }
+        let mut at = 0;
+        while at < whole {
+            let n = DIRECT_PIECE.min(whole - at);
+            stage.set_len(n);
+            stage.copy_from_slice(&data[at..at + n]);
+            match f.write_at(stage, at as u64) {
+                // Only whole blocks keep the next write aligned.
+                Ok(w) if w > 0 && w % DIRECT_ALIGN == 0 => at += w,
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(at)
+    })?;
+    if done < data.len() {
+        let buffered = OpenOptions::new().write(true).open(path)?;
+        buffered.write_all_at(&data[done..], done as u64)?;
+        buffered.sync_all()?;
+    }
+    Ok(())
 }
 
 fn store_err(what: &str, path: &Path, e: io::Error) -> Error {

@@ -313,6 +313,51 @@ mod tests {
     }
 
     #[test]
+    fn large_objects_written_past_the_page_cache_read_back_exactly() {
+        // O_DIRECT on the disk's file system; tmpfs (/dev/shm) either supports it or makes
+        // the store fall back to buffered writes: both must give the same bytes.
+        let shm = std::path::Path::new("/dev/shm");
+        let dirs = [
+            Some(tempfile::tempdir().unwrap()),
+            shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap()),
+        ];
+        for dir in dirs.iter().flatten() {
+            let store = local::LocalStore::create(dir.path()).unwrap();
+            let mut state = 0x9e37_79b9_u32;
+            for (i, len) in [
+                1 << 20,
+                (1 << 20) + 1,
+                (4 << 20) + 4095,
+                8 << 20,
+                (9 << 20) + 123,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let data: Vec<u8> = (0..len)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 17;
+                        state ^= state << 5;
+                        state.to_le_bytes()[0]
+                    })
+                    .collect();
+                let key = format!("packs/{i}");
+                store.put(&key, &data, PutMode::Create).unwrap();
+                assert!(store.get(&key, len as u64).unwrap() == data, "{len} bytes");
+                store
+                    .put(&key, &data[..len - 1], PutMode::Overwrite)
+                    .unwrap();
+                assert!(store.get(&key, len as u64).unwrap() == data[..len - 1]);
+            }
+            assert_eq!(
+                std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+                0
+            );
+        }
+    }
+
+    #[test]
     fn keys_are_checked() {
         assert!(check_key("packs/ab/abcdef").is_ok());
         assert!(check_key("config").is_ok());
