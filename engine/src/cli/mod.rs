@@ -143,7 +143,7 @@ struct ReplicateArgs {
     name: Option<String>,
     /// Read engine: pread (with the kernel's readahead), `io_uring` where the kernel allows it
     /// (auto), or `io_uring` or fail (uring).
-    #[arg(long, value_name = "auto|uring|pread", default_value = "pread", value_parser = parse_io_engine)]
+    #[arg(long, value_name = "auto|uring|pread", env = "BLOCKFERRY_IO_ENGINE", default_value = "pread", value_parser = parse_io_engine)]
     io_engine: blockferry::io::IoEngine,
     /// Chunks in flight with `io_uring` (at most the memory budget's read buffers).
     #[arg(long, value_name = "N", default_value_t = blockferry::pipeline::DEFAULT_IO_DEPTH)]

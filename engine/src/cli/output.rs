@@ -89,8 +89,13 @@ impl Observer for Bar {
                 } else {
                     String::new()
                 };
+                let engine = if p.io_engine.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", p.io_engine)
+                };
                 bar.set_message(format!(
-                    "read {} dedup {} sent {}{in_flight}",
+                    "read {}{engine} dedup {} sent {}{in_flight}",
                     human_bytes(p.bytes_read),
                     human_bytes(p.bytes_deduplicated),
                     human_bytes(p.bytes_written),

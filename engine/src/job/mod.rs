@@ -97,6 +97,8 @@ pub struct Progress {
     pub bytes_skipped: u64,
     /// Time since the operation started.
     pub elapsed: Duration,
+    /// The read engine of a replication (`pread` or `io_uring`); empty for other operations.
+    pub io_engine: &'static str,
 }
 
 impl Progress {
@@ -199,6 +201,8 @@ pub(crate) struct Counters {
     pub(crate) bytes_written: AtomicU64,
     pub(crate) parts_in_flight: AtomicU64,
     pub(crate) bytes_skipped: AtomicU64,
+    /// The read engine, once a replication has started one.
+    pub(crate) io_engine: std::sync::OnceLock<&'static str>,
 }
 
 impl Counters {
@@ -217,6 +221,7 @@ impl Counters {
             parts_in_flight: self.parts_in_flight.load(Ordering::Relaxed),
             bytes_skipped: self.bytes_skipped.load(Ordering::Relaxed),
             elapsed: started.elapsed(),
+            io_engine: self.io_engine.get().copied().unwrap_or_default(),
         }
     }
 }

@@ -1229,6 +1229,7 @@ pub fn replicate(
     let engine = opts
         .io_engine
         .start(opts.io_depth.clamp(1, 1024), &|m| reporter.warn(m))?;
+    let _ = reporter.counters().io_engine.set(engine.name());
     if !matches!(engine, Engine::Pread) {
         // Chunks in flight on the ring, on top of those waiting for the workers, as far as
         // the budget allows.
