@@ -54,8 +54,10 @@ pub const DEFAULT_UPLOAD_JOBS: usize = 4;
 /// An index object is written after this many packs (and at the end of a run).
 const INDEX_FLUSH_PACKS: usize = 16;
 
-/// Default chunks in flight with `io_uring`.
-pub const DEFAULT_IO_DEPTH: usize = 32;
+/// Default chunks in flight with `io_uring`. Measured here (2 GiB, read and hash only): warm,
+/// depth 4 matched `pread` while 32 was 1.4× slower (more fresh buffers, more kernel time);
+/// cold, depths 4 to 32 all reached the device's rate, buffered or `O_DIRECT`.
+pub const DEFAULT_IO_DEPTH: usize = 4;
 
 /// Options of [`replicate`].
 // Switches of a call, not a state machine.
