@@ -688,38 +688,57 @@ fn s3_section(ctx: &Ctx, root: &Path, os: &Path, rep: &mut Report) -> Result<()>
         n.set(n.get() + 1);
         n.get()
     };
+    // What a run uploaded is deleted after it (untimed): the server keeps its data on this
+    // disk.
+    let purge = |path: &str| -> Result<()> {
+        let mut c = with_env(Command::new("rclone"));
+        c.arg("purge").arg(format!("bf:{}/{path}", server.bucket));
+        measure(&mut c).map(|_| ())
+    };
+    let delete = |key: &str| -> Result<()> {
+        let mut c = with_env(Command::new("rclone"));
+        c.arg("deletefile")
+            .arg(format!("bf:{}/{key}", server.bucket));
+        measure(&mut c).map(|_| ())
+    };
     let t = interleaved(&mut [
         &mut || {
-            let store = format!("s3://{}/harness-{tag}-bf-{}", server.bucket, next());
+            let prefix = format!("harness-{tag}-bf-{}", next());
+            let store = format!("s3://{}/{prefix}", server.bucket);
             measure(&mut with_env(ctx.bf(&["init", "--store", &store])))?;
             warm(os)?;
-            Ok(measure(&mut with_env(ctx.bf(&[
+            let secs = measure(&mut with_env(ctx.bf(&[
                 "replicate",
                 pstr(os),
                 "--store",
                 &store,
             ])))?
             .0
-            .secs)
+            .secs;
+            purge(&prefix)?;
+            Ok(secs)
         },
         &mut || {
             warm(os)?;
+            let key = format!("harness-{tag}-rclone-{}.raw", next());
             let mut c = with_env(Command::new("rclone"));
-            c.arg("copyto").arg(os).arg(format!(
-                "bf:{}/harness-{tag}-rclone-{}.raw",
-                server.bucket,
-                next()
-            ));
-            Ok(measure(&mut c)?.0.secs)
+            c.arg("copyto")
+                .arg(os)
+                .arg(format!("bf:{}/{key}", server.bucket));
+            let secs = measure(&mut c)?.0.secs;
+            delete(&key)?;
+            Ok(secs)
         },
         &mut || {
             warm(os)?;
+            let key = format!("harness-{tag}-boto3-{}.raw", next());
             let mut c = with_env(Command::new(&python));
-            c.args(["-c", BOTO3_UPLOAD]).arg(os).args([
-                server.bucket.as_str(),
-                &format!("harness-{tag}-boto3-{}.raw", next()),
-            ]);
-            Ok(measure(&mut c)?.0.secs)
+            c.args(["-c", BOTO3_UPLOAD])
+                .arg(os)
+                .args([server.bucket.as_str(), &key]);
+            let secs = measure(&mut c)?.0.secs;
+            delete(&key)?;
+            Ok(secs)
         },
     ])?;
     let bytes = std::fs::metadata(os)?.len();

@@ -88,3 +88,42 @@ fn recorded_paths_stay_in_the_folder() {
         real(&folder.join("base.vhd"))
     );
 }
+
+#[test]
+fn neighbouring_mappings_coalesce_only_when_they_continue_each_other() {
+    use super::{Mapping, Target, coalesce};
+    let data = |virt, len, file, offset| Mapping {
+        virt,
+        len,
+        target: Target::Data { file, offset },
+    };
+    let other = |virt, len, target| Mapping { virt, len, target };
+    let mut maps = vec![
+        data(0, 10, 0, 100),
+        data(10, 10, 0, 110), // continues: merged
+        data(20, 10, 0, 200), // same file, elsewhere
+        data(30, 10, 1, 210), // other file, right offset
+        other(40, 5, Target::Zero),
+        other(45, 5, Target::Zero),
+        other(50, 5, Target::Unallocated),
+        other(55, 5, Target::Unallocated),
+        data(60, 4, 1, u64::MAX - 3), // at the very end of the offsets: no overflow
+        data(64, 4, 1, 0),
+    ];
+    coalesce(&mut maps);
+    assert_eq!(
+        maps,
+        vec![
+            data(0, 20, 0, 100),
+            data(20, 10, 0, 200),
+            data(30, 10, 1, 210),
+            other(40, 10, Target::Zero),
+            other(50, 10, Target::Unallocated),
+            data(60, 4, 1, u64::MAX - 3),
+            data(64, 4, 1, 0),
+        ]
+    );
+    let mut empty = Vec::new();
+    coalesce(&mut empty);
+    assert!(empty.is_empty());
+}

@@ -79,6 +79,7 @@ pub fn convert(
                         maps.clear();
                         let step = (|| -> Result<()> {
                             source.map(offset, len, &mut maps)?;
+                            crate::image::coalesce(&mut maps);
                             // Reused as it is: fill_chunk zero-fills what it does not read.
                             buf.resize(len_usize, 0);
                             let n = fill_chunk(source, backend.as_mut(), &maps, offset, &mut buf)?;

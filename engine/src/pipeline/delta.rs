@@ -281,6 +281,7 @@ pub(super) fn plan(
                 let len = chunk.min(size - offset);
                 maps.clear();
                 source.map(offset, len, &mut maps)?;
+                crate::image::coalesce(&mut maps);
                 let id = if has_data(&maps) {
                     buf.resize(usize::try_from(len).expect("a chunk fits in memory"), 0);
                     let read = fill_chunk(source, backend, &maps, offset, &mut buf)?;

@@ -514,6 +514,7 @@ fn map_position(
     let len = sh.chunk_len(idx);
     maps.clear();
     sh.source.map(idx * sh.chunk_size, len, maps)?;
+    crate::image::coalesce(maps);
     if has_data(maps) {
         holes.flush();
         return Ok(true);
