@@ -194,7 +194,7 @@ pub fn make_image(path: &Path, mib: u64, realistic: bool) -> Result<()> {
 /// Writes a dense, OS-like disk image of `mib` MiB in which no 4 KiB page repeats (nothing to
 /// skip or deduplicate): text pages (configuration, logs, source), code-like pages (random
 /// words with zeroed high bytes, as in binaries) and random pages (compressed or encrypted
-/// files). lz4 shrinks it to about 0.6 of its size.
+/// files). lz4 stores it at about 0.7 of its size (0.68 measured).
 pub fn make_os_image(path: &Path, mib: u64, seed: u64) -> Result<()> {
     use std::io::Write;
     let mut f = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(path)?);

@@ -2,7 +2,7 @@
 //! `cargo bench -p blockferry-benches --bench micro` (criterion; a filter narrows it, e.g.
 //! `-- lz4`).
 //!
-//! Data is the harness's OS-like content (lz4 to about 0.6) and random bytes (nothing to
+//! Data is the harness's OS-like content (lz4 to about 0.7) and random bytes (nothing to
 //! compress). Read engines read a 256 MiB file from the page cache.
 
 use std::hint::black_box;
