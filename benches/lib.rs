@@ -164,15 +164,7 @@ pub fn make_image(path: &Path, mib: u64, realistic: bool) -> Result<()> {
             // Written zeros.
             5 | 6 => block.fill(0),
             // OS-like text and code.
-            7..=12 => {
-                let mut at = 0;
-                while at < block.len() {
-                    let w = WORDS[rng.below(WORDS.len())].as_bytes();
-                    let n = w.len().min(block.len() - at);
-                    block[at..at + n].copy_from_slice(&w[..n]);
-                    at += n;
-                }
-            }
+            7..=12 => fill_words(&mut rng, &mut block, false),
             // A block seen before (shared libraries, copies).
             13 | 14 if !kept.is_empty() => {
                 let k = rng.below(kept.len());
@@ -213,22 +205,8 @@ pub fn make_os_image(path: &Path, mib: u64, seed: u64) -> Result<()> {
 /// Fills one page of OS-like content (see [`make_os_image`]).
 pub fn os_page(rng: &mut Rng, page: &mut [u8]) {
     match rng.next_u64() % 20 {
-        0..=10 => {
-            let mut at = 0;
-            while at < page.len() {
-                let w = WORDS[rng.below(WORDS.len())].as_bytes();
-                let n = w.len().min(page.len() - at);
-                page[at..at + n].copy_from_slice(&w[..n]);
-                at += n;
-                // A number now and then, as in logs: the text never repeats exactly.
-                if at + 8 < page.len() && rng.next_u64().is_multiple_of(4) {
-                    let v = rng.next_u64() % 100_000;
-                    let digits = format!("{v} ");
-                    page[at..at + digits.len()].copy_from_slice(digits.as_bytes());
-                    at += digits.len();
-                }
-            }
-        }
+        // A number now and then, as in logs: the text never repeats exactly.
+        0..=10 => fill_words(rng, page, true),
         11..=14 => {
             for c in page.chunks_mut(8) {
                 let v = rng.next_u64();
@@ -237,6 +215,24 @@ pub fn os_page(rng: &mut Rng, page: &mut [u8]) {
             }
         }
         _ => rng.fill(page),
+    }
+}
+
+/// Fills `buf` with OS-like words, with a number after about one word in four if
+/// `numbers` is set.
+fn fill_words(rng: &mut Rng, buf: &mut [u8], numbers: bool) {
+    let mut at = 0;
+    while at < buf.len() {
+        let w = WORDS[rng.below(WORDS.len())].as_bytes();
+        let n = w.len().min(buf.len() - at);
+        buf[at..at + n].copy_from_slice(&w[..n]);
+        at += n;
+        if numbers && at + 8 < buf.len() && rng.next_u64().is_multiple_of(4) {
+            let v = rng.next_u64() % 100_000;
+            let digits = format!("{v} ");
+            buf[at..at + digits.len()].copy_from_slice(digits.as_bytes());
+            at += digits.len();
+        }
     }
 }
 

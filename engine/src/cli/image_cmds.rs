@@ -111,33 +111,6 @@ pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// An extent of the map as printed: adjacent mappings of one kind merged.
-struct Extent {
-    start: u64,
-    len: u64,
-    target: Target,
-}
-
-impl Extent {
-    /// Whether `m` continues this extent.
-    fn extends(&self, m: &Mapping) -> bool {
-        self.start + self.len == m.virt
-            && match (self.target, m.target) {
-                (
-                    Target::Data {
-                        file: f1,
-                        offset: o1,
-                    },
-                    Target::Data {
-                        file: f2,
-                        offset: o2,
-                    },
-                ) => f1 == f2 && o1 + self.len == o2,
-                (a, b) => a == b,
-            }
-    }
-}
-
 /// Virtual bytes mapped per step (bounded memory for any disk size).
 const MAP_STEP: u64 = 1 << 30;
 
@@ -147,7 +120,8 @@ pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut first = true;
-    let mut emit = |e: &Extent, out: &mut dyn Write| -> std::io::Result<()> {
+    // An extent as printed: neighbouring mappings that continue each other, merged.
+    let mut emit = |e: &Mapping, out: &mut dyn Write| -> std::io::Result<()> {
         let (kind, file, offset) = match e.target {
             Target::Data { file, offset } => (
                 "data",
@@ -164,7 +138,7 @@ pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
         };
         if a.json {
             let v = json!({
-                "start": e.start, "length": e.len, "data": kind == "data", "zero": kind != "data",
+                "start": e.virt, "length": e.len, "data": kind == "data", "zero": kind != "data",
                 "kind": kind, "file": file, "offset": offset,
             });
             write!(out, "{}{v}", if first { "[\n" } else { ",\n" })?;
@@ -180,7 +154,7 @@ pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
             writeln!(
                 out,
                 "{:<#16x} {:<#16x} {kind:<12} {offset:<16} {}",
-                e.start,
+                e.virt,
                 e.len,
                 file.unwrap_or_default()
             )?;
@@ -188,7 +162,7 @@ pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
         first = false;
         Ok(())
     };
-    let mut current: Option<Extent> = None;
+    let mut current: Option<Mapping> = None;
     let mut maps = Vec::new();
     let mut off = 0;
     while off < size {
@@ -197,16 +171,11 @@ pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
         src.map(off, len, &mut maps)?;
         for m in &maps {
             match &mut current {
-                Some(e) if e.extends(m) => e.len += m.len,
+                Some(e) if e.continued_by(m) => e.len += m.len,
                 _ => {
-                    if let Some(e) = current.take() {
+                    if let Some(e) = current.replace(*m) {
                         emit(&e, &mut out)?;
                     }
-                    current = Some(Extent {
-                        start: m.virt,
-                        len: m.len,
-                        target: m.target,
-                    });
                 }
             }
         }

@@ -106,36 +106,16 @@ impl Target {
     }
 }
 
-/// Merges neighbouring mappings that continue each other (the same kind, and for data the
-/// next bytes of the same file), so that a chunk of 16 grains stored one after the other is
-/// one read instead of 16. Mappings must be in order, as [`BlockSource::map`] gives them.
+/// Merges neighbouring mappings that continue each other ([`Mapping::continued_by`]), so
+/// that a chunk of 16 grains stored one after the other is one read instead of 16. Mappings
+/// must be in order, as [`BlockSource::map`] gives them.
 pub fn coalesce(maps: &mut Vec<Mapping>) {
     let mut out = 0;
     for i in 0..maps.len() {
         let m = maps[i];
-        if out > 0 {
-            let prev = &mut maps[out - 1];
-            let joins = prev.virt + prev.len == m.virt
-                && match (prev.target, m.target) {
-                    (
-                        Target::Data {
-                            file: f1,
-                            offset: o1,
-                        },
-                        Target::Data {
-                            file: f2,
-                            offset: o2,
-                        },
-                    ) => f1 == f2 && o1.checked_add(prev.len) == Some(o2),
-                    (Target::Zero, Target::Zero) | (Target::Unallocated, Target::Unallocated) => {
-                        true
-                    }
-                    _ => false,
-                };
-            if joins {
-                prev.len += m.len;
-                continue;
-            }
+        if out > 0 && maps[out - 1].continued_by(&m) {
+            maps[out - 1].len += m.len;
+            continue;
         }
         maps[out] = m;
         out += 1;
@@ -152,6 +132,29 @@ pub struct Mapping {
     pub len: u64,
     /// Where its bytes are.
     pub target: Target,
+}
+
+impl Mapping {
+    /// Whether `next` starts where this piece ends and continues it: the same kind, and for
+    /// data the next bytes of the same file (offsets from an image are untrusted: an overflow
+    /// continues nothing).
+    pub fn continued_by(&self, next: &Mapping) -> bool {
+        self.virt.checked_add(self.len) == Some(next.virt)
+            && match (self.target, next.target) {
+                (
+                    Target::Data {
+                        file: f1,
+                        offset: o1,
+                    },
+                    Target::Data {
+                        file: f2,
+                        offset: o2,
+                    },
+                ) => f1 == f2 && o1.checked_add(self.len) == Some(o2),
+                (Target::Zero, Target::Zero) | (Target::Unallocated, Target::Unallocated) => true,
+                _ => false,
+            }
+    }
 }
 
 /// One image file of a chain, as `info` shows it.
