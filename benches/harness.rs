@@ -6,7 +6,9 @@
 //!
 //! - `BF_BENCH_MIB`: size of the dense image (default 2048);
 //! - `BF_BENCH_S3=0`: skip the S3 section (which starts the tests' SeaweedFS);
-//! - `BF_BENCH_KEEP=1`: keep `target/bench-harness`.
+//! - `BF_BENCH_KEEP=1`: keep `target/bench-harness`;
+//! - `BF_BENCH_ONLY=full,convert,engines,sparse,s3`: run only these sections (the ceiling
+//!   always runs; `full` includes the deltas).
 //!
 //! Needs `qemu-img`, `restic` and `rclone` (`apt-get install qemu-utils restic rclone`); the
 //! cold-cache rows need root (to drop the page cache) and are skipped otherwise.
@@ -35,6 +37,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use blockferry::io::sys::AlignedBuf;
 use blockferry::pipeline::is_zero;
 use blockferry::store::crypto::Keys;
 use blockferry::store::format;
@@ -224,12 +227,25 @@ fn main() -> Result<()> {
     let os = work.join("os.raw");
     make_os_image(&os, mib, 0x05_1ce0)?;
 
+    let only = std::env::var("BF_BENCH_ONLY").ok();
+    let run = |section: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|s| s.trim() == section))
+    };
     let ceiling = ceiling_section(&os, &mut rep)?;
-    full_and_delta_section(&mut ctx, &os, mib, ceiling, &mut rep)?;
-    convert_section(&ctx, &os, mib, &mut rep)?;
-    engines_section(&mut ctx, &os, &mut rep)?;
-    sparse_section(&mut ctx, &mut rep)?;
-    if with_s3 {
+    if run("full") {
+        full_and_delta_section(&mut ctx, &os, mib, ceiling, &mut rep)?;
+    }
+    if run("convert") {
+        convert_section(&ctx, &os, mib, &mut rep)?;
+    }
+    if run("engines") {
+        engines_section(&mut ctx, &os, &mut rep)?;
+    }
+    if run("sparse") {
+        sparse_section(&mut ctx, &mut rep)?;
+    }
+    if with_s3 && run("s3") {
         s3_section(&ctx, &root, &os, &mut rep)?;
     }
     print_report(&rep);
@@ -258,7 +274,8 @@ fn stages(data: &[u8], threads: usize) -> Result<CeilingRun> {
                 s.spawn(move || -> Result<u64> {
                     let sealer = keys.pack_sealer(&(t as u128).to_le_bytes());
                     let mut seen = HashSet::new();
-                    let mut pack = Vec::with_capacity(40 << 20);
+                    // As a worker packs: into an aligned buffer reused from pack to pack.
+                    let mut pack = AlignedBuf::new(40 << 20);
                     let mut stored = 0;
                     for chunk in chunks.iter().skip(t).step_by(threads) {
                         if is_zero(chunk) {
@@ -271,7 +288,7 @@ fn stages(data: &[u8], threads: usize) -> Result<CeilingRun> {
                         format::encode_blob(&sealer, &id, chunk, true, &mut pack)?;
                         if pack.len() >= 32 << 20 {
                             stored += pack.len() as u64;
-                            pack.clear();
+                            pack.set_len(0);
                         }
                     }
                     Ok(stored + pack.len() as u64)
@@ -363,12 +380,13 @@ fn full_and_delta_section(
         times.push(m.secs);
         base = snapshot_id(&out)?;
     }
+    let runs: Vec<String> = times.iter().map(|t| format!("{t:.2}")).collect();
     let full = median(times);
     rep.row(
         "full",
         "blockferry replicate (new encrypted store)",
         full,
-        gb_s(bytes, full),
+        format!("{} (runs {})", gb_s(bytes, full), runs.join(" ")),
     );
     rep.target(
         "full replicate / in-memory ceiling >= 85%",

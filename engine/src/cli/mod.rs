@@ -145,8 +145,9 @@ struct ReplicateArgs {
     /// (auto), or `io_uring` or fail (uring).
     #[arg(long, value_name = "auto|uring|pread", env = "BLOCKFERRY_IO_ENGINE", default_value = "pread", value_parser = parse_io_engine)]
     io_engine: blockferry::io::IoEngine,
-    /// Chunks in flight with `io_uring` (at most the memory budget's read buffers).
-    #[arg(long, value_name = "N", default_value_t = blockferry::pipeline::DEFAULT_IO_DEPTH)]
+    /// Chunks in flight with `io_uring` (at most the memory budget's read buffers); 0 picks
+    /// 4, or 32 with --direct (which gets no kernel readahead).
+    #[arg(long, value_name = "N", default_value_t = 0)]
     io_depth: usize,
     /// With `io_uring`, read past the page cache (O_DIRECT) where the file system and alignment
     /// allow (for cold sources that should not evict the host's cache).

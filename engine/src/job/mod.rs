@@ -201,6 +201,8 @@ pub(crate) struct Counters {
     pub(crate) bytes_written: AtomicU64,
     pub(crate) parts_in_flight: AtomicU64,
     pub(crate) bytes_skipped: AtomicU64,
+    /// Chunk bytes copied in user space between the read buffer and the store writer.
+    pub(crate) bytes_copied: AtomicU64,
     /// The read engine, once a replication has started one.
     pub(crate) io_engine: std::sync::OnceLock<&'static str>,
 }

@@ -22,9 +22,10 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::{Msg, Shared};
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::sys::AlignedBuf;
 use crate::job::Counters;
 use crate::job::state::JobDb;
-use crate::store::format::{self, Entry, Id, PackId, hex};
+use crate::store::format::{self, Entry, Id, PackId, RecordBuf, hex};
 use crate::store::{Part, Store, crypto};
 
 /// Largest part a pack is cut into.
@@ -127,8 +128,10 @@ struct Upload {
 /// A worker's pack being filled.
 pub(super) struct OpenPack {
     pub(super) id: PackId,
-    /// The whole pack (whole mode) or the part being filled (multipart).
-    pub(super) buf: Vec<u8>,
+    /// The whole pack (whole mode) or the part being filled (multipart): aligned, so that a
+    /// local store writes it with `O_DIRECT` straight from here, and reused from pack to
+    /// pack (whole mode), so that encoding into it zero-fills nothing.
+    pub(super) buf: AlignedBuf,
     /// Every chunk record of the pack, pack offsets.
     pub(super) entries: Vec<Entry>,
     pub(super) sealer: crypto::Sealer,
@@ -138,14 +141,16 @@ pub(super) struct OpenPack {
 impl OpenPack {
     pub(super) fn start(
         sh: &Shared<'_>,
-        spare: &mut Vec<u8>,
+        spare: &mut AlignedBuf,
         msgs: &Sender<Msg>,
     ) -> Result<OpenPack> {
         let id = next_pack_id(sh)?;
-        let mut buf = std::mem::take(spare);
-        buf.clear();
+        let mut buf = std::mem::replace(spare, AlignedBuf::empty());
         // A multipart pack hands its buffers to the uploaders: the next one starts sized.
-        buf.reserve(sh.plan.pack_capacity);
+        if buf.capacity() < sh.plan.pack_capacity {
+            buf = AlignedBuf::new(sh.plan.pack_capacity);
+        }
+        buf.set_len(0);
         buf.extend_from_slice(&format::pack_header(&id));
         let upload = match sh.pack_mode {
             PackMode::Whole => {
@@ -236,7 +241,7 @@ impl OpenPack {
                 ..*e
             })
             .collect();
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(sh.plan.pack_capacity));
+        let data = std::mem::replace(&mut self.buf, AlignedBuf::new(sh.plan.pack_capacity));
         u.part_base += data.len() as u64;
         u.part_first_entry = self.entries.len();
         u.next_number += 1;
@@ -244,7 +249,7 @@ impl OpenPack {
             pack: self.id,
             upload_id: u.id.clone(),
             number,
-            data: Bytes::from(data),
+            data: Bytes::from_owner(data),
             chunks,
             acks: Arc::clone(&u.acks),
             last,
@@ -271,7 +276,7 @@ impl OpenPack {
         mut self,
         sh: &Shared<'_>,
         parts: &Sender<PartJob>,
-        spare: &mut Vec<u8>,
+        spare: &mut AlignedBuf,
         msgs: &Sender<Msg>,
     ) -> Result<()> {
         if self.upload.is_none() {

@@ -15,6 +15,7 @@ use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::store::format::RecordBuf;
 
 /// Length of every key in the store.
 pub const KEY_LEN: usize = 32;
@@ -145,28 +146,34 @@ impl Sealer {
     ///
     /// `buf[..nonce_at]` is the record header (the caller includes it in `aad` as it needs),
     /// `buf[nonce_at..nonce_at + NONCE_BYTES]` is overwritten with the nonce.
-    pub fn seal(&self, aad: &[u8], buf: &mut Vec<u8>, nonce_at: usize) -> Result<()> {
+    pub fn seal<B: RecordBuf + ?Sized>(
+        &self,
+        aad: &[u8],
+        buf: &mut B,
+        nonce_at: usize,
+    ) -> Result<()> {
         let payload_at = nonce_at + NONCE_BYTES;
-        assert!(
-            buf.len() >= payload_at,
-            "record buffer holds header and nonce"
-        );
-        if let Some(key) = &self.key {
+        let end = buf.len();
+        assert!(end >= payload_at, "record buffer holds header and nonce");
+        let rec = buf.grow(TAG_BYTES);
+        let tag: [u8; TAG_BYTES] = if let Some(key) = &self.key {
             let nonce_bytes: [u8; NONCE_BYTES] = random()?;
-            buf[nonce_at..payload_at].copy_from_slice(&nonce_bytes);
+            rec[nonce_at..payload_at].copy_from_slice(&nonce_bytes);
             let tag = key
                 .seal_in_place_separate_tag(
                     Nonce::assume_unique_for_key(nonce_bytes),
                     Aad::from(aad),
-                    &mut buf[payload_at..],
+                    &mut rec[payload_at..end],
                 )
                 .map_err(|_| Error::internal("AES-GCM sealing failed"))?;
-            buf.extend_from_slice(tag.as_ref());
+            tag.as_ref()
+                .try_into()
+                .map_err(|_| Error::internal("AES-GCM tag of an unexpected length"))?
         } else {
-            buf[nonce_at..payload_at].fill(0);
-            let sum = checksum(aad, &buf[payload_at..]);
-            buf.extend_from_slice(&sum);
-        }
+            rec[nonce_at..payload_at].fill(0);
+            checksum(aad, &rec[payload_at..end])
+        };
+        rec[end..].copy_from_slice(&tag);
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 
 use super::crypto::{NONCE_BYTES, Sealer, TAG_BYTES};
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::sys::AlignedBuf;
 
 /// The store format version this code writes and reads.
 pub const FORMAT_VERSION: u16 = 1;
@@ -129,41 +130,109 @@ fn check_magic(bytes: &[u8], magic: [u8; 6], object: &str) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Blobs (chunk records inside packs)
 
-/// Encodes one chunk as a blob, appending it to `out`.
+/// A growable byte buffer records are encoded into: a `Vec<u8>`, or the aligned buffer a
+/// replication builds its packs in ([`AlignedBuf`], written with `O_DIRECT`). Growing it
+/// hands out bytes that are already initialised, so that encoding into a reused buffer costs
+/// no zero-filling.
+pub trait RecordBuf {
+    /// Bytes in the buffer.
+    fn len(&self) -> usize;
+    /// Whether the buffer holds no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Lengthens the buffer by `n` bytes (of unspecified values) and returns all of it.
+    fn grow(&mut self, n: usize) -> &mut [u8];
+    /// Shortens the buffer to `len` bytes (no-op if it is not longer).
+    fn truncate(&mut self, len: usize);
+    /// Appends `bytes`.
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        let at = self.len();
+        self.grow(bytes.len())[at..].copy_from_slice(bytes);
+    }
+}
+
+impl RecordBuf for Vec<u8> {
+    fn len(&self) -> usize {
+        self.len()
+    }
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        self.resize(self.len() + n, 0);
+        &mut self[..]
+    }
+    fn truncate(&mut self, len: usize) {
+        self.truncate(len);
+    }
+    fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl RecordBuf for AlignedBuf {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        let len = <[u8]>::len(self);
+        let need = len.checked_add(n).expect("a buffer size below isize::MAX");
+        if need > self.capacity() {
+            // Sized by the caller's plan, so this is rare: move to a larger allocation.
+            let mut bigger = AlignedBuf::new(need.max(self.capacity() * 2));
+            bigger.set_len(len);
+            bigger.copy_from_slice(self);
+            *self = bigger;
+        }
+        self.set_len(need);
+        &mut self[..]
+    }
+    fn truncate(&mut self, len: usize) {
+        if len < <[u8]>::len(self) {
+            self.set_len(len);
+        }
+    }
+}
+
+/// Encodes one chunk as a blob, appending it to `out`; returns whether its payload is
+/// compressed (false: the chunk's bytes were copied as they are).
 ///
 /// The chunk is lz4-compressed when that shrinks it (and `compress` is set), kept raw otherwise,
 /// then sealed in place with the chunk id and the blob header as associated data.
-pub fn encode_blob(
+pub fn encode_blob<B: RecordBuf + ?Sized>(
     sealer: &Sealer,
     id: &Id,
     data: &[u8],
     compress: bool,
-    out: &mut Vec<u8>,
-) -> Result<()> {
+    out: &mut B,
+) -> Result<bool> {
     let start = out.len();
     let raw_len = len_u32(data.len(), "chunk")?;
-    out.extend_from_slice(&[0u8; BLOB_HEADER + NONCE_BYTES]);
-    let payload_at = out.len();
-    let mut flags = 0u8;
-    if compress {
-        let bound = lz4_flex::block::get_maximum_output_size(data.len());
-        out.resize(payload_at + bound, 0);
-        match lz4_flex::block::compress_into(data, &mut out[payload_at..]) {
-            Ok(n) if n < data.len() => {
-                out.truncate(payload_at + n);
-                flags |= FLAG_LZ4;
-            }
-            _ => out.truncate(payload_at),
+    let payload_at = start + BLOB_HEADER + NONCE_BYTES;
+    let room = if compress {
+        lz4_flex::block::get_maximum_output_size(data.len()).max(data.len())
+    } else {
+        data.len()
+    };
+    let rec = out.grow(BLOB_HEADER + NONCE_BYTES + room);
+    let compressed = if compress {
+        match lz4_flex::block::compress_into(data, &mut rec[payload_at..]) {
+            Ok(n) if n < data.len() => Some(n),
+            _ => None,
         }
-    }
-    if flags & FLAG_LZ4 == 0 {
-        out.extend_from_slice(data);
-    }
-    out[start] = flags;
-    out[start + 4..start + 8].copy_from_slice(&raw_len.to_le_bytes());
-    let aad = blob_aad(id, &out[start..start + BLOB_HEADER]);
+    } else {
+        None
+    };
+    let payload_len = compressed.unwrap_or_else(|| {
+        rec[payload_at..payload_at + data.len()].copy_from_slice(data);
+        data.len()
+    });
+    rec[start..payload_at].fill(0);
+    rec[start] = if compressed.is_some() { FLAG_LZ4 } else { 0 };
+    rec[start + 4..start + 8].copy_from_slice(&raw_len.to_le_bytes());
+    let aad = blob_aad(id, &rec[start..start + BLOB_HEADER]);
+    out.truncate(payload_at + payload_len);
     // The record is the tail of `out`: seal its payload in place, no copy.
-    sealer.seal(&aad, out, start + BLOB_HEADER)
+    sealer.seal(&aad, out, start + BLOB_HEADER)?;
+    Ok(compressed.is_some())
 }
 
 /// Upper bound of the bytes [`encode_blob`] appends for a chunk of `len` bytes.
@@ -254,7 +323,7 @@ pub fn reseal_blob(
     max_raw: usize,
     object: &str,
     offset: u64,
-    out: &mut Vec<u8>,
+    out: &mut impl RecordBuf,
 ) -> Result<()> {
     let corrupt = |msg: &str| Error::corrupt(object, msg.to_owned()).with_offset(offset);
     let header = blob_header(record, max_raw, object, offset)?;
@@ -309,7 +378,10 @@ pub fn decode_entries(bytes: &[u8]) -> Option<Vec<Entry>> {
 }
 
 /// Appends the sealed trailer (a copy of the pack's entries) and the footer to a pack.
-pub fn finish_pack(sealer: &Sealer, pack: &mut Vec<u8>, entries: &[Entry]) -> Result<()> {
+pub fn finish_pack<B>(sealer: &Sealer, pack: &mut B, entries: &[Entry]) -> Result<()>
+where
+    B: RecordBuf + std::ops::Deref<Target = [u8]>,
+{
     let header: [u8; PACK_HEADER] = pack[..PACK_HEADER]
         .try_into()
         .expect("a pack starts with its header");
@@ -322,7 +394,7 @@ pub fn append_trailer(
     sealer: &Sealer,
     header: &[u8; PACK_HEADER],
     entries: &[Entry],
-    pack: &mut Vec<u8>,
+    pack: &mut impl RecordBuf,
 ) -> Result<()> {
     let header = *header;
     let mut record = vec![0u8; NONCE_BYTES];

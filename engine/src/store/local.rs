@@ -126,25 +126,36 @@ fn open_tmp(path: &Path, direct: bool) -> io::Result<(File, bool)> {
     o.open(path).map(|f| (f, direct))
 }
 
-/// Writes `data` to a new file opened with `O_DIRECT`: the whole blocks through an aligned
-/// staging buffer, the tail (less than a block) through a buffered descriptor. Should the
-/// file system refuse a direct write after all, the rest goes buffered.
+/// Writes `data` to a new file opened with `O_DIRECT`: the whole blocks straight from `data`
+/// when it is aligned (a replication's packs are), else through an aligned staging buffer;
+/// the tail (less than a block) through a buffered descriptor. Should the file system refuse
+/// a direct write after all, the rest goes buffered.
 fn write_direct(f: &File, path: &Path, data: &[u8]) -> io::Result<()> {
     use crate::io::sys::{AlignedBuf, DIRECT_ALIGN};
     thread_local! {
         static STAGE: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::new(AlignedBuf::empty());
     }
     let whole = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    let aligned = (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
     let done = STAGE.with_borrow_mut(|stage| -> io::Result<usize> {
-        if stage.capacity() < DIRECT_PIECE {
+        if !aligned && stage.capacity() < DIRECT_PIECE {
             *stage = AlignedBuf::new(DIRECT_PIECE);
         }
         let mut at = 0;
         while at < whole {
-            let n = DIRECT_PIECE.min(whole - at);
-            stage.set_len(n);
-            stage.copy_from_slice(&data[at..at + n]);
-            match f.write_at(stage, at as u64) {
+            let n = if aligned {
+                whole - at
+            } else {
+                DIRECT_PIECE.min(whole - at)
+            };
+            let piece: &[u8] = if aligned {
+                &data[at..at + n]
+            } else {
+                stage.set_len(n);
+                stage.copy_from_slice(&data[at..at + n]);
+                stage
+            };
+            match f.write_at(piece, at as u64) {
                 // Only whole blocks keep the next write aligned.
                 Ok(w) if w > 0 && w % DIRECT_ALIGN == 0 => at += w,
                 Ok(_) => break,

@@ -315,7 +315,8 @@ mod tests {
     #[test]
     fn large_objects_written_past_the_page_cache_read_back_exactly() {
         // O_DIRECT on the disk's file system; tmpfs (/dev/shm) either supports it or makes
-        // the store fall back to buffered writes: both must give the same bytes.
+        // the store fall back to buffered writes: both must give the same bytes, from
+        // unaligned memory (staged) and from aligned memory (written as it is).
         let shm = std::path::Path::new("/dev/shm");
         let dirs = [
             Some(tempfile::tempdir().unwrap()),
@@ -349,6 +350,16 @@ mod tests {
                     .put(&key, &data[..len - 1], PutMode::Overwrite)
                     .unwrap();
                 assert!(store.get(&key, len as u64).unwrap() == data[..len - 1]);
+                // From an aligned buffer (a replication's packs), written without staging.
+                let mut aligned = crate::io::sys::AlignedBuf::new(len);
+                aligned.set_len(len);
+                aligned.copy_from_slice(&data);
+                let key = format!("packs/aligned-{i}");
+                store.put(&key, &aligned, PutMode::Create).unwrap();
+                assert!(
+                    store.get(&key, len as u64).unwrap() == data,
+                    "aligned {len} bytes"
+                );
             }
             assert_eq!(
                 std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),

@@ -76,6 +76,24 @@ fn golden_unencrypted_pack() {
     }
     finish_pack(&sealer, &mut pack, &entries).unwrap();
     golden("pack-unencrypted", &pack);
+    // The aligned buffer a replication packs into gives the same bytes, reused (its spare
+    // bytes hold an earlier pack's leftovers) and too small (it grows on the way).
+    let mut aligned = AlignedBuf::new(64);
+    aligned.set_len(64);
+    aligned.fill(0xa5);
+    aligned.set_len(0);
+    aligned.extend_from_slice(&pack_header(&PACK_ID));
+    for (data, compress) in [
+        (CHUNK, true),
+        (&b"incompressible!"[..], true),
+        (CHUNK, false),
+    ] {
+        let stored_compressed =
+            encode_blob(&sealer, &k.chunk_id(data), data, compress, &mut aligned).unwrap();
+        assert_eq!(stored_compressed, compress && data == CHUNK);
+    }
+    finish_pack(&sealer, &mut aligned, &entries).unwrap();
+    assert!(aligned[..] == pack[..]);
     assert_eq!(decode_pack_trailer(&sealer, &pack, "p").unwrap(), entries);
     // A store reads only the header and a tail holding the trailer: any tail that does gives
     // the same entries; one that starts inside the trailer is refused, as is a wrong header.
