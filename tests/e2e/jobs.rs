@@ -128,8 +128,9 @@ fn packs_completed_but_not_recorded_are_adopted(
 fn whole_packs_put_but_not_recorded_are_adopted() {
     let sb = Sandbox::new();
     sb.init(&[]);
-    // Two workers on 64M: packs of 8 MiB (budget / (4 × workers)) on any machine.
-    let extra = ["--memory-budget", "64M", "--workers", "2"];
+    // One worker and the pack writer on 64M: packs of 8 MiB (budget / (4 × (workers +
+    // writer))) on any machine.
+    let extra = ["--memory-budget", "64M", "--workers", "1"];
     packs_completed_but_not_recorded_are_adopted(&sb, &extra, |image| {
         kill_when(&sb, image, &extra, || complete_packs(&sb) >= 1);
     });

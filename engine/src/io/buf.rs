@@ -50,6 +50,29 @@ impl BufferPool {
         self.count * self.capacity
     }
 
+    /// Allocates every free buffer now and says where each lies (start, capacity), for
+    /// registering them with the kernel. These buffers then never move and are never freed
+    /// while any clone of the pool lives: a buffer goes back to the pool when dropped, and the
+    /// pool replaces only buffers below its capacity, which these are not.
+    pub fn allocate_all(&self) -> Vec<(*mut u8, usize)> {
+        let mut taken = Vec::with_capacity(self.count);
+        while let Ok(mut buf) = self.rx.try_recv() {
+            if buf.capacity() < self.capacity {
+                buf = AlignedBuf::new(self.capacity);
+            }
+            taken.push(buf);
+        }
+        let regions = taken
+            .iter_mut()
+            .map(|b| (b.as_mut_ptr(), b.capacity()))
+            .collect();
+        for buf in taken {
+            // Room for every buffer the pool made.
+            let _ = self.tx.try_send(buf);
+        }
+        regions
+    }
+
     /// Waits up to `timeout` for a free buffer (cleared, with full capacity reserved).
     pub fn get_timeout(&self, timeout: Duration) -> Option<PooledBuf> {
         match self.rx.recv_timeout(timeout) {
@@ -92,6 +115,12 @@ impl Deref for PooledBuf {
 impl DerefMut for PooledBuf {
     fn deref_mut(&mut self) -> &mut AlignedBuf {
         &mut self.buf
+    }
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
     }
 }
 

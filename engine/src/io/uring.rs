@@ -11,7 +11,7 @@ use std::os::fd::RawFd;
 
 use io_uring::{IoUring, opcode, types};
 
-use super::buf::PooledBuf;
+use super::buf::{BufferPool, PooledBuf};
 
 /// One read of a chunk: `len` bytes of a file at `offset`, into the buffer at `at`.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +79,13 @@ pub struct ChunkRing {
     /// Most reads in the kernel at once: what the completion queue holds, so that no
     /// completion ever overflows it.
     max_in_kernel: usize,
+    /// Buffers registered with the kernel (fixed buffers): start address, capacity, index.
+    fixed: Vec<(usize, usize, u16)>,
+    /// The pool those buffers belong to: held so that they stay allocated for as long as the
+    /// ring, whose descriptor (declared before, so closed first) registers them.
+    fixed_pool: Option<BufferPool>,
+    /// Reads submitted into registered buffers.
+    fixed_reads: u64,
 }
 
 impl std::fmt::Debug for ChunkRing {
@@ -114,7 +121,60 @@ impl ChunkRing {
             free: (0..depth).rev().collect(),
             in_kernel: 0,
             ready: Vec::new(),
+            fixed: Vec::new(),
+            fixed_pool: None,
+            fixed_reads: 0,
         })
+    }
+
+    /// Registers the buffers of `pool` with the kernel (fixed buffers), so that reads into
+    /// them skip mapping and pinning their pages on every read; reads into other memory go
+    /// as before. Returns how many were registered. Fails, leaving the ring as it was, where
+    /// the kernel refuses (over `RLIMIT_MEMLOCK`, say).
+    pub fn register_pool(&mut self, pool: &BufferPool) -> io::Result<usize> {
+        if self.fixed_pool.is_some() {
+            return Ok(0);
+        }
+        let mut regions = pool.allocate_all();
+        // The kernel takes at most 16384 buffers.
+        regions.truncate(16384);
+        if regions.is_empty() {
+            return Ok(0);
+        }
+        let iovecs: Vec<libc::iovec> = regions
+            .iter()
+            .map(|&(ptr, len)| libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            })
+            .collect();
+        // SAFETY: each region is a buffer of `pool`, allocated by `allocate_all`, which never
+        // moves or frees it while a clone of the pool lives (a dropped buffer goes back to the
+        // pool; pooled buffers never grow into new allocations). The ring keeps such a clone
+        // in `fixed_pool`, dropped only after `ring` (field order), whose closing ends the
+        // registration; so the memory is valid for as long as it is registered.
+        unsafe { self.ring.submitter().register_buffers(&iovecs)? };
+        self.fixed = regions
+            .iter()
+            .zip(0u16..)
+            .map(|(&(ptr, len), i)| (ptr.addr(), len, i))
+            .collect();
+        self.fixed_pool = Some(pool.clone());
+        Ok(self.fixed.len())
+    }
+
+    /// Reads submitted into registered buffers so far (resubmissions count again).
+    pub fn fixed_reads(&self) -> u64 {
+        self.fixed_reads
+    }
+
+    /// The index of the registered buffer that holds `len` bytes at `ptr`, if any.
+    fn fixed_index(&self, ptr: *mut u8, len: usize) -> Option<u16> {
+        let addr = ptr.addr();
+        self.fixed
+            .iter()
+            .find(|&&(start, cap, _)| addr >= start && addr + len <= start + cap)
+            .map(|&(_, _, i)| i)
     }
 
     /// Whether another chunk can be queued.
@@ -244,12 +304,19 @@ impl ChunkRing {
         // Inside the buffer: `queue` checked `read.at + read.len` against its capacity.
         let ptr = pending.buf.as_mut_ptr().wrapping_add(at);
         let len32 = u32::try_from(len).map_err(|_| io::Error::other("read over 4 GiB"))?;
-        let entry = opcode::Read::new(types::Fd(fd), ptr, len32)
-            .offset(offset)
-            .build()
-            .user_data(((slot as u64) << 32) | i as u64);
+        let fixed = self.fixed_index(ptr, len);
+        let entry = match fixed {
+            Some(index) => opcode::ReadFixed::new(types::Fd(fd), ptr, len32, index)
+                .offset(offset)
+                .build(),
+            None => opcode::Read::new(types::Fd(fd), ptr, len32)
+                .offset(offset)
+                .build(),
+        }
+        .user_data(((slot as u64) << 32) | i as u64);
         loop {
-            // SAFETY: the entry points into the heap buffer of `self.slots[slot]`, which the
+            // SAFETY: the entry points into the heap buffer of `self.slots[slot]` (a fixed
+            // read names the registered buffer that holds that same memory), which the
             // ring owns until this read's completion is reaped (`complete` hands a buffer back
             // only when all its reads completed, and `Drop` waits for every read in the
             // kernel); the buffer's memory never moves (a fixed allocation), and the reads of
@@ -264,6 +331,7 @@ impl ChunkRing {
             self.submit_now()?;
         }
         self.in_kernel += 1;
+        self.fixed_reads += u64::from(fixed.is_some());
         Ok(())
     }
 

@@ -22,7 +22,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::{Msg, Shared};
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::sys::AlignedBuf;
+use crate::io::buf::PooledBuf;
 use crate::job::Counters;
 use crate::job::state::JobDb;
 use crate::store::format::{self, Entry, Id, PackId, RecordBuf, hex};
@@ -114,6 +114,19 @@ pub(super) struct PartJob {
     last: Option<Vec<Entry>>,
 }
 
+/// A pack on its way from its worker to an uploader thread (or, on a store that takes packs
+/// whole, the pack writer thread), so that the worker goes on packing meanwhile.
+pub(super) enum Outgoing {
+    /// A part of a multipart upload.
+    Part(PartJob),
+    /// A whole pack (records, trailer and footer), put in one piece.
+    Whole {
+        pack: PackId,
+        data: PooledBuf,
+        entries: Vec<Entry>,
+    },
+}
+
 /// The multipart side of an open pack.
 struct Upload {
     id: String,
@@ -128,10 +141,10 @@ struct Upload {
 /// A worker's pack being filled.
 pub(super) struct OpenPack {
     pub(super) id: PackId,
-    /// The whole pack (whole mode) or the part being filled (multipart): aligned, so that a
-    /// local store writes it with `O_DIRECT` straight from here, and reused from pack to
-    /// pack (whole mode), so that encoding into it zero-fills nothing.
-    pub(super) buf: AlignedBuf,
+    /// The whole pack (whole mode) or the part being filled (multipart), from the run's pool
+    /// of pack buffers: aligned, so that a local store writes it with `O_DIRECT` straight
+    /// from here, and reused, so that encoding into it zero-fills nothing.
+    pub(super) buf: PooledBuf,
     /// Every chunk record of the pack, pack offsets.
     pub(super) entries: Vec<Entry>,
     pub(super) sealer: crypto::Sealer,
@@ -139,18 +152,9 @@ pub(super) struct OpenPack {
 }
 
 impl OpenPack {
-    pub(super) fn start(
-        sh: &Shared<'_>,
-        spare: &mut AlignedBuf,
-        msgs: &Sender<Msg>,
-    ) -> Result<OpenPack> {
+    pub(super) fn start(sh: &Shared<'_>, msgs: &Sender<Msg>) -> Result<OpenPack> {
         let id = next_pack_id(sh)?;
-        let mut buf = std::mem::replace(spare, AlignedBuf::empty());
-        // A multipart pack hands its buffers to the uploaders: the next one starts sized.
-        if buf.capacity() < sh.plan.pack_capacity {
-            buf = AlignedBuf::new(sh.plan.pack_capacity);
-        }
-        buf.set_len(0);
+        let mut buf = pack_buffer(sh)?;
         buf.extend_from_slice(&format::pack_header(&id));
         let upload = match sh.pack_mode {
             PackMode::Whole => {
@@ -195,7 +199,7 @@ impl OpenPack {
 
     /// After a chunk record was added: sends a full part, or says the pack is full.
     /// Returns true when the pack should be finished now.
-    pub(super) fn after_add(&mut self, sh: &Shared<'_>, parts: &Sender<PartJob>) -> Result<bool> {
+    pub(super) fn after_add(&mut self, sh: &Shared<'_>, parts: &Sender<Outgoing>) -> Result<bool> {
         let full_entries = self.entries.len() >= format::MAX_PACK_CHUNKS;
         match (&self.upload, sh.pack_mode) {
             (None, _) => {
@@ -220,7 +224,7 @@ impl OpenPack {
     fn send_part(
         &mut self,
         sh: &Shared<'_>,
-        parts: &Sender<PartJob>,
+        parts: &Sender<Outgoing>,
         last: Option<Vec<Entry>>,
     ) -> Result<()> {
         let u = self.upload.as_mut().expect("multipart pack");
@@ -241,68 +245,75 @@ impl OpenPack {
                 ..*e
             })
             .collect();
-        let data = std::mem::replace(&mut self.buf, AlignedBuf::new(sh.plan.pack_capacity));
+        let data = std::mem::replace(&mut self.buf, pack_buffer(sh)?);
         u.part_base += data.len() as u64;
         u.part_first_entry = self.entries.len();
         u.next_number += 1;
-        let mut job = PartJob {
-            pack: self.id,
-            upload_id: u.id.clone(),
-            number,
-            data: Bytes::from_owner(data),
-            chunks,
-            acks: Arc::clone(&u.acks),
-            last,
-        };
-        loop {
-            match parts.send_timeout(job, Duration::from_millis(100)) {
-                Ok(()) => return Ok(()),
-                Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
-                    if sh.stop.is_cancelled() {
-                        return Err(stopped());
-                    }
-                    job = j;
-                }
-                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
-                    return Err(stopped());
-                }
-            }
-        }
+        hand_over(
+            sh,
+            parts,
+            Outgoing::Part(PartJob {
+                pack: self.id,
+                upload_id: u.id.clone(),
+                number,
+                data: Bytes::from_owner(data),
+                chunks,
+                acks: Arc::clone(&u.acks),
+                last,
+            }),
+        )
     }
 
-    /// Finishes the pack: whole mode puts it; multipart sends the last part (records and
-    /// trailer), and its uploader completes the upload.
-    pub(super) fn finish(
-        mut self,
-        sh: &Shared<'_>,
-        parts: &Sender<PartJob>,
-        spare: &mut AlignedBuf,
-        msgs: &Sender<Msg>,
-    ) -> Result<()> {
+    /// Finishes the pack: whole mode hands it to the pack writer; multipart sends the last
+    /// part (records and trailer), and its uploader completes the upload.
+    pub(super) fn finish(mut self, sh: &Shared<'_>, parts: &Sender<Outgoing>) -> Result<()> {
         if self.upload.is_none() {
             format::finish_pack(&self.sealer, &mut self.buf, &self.entries)?;
-            if let Some(limit) = &sh.bwlimit
-                && !limit.acquire(self.buf.len() as u64, &|| sh.stopping())
-            {
-                return Err(stopped());
-            }
-            sh.store.put_pack(&self.id, &self.buf)?;
-            let bytes = self.buf.len() as u64;
-            Counters::add(&sh.counters.bytes_written, bytes);
-            tracing::debug!(pack = %hex(&self.id), bytes, chunks = self.entries.len(), "pack stored");
-            let _ = msgs.send(Msg::PackDone {
-                id: self.id,
-                entries: self.entries,
-                bytes,
-                whole: true,
-            });
-            *spare = self.buf;
-            return Ok(());
+            return hand_over(
+                sh,
+                parts,
+                Outgoing::Whole {
+                    pack: self.id,
+                    data: self.buf,
+                    entries: self.entries,
+                },
+            );
         }
         let header = format::pack_header(&self.id);
         format::append_trailer(&self.sealer, &header, &self.entries, &mut self.buf)?;
         let entries = self.entries.clone();
         self.send_part(sh, parts, Some(entries))
+    }
+}
+
+/// A buffer for a pack (or part) from the run's pool: waits for one to come back from the
+/// uploaders or the writer, unless the run stops.
+fn pack_buffer(sh: &Shared<'_>) -> Result<PooledBuf> {
+    loop {
+        if let Some(buf) = sh.pack_bufs.get_timeout(Duration::from_millis(100)) {
+            return Ok(buf);
+        }
+        if sh.stop.is_cancelled() {
+            return Err(stopped());
+        }
+    }
+}
+
+/// Hands a pack or part to an uploader (or the writer), waiting for one to be free.
+fn hand_over(sh: &Shared<'_>, parts: &Sender<Outgoing>, mut job: Outgoing) -> Result<()> {
+    loop {
+        match parts.send_timeout(job, Duration::from_millis(100)) {
+            Ok(()) => return Ok(()),
+            Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
+                if sh.stop.is_cancelled() {
+                    return Err(stopped());
+                }
+                job = j;
+            }
+            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
+                return Err(stopped());
+            }
+        }
     }
 }
 
@@ -325,8 +336,9 @@ fn stopped() -> Error {
     Error::new(ErrorKind::Cancelled, "stopped")
 }
 
-/// An uploader thread: sends parts, reports acknowledgements, completes finished packs.
-pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<PartJob>, msgs: &Sender<Msg>) {
+/// An uploader thread: sends parts, reports acknowledgements, completes finished packs; or,
+/// on a store that takes packs whole, the pack writer: puts each pack.
+pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<Outgoing>, msgs: &Sender<Msg>) {
     /// Stops the run if this thread panics, so that no worker waits for its acks for ever.
     struct StopOnPanic<'a>(&'a crate::job::CancelToken);
     impl Drop for StopOnPanic<'_> {
@@ -339,6 +351,17 @@ pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<PartJob>, msgs: &Sender
     let _guard = StopOnPanic(&sh.stop);
     let backend = sh.store.backend();
     for job in parts {
+        let job = match job {
+            Outgoing::Part(job) => job,
+            Outgoing::Whole {
+                pack,
+                data,
+                entries,
+            } => {
+                put_whole(sh, &pack, &data, entries, msgs);
+                continue;
+            }
+        };
         if sh.stop.is_cancelled() {
             job.acks.fail();
             continue;
@@ -389,6 +412,33 @@ pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<PartJob>, msgs: &Sender
             }
         }
     }
+}
+
+/// Puts a whole pack and reports it done (or fails the run).
+fn put_whole(sh: &Shared<'_>, pack: &PackId, data: &[u8], entries: Vec<Entry>, msgs: &Sender<Msg>) {
+    // After a user's cancel the pack is still put: its chunks are complete, and worth keeping
+    // for the next run.
+    if sh.stop.is_cancelled() {
+        return;
+    }
+    let bytes = data.len() as u64;
+    if let Some(limit) = &sh.bwlimit
+        && !limit.acquire(bytes, &|| sh.stopping())
+    {
+        return;
+    }
+    if let Err(e) = sh.store.put_pack(pack, data) {
+        sh.fail(msgs, e);
+        return;
+    }
+    Counters::add(&sh.counters.bytes_written, bytes);
+    tracing::debug!(pack = %hex(pack), bytes, chunks = entries.len(), "pack stored");
+    let _ = msgs.send(Msg::PackDone {
+        id: *pack,
+        entries,
+        bytes,
+        whole: true,
+    });
 }
 
 /// Paces uploads to an average rate: each upload of `n` bytes starts only once the bytes

@@ -6,6 +6,7 @@
 
 use super::crypto::{NONCE_BYTES, Sealer, TAG_BYTES};
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::buf::PooledBuf;
 use crate::io::sys::AlignedBuf;
 
 /// The store format version this code writes and reads.
@@ -189,6 +190,27 @@ impl RecordBuf for AlignedBuf {
         if len < <[u8]>::len(self) {
             self.set_len(len);
         }
+    }
+}
+
+/// A pooled buffer never moves to a larger allocation (the pool's buffers stay where they are,
+/// which `io_uring` fixed buffers rely on): its pool is sized for what goes into it (a pack
+/// buffer holds a full pack with its trailer, by the memory plan).
+impl RecordBuf for PooledBuf {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+    fn grow(&mut self, n: usize) -> &mut [u8] {
+        let need = <[u8]>::len(self).saturating_add(n);
+        assert!(
+            need <= self.capacity(),
+            "a pooled buffer is sized for what goes into it"
+        );
+        self.set_len(need);
+        &mut self[..]
+    }
+    fn truncate(&mut self, len: usize) {
+        RecordBuf::truncate(&mut **self, len);
     }
 }
 
@@ -380,9 +402,9 @@ pub fn decode_entries(bytes: &[u8]) -> Option<Vec<Entry>> {
 /// Appends the sealed trailer (a copy of the pack's entries) and the footer to a pack.
 pub fn finish_pack<B>(sealer: &Sealer, pack: &mut B, entries: &[Entry]) -> Result<()>
 where
-    B: RecordBuf + std::ops::Deref<Target = [u8]>,
+    B: RecordBuf + AsRef<[u8]>,
 {
-    let header: [u8; PACK_HEADER] = pack[..PACK_HEADER]
+    let header: [u8; PACK_HEADER] = pack.as_ref()[..PACK_HEADER]
         .try_into()
         .expect("a pack starts with its header");
     append_trailer(sealer, &header, entries, pack)

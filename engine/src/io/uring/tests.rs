@@ -35,6 +35,15 @@ fn check(done: &Done, expected: &std::collections::HashMap<u64, Vec<u8>>) {
 
 #[test]
 fn chunks_come_back_filled_whatever_the_order_of_completion() {
+    chunks_come_back_filled(false);
+}
+
+#[test]
+fn chunks_come_back_filled_into_registered_buffers() {
+    chunks_come_back_filled(true);
+}
+
+fn chunks_come_back_filled(fixed: bool) {
     let data: Vec<u8> = (0..1 << 20)
         .map(|i: u32| (i * 7 + i / 4096) as u8)
         .collect();
@@ -45,6 +54,15 @@ fn chunks_come_back_filled_whatever_the_order_of_completion() {
         eprintln!("io_uring unavailable here; skipped");
         return;
     };
+    if fixed {
+        match ring.register_pool(&pool) {
+            Ok(n) => assert_eq!(n, 8),
+            Err(e) => {
+                eprintln!("fixed buffers refused here ({e}); skipped");
+                return;
+            }
+        }
+    }
     let mut expected = std::collections::HashMap::new();
     let mut got = 0;
     for token in 0..16u64 {
@@ -75,6 +93,8 @@ fn chunks_come_back_filled_whatever_the_order_of_completion() {
     }
     assert_eq!(got, 16);
     assert_eq!(ring.in_flight(), 0);
+    // Every read went through a registered buffer, or none did.
+    assert_eq!(ring.fixed_reads(), if fixed { 32 } else { 0 });
 }
 
 #[test]
