@@ -153,9 +153,10 @@ struct ReplicateArgs {
     /// allow (for cold sources that should not evict the host's cache).
     #[arg(long)]
     direct: bool,
-    /// Memory the pipeline may use for data in flight.
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
-    memory_budget: u64,
+    /// Memory the pipeline may use for data in flight (default: 64 MiB per core, at least
+    /// 256 MiB, at most an eighth of the machine's or the container's memory).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_budget: Option<u64>,
     /// Worker threads for hashing, compression and encryption (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -581,7 +582,9 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
     };
     let source = blockferry::image::open_with(&a.image, &image_opts)?;
     let opts = ReplicateOptions {
-        memory_budget: usize::try_from(a.memory_budget).unwrap_or(usize::MAX),
+        memory_budget: a
+            .memory_budget
+            .map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX).max(1)),
         workers: a.workers,
         compression: matches!(a.compression, Compression::Lz4),
         disk_name: a.name.clone(),

@@ -58,9 +58,10 @@ pub(crate) struct SyncArgs {
     /// Share of the chunks a list calls unchanged that each cycle reads to check it.
     #[arg(long, value_name = "PERCENT", default_value = "1%", value_parser = parse_percent)]
     verify_sample: f64,
-    /// Memory the pipeline may use for data in flight.
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
-    memory_budget: u64,
+    /// Memory the pipeline may use for data in flight (default: 64 MiB per core, at least
+    /// 256 MiB, at most an eighth of the machine's or the container's memory).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_budget: Option<u64>,
     #[command(flatten)]
     state: super::jobs::StateArgs,
 }
@@ -228,7 +229,9 @@ fn run_cycle(
         ),
     };
     let opts = ReplicateOptions {
-        memory_budget: usize::try_from(a.memory_budget).unwrap_or(usize::MAX),
+        memory_budget: a
+            .memory_budget
+            .map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX).max(1)),
         disk_name: Some(disk.to_owned()),
         cancel: cancel.clone(),
         job_state: Some(a.state.dir()?),

@@ -45,7 +45,7 @@ use crate::store::lock::StoreLock;
 use crate::store::{ChunkIndex, DiskMeta, Part, Snapshot, SnapshotStats, Store};
 use packer::{OpenPack, Outgoing, PackMode};
 
-/// Default memory budget of a replication.
+/// The smallest memory budget a replication picks for itself (see [`default_memory_budget`]).
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
 /// Largest pack a replication writes (before its trailer).
 const MAX_PACK_BYTES: usize = 32 << 20;
@@ -68,7 +68,8 @@ pub const DEFAULT_DIRECT_IO_DEPTH: usize = 32;
 #[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Clone)]
 pub struct ReplicateOptions {
-    /// Peak memory the pipeline may use for data in flight, in bytes.
+    /// Peak memory the pipeline may use for data in flight, in bytes; 0 picks
+    /// [`default_memory_budget`].
     pub memory_budget: usize,
     /// Worker threads for hashing, compression and encryption; 0 means one per core.
     pub workers: usize,
@@ -115,7 +116,7 @@ pub struct ReplicateOptions {
 impl Default for ReplicateOptions {
     fn default() -> Self {
         ReplicateOptions {
-            memory_budget: DEFAULT_MEMORY_BUDGET,
+            memory_budget: 0,
             workers: 0,
             compression: true,
             disk_name: None,
@@ -272,6 +273,42 @@ pub fn plan_parts(
         pack_capacity,
         total: fixed + read_bufs * chunk_size,
     })
+}
+
+/// The memory budget of a replication that was given none: 64 MiB per core, at least
+/// [`DEFAULT_MEMORY_BUDGET`], but at most an eighth of the memory this process may use (the
+/// machine's, or its control group's limit in a container), and never below 8 MiB per core
+/// with 64 MiB at least (what the pipeline's buffers need).
+pub fn default_memory_budget() -> usize {
+    let cores = worker_count(0);
+    let wanted = cores.saturating_mul(64 << 20).max(DEFAULT_MEMORY_BUDGET);
+    let floor = cores.saturating_mul(8 << 20).max(64 << 20);
+    usable_memory()
+        .map_or(wanted, |m| wanted.min(m / 8))
+        .max(floor)
+}
+
+/// Memory this process may use: the machine's (`MemTotal`), or less under a control group
+/// limit (v2 `memory.max`, v1 `memory.limit_in_bytes`). `None` where neither can be read.
+fn usable_memory() -> Option<usize> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let total = read("/proc/meminfo").and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    });
+    // "max" (v2) or a huge number (v1) when there is no limit: neither lowers the total.
+    let limit = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| read(p)?.trim().parse::<usize>().ok())
+    .min();
+    match (total, limit) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
+    }
 }
 
 /// Worker threads to use: `requested`, or one per core when 0 (at most 64).
@@ -1147,8 +1184,12 @@ pub fn replicate(
     // Workers never wait for the store (the writer or the uploaders do): one per core, by
     // default. Measured on 2 cores, local store: a third worker gave nothing (medians of 4
     // paired runs 2.56 s and 2.61 s).
+    let budget = match opts.memory_budget {
+        0 => default_memory_budget(),
+        b => b,
+    };
     let mut plan = plan_parts(
-        opts.memory_budget,
+        budget,
         chunk_size,
         opts.workers,
         uploads,
@@ -1250,7 +1291,7 @@ pub fn replicate(
     if !matches!(engine, Engine::Pread) {
         // Chunks in flight on the ring, on top of those waiting for the workers, as far as
         // the budget allows.
-        let room = opts.memory_budget.saturating_sub(plan.total) / chunk_size;
+        let room = budget.saturating_sub(plan.total) / chunk_size;
         let extra = io_depth.min(room);
         plan.read_bufs += extra;
         plan.total += extra * chunk_size;
@@ -1614,7 +1655,7 @@ pub fn replicate(
         io_engine: engine_name,
         workers: plan.workers,
         uploads,
-        memory_budget: opts.memory_budget as u64,
+        memory_budget: budget as u64,
         memory_planned: plan.total as u64,
         bytes_unchanged: stats.bytes_unchanged,
         base: delta.as_ref().map(|d| d.base.id.clone()),

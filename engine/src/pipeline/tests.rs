@@ -30,3 +30,15 @@ fn zero_detection() {
     }
     assert!(is_zero(&buf[..12345]));
 }
+
+#[test]
+fn default_budget_follows_the_machine_and_plans() {
+    let budget = default_memory_budget();
+    let floor = (worker_count(0) * (8 << 20)).max(64 << 20);
+    assert!(budget >= floor, "{budget}");
+    if let Some(usable) = usable_memory() {
+        assert!(budget <= (usable / 8).max(floor), "{budget} of {usable}");
+    }
+    // The pipeline fits in it with the default chunk size and workers.
+    plan(budget, 1 << 20, 0).unwrap();
+}
