@@ -64,41 +64,60 @@ fn main() -> Result<()> {
         if !image.exists() {
             make_image(&image, mib, realistic)?;
         }
+        // What a run uploaded is deleted after it (untimed): the server keeps its data on
+        // this disk, which a few runs of gigabytes would fill.
+        let remove = |what: &str, path: &str| -> Result<()> {
+            let out = cmd(Path::new("rclone"))
+                .arg(what)
+                .arg(format!("bf:{}/{path}", server.bucket))
+                .output()?;
+            if !out.status.success() {
+                bail!("rclone {what}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
         let mut run_bf = || -> Result<f64> {
             n += 1;
-            let store = format!("s3://{}/bench-bf-{}-{n}", server.bucket, std::process::id());
+            let prefix = format!("bench-bf-{}-{n}", std::process::id());
+            let store = format!("s3://{}/{prefix}", server.bucket);
             let init = cmd(&bf).args(["init", "--store", &store]).output()?;
             if !init.status.success() {
                 bail!("init: {}", String::from_utf8_lossy(&init.stderr));
             }
-            time(
+            let secs = time(
                 cmd(&bf)
                     .arg("replicate")
                     .arg(&image)
                     .args(["--store", &store]),
-            )
+            )?;
+            remove("purge", &prefix)?;
+            Ok(secs)
         };
         // A new key each run: rclone would skip a file the destination already has.
         let mut m = 0u32;
         let bf_vs_rclone = Paired::run(RUNS, &mut run_bf, || {
             m += 1;
-            time(
+            let key = format!("bench-rclone-{}/{name}-{m}.raw", std::process::id());
+            let secs = time(
                 cmd(Path::new("rclone"))
                     .arg("copyto")
                     .arg(&image)
-                    .arg(format!(
-                        "bf:{}/bench-rclone-{}/{name}-{m}.raw",
-                        server.bucket,
-                        std::process::id()
-                    )),
-            )
+                    .arg(format!("bf:{}/{key}", server.bucket)),
+            )?;
+            remove("deletefile", &key)?;
+            Ok(secs)
         })?;
         let bf_vs_boto = Paired::run(RUNS, &mut run_bf, || {
             m += 1;
-            time(cmd(&python).args(["-c", BOTO3_UPLOAD]).arg(&image).args([
-                server.bucket.as_str(),
-                &format!("bench-boto3-{}/{name}-{m}.raw", std::process::id()),
-            ]))
+            let key = format!("bench-boto3-{}/{name}-{m}.raw", std::process::id());
+            let secs = time(
+                cmd(&python)
+                    .args(["-c", BOTO3_UPLOAD])
+                    .arg(&image)
+                    .args([server.bucket.as_str(), &key]),
+            )?;
+            remove("deletefile", &key)?;
+            Ok(secs)
         })?;
         let (bf1, rc) = bf_vs_rclone.medians();
         let (bf2, bo) = bf_vs_boto.medians();
