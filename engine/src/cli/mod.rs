@@ -154,7 +154,8 @@ struct ReplicateArgs {
     #[arg(long)]
     direct: bool,
     /// Memory the pipeline may use for data in flight (default: 64 MiB per core, at least
-    /// 256 MiB, at most an eighth of the machine's or the container's memory).
+    /// 256 MiB, at most an eighth of the machine's or the container's memory, and never less
+    /// than the store's chunk size needs).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_budget: Option<u64>,
     /// Worker threads for hashing, compression and encryption (0: one per core).

@@ -59,7 +59,8 @@ pub(crate) struct SyncArgs {
     #[arg(long, value_name = "PERCENT", default_value = "1%", value_parser = parse_percent)]
     verify_sample: f64,
     /// Memory the pipeline may use for data in flight (default: 64 MiB per core, at least
-    /// 256 MiB, at most an eighth of the machine's or the container's memory).
+    /// 256 MiB, at most an eighth of the machine's or the container's memory, and never less
+    /// than the store's chunk size needs).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_budget: Option<u64>,
     #[command(flatten)]

@@ -105,15 +105,37 @@ impl fmt::Debug for PooledBuf {
     }
 }
 
+impl PooledBuf {
+    /// Capacity in bytes (what the pool gives every buffer).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Sets the length (bytes hold whatever the last use left, all initialised).
+    ///
+    /// # Panics
+    /// If `len` exceeds the capacity.
+    pub fn set_len(&mut self, len: usize) {
+        self.buf.set_len(len);
+    }
+
+    /// The start of the buffer, for reads the kernel does into it.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.buf.as_mut_ptr()
+    }
+}
+
+// Only the bytes are lent out, never the allocation: a pooled buffer stays where the pool
+// put it (what `io_uring` fixed buffers rely on), and nothing can swap it for another.
 impl Deref for PooledBuf {
-    type Target = AlignedBuf;
-    fn deref(&self) -> &AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
         &self.buf
     }
 }
 
 impl DerefMut for PooledBuf {
-    fn deref_mut(&mut self) -> &mut AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
         &mut self.buf
     }
 }

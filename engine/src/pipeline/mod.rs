@@ -297,18 +297,69 @@ fn usable_memory() -> Option<usize> {
         let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
         kib.checked_mul(1024)
     });
-    // "max" (v2) or a huge number (v1) when there is no limit: neither lowers the total.
-    let limit = [
-        "/sys/fs/cgroup/memory.max",
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-    ]
-    .iter()
-    .filter_map(|p| read(p)?.trim().parse::<usize>().ok())
-    .min();
+    // The limits of this process's control group and of its ancestors, from the paths in
+    // /proc/self/cgroup (v2: "0::/path"; v1: "N:memory:/path" under the memory controller's
+    // mount). "max" (v2) or a huge number (v1) when there is none: neither lowers the total.
+    let mut files = Vec::new();
+    for line in read("/proc/self/cgroup").unwrap_or_default().lines() {
+        let (root, file, path) = if let Some(path) = line.strip_prefix("0::") {
+            ("/sys/fs/cgroup", "memory.max", path)
+        } else if let Some((_, path)) = line.split_once(":memory:") {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", path)
+        } else {
+            continue;
+        };
+        let mut dir = std::path::PathBuf::from(root);
+        files.push(dir.join(file));
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != "..") {
+            dir.push(part);
+            files.push(dir.join(file));
+        }
+    }
+    let limit = files
+        .iter()
+        .filter_map(|p| {
+            std::fs::read_to_string(p)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
+        .min();
     match (total, limit) {
         (Some(t), Some(l)) => Some(t.min(l)),
         (t, l) => t.or(l),
     }
+}
+
+/// The smallest budget (to 64 KiB) that [`plan_parts`] accepts for these settings. Whether a
+/// budget fits only grows with it, so a bisection finds the edge.
+pub fn min_memory_budget(
+    chunk_size: usize,
+    workers: usize,
+    uploads: usize,
+    min_part: Option<u64>,
+    part_size: usize,
+) -> usize {
+    let fits =
+        |budget| plan_parts(budget, chunk_size, workers, uploads, min_part, part_size).is_ok();
+    let mut hi: usize = 64 << 20;
+    while !fits(hi) {
+        if hi >= 1 << 50 {
+            return hi; // Settings no budget fits (a part size out of range): plan_parts says why.
+        }
+        hi *= 2;
+    }
+    let mut lo = 0;
+    while hi - lo > 64 << 10 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    hi
 }
 
 /// Worker threads to use: `requested`, or one per core when 0 (at most 64).
@@ -1184,18 +1235,30 @@ pub fn replicate(
     // Workers never wait for the store (the writer or the uploaders do): one per core, by
     // default. Measured on 2 cores, local store: a third worker gave nothing (medians of 4
     // paired runs 2.56 s and 2.61 s).
-    let budget = match opts.memory_budget {
-        0 => default_memory_budget(),
-        b => b,
+    let plan_for = |budget| {
+        plan_parts(
+            budget,
+            chunk_size,
+            opts.workers,
+            uploads,
+            rules.map(|r| r.min_part),
+            opts.part_size,
+        )
     };
-    let mut plan = plan_parts(
-        budget,
-        chunk_size,
-        opts.workers,
-        uploads,
-        rules.map(|r| r.min_part),
-        opts.part_size,
-    )?;
+    let (budget, mut plan) = match opts.memory_budget {
+        // A budget picked for the user must fit the store's chunk size (up to 16 MiB).
+        0 => {
+            let budget = default_memory_budget().max(min_memory_budget(
+                chunk_size,
+                opts.workers,
+                uploads,
+                rules.map(|r| r.min_part),
+                opts.part_size,
+            ));
+            (budget, plan_for(budget)?)
+        }
+        b => (b, plan_for(b)?),
+    };
     let pack_mode = match rules {
         None => PackMode::Whole,
         Some(r) => PackMode::Multipart {

@@ -417,7 +417,7 @@ pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<Outgoing>, msgs: &Sende
 /// Puts a whole pack and reports it done (or fails the run).
 fn put_whole(sh: &Shared<'_>, pack: &PackId, data: &[u8], entries: Vec<Entry>, msgs: &Sender<Msg>) {
     // After a user's cancel the pack is still put: its chunks are complete, and worth keeping
-    // for the next run.
+    // for the next run; unless a bandwidth cap would make the cancel wait for its turn.
     if sh.stop.is_cancelled() {
         return;
     }

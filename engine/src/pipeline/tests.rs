@@ -42,3 +42,21 @@ fn default_budget_follows_the_machine_and_plans() {
     // The pipeline fits in it with the default chunk size and workers.
     plan(budget, 1 << 20, 0).unwrap();
 }
+
+#[test]
+fn the_least_budget_always_plans() {
+    for chunk in [64usize << 10, 1 << 20, 4 << 20, 16 << 20] {
+        for workers in [1, 2, 8] {
+            for (uploads, min_part, part_size) in [
+                (1, None, 0),
+                (4, Some(5u64 << 20), 0),
+                (2, Some(5 << 20), 32 << 20),
+            ] {
+                let least = min_memory_budget(chunk, workers, uploads, min_part, part_size);
+                let p = plan_parts(least, chunk, workers, uploads, min_part, part_size)
+                    .unwrap_or_else(|e| panic!("{chunk} {workers} {uploads}: {e}"));
+                assert!(p.total <= least);
+            }
+        }
+    }
+}

@@ -193,9 +193,9 @@ impl RecordBuf for AlignedBuf {
     }
 }
 
-/// A pooled buffer never moves to a larger allocation (the pool's buffers stay where they are,
-/// which `io_uring` fixed buffers rely on): its pool is sized for what goes into it (a pack
-/// buffer holds a full pack with its trailer, by the memory plan).
+/// A pooled buffer never moves to a larger allocation (a pool's buffers stay where they are:
+/// the read pool's are registered with `io_uring`). The pack buffers' pool is sized for a full
+/// pack with its trailer (see `pipeline::plan_parts`), so growing past capacity is a bug.
 impl RecordBuf for PooledBuf {
     fn len(&self) -> usize {
         <[u8]>::len(self)
@@ -210,7 +210,9 @@ impl RecordBuf for PooledBuf {
         &mut self[..]
     }
     fn truncate(&mut self, len: usize) {
-        RecordBuf::truncate(&mut **self, len);
+        if len < <[u8]>::len(self) {
+            self.set_len(len);
+        }
     }
 }
 
