@@ -104,3 +104,90 @@ fn cancel_writes_no_snapshot_and_keeps_work() {
     assert_eq!(again.bytes_deduplicated, kept as u64 * MIB, "{again:?}");
     assert_eq!(again.bytes_new, 256 * MIB - kept as u64 * MIB);
 }
+
+/// Discovery finds every image under a folder, tells disks from the parents and extents they
+/// use, and reports what it cannot open instead of failing.
+#[test]
+fn discover_tells_disks_from_parents_and_extents() {
+    use blockferry::image::discover::{Role, discover};
+    use blockferry_tests::vhdx_builder::{VhdxSpec, write_vhdx};
+    if !blockferry_tests::have_qemu() {
+        return;
+    }
+    let mut rng = Rng::seeded("discover");
+    let sb = Sandbox::new();
+    let root = sb.path("datastore");
+    let vm = root.join("vm1");
+    std::fs::create_dir_all(&vm).unwrap();
+    // A VHDX chain: base.vhdx under top.avhdx.
+    let spec = |guid: u8, parent: Option<([u8; 16], String)>, blocks| VhdxSpec {
+        size: 8 * MIB,
+        block_size: 1 << 20,
+        logical_sector: 512,
+        data_write_guid: [guid; 16],
+        parent,
+        blocks,
+    };
+    write_vhdx(
+        &vm.join("base.vhdx"),
+        &spec(0xb1, None, vec![(0, rng.bytes(1 << 20), None)]),
+    );
+    write_vhdx(
+        &vm.join("top.avhdx"),
+        &spec(
+            0xc2,
+            Some(([0xb1; 16], ".\\base.vhdx".into())),
+            vec![(2, rng.bytes(1 << 20), None)],
+        ),
+    );
+    // A monolithicFlat VMDK: a descriptor and its flat extent.
+    let raw = sb.path("src.raw");
+    make_image(&raw, 4 * MIB, &[(0, rng.bytes(1 << 20))]);
+    blockferry_tests::qemu_from_raw(
+        &raw,
+        &root.join("flat.vmdk"),
+        "vmdk",
+        "subformat=monolithicFlat",
+    );
+    // A raw disk, a broken VHD, and a file that is no image at all.
+    std::fs::copy(&raw, root.join("plain.img")).unwrap();
+    std::fs::write(root.join("broken.vhd"), b"conectix and nothing else").unwrap();
+    std::fs::write(root.join("notes.txt"), b"not an image").unwrap();
+
+    let found = discover(&root, &blockferry::image::OpenOptions::default()).unwrap();
+    let role = |name: &str| {
+        found
+            .iter()
+            .find(|f| f.path.file_name().unwrap() == name)
+            .unwrap_or_else(|| panic!("{name} not found: {found:?}"))
+    };
+    assert_eq!(found.len(), 6, "{found:?}");
+    assert_eq!(role("top.avhdx").role, Role::Disk);
+    assert_eq!(role("top.avhdx").chain.len(), 2);
+    assert_eq!(role("top.avhdx").virtual_size, 8 * MIB);
+    assert_eq!(role("base.vhdx").role, Role::Parent);
+    assert_eq!(role("flat.vmdk").role, Role::Disk);
+    assert_eq!(role("flat.vmdk").format, "vmdk");
+    assert_eq!(role("flat-flat.vmdk").role, Role::Extent);
+    assert_eq!(role("plain.img").role, Role::Disk);
+    assert_eq!(role("plain.img").format, "raw");
+    let broken = role("broken.vhd");
+    assert_eq!(broken.role, Role::Unreadable);
+    assert!(broken.error.is_some());
+
+    // The CLI says the same.
+    let out = std::process::Command::new(blockferry_tests::bin())
+        .args(["discover", "--json", root.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let disks: Vec<&str> = v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["role"] == "disk")
+        .map(|i| i["path"].as_str().unwrap().rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(disks, ["flat.vmdk", "plain.img", "top.avhdx"]);
+}

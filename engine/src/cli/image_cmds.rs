@@ -9,7 +9,7 @@ use blockferry::image::{self, BlockSource, Mapping, OpenOptions, Target};
 use blockferry::{CancelToken, ConvertOptions};
 
 use super::output::{Bar, human_bytes};
-use super::{ConvertArgs, ImageArgs, print_json};
+use super::{ConvertArgs, DiscoverArgs, ImageArgs, print_json};
 
 fn open(a: &ImageArgs) -> anyhow::Result<Box<dyn BlockSource>> {
     let opts = OpenOptions {
@@ -111,12 +111,8 @@ pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Virtual bytes mapped per step (bounded memory for any disk size).
-const MAP_STEP: u64 = 1 << 30;
-
 pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
     let src = open(a)?;
-    let size = src.info().virtual_size;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut first = true;
@@ -162,28 +158,9 @@ pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
         first = false;
         Ok(())
     };
-    let mut current: Option<Mapping> = None;
-    let mut maps = Vec::new();
-    let mut off = 0;
-    while off < size {
-        let len = MAP_STEP.min(size - off);
-        maps.clear();
-        src.map(off, len, &mut maps)?;
-        for m in &maps {
-            match &mut current {
-                Some(e) if e.continued_by(m) => e.len += m.len,
-                _ => {
-                    if let Some(e) = current.replace(*m) {
-                        emit(&e, &mut out)?;
-                    }
-                }
-            }
-        }
-        off += len;
-    }
-    if let Some(e) = current.take() {
-        emit(&e, &mut out)?;
-    }
+    image::for_each_extent(src.as_ref(), |e| -> anyhow::Result<()> {
+        Ok(emit(e, &mut out)?)
+    })?;
     if a.json {
         writeln!(out, "{}", if first { "[]" } else { "\n]" })?;
     }
@@ -215,6 +192,64 @@ pub(crate) fn convert(a: &ConvertArgs) -> anyhow::Result<ExitCode> {
             a.out.display(),
             report.seconds
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn discover(a: &DiscoverArgs) -> anyhow::Result<ExitCode> {
+    let opts = OpenOptions {
+        allow_outside_folder: a.allow_outside_folder,
+        ..OpenOptions::default()
+    };
+    let found = image::discover::discover(&a.folder, &opts)?;
+    if a.json {
+        let list: Vec<_> = found
+            .iter()
+            .map(|f| {
+                json!({
+                    "path": f.path.display().to_string(),
+                    "ova_disk": f.ova_disk,
+                    "role": f.role.name(),
+                    "format": f.format,
+                    "subformat": f.subformat,
+                    "virtual_size": f.virtual_size,
+                    "allocated_bytes": f.allocated_bytes,
+                    "chain": f.chain.iter().map(|l| l.path.display().to_string()).collect::<Vec<_>>(),
+                    "error": f.error.as_ref().map(|e| json!({
+                        "kind": format!("{:?}", e.kind()),
+                        "message": e.to_string(),
+                    })),
+                })
+            })
+            .collect();
+        print_json(&json!({ "images": list }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<10}  {:<6}  {:<18}  {:>10}  {:>10}  PATH",
+        "ROLE", "FORMAT", "SUBFORMAT", "SIZE", "ALLOCATED"
+    );
+    for f in &found {
+        let path = match f.ova_disk {
+            Some(i) => format!("{} (disk {i})", f.path.display()),
+            None => f.path.display().to_string(),
+        };
+        match &f.error {
+            Some(e) => println!("{:<10}  {path}: {e}", f.role.name()),
+            None => println!(
+                "{:<10}  {:<6}  {:<18}  {:>10}  {:>10}  {path}{}",
+                f.role.name(),
+                f.format,
+                f.subformat,
+                human_bytes(f.virtual_size),
+                human_bytes(f.allocated_bytes),
+                if f.chain.len() > 1 {
+                    format!(" ({} images in its chain)", f.chain.len())
+                } else {
+                    String::new()
+                }
+            ),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -111,13 +111,7 @@ pub(crate) fn list(a: &JobsArgs) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn abandon(a: &AbandonArgs) -> anyhow::Result<ExitCode> {
     let db = JobDb::open(&a.state.dir()?)?;
-    let job = db.get(&a.job)?;
-    if job.state == JobState::Done {
-        db.delete(&job.id)?;
-    } else {
-        let backend = blockferry::store::open_backend(&job.store, false, &s3_options(&a.s3))?;
-        db.abandon(&job.id, backend.as_ref())?;
-    }
+    let job = db.abandon_job(&a.job, &s3_options(&a.s3))?;
     if a.json {
         print_json(&json!({ "abandoned": job.id }));
     } else {
@@ -131,27 +125,9 @@ pub(crate) fn abandon(a: &AbandonArgs) -> anyhow::Result<ExitCode> {
 
 pub(crate) fn cleanup(a: &CleanupArgs) -> anyhow::Result<ExitCode> {
     let backend = backend(&a.store, false)?;
-    let store_id = blockferry::store::read_store_id(backend.as_ref())?;
     let db = JobDb::open(&a.state.dir()?)?;
-    let resumable = db.open_upload_ids(&store_id)?;
-    let now = blockferry::store::now_unix_ms();
-    let cutoff = u64::try_from(a.older_than.as_millis()).unwrap_or(u64::MAX);
-    let mut aborted = Vec::new();
-    let mut kept = 0usize;
-    for u in backend.list_uploads()? {
-        let ours = u.key.starts_with("packs/");
-        let old = u
-            .initiated_unix_ms
-            .is_none_or(|t| now.saturating_sub(t) >= cutoff);
-        if !ours || !old || resumable.contains(&u.upload_id) {
-            kept += 1;
-            continue;
-        }
-        if !a.dry_run {
-            backend.abort_upload(&u.key, &u.upload_id)?;
-        }
-        aborted.push(u.key);
-    }
+    let report = db.cleanup_uploads(backend.as_ref(), a.older_than, a.dry_run)?;
+    let (aborted, kept) = (report.aborted, report.kept);
     if a.store.json {
         print_json(&json!({ "aborted": aborted, "kept": kept, "dry_run": a.dry_run }));
     } else {

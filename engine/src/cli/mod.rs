@@ -52,6 +52,9 @@ enum Command {
     Verify(VerifyArgs),
     /// Show what a disk image is: format, size, sectors, allocation, parent chain.
     Info(ImageArgs),
+    /// List the disk images under a folder: format, size, chain, and which are disks to
+    /// replicate (rather than parents, extents, or unreadable).
+    Discover(DiscoverArgs),
     /// Print an image's allocation map as extents (data, zero, unallocated), like `qemu-img map`.
     Map(ImageArgs),
     /// Write an image's virtual disk out as a sparse raw file.
@@ -311,6 +314,18 @@ struct ImageArgs {
     json: bool,
 }
 
+#[derive(Debug, Args)]
+struct DiscoverArgs {
+    /// The folder (a datastore, a VM folder, an export).
+    folder: PathBuf,
+    /// Follow parent and extent paths that lead outside an image's folder.
+    #[arg(long)]
+    allow_outside_folder: bool,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum OutFormat {
     Raw,
@@ -462,6 +477,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Restore(a) => a.store.json,
         Command::Verify(a) => a.store.json,
         Command::Info(a) | Command::Map(a) => a.json,
+        Command::Discover(a) => a.json,
         Command::Convert(a) => a.image.json,
         Command::Jobs(a) => a.json,
         Command::Abandon(a) => a.json,
@@ -512,6 +528,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Verify(a) => cmd_verify(&a),
         Command::Info(a) => image_cmds::info(&a),
         Command::Map(a) => image_cmds::map(&a),
+        Command::Discover(a) => image_cmds::discover(&a),
         Command::Convert(a) => image_cmds::convert(&a),
         Command::Jobs(a) => jobs::list(&a),
         Command::Abandon(a) => jobs::abandon(&a),

@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod chain;
+pub mod discover;
 pub mod ova;
 mod raw;
 pub(crate) mod util;
@@ -329,6 +330,41 @@ fn looks_like_descriptor(head: &[u8], size: u64) -> bool {
                     || l.starts_with("createType=")
                     || l.starts_with("createType =")
             })
+}
+
+/// Virtual bytes [`for_each_extent`] maps per step (bounded memory for any disk size).
+const MAP_STEP: u64 = 1 << 30;
+
+/// Calls `f` with the whole disk's allocation map in order, neighbouring mappings that
+/// continue each other merged (what `qemu-img map` prints), in bounded memory.
+pub fn for_each_extent<E: From<Error>>(
+    src: &dyn BlockSource,
+    mut f: impl FnMut(&Mapping) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let size = src.info().virtual_size;
+    let mut current: Option<Mapping> = None;
+    let mut maps = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let len = MAP_STEP.min(size - off);
+        maps.clear();
+        src.map(off, len, &mut maps)?;
+        for m in &maps {
+            match &mut current {
+                Some(e) if e.continued_by(m) => e.len += m.len,
+                _ => {
+                    if let Some(e) = current.replace(*m) {
+                        f(&e)?;
+                    }
+                }
+            }
+        }
+        off += len;
+    }
+    match current {
+        Some(e) => f(&e),
+        None => Ok(()),
+    }
 }
 
 /// Opens a disk image, detecting its format by content and joining it to its parents.

@@ -225,16 +225,18 @@ fn allocation_unit(unit: &str) -> u64 {
         .map_or(1, |p| 1u64 << p)
 }
 
-/// Opens disk `which` (index from 0, or file name; default the first) of an OVA.
-pub fn open(
-    file: SourceFile,
-    which: Option<&str>,
-    opts: &OpenOptions,
-) -> Result<Box<dyn BlockSource>> {
-    let members = tar_members(&file)?;
+/// The disks an OVA's descriptor lists, in order (what `ova_disk` indexes).
+pub fn disks(file: &SourceFile) -> Result<Vec<OvfDisk>> {
+    Ok(contents(file)?.2)
+}
+
+/// The archive's members, its OVF descriptor member and the disks that lists.
+fn contents(file: &SourceFile) -> Result<(Vec<TarMember>, TarMember, Vec<OvfDisk>)> {
+    let members = tar_members(file)?;
     let ovf = members
         .iter()
         .find(|m| m.name.to_ascii_lowercase().ends_with(".ovf"))
+        .cloned()
         .ok_or_else(|| {
             Error::new(
                 ErrorKind::InvalidImage,
@@ -242,16 +244,26 @@ pub fn open(
             )
             .with_path(file.path())
         })?;
-    let xml = read_struct(&file, "OVF descriptor", ovf.offset, ovf.size, MAX_OVF)?;
-    let disks = parse_ovf(&xml).map_err(|why| invalid(&file, "OVF descriptor", ovf.offset, why))?;
+    let xml = read_struct(file, "OVF descriptor", ovf.offset, ovf.size, MAX_OVF)?;
+    let disks = parse_ovf(&xml).map_err(|why| invalid(file, "OVF descriptor", ovf.offset, why))?;
     if disks.is_empty() {
         return Err(invalid(
-            &file,
+            file,
             "OVF descriptor",
             ovf.offset,
             "it lists no disks",
         ));
     }
+    Ok((members, ovf, disks))
+}
+
+/// Opens disk `which` (index from 0, or file name; default the first) of an OVA.
+pub fn open(
+    file: SourceFile,
+    which: Option<&str>,
+    opts: &OpenOptions,
+) -> Result<Box<dyn BlockSource>> {
+    let (members, ovf, disks) = contents(&file)?;
     let idx = match which {
         None => 0,
         Some(w) => match w.parse::<usize>() {

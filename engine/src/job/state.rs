@@ -77,6 +77,17 @@ CREATE TABLE IF NOT EXISTS positions (
 ) WITHOUT ROWID;
 ";
 
+/// What [`JobDb::cleanup_uploads`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CleanupReport {
+    /// Keys of the packs whose uploads were aborted (or would be, on a dry run).
+    pub aborted: Vec<String>,
+    /// Uploads left alone: too young, resumable by a job here, or not blockferry's.
+    pub kept: usize,
+    /// Whether nothing was aborted because this was a dry run.
+    pub dry_run: bool,
+}
+
 /// What identifies a job: the same store, source, disk and chunk size mean the same job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobKey {
@@ -541,6 +552,56 @@ impl JobDb {
         self.delete(job)?;
         drop(lock);
         Ok(())
+    }
+
+    /// Abandons the job `id` (or a unique prefix of it): a finished job is just forgotten, an
+    /// unfinished one has its open uploads aborted in its store (reached with `s3` when it is
+    /// on S3) first. Returns the job as it was.
+    pub fn abandon_job(&self, id: &str, s3: &crate::store::S3Options) -> Result<JobRecord> {
+        let job = self.get(id)?;
+        if job.state == JobState::Done {
+            self.delete(&job.id)?;
+        } else {
+            let backend = crate::store::open_backend(&job.store, false, s3)?;
+            self.abandon(&job.id, backend.as_ref())?;
+        }
+        Ok(job)
+    }
+
+    /// Aborts the multipart uploads of packs in the store (`backend`) that no unfinished job
+    /// of this database can resume and that were started more than `older_than` ago (younger
+    /// ones may belong to jobs running on other hosts). Uploads that are not blockferry's
+    /// packs are left alone. With `dry_run`, only says what it would abort.
+    pub fn cleanup_uploads(
+        &self,
+        backend: &dyn ObjectStore,
+        older_than: Duration,
+        dry_run: bool,
+    ) -> Result<CleanupReport> {
+        let store_id = crate::store::read_store_id(backend)?;
+        let resumable = self.open_upload_ids(&store_id)?;
+        let now = now_unix_ms();
+        let cutoff = u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX);
+        let mut report = CleanupReport {
+            aborted: Vec::new(),
+            kept: 0,
+            dry_run,
+        };
+        for u in backend.list_uploads()? {
+            let ours = u.key.starts_with("packs/");
+            let old = u
+                .initiated_unix_ms
+                .is_none_or(|t| now.saturating_sub(t) >= cutoff);
+            if !ours || !old || resumable.contains(&u.upload_id) {
+                report.kept += 1;
+                continue;
+            }
+            if !dry_run {
+                backend.abort_upload(&u.key, &u.upload_id)?;
+            }
+            report.aborted.push(u.key);
+        }
+        Ok(report)
     }
 
     /// Upload ids of every open pack of every unfinished job of a store.
