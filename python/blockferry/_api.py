@@ -1,0 +1,716 @@
+"""The Python face of the engine: stores, operations, images, change lists and jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generator,
+    Generic,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
+
+from . import _native
+from ._errors import ConfigError
+from ._types import (
+    ChangeList,
+    CleanupReport,
+    ConvertReport,
+    DiscoveredImage,
+    Event,
+    Extent,
+    GcReport,
+    ImageInfo,
+    Job,
+    Progress,
+    PruneReport,
+    ReplicateReport,
+    RestoreReport,
+    Snapshot,
+    StoreConfig,
+    VerifyReport,
+    _build,
+    _event,
+    _progress,
+)
+
+__all__ = [
+    "Operation",
+    "Store",
+    "abandon_job",
+    "convert",
+    "default_state_dir",
+    "discover",
+    "image_info",
+    "image_map",
+    "jobs",
+    "parse_changes",
+    "start_convert",
+    "version",
+]
+
+R = TypeVar("R")
+PathLike = Union[str, "os.PathLike[str]"]
+#: A progress callback: called with each :data:`Event` (progress at most every
+#: ``progress_interval`` seconds) from a thread of the operation.
+ProgressCallback = Callable[[Event], Any]
+#: What changed since a delta's base: a change-list file, the ``(offset, length)`` ranges
+#: themselves (as pyVmomi's ``QueryChangedDiskAreas`` gives them), a parsed
+#: :class:`ChangeList`, ``"hash"`` (compare every chunk) or ``"chain"`` (what the child of a
+#: snapshot chain allocates).
+Changes = Union[PathLike, Sequence[Tuple[int, int]], ChangeList]
+
+
+def version() -> str:
+    """The engine's version."""
+    return _native.version()
+
+
+class Operation(Generic[R]):
+    """A replication, restore, verification, conversion or gc running in the background.
+
+    It runs on threads of its own with the GIL released. Follow it with :meth:`progress`,
+    :meth:`events` or a callback given when starting it; stop it with :meth:`cancel` from
+    any thread; collect the outcome with :meth:`result` (or ``await`` it in asyncio code).
+    Ctrl-C while waiting on it cancels it cleanly and raises ``KeyboardInterrupt``.
+    """
+
+    def __init__(self, task: _native.Task, build: Callable[[Any], R]) -> None:
+        self._task = task
+        self._build = build
+
+    @property
+    def kind(self) -> str:
+        """``replicate``, ``restore``, ``verify``, ``convert`` or ``gc``."""
+        return self._task.kind
+
+    def cancel(self) -> None:
+        """Asks the operation to stop (thread-safe, idempotent). A cancelled replication
+        keeps every part it made durable; running it again resumes."""
+        self._task.cancel()
+
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was called."""
+        return self._task.cancelled()
+
+    def done(self) -> bool:
+        """Whether the operation has finished, successfully or not."""
+        return self._task.done()
+
+    def progress(self) -> Optional[Progress]:
+        """The latest counters (None before the first)."""
+        p = self._task.progress()
+        return None if p is None else _progress(p)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Waits at most ``timeout`` seconds (None: until done); returns :meth:`done`."""
+        return self._task.wait(timeout)
+
+    def result(self, timeout: Optional[float] = None) -> R:
+        """Waits for the outcome: the report, or the operation's :class:`blockferry.Error`
+        (``CancelledError`` after a cancel). Raises ``TimeoutError`` if ``timeout`` passes."""
+        if not self._task.wait(timeout):
+            raise TimeoutError(f"the {self.kind} is still running")
+        return self._build(self._task.result())
+
+    def events(self, timeout: Optional[float] = None) -> Iterator[Event]:
+        """The operation's events in order, until it finishes (or ``timeout`` seconds pass
+        without one). Progress events coalesce: a slow reader gets the newest counters.
+        Events go to the callback instead when the operation was started with one."""
+        while True:
+            batch = self._task.next_events(timeout)
+            if not batch:
+                return
+            for e in batch:
+                yield _event(e)
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self._wait_async().__await__()
+
+    async def _wait_async(self) -> R:
+        loop = asyncio.get_running_loop()
+        try:
+            while not await loop.run_in_executor(None, self._task.wait, 0.2):
+                pass
+        except asyncio.CancelledError:
+            self._task.cancel()
+            raise
+        return self._build(self._task.result())
+
+    def __repr__(self) -> str:
+        return repr(self._task)
+
+
+def _deliver(callback: Optional[ProgressCallback]) -> Optional[Callable[[Any], Any]]:
+    """The callback the native task calls with event dicts: ``callback`` with typed events."""
+    if callback is None:
+        return None
+    cb = callback
+    return lambda d: cb(_event(d))
+
+
+def _passphrase(passphrase: Union[str, bytes, None]) -> Optional[bytes]:
+    if passphrase is None:
+        env = os.environb.get(b"BLOCKFERRY_PASSPHRASE")
+        return env
+    if isinstance(passphrase, str):
+        return passphrase.encode()
+    return bytes(passphrase)
+
+
+def _s3(
+    endpoint: Optional[str],
+    region: Optional[str],
+    path_style: Optional[bool],
+    access_key: Optional[str],
+    secret_key: Optional[str],
+    attempt_timeout: Optional[float],
+) -> Dict[str, Any]:
+    return {
+        "endpoint": endpoint,
+        "region": region,
+        "path_style": path_style,
+        "access_key": access_key,
+        "secret_key": secret_key,
+        "attempt_timeout": attempt_timeout,
+    }
+
+
+def _path(p: Optional[PathLike]) -> Optional[str]:
+    return None if p is None else os.fspath(p)
+
+
+class Store:
+    """A store of snapshots: a local folder or ``s3://BUCKET/PREFIX``.
+
+    Create one with :meth:`create`, open it with :meth:`open`. S3 settings are keyword
+    arguments (``endpoint``, ``region``, ``path_style``, ``access_key``/``secret_key``; by
+    default the standard AWS chain: environment, profile, instance role). The passphrase is a
+    ``str`` or ``bytes``; when None it comes from ``BLOCKFERRY_PASSPHRASE``, as for the CLI.
+
+    A store is safe to share between threads; several replications may run into it at once.
+    """
+
+    def __init__(self, native: _native.Store) -> None:
+        self._native = native
+
+    @classmethod
+    def create(
+        cls,
+        location: PathLike,
+        *,
+        passphrase: Union[str, bytes, None] = None,
+        encrypted: bool = True,
+        chunk_size: int = 1 << 20,
+        endpoint: Optional[str] = None,
+        region: Optional[str] = None,
+        path_style: Optional[bool] = None,
+        access_key: Optional[str] = None,
+        secret_key: Optional[str] = None,
+        attempt_timeout: Optional[float] = None,
+    ) -> "Store":
+        """Creates a store and opens it. It is encrypted (AES-256-GCM, keys from the
+        passphrase) unless ``encrypted=False`` is asked for explicitly. ``chunk_size`` is a
+        power of two from 64 KiB to 16 MiB."""
+        loc = os.fspath(location)
+        s3 = _s3(endpoint, region, path_style, access_key, secret_key, attempt_timeout)
+        secret = _passphrase(passphrase)
+        if encrypted and secret is None:
+            raise ConfigError(
+                "an encrypted store needs a passphrase (or BLOCKFERRY_PASSPHRASE); "
+                "pass encrypted=False for an unencrypted one"
+            )
+        if not encrypted:
+            secret = None
+        _native.Store.init(loc, passphrase=secret, chunk_size=chunk_size, s3=s3)
+        return cls(_native.Store.open(loc, passphrase=secret, s3=s3))
+
+    @classmethod
+    def open(
+        cls,
+        location: PathLike,
+        *,
+        passphrase: Union[str, bytes, None] = None,
+        endpoint: Optional[str] = None,
+        region: Optional[str] = None,
+        path_style: Optional[bool] = None,
+        access_key: Optional[str] = None,
+        secret_key: Optional[str] = None,
+        attempt_timeout: Optional[float] = None,
+    ) -> "Store":
+        """Opens an existing store (``CredentialsError`` if the passphrase is wrong)."""
+        s3 = _s3(endpoint, region, path_style, access_key, secret_key, attempt_timeout)
+        return cls(
+            _native.Store.open(
+                os.fspath(location), passphrase=_passphrase(passphrase), s3=s3
+            )
+        )
+
+    @property
+    def config(self) -> StoreConfig:
+        """The store's fixed settings."""
+        return _build(StoreConfig, self._native.config())
+
+    def snapshots(self, *, strict: bool = True) -> List[Snapshot]:
+        """The snapshots, oldest first. A snapshot that cannot be read raises its error,
+        unless ``strict=False`` (then it is left out)."""
+        snaps, errors = self._native.snapshots()
+        if strict and errors:
+            raise errors[0]
+        return [Snapshot._from(s) for s in snaps]
+
+    def snapshot(self, spec: str) -> Snapshot:
+        """One snapshot: its id, a unique prefix of it, or ``latest``."""
+        return Snapshot._from(self._native.snapshot(spec))
+
+    def start_replicate(
+        self,
+        image: PathLike,
+        *,
+        disk: Optional[str] = None,
+        name: Optional[str] = None,
+        base: Optional[str] = None,
+        changes: Optional[Changes] = None,
+        changes_format: Optional[str] = None,
+        change_id: Optional[str] = None,
+        verify_sample: float = 0.01,
+        workers: int = 0,
+        compression: bool = True,
+        memory_budget: int = 0,
+        io_engine: str = "pread",
+        io_depth: int = 0,
+        direct: bool = False,
+        upload_jobs: int = 0,
+        part_size: int = 0,
+        bwlimit: Optional[int] = None,
+        state_dir: Optional[PathLike] = None,
+        job_state: bool = True,
+        restart: bool = False,
+        allow_outside_folder: bool = False,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> Operation[ReplicateReport]:
+        """Starts copying ``image`` into the store as a new snapshot; the options are those
+        of :meth:`replicate`."""
+        kw: Dict[str, Any] = {}
+        if changes is not None and base is None:
+            raise ConfigError("changes need a base snapshot (base=...) to make a delta on")
+        if isinstance(changes, ChangeList):
+            kw["changes_data"] = json.dumps(changes.extents).encode()
+            kw["changes_format"] = "extents"
+            change_id = change_id or changes.new_change_id
+        elif isinstance(changes, (str, os.PathLike)):
+            c = os.fspath(changes)
+            if c == "hash":
+                kw["changes_hash"] = True
+            elif c == "chain":
+                kw["changes_from_chain"] = True
+            else:
+                kw["changes"] = c
+                kw["changes_format"] = changes_format
+        elif changes is not None:
+            kw["changes_data"] = json.dumps([[int(o), int(n)] for o, n in changes]).encode()
+            kw["changes_format"] = "extents"
+        elif base is not None:
+            raise ConfigError(
+                'a delta needs changes: a change list, ranges, "hash" or "chain"'
+            )
+        task = self._native.start_replicate(
+            os.fspath(image),
+            disk=disk,
+            name=name,
+            allow_outside_folder=allow_outside_folder,
+            workers=workers,
+            compression=compression,
+            memory_budget=memory_budget,
+            io_engine=io_engine,
+            io_depth=io_depth,
+            direct=direct,
+            upload_jobs=upload_jobs,
+            part_size=part_size,
+            bwlimit=bwlimit,
+            base=base,
+            change_id=change_id,
+            verify_sample=verify_sample,
+            state_dir=_path(state_dir),
+            no_state=not job_state,
+            restart=restart,
+            progress=_deliver(progress),
+            progress_interval=progress_interval,
+            **kw,
+        )
+        return Operation(task, ReplicateReport._from)
+
+    def replicate(
+        self,
+        image: PathLike,
+        *,
+        disk: Optional[str] = None,
+        name: Optional[str] = None,
+        base: Optional[str] = None,
+        changes: Optional[Changes] = None,
+        changes_format: Optional[str] = None,
+        change_id: Optional[str] = None,
+        verify_sample: float = 0.01,
+        workers: int = 0,
+        compression: bool = True,
+        memory_budget: int = 0,
+        io_engine: str = "pread",
+        io_depth: int = 0,
+        direct: bool = False,
+        upload_jobs: int = 0,
+        part_size: int = 0,
+        bwlimit: Optional[int] = None,
+        state_dir: Optional[PathLike] = None,
+        job_state: bool = True,
+        restart: bool = False,
+        allow_outside_folder: bool = False,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> ReplicateReport:
+        """Copies ``image`` (raw, VMDK, VHDX, VHD or OVA; format detected) into the store as
+        a new snapshot, and returns what it did.
+
+        Only allocated, non-zero chunks the store does not hold yet are read, compressed
+        (``compression``), encrypted and uploaded. With ``base`` (a snapshot id, prefix or
+        ``latest``) and ``changes`` (see :data:`Changes`; ``changes_format`` to name a
+        list's format) it is a delta that reads only what changed, checking a
+        ``verify_sample`` share of what the list calls unchanged; ``change_id`` is the
+        source's change-tracking id now, recorded for the next delta.
+
+        The run is a job (state in ``state_dir``, default :func:`default_state_dir`): if it
+        is killed or cancelled, the next call with the same image and store resumes it
+        (``restart=True`` starts over; ``job_state=False`` records nothing).
+
+        ``disk`` picks a disk of an OVA, ``name`` the disk name recorded. Tuning:
+        ``workers``, ``memory_budget`` (bytes), ``io_engine`` (``pread``, ``auto``,
+        ``uring``), ``io_depth``, ``direct`` (O_DIRECT with io_uring), ``upload_jobs``,
+        ``part_size`` and ``bwlimit`` (bytes per second) on S3. ``progress`` is called with
+        each event, progress at most every ``progress_interval`` seconds.
+        """
+        return self.start_replicate(
+            image,
+            disk=disk,
+            name=name,
+            base=base,
+            changes=changes,
+            changes_format=changes_format,
+            change_id=change_id,
+            verify_sample=verify_sample,
+            workers=workers,
+            compression=compression,
+            memory_budget=memory_budget,
+            io_engine=io_engine,
+            io_depth=io_depth,
+            direct=direct,
+            upload_jobs=upload_jobs,
+            part_size=part_size,
+            bwlimit=bwlimit,
+            state_dir=state_dir,
+            job_state=job_state,
+            restart=restart,
+            allow_outside_folder=allow_outside_folder,
+            progress=progress,
+            progress_interval=progress_interval,
+        ).result()
+
+    def start_restore(
+        self,
+        snapshot: str,
+        out: PathLike,
+        *,
+        force: bool = False,
+        workers: int = 0,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> Operation[RestoreReport]:
+        """Starts writing a snapshot out; see :meth:`restore`."""
+        task = self._native.start_restore(
+            snapshot,
+            os.fspath(out),
+            force=force,
+            workers=workers,
+            progress=_deliver(progress),
+            progress_interval=progress_interval,
+        )
+        return Operation(task, lambda d: _build(RestoreReport, d))
+
+    def restore(
+        self,
+        snapshot: str,
+        out: PathLike,
+        *,
+        force: bool = False,
+        workers: int = 0,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> RestoreReport:
+        """Writes snapshot ``snapshot`` (id, prefix or ``latest``) to ``out``: a raw file,
+        created sparse (``force`` to overwrite one), or a block device."""
+        return self.start_restore(
+            snapshot,
+            out,
+            force=force,
+            workers=workers,
+            progress=progress,
+            progress_interval=progress_interval,
+        ).result()
+
+    def start_verify(
+        self,
+        snapshot: str,
+        *,
+        image: Optional[PathLike] = None,
+        disk: Optional[str] = None,
+        workers: int = 0,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> Operation[VerifyReport]:
+        """Starts a verification; see :meth:`verify`."""
+        task = self._native.start_verify(
+            snapshot,
+            image=_path(image),
+            disk=disk,
+            workers=workers,
+            progress=_deliver(progress),
+            progress_interval=progress_interval,
+        )
+        return Operation(task, VerifyReport._from)
+
+    def verify(
+        self,
+        snapshot: str,
+        *,
+        image: Optional[PathLike] = None,
+        disk: Optional[str] = None,
+        workers: int = 0,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> VerifyReport:
+        """Checks that every chunk of a snapshot is intact and, with ``image``, equal to
+        that image. Problems are in the report (``ok`` is False); only failures to check
+        at all raise."""
+        return self.start_verify(
+            snapshot,
+            image=image,
+            disk=disk,
+            workers=workers,
+            progress=progress,
+            progress_interval=progress_interval,
+        ).result()
+
+    def prune(
+        self,
+        *,
+        keep_last: int = 0,
+        keep_daily: int = 0,
+        keep_weekly: int = 0,
+        keep_monthly: int = 0,
+        disk: Optional[str] = None,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Forgets the snapshots a retention policy does not keep, per disk (space comes
+        back with :meth:`gc`)."""
+        r = self._native.prune(
+            keep_last=keep_last,
+            keep_daily=keep_daily,
+            keep_weekly=keep_weekly,
+            keep_monthly=keep_monthly,
+            disk=disk,
+            dry_run=dry_run,
+        )
+        return _build(PruneReport, r)
+
+    def start_gc(
+        self,
+        *,
+        max_unused: float = 0.05,
+        wait: float = 1800.0,
+        dry_run: bool = False,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> Operation[GcReport]:
+        """Starts a garbage collection; see :meth:`gc`."""
+        task = self._native.start_gc(
+            max_unused=max_unused,
+            wait=wait,
+            dry_run=dry_run,
+            progress=_deliver(progress),
+            progress_interval=progress_interval,
+        )
+        return Operation(task, lambda d: _build(GcReport, d))
+
+    def gc(
+        self,
+        *,
+        max_unused: float = 0.05,
+        wait: float = 1800.0,
+        dry_run: bool = False,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> GcReport:
+        """Deletes what no snapshot references, repacking packs until at most
+        ``max_unused`` (a share) of live bytes is unused; waits up to ``wait`` seconds for
+        running replications. Safe beside running replications."""
+        return self.start_gc(
+            max_unused=max_unused,
+            wait=wait,
+            dry_run=dry_run,
+            progress=progress,
+            progress_interval=progress_interval,
+        ).result()
+
+    def cleanup(
+        self,
+        *,
+        older_than: float = 86400.0,
+        dry_run: bool = False,
+        state_dir: Optional[PathLike] = None,
+    ) -> CleanupReport:
+        """Aborts the multipart uploads stopped jobs left in the store, if started more than
+        ``older_than`` seconds ago and not resumable by a job in ``state_dir``."""
+        r = self._native.cleanup(
+            older_than=older_than, dry_run=dry_run, state_dir=_path(state_dir)
+        )
+        return _build(CleanupReport, r)
+
+    def __repr__(self) -> str:
+        return f"Store({self.config.location!r})"
+
+
+def image_info(
+    path: PathLike, *, disk: Optional[str] = None, allow_outside_folder: bool = False
+) -> ImageInfo:
+    """What a disk image is: format, sizes, allocation and its chain of files.
+
+    Paths recorded in an image (parents, extents) must stay in its folder unless
+    ``allow_outside_folder``; ``disk`` picks a disk of an OVA."""
+    return ImageInfo._from(
+        _native.image_info(
+            os.fspath(path), disk=disk, allow_outside_folder=allow_outside_folder
+        )
+    )
+
+
+def image_map(
+    path: PathLike, *, disk: Optional[str] = None, allow_outside_folder: bool = False
+) -> List[Extent]:
+    """The image's allocation map (like ``qemu-img map``): data, zero and unallocated
+    ranges in order, covering the whole virtual disk."""
+    rows = _native.image_map(
+        os.fspath(path), disk=disk, allow_outside_folder=allow_outside_folder
+    )
+    return [Extent(*r) for r in rows]
+
+
+def parse_changes(
+    source: Union[PathLike, bytes],
+    disk_size: int,
+    *,
+    format: Optional[str] = None,
+) -> ChangeList:
+    """Reads a change list, a file or its ``bytes``: VMware CBT (``QueryChangedDiskAreas``
+    as JSON), Hyper-V RCT, or extents (``offset,length`` lines or a JSON array); ``format``
+    (``vmware-cbt``, ``hyperv-rct``, ``extents``) instead of detecting it. Checked against
+    a disk of ``disk_size`` bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        d = _native.parse_changes(disk_size, data=bytes(source), format=format)
+    else:
+        d = _native.parse_changes(disk_size, path=os.fspath(source), format=format)
+    return ChangeList._from(d)
+
+
+def discover(
+    folder: PathLike, *, allow_outside_folder: bool = False
+) -> List[DiscoveredImage]:
+    """The disk images under ``folder`` (a datastore, a VM folder, an export), sorted by
+    path; the ones to replicate have ``role == "disk"``."""
+    found = _native.discover(os.fspath(folder), allow_outside_folder=allow_outside_folder)
+    return [_build(DiscoveredImage, d) for d in found]
+
+
+def default_state_dir() -> str:
+    """The job database's default folder: ``BLOCKFERRY_STATE_DIR``, else
+    ``$XDG_STATE_HOME/blockferry``, else ``~/.local/state/blockferry``."""
+    return os.fspath(_native.default_state_dir())
+
+
+def jobs(*, state_dir: Optional[PathLike] = None) -> List[Job]:
+    """The replication jobs recorded in the job database (finished, and unfinished ones a
+    new run resumes)."""
+    return [_build(Job, j) for j in _native.jobs(state_dir=_path(state_dir))]
+
+
+def abandon_job(
+    job: str,
+    *,
+    state_dir: Optional[PathLike] = None,
+    endpoint: Optional[str] = None,
+    region: Optional[str] = None,
+    path_style: Optional[bool] = None,
+    access_key: Optional[str] = None,
+    secret_key: Optional[str] = None,
+) -> Job:
+    """Aborts an unfinished job's uploads in its store and forgets it (a finished job is
+    just forgotten); ``job`` is its id or a unique prefix. Returns the job as it was."""
+    s3 = _s3(endpoint, region, path_style, access_key, secret_key, None)
+    return _build(Job, _native.abandon_job(job, state_dir=_path(state_dir), s3=s3))
+
+
+def start_convert(
+    image: PathLike,
+    out: PathLike,
+    *,
+    disk: Optional[str] = None,
+    allow_outside_folder: bool = False,
+    force: bool = False,
+    workers: int = 0,
+    progress: Optional[ProgressCallback] = None,
+    progress_interval: float = 0.5,
+) -> Operation[ConvertReport]:
+    """Starts a conversion; see :func:`convert`."""
+    task = _native.start_convert(
+        os.fspath(image),
+        os.fspath(out),
+        disk=disk,
+        allow_outside_folder=allow_outside_folder,
+        force=force,
+        workers=workers,
+        progress=_deliver(progress),
+        progress_interval=progress_interval,
+    )
+    return Operation(task, lambda d: _build(ConvertReport, d))
+
+
+def convert(
+    image: PathLike,
+    out: PathLike,
+    *,
+    disk: Optional[str] = None,
+    allow_outside_folder: bool = False,
+    force: bool = False,
+    workers: int = 0,
+    progress: Optional[ProgressCallback] = None,
+    progress_interval: float = 0.5,
+) -> ConvertReport:
+    """Writes an image's virtual disk to ``out`` as a sparse raw file (or onto a device)."""
+    return start_convert(
+        image,
+        out,
+        disk=disk,
+        allow_outside_folder=allow_outside_folder,
+        force=force,
+        workers=workers,
+        progress=progress,
+        progress_interval=progress_interval,
+    ).result()

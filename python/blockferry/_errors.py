@@ -1,0 +1,140 @@
+"""The exceptions blockferry raises.
+
+Every engine error is a :class:`Error`, of one subclass per error kind, and each subclass also
+derives from the builtin exception a Python caller would expect (``ValueError`` for bad
+images, change lists and arguments, ``OSError`` for I/O and store failures,
+``PermissionError`` for credentials), so ``except OSError`` keeps working. The context of the
+failure is on the instance: ``kind``, ``message``, ``path``, ``object``, ``offset`` and the
+``causes`` below it.
+
+This module must not import the native module (which imports it).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+__all__ = [
+    "Error",
+    "SourceIOError",
+    "InvalidImageError",
+    "UnsupportedImageError",
+    "InvalidChangeListError",
+    "CorruptError",
+    "NotFoundError",
+    "UnsupportedVersionError",
+    "CredentialsError",
+    "AccessDeniedError",
+    "StoreError",
+    "VerifyMismatchError",
+    "ConfigError",
+    "BusyError",
+    "CancelledError",
+    "InternalError",
+    "KINDS",
+]
+
+
+class Error(Exception):
+    """Base class of every blockferry error.
+
+    Attributes:
+        kind: the engine's error kind (``"invalid_image"``, ``"store"``, …).
+        message: what failed, without the context.
+        path: the local file concerned (an image, a change list, an output), if any.
+        object: the store object concerned (``packs/…``, ``snapshots/…``), if any.
+        offset: the byte offset concerned (in the file, or on the virtual disk), if any.
+        causes: the underlying errors, outermost first.
+    """
+
+    kind: str = "internal"
+    message: str = ""
+    path: Optional[str] = None
+    object: Optional[str] = None
+    offset: Optional[int] = None
+    causes: List[str] = []
+
+    def __str__(self) -> str:
+        # The engine's message names the file, structure and offset; OSError's own format
+        # ("[Errno 2] …: 'file'") would hide it.
+        return str(self.args[0]) if self.args else super().__str__()
+
+
+class SourceIOError(Error, OSError):
+    """Reading or writing a local file or device failed (``errno`` and ``filename`` set)."""
+
+
+class InvalidImageError(Error, ValueError):
+    """A source image is malformed."""
+
+
+class UnsupportedImageError(Error, ValueError):
+    """A source image is well formed but of a kind this version cannot read."""
+
+
+class InvalidChangeListError(Error, ValueError):
+    """A change list (VMware CBT, Hyper-V RCT, extents) is malformed or does not fit the disk."""
+
+
+class CorruptError(Error, OSError):
+    """An object in the store is damaged: truncated, altered, or failed authentication."""
+
+
+class NotFoundError(Error, FileNotFoundError):
+    """Something named does not exist: a snapshot, a job, a store, an image's parent."""
+
+
+class UnsupportedVersionError(Error, RuntimeError):
+    """The store was written by a newer blockferry."""
+
+
+class CredentialsError(Error, PermissionError):
+    """The passphrase does not unlock the store's key, or none was given."""
+
+
+class AccessDeniedError(Error, PermissionError):
+    """The object store refused the credentials or denied the access."""
+
+
+class StoreError(Error, OSError):
+    """The store backend failed (I/O on the store, not on the source)."""
+
+
+class VerifyMismatchError(Error, ValueError):
+    """A restored or stored chunk does not match its source."""
+
+
+class ConfigError(Error, ValueError):
+    """Invalid arguments or configuration."""
+
+
+class BusyError(Error, OSError):
+    """Another process holds what this needs: a running job, or the store during a gc."""
+
+
+class CancelledError(Error):
+    """The operation was cancelled on request (a replication keeps its progress)."""
+
+
+class InternalError(Error, RuntimeError):
+    """A bug in blockferry: an internal invariant broke. Please report it."""
+
+
+#: The exception class of each engine error kind.
+KINDS = {
+    "io": SourceIOError,
+    "invalid_image": InvalidImageError,
+    "unsupported_image": UnsupportedImageError,
+    "invalid_change_list": InvalidChangeListError,
+    "corrupt": CorruptError,
+    "not_found": NotFoundError,
+    "unsupported_version": UnsupportedVersionError,
+    "credentials": CredentialsError,
+    "access_denied": AccessDeniedError,
+    "store": StoreError,
+    "verify_mismatch": VerifyMismatchError,
+    "config": ConfigError,
+    "busy": BusyError,
+    "cancelled": CancelledError,
+    "internal": InternalError,
+}

@@ -1,0 +1,747 @@
+//! `blockferry._native`: the engine as a Python extension module (pyo3, abi3).
+//!
+//! Thin by rule: arguments are converted, the engine is called, results come back as plain
+//! dicts and lists that the pure-Python package (`python/blockferry`) turns into typed
+//! objects. Long operations run as a [`task::Task`] on their own thread with the GIL
+//! released; errors map to the `blockferry.Error` classes in [`errors`].
+
+// pyo3 extracts arguments as owned values; a signature of references is not on offer.
+#![allow(clippy::needless_pass_by_value)]
+
+mod convert;
+mod errors;
+mod task;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use blockferry::changes::{ChangeFormat, ChangeList};
+use blockferry::image::{self, OpenOptions, Target};
+use blockferry::job::state::{JobDb, default_state_dir};
+use blockferry::pipeline::gc::GcOptions;
+use blockferry::pipeline::prune::KeepPolicy;
+use blockferry::pipeline::{Changes, DeltaOptions};
+use blockferry::{
+    CancelToken, ConvertOptions, InitOptions, Phase, ReplicateOptions, RestoreOptions,
+    VerifyOptions,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use serde_json::json;
+
+use convert::{s3_options, seconds, to_py};
+use errors::{ToPyResult, config_error};
+use task::Task;
+
+/// The version of the engine.
+#[pyfunction]
+fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+fn open_options(disk: Option<String>, allow_outside_folder: bool) -> OpenOptions {
+    OpenOptions {
+        allow_outside_folder,
+        ova_disk: disk,
+        ..OpenOptions::default()
+    }
+}
+
+/// The names of every engine error kind (what `blockferry.Error.kind` takes).
+#[pyfunction]
+fn error_kinds() -> Vec<&'static str> {
+    blockferry::ErrorKind::ALL
+        .iter()
+        .map(|k| errors::kind_name(*k))
+        .collect()
+}
+
+/// What an image is: format, sizes, notes and its chain of files (top first).
+#[pyfunction]
+#[pyo3(signature = (path, *, disk=None, allow_outside_folder=false))]
+fn image_info(
+    py: Python<'_>,
+    path: PathBuf,
+    disk: Option<String>,
+    allow_outside_folder: bool,
+) -> PyResult<Py<PyAny>> {
+    let opts = open_options(disk, allow_outside_folder);
+    let info = py
+        .detach(|| -> blockferry::Result<serde_json::Value> {
+            let src = image::open_with(&path, &opts)?;
+            let i = src.info();
+            let chain: Vec<_> = src
+                .layers()
+                .iter()
+                .map(|l| {
+                    json!({
+                        "path": l.path.to_string_lossy(),
+                        "format": l.format,
+                        "subformat": l.subformat,
+                        "virtual_size": l.virtual_size,
+                        "notes": l.notes,
+                    })
+                })
+                .collect();
+            Ok(json!({
+                "path": path.to_string_lossy(),
+                "format": i.format,
+                "subformat": i.subformat,
+                "virtual_size": i.virtual_size,
+                "logical_sector_size": i.logical_sector_size,
+                "physical_sector_size": i.physical_sector_size,
+                "allocated_bytes": i.allocated_bytes,
+                "notes": i.notes,
+                "chain": chain,
+                "change_id": src.identity().map(|id| id.change_id()),
+            }))
+        })
+        .py_err(py)?;
+    convert::json_to_py(py, &info)
+}
+
+/// The allocation map as `(start, length, kind, file, offset)` tuples, neighbours merged;
+/// `kind` is `data`, `zero` or `unallocated`.
+#[pyfunction]
+#[pyo3(signature = (path, *, disk=None, allow_outside_folder=false))]
+fn image_map(
+    py: Python<'_>,
+    path: PathBuf,
+    disk: Option<String>,
+    allow_outside_folder: bool,
+) -> PyResult<Py<PyList>> {
+    type Row = (u64, u64, &'static str, Option<String>, Option<u64>);
+    let opts = open_options(disk, allow_outside_folder);
+    let rows = py
+        .detach(|| -> blockferry::Result<Vec<Row>> {
+            let src = image::open_with(&path, &opts)?;
+            let mut rows = Vec::new();
+            image::for_each_extent(src.as_ref(), |m| -> blockferry::Result<()> {
+                let file_of = |f: usize| src.file(f).map(|f| f.path().to_string_lossy().into());
+                rows.push(match m.target {
+                    Target::Data { file, offset } | Target::Deflate { file, offset, .. } => {
+                        (m.virt, m.len, "data", file_of(file), Some(offset))
+                    }
+                    Target::Zero => (m.virt, m.len, "zero", None, None),
+                    Target::Unallocated => (m.virt, m.len, "unallocated", None, None),
+                });
+                Ok(())
+            })?;
+            Ok(rows)
+        })
+        .py_err(py)?;
+    Ok(PyList::new(py, rows)?.unbind())
+}
+
+fn change_format(name: Option<&str>) -> blockferry::Result<Option<ChangeFormat>> {
+    name.map(ChangeFormat::from_name).transpose()
+}
+
+fn change_list_json(list: &ChangeList) -> serde_json::Value {
+    json!({
+        "format": list.format.name(),
+        "base_change_id": list.base_change_id,
+        "new_change_id": list.new_change_id,
+        "extents": list.extents.iter().map(|e| [e.offset, e.len]).collect::<Vec<_>>(),
+        "bytes": list.extents.bytes(),
+    })
+}
+
+/// Parses a change list (a file at `path`, or `data`) of a disk of `disk_size` bytes.
+#[pyfunction]
+#[pyo3(signature = (disk_size, *, path=None, data=None, format=None))]
+fn parse_changes(
+    py: Python<'_>,
+    disk_size: u64,
+    path: Option<PathBuf>,
+    data: Option<Vec<u8>>,
+    format: Option<String>,
+) -> PyResult<Py<PyAny>> {
+    let list = read_changes(
+        path.as_deref(),
+        data.as_deref(),
+        format.as_deref(),
+        disk_size,
+    )
+    .py_err(py)?;
+    convert::json_to_py(py, &change_list_json(&list))
+}
+
+fn read_changes(
+    path: Option<&Path>,
+    data: Option<&[u8]>,
+    format: Option<&str>,
+    disk_size: u64,
+) -> blockferry::Result<ChangeList> {
+    let format = change_format(format)?;
+    match (path, data) {
+        (Some(p), None) => ChangeList::read(p, format, disk_size),
+        (None, Some(d)) => ChangeList::parse(d, format, disk_size),
+        _ => Err(blockferry::Error::config(
+            "give a change list as a path or as data, not both",
+        )),
+    }
+}
+
+/// The disk images under a folder, as dicts (`role` tells disks from parents, extents and
+/// unreadable files).
+#[pyfunction]
+#[pyo3(signature = (folder, *, allow_outside_folder=false))]
+fn discover(py: Python<'_>, folder: PathBuf, allow_outside_folder: bool) -> PyResult<Py<PyAny>> {
+    let opts = open_options(None, allow_outside_folder);
+    let found = py
+        .detach(|| image::discover::discover(&folder, &opts))
+        .py_err(py)?;
+    let list = PyList::empty(py);
+    for f in &found {
+        let d = PyDict::new(py);
+        d.set_item("path", f.path.to_string_lossy())?;
+        d.set_item("ova_disk", f.ova_disk)?;
+        d.set_item("role", f.role.name())?;
+        d.set_item("format", f.format)?;
+        d.set_item("subformat", &f.subformat)?;
+        d.set_item("virtual_size", f.virtual_size)?;
+        d.set_item("allocated_bytes", f.allocated_bytes)?;
+        let chain: Vec<String> = f
+            .chain
+            .iter()
+            .map(|l| l.path.to_string_lossy().into_owned())
+            .collect();
+        d.set_item("chain", chain)?;
+        d.set_item(
+            "error",
+            f.error
+                .as_ref()
+                .map(|e| errors::to_py(py, e).into_value(py)),
+        )?;
+        list.append(d)?;
+    }
+    Ok(list.into_any().unbind())
+}
+
+fn state_dir(dir: Option<PathBuf>) -> blockferry::Result<PathBuf> {
+    dir.map_or_else(default_state_dir, Ok)
+}
+
+/// Where job state lives by default (`BLOCKFERRY_STATE_DIR`, else the XDG state folder).
+#[pyfunction(name = "default_state_dir")]
+fn py_default_state_dir(py: Python<'_>) -> PyResult<PathBuf> {
+    default_state_dir().py_err(py)
+}
+
+/// The replication jobs of a job database.
+#[pyfunction]
+#[pyo3(signature = (*, state_dir=None))]
+fn jobs(py: Python<'_>, state_dir: Option<PathBuf>) -> PyResult<Py<PyAny>> {
+    let list = py
+        .detach(|| JobDb::open(&self::state_dir(state_dir)?)?.list())
+        .py_err(py)?;
+    to_py(py, &list)
+}
+
+/// Aborts an unfinished job's uploads and forgets it (a finished one is just forgotten).
+#[pyfunction]
+#[pyo3(signature = (job, *, state_dir=None, s3=None))]
+fn abandon_job(
+    py: Python<'_>,
+    job: String,
+    state_dir: Option<PathBuf>,
+    s3: Option<&Bound<'_, PyDict>>,
+) -> PyResult<Py<PyAny>> {
+    let s3 = s3_options(s3)?;
+    let record = py
+        .detach(|| JobDb::open(&self::state_dir(state_dir)?)?.abandon_job(&job, &s3))
+        .py_err(py)?;
+    to_py(py, &record)
+}
+
+/// Runs an image conversion to a sparse raw file in the background.
+#[pyfunction]
+#[pyo3(signature = (image, out, *, disk=None, allow_outside_folder=false, force=false, workers=0, progress=None, progress_interval=0.5))]
+#[allow(clippy::too_many_arguments)] // the keyword arguments of the Python call
+fn start_convert(
+    image: PathBuf,
+    out: PathBuf,
+    disk: Option<String>,
+    allow_outside_folder: bool,
+    force: bool,
+    workers: usize,
+    progress: Option<Py<PyAny>>,
+    progress_interval: f64,
+) -> PyResult<Task> {
+    let interval = seconds("progress_interval", progress_interval)?;
+    let cancel = CancelToken::new();
+    let opts = ConvertOptions {
+        workers,
+        force,
+        cancel: cancel.clone(),
+        ..ConvertOptions::default()
+    };
+    let open = open_options(disk, allow_outside_folder);
+    Task::start(
+        "convert",
+        Phase::Restoring,
+        cancel,
+        progress,
+        interval,
+        move |obs| {
+            let src = image::open_with(&image, &open)?;
+            let report = blockferry::convert(src.as_ref(), &out, &opts, obs)?;
+            Ok(serde_json::to_value(&report).unwrap_or_default())
+        },
+    )
+}
+
+/// An open store.
+#[pyclass(frozen, module = "blockferry._native")]
+struct Store {
+    store: Arc<blockferry::Store>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("location", &self.store.location())
+            .finish()
+    }
+}
+
+fn store_config(store: &blockferry::Store) -> serde_json::Value {
+    let c = store.config();
+    json!({
+        "location": store.location(),
+        "store_id": c.store_id,
+        "chunk_size": c.chunk_size,
+        "encrypted": store.encrypted(),
+        "format_version": c.version,
+        "created_unix_ms": c.created_unix_ms,
+    })
+}
+
+fn snapshot_json(s: &blockferry::Snapshot) -> serde_json::Value {
+    json!({
+        "id": s.id,
+        "created_unix_ms": s.created_unix_ms,
+        "disk": s.disk.name,
+        "source": s.disk.source,
+        "format": s.disk.format,
+        "virtual_size": s.disk.virtual_size,
+        "chunk_size": s.chunk_size,
+        "parent": s.parent,
+        "change_id": s.change_id,
+        "changes": s.changes,
+        "stats": s.stats,
+    })
+}
+
+/// How a replication finds what changed since its base.
+fn delta(
+    source: &dyn image::BlockSource,
+    base: Option<String>,
+    changes: &ChangesArg,
+    verify_sample: f64,
+    change_id: Option<String>,
+) -> blockferry::Result<Option<DeltaOptions>> {
+    let Some(base) = base else {
+        return match changes {
+            ChangesArg::None => Ok(None),
+            _ => Err(blockferry::Error::config(
+                "changes need a base snapshot to make a delta on",
+            )),
+        };
+    };
+    let size = source.info().virtual_size;
+    let changes = match changes {
+        ChangesArg::None => {
+            return Err(blockferry::Error::config(
+                "a delta needs changes: a change list, \"hash\", or from the chain",
+            ));
+        }
+        ChangesArg::Hash => Changes::Hash,
+        ChangesArg::Chain => Changes::List(ChangeList::from_chain(source)?),
+        ChangesArg::Path(p, f) => {
+            Changes::List(ChangeList::read(p, change_format(f.as_deref())?, size)?)
+        }
+        ChangesArg::Data(d, f) => {
+            Changes::List(ChangeList::parse(d, change_format(f.as_deref())?, size)?)
+        }
+    };
+    Ok(Some(DeltaOptions {
+        base,
+        changes,
+        verify_sample,
+        change_id,
+    }))
+}
+
+enum ChangesArg {
+    None,
+    Hash,
+    Chain,
+    Path(PathBuf, Option<String>),
+    Data(Vec<u8>, Option<String>),
+}
+
+#[pymethods]
+impl Store {
+    /// Creates a store at `location` (a folder or `s3://BUCKET/PREFIX`); encrypted with
+    /// `passphrase` unless it is None. Returns the new store's configuration.
+    #[staticmethod]
+    #[pyo3(signature = (location, *, passphrase, chunk_size=1_048_576, s3=None))]
+    fn init(
+        py: Python<'_>,
+        location: String,
+        passphrase: Option<Vec<u8>>,
+        chunk_size: u32,
+        s3: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Py<PyAny>> {
+        let s3 = s3_options(s3)?;
+        let c = py
+            .detach(|| {
+                let backend = blockferry::store::open_backend(&location, true, &s3)?;
+                blockferry::Store::init_backend(
+                    backend.as_ref(),
+                    &InitOptions {
+                        chunk_size,
+                        passphrase,
+                    },
+                )
+            })
+            .py_err(py)?;
+        convert::json_to_py(
+            py,
+            &json!({
+                "location": location,
+                "store_id": c.store_id,
+                "chunk_size": c.chunk_size,
+                "format_version": c.version,
+                "created_unix_ms": c.created_unix_ms,
+            }),
+        )
+    }
+
+    /// Opens the store at `location`, unlocking it with `passphrase`.
+    #[staticmethod]
+    #[pyo3(signature = (location, *, passphrase=None, s3=None))]
+    fn open(
+        py: Python<'_>,
+        location: String,
+        passphrase: Option<Vec<u8>>,
+        s3: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Store> {
+        let s3 = s3_options(s3)?;
+        let store = py
+            .detach(|| {
+                let backend = blockferry::store::open_backend(&location, false, &s3)?;
+                blockferry::Store::open_backend(backend, passphrase.as_deref())
+            })
+            .py_err(py)?;
+        Ok(Store {
+            store: Arc::new(store),
+        })
+    }
+
+    /// The store's configuration.
+    fn config(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        convert::json_to_py(py, &store_config(&self.store))
+    }
+
+    /// The snapshots (oldest first) and the errors of those that could not be read.
+    fn snapshots(&self, py: Python<'_>) -> PyResult<(Py<PyAny>, Vec<Py<PyAny>>)> {
+        let store = &self.store;
+        let (snaps, bad) = py.detach(|| store.snapshots()).py_err(py)?;
+        let list: Vec<_> = snaps.iter().map(snapshot_json).collect();
+        let errors = bad
+            .iter()
+            .map(|e| errors::to_py(py, e).into_value(py).into_any())
+            .collect();
+        Ok((convert::json_to_py(py, &json!(list))?, errors))
+    }
+
+    /// One snapshot: an id, a unique id prefix, or `latest`.
+    fn snapshot(&self, py: Python<'_>, spec: &str) -> PyResult<Py<PyAny>> {
+        let store = &self.store;
+        let s = py.detach(|| store.snapshot(spec)).py_err(py)?;
+        convert::json_to_py(py, &snapshot_json(&s))
+    }
+
+    /// Forgets the snapshots a retention policy does not keep (per disk).
+    #[pyo3(signature = (*, keep_last=0, keep_daily=0, keep_weekly=0, keep_monthly=0, disk=None, dry_run=false))]
+    #[allow(clippy::too_many_arguments)] // the keyword arguments of the Python call
+    fn prune(
+        &self,
+        py: Python<'_>,
+        keep_last: usize,
+        keep_daily: usize,
+        keep_weekly: usize,
+        keep_monthly: usize,
+        disk: Option<String>,
+        dry_run: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let policy = KeepPolicy {
+            last: keep_last,
+            daily: keep_daily,
+            weekly: keep_weekly,
+            monthly: keep_monthly,
+        };
+        let store = &self.store;
+        let r = py
+            .detach(|| blockferry::pipeline::prune::prune(store, &policy, disk.as_deref(), dry_run))
+            .py_err(py)?;
+        to_py(py, &r)
+    }
+
+    /// Aborts the multipart uploads stopped jobs left in this store.
+    #[pyo3(signature = (*, older_than=86400.0, dry_run=false, state_dir=None))]
+    fn cleanup(
+        &self,
+        py: Python<'_>,
+        older_than: f64,
+        dry_run: bool,
+        state_dir: Option<PathBuf>,
+    ) -> PyResult<Py<PyAny>> {
+        let older_than = seconds("older_than", older_than)?;
+        let store = &self.store;
+        let r = py
+            .detach(|| {
+                JobDb::open(&self::state_dir(state_dir)?)?.cleanup_uploads(
+                    store.backend().as_ref(),
+                    older_than,
+                    dry_run,
+                )
+            })
+            .py_err(py)?;
+        to_py(py, &r)
+    }
+
+    /// Starts a replication of `image` into the store (see the Python `Store.replicate`).
+    #[pyo3(signature = (
+        image, *, disk=None, name=None, allow_outside_folder=false, workers=0,
+        compression=true, memory_budget=0, io_engine="pread", io_depth=0, direct=false,
+        upload_jobs=0, part_size=0, bwlimit=None, base=None, changes=None,
+        changes_data=None, changes_format=None, changes_hash=false, changes_from_chain=false,
+        change_id=None, verify_sample=0.01, state_dir=None, no_state=false, restart=false,
+        progress=None, progress_interval=0.5
+    ))]
+    #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
+    fn start_replicate(
+        &self,
+        py: Python<'_>,
+        image: PathBuf,
+        disk: Option<String>,
+        name: Option<String>,
+        allow_outside_folder: bool,
+        workers: usize,
+        compression: bool,
+        memory_budget: usize,
+        io_engine: &str,
+        io_depth: usize,
+        direct: bool,
+        upload_jobs: usize,
+        part_size: usize,
+        bwlimit: Option<u64>,
+        base: Option<String>,
+        changes: Option<PathBuf>,
+        changes_data: Option<Vec<u8>>,
+        changes_format: Option<String>,
+        changes_hash: bool,
+        changes_from_chain: bool,
+        change_id: Option<String>,
+        verify_sample: f64,
+        state_dir: Option<PathBuf>,
+        no_state: bool,
+        restart: bool,
+        progress: Option<Py<PyAny>>,
+        progress_interval: f64,
+    ) -> PyResult<Task> {
+        let interval = seconds("progress_interval", progress_interval)?;
+        let io_engine = blockferry::io::IoEngine::from_name(io_engine).ok_or_else(|| {
+            config_error(format!(
+                "io_engine {io_engine:?}: give auto, uring or pread"
+            ))
+        })?;
+        if !(0.0..=1.0).contains(&verify_sample) {
+            return Err(config_error("verify_sample is a share from 0 to 1"));
+        }
+        let given = [
+            changes.is_some(),
+            changes_data.is_some(),
+            changes_hash,
+            changes_from_chain,
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(config_error(
+                "give one source of changes: a change list (path or data), hash, or the chain",
+            ));
+        }
+        let changes_arg = match (changes, changes_data) {
+            (Some(p), _) => ChangesArg::Path(p, changes_format),
+            (None, Some(d)) => ChangesArg::Data(d, changes_format),
+            (None, None) if changes_hash => ChangesArg::Hash,
+            (None, None) if changes_from_chain => ChangesArg::Chain,
+            (None, None) => ChangesArg::None,
+        };
+        let cancel = CancelToken::new();
+        let job_state = if no_state {
+            None
+        } else {
+            Some(self::state_dir(state_dir).py_err(py)?)
+        };
+        let mut opts = ReplicateOptions {
+            memory_budget,
+            workers,
+            compression,
+            disk_name: name,
+            io_engine,
+            io_depth,
+            direct_io: direct,
+            cancel: cancel.clone(),
+            job_state,
+            restart,
+            disk_selector: disk.clone().unwrap_or_default(),
+            upload_jobs,
+            part_size,
+            bwlimit,
+            change_id: change_id.clone(),
+            ..ReplicateOptions::default()
+        };
+        let open = open_options(disk, allow_outside_folder);
+        let store = Arc::clone(&self.store);
+        Task::start(
+            "replicate",
+            Phase::Replicating,
+            cancel,
+            progress,
+            interval,
+            move |obs| {
+                let src = image::open_with(&image, &open)?;
+                opts.delta = delta(src.as_ref(), base, &changes_arg, verify_sample, change_id)?;
+                let report = blockferry::replicate(&store, src.as_ref(), &opts, obs)?;
+                Ok(serde_json::to_value(&report).unwrap_or_default())
+            },
+        )
+    }
+
+    /// Starts writing snapshot `snapshot` out to `out` (a sparse file or a block device).
+    #[pyo3(signature = (snapshot, out, *, force=false, workers=0, progress=None, progress_interval=0.5))]
+    fn start_restore(
+        &self,
+        snapshot: String,
+        out: PathBuf,
+        force: bool,
+        workers: usize,
+        progress: Option<Py<PyAny>>,
+        progress_interval: f64,
+    ) -> PyResult<Task> {
+        let interval = seconds("progress_interval", progress_interval)?;
+        let cancel = CancelToken::new();
+        let opts = RestoreOptions {
+            workers,
+            force,
+            cancel: cancel.clone(),
+        };
+        let store = Arc::clone(&self.store);
+        Task::start(
+            "restore",
+            Phase::Restoring,
+            cancel,
+            progress,
+            interval,
+            move |obs| {
+                let r = blockferry::restore(&store, &snapshot, &out, &opts, obs)?;
+                Ok(serde_json::to_value(&r).unwrap_or_default())
+            },
+        )
+    }
+
+    /// Starts checking snapshot `snapshot` (and comparing it with `image`, if given).
+    #[pyo3(signature = (snapshot, *, image=None, disk=None, workers=0, progress=None, progress_interval=0.5))]
+    #[allow(clippy::too_many_arguments)] // the keyword arguments of the Python call
+    fn start_verify(
+        &self,
+        snapshot: String,
+        image: Option<PathBuf>,
+        disk: Option<String>,
+        workers: usize,
+        progress: Option<Py<PyAny>>,
+        progress_interval: f64,
+    ) -> PyResult<Task> {
+        let interval = seconds("progress_interval", progress_interval)?;
+        let cancel = CancelToken::new();
+        let opts = VerifyOptions {
+            image,
+            ova_disk: disk,
+            workers,
+            cancel: cancel.clone(),
+            ..VerifyOptions::default()
+        };
+        let store = Arc::clone(&self.store);
+        Task::start(
+            "verify",
+            Phase::Verifying,
+            cancel,
+            progress,
+            interval,
+            move |obs| {
+                let r = blockferry::verify(&store, &snapshot, &opts, obs)?;
+                let mut v = serde_json::to_value(&r).unwrap_or_default();
+                v["ok"] = json!(r.ok());
+                Ok(v)
+            },
+        )
+    }
+
+    /// Starts a garbage collection (see the Python `Store.gc`).
+    #[pyo3(signature = (*, max_unused=0.05, wait=1800.0, dry_run=false, progress=None, progress_interval=0.5))]
+    fn start_gc(
+        &self,
+        max_unused: f64,
+        wait: f64,
+        dry_run: bool,
+        progress: Option<Py<PyAny>>,
+        progress_interval: f64,
+    ) -> PyResult<Task> {
+        let interval = seconds("progress_interval", progress_interval)?;
+        let cancel = CancelToken::new();
+        let opts = GcOptions {
+            max_unused,
+            wait: seconds("wait", wait)?,
+            dry_run,
+            cancel: cancel.clone(),
+        };
+        let store = Arc::clone(&self.store);
+        Task::start(
+            "gc",
+            Phase::Collecting,
+            cancel,
+            progress,
+            interval,
+            move |obs| {
+                let r = blockferry::pipeline::gc::gc(&store, &opts, obs)?;
+                Ok(serde_json::to_value(&r).unwrap_or_default())
+            },
+        )
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<blockferry store {}>", self.store.location())
+    }
+}
+
+/// The native part of the `blockferry` package.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_function(wrap_pyfunction!(error_kinds, m)?)?;
+    m.add_function(wrap_pyfunction!(image_info, m)?)?;
+    m.add_function(wrap_pyfunction!(image_map, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_changes, m)?)?;
+    m.add_function(wrap_pyfunction!(discover, m)?)?;
+    m.add_function(wrap_pyfunction!(py_default_state_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(jobs, m)?)?;
+    m.add_function(wrap_pyfunction!(abandon_job, m)?)?;
+    m.add_function(wrap_pyfunction!(start_convert, m)?)?;
+    m.add_class::<Store>()?;
+    m.add_class::<Task>()?;
+    Ok(())
+}
