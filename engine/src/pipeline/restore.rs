@@ -64,10 +64,10 @@ pub(crate) fn open_output(path: &Path, size: u64, force: bool) -> Result<(File, 
         }
         Ok(m) if m.is_file() => {
             if m.len() > 0 && !force {
-                return Err(
-                    Error::config("the output file exists; pass --force to overwrite it")
-                        .with_path(path),
-                );
+                return Err(Error::config(
+                    "the output file exists; overwrite it with force (--force on the command line)",
+                )
+                .with_path(path));
             }
             new_file(path, size)
         }

@@ -1,0 +1,146 @@
+/* A full replicate, verify and restore through the C ABI, into a local store and, when an
+ * S3 endpoint is given, into S3; progress through a callback; JSON queries.
+ *
+ *   roundtrip DIR DISK_MIB [ENDPOINT BUCKET ACCESS_KEY SECRET_KEY]
+ */
+#define _FILE_OFFSET_BITS 64
+#define _POSIX_C_SOURCE 200809L
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <unistd.h>
+
+#include "common.h"
+
+typedef struct {
+  atomic_int started, progress, finished;
+  atomic_ullong last_done;
+  atomic_int went_back;
+} counts;
+
+static void on_event(void *userdata, const bf_event *e) {
+  counts *c = userdata;
+  switch (e->kind) {
+    case BF_EVENT_KIND_STARTED: atomic_fetch_add(&c->started, 1); break;
+    case BF_EVENT_KIND_PROGRESS:
+    case BF_EVENT_KIND_FINISHED:
+      if (e->phase == BF_PHASE_REPLICATING) {
+        if (e->bytes_done < atomic_load(&c->last_done)) atomic_store(&c->went_back, 1);
+        atomic_store(&c->last_done, e->bytes_done);
+      }
+      if (e->kind == BF_EVENT_KIND_FINISHED) atomic_fetch_add(&c->finished, 1);
+      else atomic_fetch_add(&c->progress, 1);
+      break;
+    case BF_EVENT_KIND_WARNING: CHECK(e->message != NULL); break;
+  }
+}
+
+static void round_trip(const char *dir, const char *location, const bf_s3_options *s3,
+                       const char *disk, uint64_t size, uint64_t data) {
+  const char pass[] = "correct horse battery staple";
+  bf_store *store = NULL;
+  OK(bf_store_create(location, (const uint8_t *)pass, strlen(pass), true, 0, s3, &store));
+  CHECK(store != NULL);
+
+  bf_replicate_options opts;
+  OK(bf_replicate_options_init(&opts));
+  char *state = join(dir, "state");
+  opts.state_dir = state;
+  counts c = {0};
+  bf_replicate_report rep;
+  OK(bf_replicate(store, disk, &opts, on_event, &c, NULL, &rep));
+  printf("%s: snapshot %s: %llu new bytes in %.2fs\n", location, rep.snapshot,
+         (unsigned long long)rep.bytes_new, rep.seconds);
+  CHECK(strlen(rep.snapshot) == 16 && strlen(rep.job) == 16);
+  CHECK(rep.virtual_size == size);
+  CHECK(rep.bytes_new == data);
+  CHECK(rep.bytes_zero == size - data);
+  CHECK(!rep.resumed);
+  CHECK(atomic_load(&c.started) >= 1 && atomic_load(&c.finished) >= 1);
+  CHECK(!atomic_load(&c.went_back));
+
+  /* Reopen it, as another program would. */
+  bf_store_free(store);
+  store = NULL;
+  OK(bf_store_open(location, (const uint8_t *)pass, strlen(pass), s3, &store));
+
+  bf_verify_report v;
+  OK(bf_verify(store, rep.snapshot, disk, 0, NULL, NULL, NULL, &v));
+  CHECK(v.ok && v.image_compared && v.problems_total == 0);
+
+  char *out = join(dir, s3 ? "restored-s3.raw" : "restored.raw");
+  bf_restore_report rr;
+  OK(bf_restore(store, "latest", out, false, 0, on_event, &c, NULL, &rr));
+  CHECK(rr.virtual_size == size && rr.bytes_written == data);
+  CHECK(same_file(out, disk));
+
+  /* JSON queries: ask for the size first, then read. */
+  size_t need = 0;
+  EXPECT(bf_store_snapshots_json(store, NULL, 0, &need), BF_RESULT_INSUFFICIENT_SIZE);
+  CHECK(need > 0);
+  char *json = malloc(need + 1);
+  size_t n = 0;
+  OK(bf_store_snapshots_json(store, json, need + 1, &n));
+  CHECK(n == need && strlen(json) == n && strstr(json, rep.snapshot) != NULL);
+  free(json);
+
+  /* A second run stores nothing new. */
+  OK(bf_replicate(store, disk, &opts, NULL, NULL, NULL, &rep));
+  CHECK(rep.bytes_new == 0 && rep.bytes_deduplicated == data);
+  bf_prune_report pr;
+  OK(bf_store_prune(store, 1, 0, 0, 0, NULL, false, &pr));
+  CHECK(pr.kept == 1 && pr.forgotten == 1);
+  bf_gc_report gr;
+  OK(bf_store_gc(store, 0.05, 60, false, NULL, NULL, NULL, &gr));
+  CHECK(gr.snapshots == 1 && gr.chunks_missing == 0);
+
+  bf_store_free(store);
+  free(out);
+  free(state);
+}
+
+int main(int argc, char **argv) {
+  if (argc != 3 && argc != 7) {
+    fprintf(stderr, "usage: %s DIR DISK_MIB [ENDPOINT BUCKET ACCESS_KEY SECRET_KEY]\n", argv[0]);
+    return 2;
+  }
+  printf("blockferry %s\n", bf_version());
+  const char *dir = argv[1];
+  uint64_t mib = strtoull(argv[2], NULL, 10);
+  uint64_t size = mib << 20, data = (mib / 2) << 20;
+  char *disk = join(dir, "disk.raw");
+  make_disk(disk, size, data, 7);
+
+  char buf[4096];
+  size_t n = 0;
+  OK(bf_image_info_json(disk, buf, sizeof buf, &n));
+  CHECK(strstr(buf, "\"format\":\"raw\"") != NULL);
+  OK(bf_image_map_json(disk, buf, sizeof buf, &n));
+  CHECK(strstr(buf, "\"kind\":\"data\"") != NULL);
+  OK(bf_discover_json(dir, buf, sizeof buf, &n));
+  CHECK(strstr(buf, "\"role\":\"disk\"") != NULL);
+
+  char *local = join(dir, "store");
+  round_trip(dir, local, NULL, disk, size, data);
+
+  if (argc == 7) {
+    char url[512];
+    snprintf(url, sizeof url, "s3://%s/c-roundtrip-%ld", argv[4], (long)getpid());
+    bf_s3_options s3 = {
+        .endpoint = argv[3],
+        .region = "us-east-1",
+        .path_style = -1,
+        .access_key = argv[5],
+        .secret_key = argv[6],
+        .attempt_timeout_secs = 0,
+    };
+    round_trip(dir, url, &s3, disk, size, data);
+  }
+  char *state = join(dir, "state");
+  OK(bf_jobs_json(state, buf, sizeof buf, &n));
+  CHECK(strstr(buf, "\"state\":\"done\"") != NULL);
+  free(state);
+  free(local);
+  free(disk);
+  printf("roundtrip: ok\n");
+  return 0;
+}
