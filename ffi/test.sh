@@ -57,4 +57,16 @@ head -c $((3 << 20)) /dev/urandom >"$out/cpp/disk.raw"
 truncate -s 8M "$out/cpp/disk.raw"
 run "C++ example" "$out/replicate-cpp" "$out/cpp/disk.raw" "$out/cpp/store" "$out/cpp/restored.raw"
 cmp "$out/cpp/disk.raw" "$out/cpp/restored.raw"
+# The README's C example, as written (its store folder moved into the test folder).
+mkdir -p "$out/readme"
+awk '/^```c$/ {on = 1; next} /^```$/ {on = 0} on' README.md |
+  sed "s|/backup/store|$PWD/$out/readme/store|" >"$out/readme/example.c"
+$cc $warn -Iffi/include -o "$out/readme/example" "$out/readme/example.c" -L"$lib" \
+  -lblockferry_ffi -Wl,-rpath,"$PWD/$lib"
+head -c $((5 << 20)) /dev/urandom >"$out/readme/src.raw"
+truncate -s 16M "$out/readme/src.raw"
+qemu-img convert -f raw -O vmdk "$out/readme/src.raw" "$out/readme/vm1.vmdk"
+run "README example" sh -c "cd '$out/readme' && BLOCKFERRY_STATE_DIR=state ./example"
+cmp "$out/readme/src.raw" "$out/readme/vm1.raw"
+
 echo "C ABI tests: ok"

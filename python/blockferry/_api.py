@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from typing import (
@@ -138,6 +137,8 @@ class Operation(Generic[R]):
         return self._wait_async().__await__()
 
     async def _wait_async(self) -> R:
+        import asyncio  # not at the top: it costs 40 ms of every import of blockferry
+
         loop = asyncio.get_running_loop()
         try:
             while not await loop.run_in_executor(None, self._task.wait, 0.2):

@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     pub(crate) cancel: CancelToken,
+    /// Whether events go to a callback (then `next_events` hands out none).
+    callback: bool,
 }
 
 impl Shared {
@@ -123,6 +125,7 @@ impl Task {
             }),
             changed: Condvar::new(),
             cancel,
+            callback: callback.is_some(),
         });
         let mut threads = Vec::new();
         let runner = Arc::clone(&shared);
@@ -260,7 +263,8 @@ impl Task {
     }
 
     /// Events not yet collected, waiting up to `timeout` seconds for one; an empty list
-    /// means the timeout passed or the task is done with none left.
+    /// means the timeout passed or the task is done with none left. A task started with a
+    /// callback hands its events to the callback, and none here.
     #[pyo3(signature = (timeout=None))]
     fn next_events(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<Py<PyAny>>> {
         let deadline = deadline(timeout)?;
@@ -271,14 +275,18 @@ impl Task {
             });
             let batch: Vec<(Phase, Event)> = py.detach(|| {
                 let mut s = shared.lock();
-                if s.events.is_empty() && s.outcome.is_none() {
+                if (shared.callback || s.events.is_empty()) && s.outcome.is_none() {
                     s = shared
                         .changed
                         .wait_timeout(s, step)
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
-                s.events.drain(..).collect()
+                if shared.callback {
+                    Vec::new()
+                } else {
+                    s.events.drain(..).collect()
+                }
             });
             if !batch.is_empty() {
                 return batch
