@@ -100,3 +100,12 @@ def test_worker_pool_example_replicates_disks_in_parallel_processes(tmp_path: Pa
     assert sorted(s.disk for s in store.snapshots()) == ["vm0.raw", "vm1.raw", "vm2.raw"]
     for s in store.snapshots():
         assert store.verify(s.id, image=tmp_path / s.disk).ok
+
+
+def test_default_state_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BLOCKFERRY_STATE_DIR", str(tmp_path / "jobs"))
+    assert blockferry.default_state_dir() == str(tmp_path / "jobs")
+    assert blockferry.jobs() == []  # an empty database is made there
+    monkeypatch.delenv("BLOCKFERRY_STATE_DIR")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert blockferry.default_state_dir() == str(tmp_path / "xdg" / "blockferry")
