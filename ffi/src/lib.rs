@@ -1029,6 +1029,10 @@ pub unsafe extern "C" fn bf_store_gc(
     })
 }
 
+fn to_json<T: serde::Serialize>(v: &T) -> FfiResult<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| Fail::Engine(blockferry::Error::internal(e.to_string())))
+}
+
 /// Writes JSON `value` to the caller's buffer (not truncated: `BF_RESULT_INSUFFICIENT_SIZE`
 /// with `*out_n` the size needed).
 ///
@@ -1067,24 +1071,9 @@ pub unsafe extern "C" fn bf_store_snapshots_json(
         if let Some(e) = bad.into_iter().next() {
             return Err(e.into());
         }
-        let list: Vec<_> = snaps
-            .iter()
-            .map(|s| {
-                json!({
-                    "id": s.id,
-                    "created_unix_ms": s.created_unix_ms,
-                    "disk": s.disk.name,
-                    "source": s.disk.source,
-                    "format": s.disk.format,
-                    "virtual_size": s.disk.virtual_size,
-                    "parent": s.parent,
-                    "change_id": s.change_id,
-                    "stats": s.stats,
-                })
-            })
-            .collect();
+        let list: Vec<_> = snaps.iter().map(blockferry::Snapshot::summary).collect();
         // SAFETY: forwarded contract.
-        unsafe { write_json(buf, len, out_n, &json!(list)) }
+        unsafe { write_json(buf, len, out_n, &to_json(&list)?) }
     })
 }
 
@@ -1104,24 +1093,8 @@ pub unsafe extern "C" fn bf_image_info_json(
         // SAFETY: forwarded contract.
         let path = unsafe { str_arg(path, "path")? };
         let src = image::open(Path::new(path))?;
-        let i = src.info();
-        let chain: Vec<_> = src
-            .layers()
-            .iter()
-            .map(|l| json!({"path": l.path.to_string_lossy(), "format": l.format, "subformat": l.subformat, "virtual_size": l.virtual_size}))
-            .collect();
-        let v = json!({
-            "format": i.format,
-            "subformat": i.subformat,
-            "virtual_size": i.virtual_size,
-            "logical_sector_size": i.logical_sector_size,
-            "physical_sector_size": i.physical_sector_size,
-            "allocated_bytes": i.allocated_bytes,
-            "notes": i.notes,
-            "chain": chain,
-        });
         // SAFETY: forwarded contract.
-        unsafe { write_json(buf, len, out_n, &v) }
+        unsafe { write_json(buf, len, out_n, &to_json(&image::describe(src.as_ref()))?) }
     })
 }
 
@@ -1155,7 +1128,7 @@ pub unsafe extern "C" fn bf_image_map_json(
             Ok(())
         })?;
         // SAFETY: forwarded contract.
-        unsafe { write_json(buf, len, out_n, &json!(list)) }
+        unsafe { write_json(buf, len, out_n, &serde_json::Value::Array(list)) }
     })
 }
 
@@ -1192,7 +1165,7 @@ pub unsafe extern "C" fn bf_discover_json(
             })
             .collect();
         // SAFETY: forwarded contract.
-        unsafe { write_json(buf, len, out_n, &json!(list)) }
+        unsafe { write_json(buf, len, out_n, &serde_json::Value::Array(list)) }
     })
 }
 
@@ -1216,8 +1189,7 @@ pub unsafe extern "C" fn bf_jobs_json(
             None => default_state_dir()?,
         };
         let jobs = JobDb::open(&dir)?.list()?;
-        let v = serde_json::to_value(&jobs)
-            .map_err(|e| Fail::Engine(blockferry::Error::internal(e.to_string())))?;
+        let v = to_json(&jobs)?;
         // SAFETY: forwarded contract.
         unsafe { write_json(buf, len, out_n, &v) }
     })

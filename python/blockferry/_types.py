@@ -353,7 +353,7 @@ class StoreConfig:
 class Layer:
     """One file of an image's chain."""
 
-    path: str
+    file: str
     format: str
     subformat: str
     virtual_size: int
@@ -364,7 +364,8 @@ class Layer:
 class ImageInfo:
     """What a disk image is."""
 
-    path: str
+    #: The image file as given.
+    file: str
     format: str
     subformat: str
     virtual_size: int

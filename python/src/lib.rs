@@ -67,36 +67,12 @@ fn image_info(
 ) -> PyResult<Py<PyAny>> {
     let opts = open_options(disk, allow_outside_folder);
     let info = py
-        .detach(|| -> blockferry::Result<serde_json::Value> {
-            let src = image::open_with(&path, &opts)?;
-            let i = src.info();
-            let chain: Vec<_> = src
-                .layers()
-                .iter()
-                .map(|l| {
-                    json!({
-                        "path": l.path.to_string_lossy(),
-                        "format": l.format,
-                        "subformat": l.subformat,
-                        "virtual_size": l.virtual_size,
-                        "notes": l.notes,
-                    })
-                })
-                .collect();
-            Ok(json!({
-                "path": path.to_string_lossy(),
-                "format": i.format,
-                "subformat": i.subformat,
-                "virtual_size": i.virtual_size,
-                "logical_sector_size": i.logical_sector_size,
-                "physical_sector_size": i.physical_sector_size,
-                "allocated_bytes": i.allocated_bytes,
-                "notes": i.notes,
-                "chain": chain,
-                "change_id": src.identity().map(|id| id.change_id()),
-            }))
+        .detach(|| -> blockferry::Result<image::Description> {
+            Ok(image::describe(image::open_with(&path, &opts)?.as_ref()))
         })
         .py_err(py)?;
+    let mut info = serde_json::to_value(info).map_err(|e| config_error(e.to_string()))?;
+    info["file"] = json!(path.to_string_lossy());
     convert::json_to_py(py, &info)
 }
 
@@ -318,22 +294,6 @@ fn store_config(store: &blockferry::Store) -> serde_json::Value {
     })
 }
 
-fn snapshot_json(s: &blockferry::Snapshot) -> serde_json::Value {
-    json!({
-        "id": s.id,
-        "created_unix_ms": s.created_unix_ms,
-        "disk": s.disk.name,
-        "source": s.disk.source,
-        "format": s.disk.format,
-        "virtual_size": s.disk.virtual_size,
-        "chunk_size": s.chunk_size,
-        "parent": s.parent,
-        "change_id": s.change_id,
-        "changes": s.changes,
-        "stats": s.stats,
-    })
-}
-
 /// How a replication finds what changed since its base.
 fn delta(
     source: &dyn image::BlockSource,
@@ -450,19 +410,19 @@ impl Store {
     fn snapshots(&self, py: Python<'_>) -> PyResult<(Py<PyAny>, Vec<Py<PyAny>>)> {
         let store = &self.store;
         let (snaps, bad) = py.detach(|| store.snapshots()).py_err(py)?;
-        let list: Vec<_> = snaps.iter().map(snapshot_json).collect();
+        let list: Vec<_> = snaps.iter().map(blockferry::Snapshot::summary).collect();
         let errors = bad
             .iter()
             .map(|e| errors::to_py(py, e).into_value(py).into_any())
             .collect();
-        Ok((convert::json_to_py(py, &json!(list))?, errors))
+        Ok((to_py(py, &list)?, errors))
     }
 
     /// One snapshot: an id, a unique id prefix, or `latest`.
     fn snapshot(&self, py: Python<'_>, spec: &str) -> PyResult<Py<PyAny>> {
         let store = &self.store;
         let s = py.detach(|| store.snapshot(spec)).py_err(py)?;
-        convert::json_to_py(py, &snapshot_json(&s))
+        to_py(py, &s.summary())
     }
 
     /// Forgets the snapshots a retention policy does not keep (per disk).

@@ -49,7 +49,7 @@ def test_info_and_map_agree_with_qemu_img(tmp_path: Path, fmt: str, opts: str) -
     info = blockferry.image_info(img)
     assert info.virtual_size == q["virtual-size"]
     assert info.format == {"vpc": "vhd"}.get(fmt, fmt)
-    assert len(info.chain) == 1 and info.chain[0].path == str(img)
+    assert len(info.chain) == 1 and info.chain[0].file == str(img) and info.file == str(img)
     ours = [(e.start, e.length) for e in blockferry.image_map(img) if e.kind == "data"]
     want = qemu_data(img, fmt)
     # The same bytes are data (granularity may differ: compare as byte sets of 64 KiB).

@@ -39,31 +39,11 @@ pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
         .map(|l| l.candidates.clone())
         .unwrap_or_default();
     if a.json {
-        let chain: Vec<_> = layers
-            .iter()
-            .map(|l| {
-                json!({
-                    "file": l.path.display().to_string(),
-                    "format": l.format,
-                    "subformat": l.subformat,
-                    "virtual_size": l.virtual_size,
-                    "notes": l.notes,
-                })
-            })
-            .collect();
-        print_json(&json!({
-            "file": a.image.display().to_string(),
-            "format": info.format,
-            "subformat": info.subformat,
-            "virtual_size": info.virtual_size,
-            "logical_sector_size": info.logical_sector_size,
-            "physical_sector_size": info.physical_sector_size,
-            "allocated_bytes": info.allocated_bytes,
-            "notes": info.notes,
-            "chain": chain,
-            "parent_paths": parent_named,
-            "parent_missing": missing_parent,
-        }));
+        let mut v = serde_json::to_value(image::describe(src.as_ref()))?;
+        v["file"] = json!(a.image.display().to_string());
+        v["parent_paths"] = json!(parent_named);
+        v["parent_missing"] = json!(missing_parent);
+        print_json(&v);
         return Ok(if missing_parent.is_some() {
             ExitCode::FAILURE
         } else {

@@ -766,24 +766,14 @@ fn cmd_snapshots(a: &SnapshotsArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
     let (snaps, bad) = store.snapshots()?;
     if a.store.json {
-        let list: Vec<_> = snaps
+        let list = snaps
             .iter()
             .map(|s| {
-                json!({
-                    "id": s.id,
-                    "created_unix_ms": s.created_unix_ms,
-                    "created": output::rfc3339(s.created_unix_ms),
-                    "disk": s.disk.name,
-                    "source": s.disk.source,
-                    "format": s.disk.format,
-                    "virtual_size": s.disk.virtual_size,
-                    "parent": s.parent,
-                    "change_id": s.change_id,
-                    "changes": s.changes,
-                    "stats": s.stats,
-                })
+                let mut v = serde_json::to_value(s.summary())?;
+                v["created"] = json!(output::rfc3339(s.created_unix_ms));
+                Ok(v)
             })
-            .collect();
+            .collect::<serde_json::Result<Vec<_>>>()?;
         let errors: Vec<String> = bad.iter().map(ToString::to_string).collect();
         print_json(&json!({ "snapshots": list, "unreadable": errors }));
     } else {

@@ -207,6 +207,70 @@ pub struct ParentLink {
     pub identity: Identity,
 }
 
+/// What `info` shows of an image: the disk, and each file of its chain.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Description {
+    /// Format of the top file (`raw`, `vhd`, …).
+    pub format: &'static str,
+    /// Its subformat.
+    pub subformat: String,
+    /// Size of the virtual disk in bytes.
+    pub virtual_size: u64,
+    /// Logical sector size in bytes.
+    pub logical_sector_size: u32,
+    /// Physical sector size in bytes.
+    pub physical_sector_size: u32,
+    /// Bytes that hold (or may hold) data in the chain.
+    pub allocated_bytes: u64,
+    /// Anything unusual a user should know.
+    pub notes: Vec<String>,
+    /// The chain's files, top first.
+    pub chain: Vec<LayerDescription>,
+    /// What identifies the image to a child (a change id), if its format has an identity.
+    pub change_id: Option<String>,
+}
+
+/// One file of a [`Description`]'s chain.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayerDescription {
+    /// The file (lossy UTF-8).
+    pub file: String,
+    /// Its format.
+    pub format: &'static str,
+    /// Its subformat.
+    pub subformat: String,
+    /// Its virtual size.
+    pub virtual_size: u64,
+    /// Anything unusual about it.
+    pub notes: Vec<String>,
+}
+
+/// Describes an open image (what `info` prints).
+pub fn describe(src: &dyn BlockSource) -> Description {
+    let i = src.info();
+    Description {
+        format: i.format,
+        subformat: i.subformat.clone(),
+        virtual_size: i.virtual_size,
+        logical_sector_size: i.logical_sector_size,
+        physical_sector_size: i.physical_sector_size,
+        allocated_bytes: i.allocated_bytes,
+        notes: i.notes.clone(),
+        chain: src
+            .layers()
+            .into_iter()
+            .map(|l| LayerDescription {
+                file: l.path.to_string_lossy().into_owned(),
+                format: l.format,
+                subformat: l.subformat,
+                virtual_size: l.virtual_size,
+                notes: l.notes,
+            })
+            .collect(),
+        change_id: src.identity().map(|id| id.change_id()),
+    }
+}
+
 /// A readable virtual disk.
 ///
 /// Contract: `map` covers exactly the range asked for, in order, with no gaps; ranges must lie

@@ -184,7 +184,52 @@ pub struct Snapshot {
     pub tool: String,
 }
 
+/// What lists of snapshots show of one (the CLI's `snapshots --json`, the bindings): the
+/// manifest without its page ids.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotSummary {
+    /// Snapshot id.
+    pub id: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The disk's name.
+    pub disk: String,
+    /// The image it was read from.
+    pub source: String,
+    /// The image's format.
+    pub format: String,
+    /// Virtual size of the disk.
+    pub virtual_size: u64,
+    /// Chunk size of the chunk map.
+    pub chunk_size: u32,
+    /// The snapshot it is a delta on, if any.
+    pub parent: Option<String>,
+    /// Change-tracking id of the source at this snapshot, if any.
+    pub change_id: Option<String>,
+    /// How it was made from its parent, for a delta.
+    pub changes: Option<ChangeRecord>,
+    /// Counters of the run that made it.
+    pub stats: SnapshotStats,
+}
+
 impl Snapshot {
+    /// The snapshot as lists show it.
+    pub fn summary(&self) -> SnapshotSummary {
+        SnapshotSummary {
+            id: self.id.clone(),
+            created_unix_ms: self.created_unix_ms,
+            disk: self.disk.name.clone(),
+            source: self.disk.source.clone(),
+            format: self.disk.format.clone(),
+            virtual_size: self.disk.virtual_size,
+            chunk_size: self.chunk_size,
+            parent: self.parent.clone(),
+            change_id: self.change_id.clone(),
+            changes: self.changes.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
     /// Number of chunk positions of the disk.
     pub fn n_chunks(&self) -> u64 {
         self.disk.virtual_size.div_ceil(u64::from(self.chunk_size))
