@@ -43,7 +43,7 @@ use crate::io::SourceFile;
 use crate::store::SourceFingerprint;
 
 /// What every reader knows about its disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ImageInfo {
     /// Format name (`raw`, `vhd`, …).
     pub format: &'static str,
@@ -210,20 +210,9 @@ pub struct ParentLink {
 /// What `info` shows of an image: the disk, and each file of its chain.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Description {
-    /// Format of the top file (`raw`, `vhd`, …).
-    pub format: &'static str,
-    /// Its subformat.
-    pub subformat: String,
-    /// Size of the virtual disk in bytes.
-    pub virtual_size: u64,
-    /// Logical sector size in bytes.
-    pub logical_sector_size: u32,
-    /// Physical sector size in bytes.
-    pub physical_sector_size: u32,
-    /// Bytes that hold (or may hold) data in the chain.
-    pub allocated_bytes: u64,
-    /// Anything unusual a user should know.
-    pub notes: Vec<String>,
+    /// The disk (of the whole chain; format and subformat of the top file).
+    #[serde(flatten)]
+    pub info: ImageInfo,
     /// The chain's files, top first.
     pub chain: Vec<LayerDescription>,
     /// What identifies the image to a child (a change id), if its format has an identity.
@@ -247,15 +236,8 @@ pub struct LayerDescription {
 
 /// Describes an open image (what `info` prints).
 pub fn describe(src: &dyn BlockSource) -> Description {
-    let i = src.info();
     Description {
-        format: i.format,
-        subformat: i.subformat.clone(),
-        virtual_size: i.virtual_size,
-        logical_sector_size: i.logical_sector_size,
-        physical_sector_size: i.physical_sector_size,
-        allocated_bytes: i.allocated_bytes,
-        notes: i.notes.clone(),
+        info: src.info().clone(),
         chain: src
             .layers()
             .into_iter()
