@@ -307,9 +307,15 @@ class Store:
         if changes is not None and base is None:
             raise ConfigError("changes need a base snapshot (base=...) to make a delta on")
         if isinstance(changes, ChangeList):
-            kw["changes_data"] = json.dumps(changes.extents).encode()
+            # As an extents document that keeps the list's change ids, so that the engine
+            # still checks it against the base snapshot's.
+            doc = {
+                "changeId": changes.base_change_id,
+                "newChangeId": changes.new_change_id,
+                "extents": changes.extents,
+            }
+            kw["changes_data"] = json.dumps(doc).encode()
             kw["changes_format"] = "extents"
-            change_id = change_id or changes.new_change_id
         elif isinstance(changes, (str, os.PathLike)):
             c = os.fspath(changes)
             if c == "hash":

@@ -93,6 +93,11 @@ def test_deltas_from_ranges_lists_hash_and_chain(store: blockferry.Store, tmp_pa
     assert cl.format == "vmware-cbt" and cl.extents == [(9 * MIB, 4096)] and cl.bytes == 4096
     d2 = store.replicate(img, base="latest", changes=cl, verify_sample=0, state_dir=state)
     assert d2.bytes_read == MIB
+    # A parsed list keeps its change ids: one taken against another base is not trusted.
+    stale = blockferry.ChangeList("vmware-cbt", "52 aa/1", "52 aa/2", [(0, 4096)], 4096)
+    d2b = store.replicate(img, base="latest", changes=stale, verify_sample=0, state_dir=state)
+    assert d2b.changes is not None and d2b.changes.fallback, d2b.changes
+    assert d2b.bytes_read == 16 * MIB
     d3 = store.replicate(img, base="latest", changes=cbt, verify_sample=0, state_dir=state)
     assert d3.changes is not None and d3.changes.source == "vmware-cbt"
     d4 = store.replicate(img, base="latest", changes="hash", state_dir=state)
