@@ -73,6 +73,7 @@ pub struct Error {
     path: Option<PathBuf>,
     object: Option<String>,
     offset: Option<u64>,
+    part: Option<u32>,
     source: Option<Box<dyn StdError + Send + Sync + 'static>>,
 }
 
@@ -88,6 +89,7 @@ impl Error {
             path: None,
             object: None,
             offset: None,
+            part: None,
             source: None,
         }
     }
@@ -129,6 +131,13 @@ impl Error {
         self
     }
 
+    /// Attaches the part (of a multipart upload) the error is about.
+    #[must_use]
+    pub fn with_part(mut self, part: u32) -> Error {
+        self.part = Some(part);
+        self
+    }
+
     /// Attaches the byte offset (in the file, object or virtual disk) the error is about.
     #[must_use]
     pub fn with_offset(mut self, offset: u64) -> Error {
@@ -163,6 +172,11 @@ impl Error {
         self.object.as_deref()
     }
 
+    /// The multipart upload part the error is about, if any.
+    pub fn part(&self) -> Option<u32> {
+        self.part
+    }
+
     /// The byte offset the error is about, if any.
     pub fn offset(&self) -> Option<u64> {
         self.offset
@@ -179,6 +193,10 @@ impl fmt::Display for Error {
         }
         if let Some(object) = &self.object {
             write!(f, "{sep}object {object}")?;
+            sep = ", ";
+        }
+        if let Some(part) = self.part {
+            write!(f, "{sep}part {part}")?;
             sep = ", ";
         }
         if let Some(offset) = self.offset {
@@ -200,6 +218,7 @@ impl fmt::Debug for Error {
             .field("path", &self.path)
             .field("object", &self.object)
             .field("offset", &self.offset)
+            .field("part", &self.part)
             .field("source", &self.source)
             .finish()
     }
@@ -225,6 +244,14 @@ mod tests {
             "authentication failed (object packs/ab/abcd, offset 4096)"
         );
         assert_eq!(e.kind(), ErrorKind::Corrupt);
+        let part = Error::new(ErrorKind::Store, "uploading part 7 failed")
+            .with_object("packs/ab/abcd")
+            .with_part(7);
+        assert_eq!(part.part(), Some(7));
+        assert_eq!(
+            part.to_string(),
+            "uploading part 7 failed (object packs/ab/abcd, part 7)"
+        );
         let plain = Error::config("chunk size must be a power of two");
         assert_eq!(plain.to_string(), "chunk size must be a power of two");
     }

@@ -559,6 +559,15 @@ bf_result bf_last_error_path(char *buf, size_t len, size_t *out_n);
 bf_result bf_last_error_offset(uint64_t *out);
 
 /**
+ * The multipart upload part the calling thread's last error concerns in `*out`;
+ * `BF_RESULT_NOT_FOUND` when it names none.
+ *
+ * # Safety
+ * `out` is NULL or writable.
+ */
+bf_result bf_last_error_part(uint32_t *out);
+
+/**
  * Makes a cancellation flag in `*out`; free it with `bf_cancel_free`.
  *
  * # Safety

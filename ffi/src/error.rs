@@ -106,6 +106,7 @@ pub(crate) struct LastError {
     pub(crate) message: String,
     pub(crate) path: Option<String>,
     pub(crate) offset: Option<u64>,
+    pub(crate) part: Option<u32>,
 }
 
 thread_local! {
@@ -179,6 +180,7 @@ pub(crate) fn record(fail: Fail) -> bf_result {
                 message,
                 path: e.path().map(|p| p.to_string_lossy().into_owned()),
                 offset: e.offset(),
+                part: e.part(),
             });
             code(e.kind())
         }

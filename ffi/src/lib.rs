@@ -370,6 +370,26 @@ pub unsafe extern "C" fn bf_last_error_offset(out: *mut u64) -> bf_result {
     }
 }
 
+/// The multipart upload part the calling thread's last error concerns in `*out`;
+/// `BF_RESULT_NOT_FOUND` when it names none.
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bf_last_error_part(out: *mut u32) -> bf_result {
+    if out.is_null() {
+        return bf_result::NullParameter;
+    }
+    match with_last(|l| l.part) {
+        Some(p) => {
+            // SAFETY: `out` is not NULL and writable (the caller's contract).
+            unsafe { write_opt(out, p) };
+            bf_result::Ok
+        }
+        None => bf_result::NotFound,
+    }
+}
+
 /// Makes a cancellation flag in `*out`; free it with `bf_cancel_free`.
 ///
 /// # Safety

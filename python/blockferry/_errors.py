@@ -4,8 +4,8 @@ Every engine error is a :class:`Error`, of one subclass per error kind, and each
 derives from the builtin exception a Python caller would expect (``ValueError`` for bad
 images, change lists and arguments, ``OSError`` for I/O and store failures,
 ``PermissionError`` for credentials), so ``except OSError`` keeps working. The context of the
-failure is on the instance: ``kind``, ``message``, ``path``, ``object``, ``offset`` and the
-``causes`` below it.
+failure is on the instance: ``kind``, ``message``, ``path``, ``object``, ``offset``, ``part``
+and the ``causes`` below it.
 
 This module must not import the native module (which imports it).
 """
@@ -44,6 +44,7 @@ class Error(Exception):
         path: the local file concerned (an image, a change list, an output), if any.
         object: the store object concerned (``packs/…``, ``snapshots/…``), if any.
         offset: the byte offset concerned (in the file, or on the virtual disk), if any.
+        part: the part of a multipart upload concerned, if any.
         causes: the underlying errors, outermost first.
     """
 
@@ -52,6 +53,7 @@ class Error(Exception):
     path: Optional[str] = None
     object: Optional[str] = None
     offset: Optional[int] = None
+    part: Optional[int] = None
     causes: List[str] = []
 
     def __str__(self) -> str:

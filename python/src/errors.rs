@@ -52,8 +52,8 @@ pub(crate) fn kind_name(kind: ErrorKind) -> &'static str {
     }
 }
 
-/// The Python exception for an engine error, with `kind`, `path`, `object`, `offset` and
-/// `detail` set (and `errno`/`filename` for the `OSError` kinds).
+/// The Python exception for an engine error, with `kind`, `message`, `path`, `object`,
+/// `offset`, `part` and `causes` set (and `errno`/`filename` for the `OSError` kinds).
 pub(crate) fn to_py(py: Python<'_>, e: &Error) -> PyErr {
     let text = e.to_string();
     let err = match e.kind() {
@@ -87,6 +87,7 @@ fn annotate(py: Python<'_>, err: &PyErr, e: &Error) -> PyResult<()> {
     value.setattr("path", e.path().map(|p| p.to_string_lossy().into_owned()))?;
     value.setattr("object", e.object())?;
     value.setattr("offset", e.offset())?;
+    value.setattr("part", e.part())?;
     let detail: Vec<String> = causes(e);
     value.setattr("causes", detail)?;
     if value.is_instance_of::<pyo3::exceptions::PyOSError>() {

@@ -46,7 +46,7 @@ def test_error_context_attributes(tmp_path: Path) -> None:
     err = e.value
     assert err.kind == "invalid_image" and err.path == str(bad)
     assert str(bad) in str(err) and err.message and err.message in str(err)
-    assert isinstance(err.causes, list)
+    assert isinstance(err.causes, list) and err.part is None
     with pytest.raises(blockferry.UnsupportedImageError):
         q = tmp_path / "x.qcow2"
         q.write_bytes(b"QFI\xfb" + bytes(4096))

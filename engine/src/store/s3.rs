@@ -586,7 +586,10 @@ impl ObjectStore for S3Store {
                     .body(ByteStream::from(data))
                     .send(),
             )
-            .map_err(|e| self.sdk_err(&format!("uploading part {number}"), Some(key), &e))?;
+            .map_err(|e| {
+                self.sdk_err(&format!("uploading part {number}"), Some(key), &e)
+                    .with_part(number)
+            })?;
         if let Some(echo) = resp.checksum_crc32_c()
             && echo != crc
         {
@@ -596,7 +599,8 @@ impl ObjectStore for S3Store {
                     "part {number}: the store acknowledged another checksum ({echo}, not {crc})"
                 ),
             )
-            .with_object(key));
+            .with_object(key)
+            .with_part(number));
         }
         let etag = resp.e_tag().map(str::to_owned).ok_or_else(|| {
             Error::new(
@@ -604,6 +608,7 @@ impl ObjectStore for S3Store {
                 format!("part {number}: the store gave no ETag"),
             )
             .with_object(key)
+            .with_part(number)
         })?;
         Ok(Part {
             number,

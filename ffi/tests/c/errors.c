@@ -82,6 +82,8 @@ int main(int argc, char **argv) {
   bf_result has_offset = bf_last_error_offset(&off);
   CHECK(has_offset == BF_RESULT_OK || has_offset == BF_RESULT_NOT_FOUND);
   EXPECT(bf_last_error_offset(NULL), BF_RESULT_NULL_PARAMETER);
+  uint32_t part = 0;
+  EXPECT(bf_last_error_part(&part), BF_RESULT_NOT_FOUND); /* no upload part in an image error */
 
   /* Options out of range, strings that are not UTF-8, a bad change list. */
   bf_replicate_options opts;
