@@ -350,6 +350,27 @@ pub unsafe extern "C" fn bf_last_error_path(
     }
 }
 
+/// Writes a field of the thread's last error to `*out`: `NotFound` when it has none.
+///
+/// # Safety
+/// `out` is NULL or writable.
+unsafe fn write_last<T>(
+    out: *mut T,
+    field: impl FnOnce(&error::LastError) -> Option<T>,
+) -> bf_result {
+    if out.is_null() {
+        return bf_result::NullParameter;
+    }
+    match with_last(field) {
+        Some(v) => {
+            // SAFETY: `out` is not NULL and writable (the caller's contract).
+            unsafe { write_opt(out, v) };
+            bf_result::Ok
+        }
+        None => bf_result::NotFound,
+    }
+}
+
 /// The byte offset the calling thread's last error concerns (in a file or on the virtual
 /// disk) in `*out`; `BF_RESULT_NOT_FOUND` when it names none.
 ///
@@ -357,17 +378,8 @@ pub unsafe extern "C" fn bf_last_error_path(
 /// `out` is NULL or writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bf_last_error_offset(out: *mut u64) -> bf_result {
-    if out.is_null() {
-        return bf_result::NullParameter;
-    }
-    match with_last(|l| l.offset) {
-        Some(o) => {
-            // SAFETY: `out` is not NULL and writable (the caller's contract).
-            unsafe { write_opt(out, o) };
-            bf_result::Ok
-        }
-        None => bf_result::NotFound,
-    }
+    // SAFETY: forwarded contract.
+    unsafe { write_last(out, |l| l.offset) }
 }
 
 /// The multipart upload part the calling thread's last error concerns in `*out`;
@@ -377,17 +389,8 @@ pub unsafe extern "C" fn bf_last_error_offset(out: *mut u64) -> bf_result {
 /// `out` is NULL or writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn bf_last_error_part(out: *mut u32) -> bf_result {
-    if out.is_null() {
-        return bf_result::NullParameter;
-    }
-    match with_last(|l| l.part) {
-        Some(p) => {
-            // SAFETY: `out` is not NULL and writable (the caller's contract).
-            unsafe { write_opt(out, p) };
-            bf_result::Ok
-        }
-        None => bf_result::NotFound,
-    }
+    // SAFETY: forwarded contract.
+    unsafe { write_last(out, |l| l.part) }
 }
 
 /// Makes a cancellation flag in `*out`; free it with `bf_cancel_free`.
