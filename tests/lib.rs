@@ -51,6 +51,19 @@ pub fn bin() -> PathBuf {
         if profile_release {
             cmd.arg("--release");
         }
+        // `cargo test` gives this process the test crate's CARGO_MANIFEST_DIR, CARGO_PKG_*
+        // and so on. Build scripts that watch those variables (ring's) would see them
+        // changed and rebuild, and the next `cargo test` rebuild back: 45 s each way.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_CFG_"]
+                .iter()
+                .any(|p| key.starts_with(p))
+                || ["OUT_DIR", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"].contains(&&*key)
+            {
+                cmd.env_remove(&*key);
+            }
+        }
         let status = cmd.status().expect("running cargo build");
         assert!(status.success(), "building the blockferry binary failed");
     });

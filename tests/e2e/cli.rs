@@ -74,3 +74,58 @@ fn json_output_of_every_command() {
         "{table}"
     );
 }
+
+/// Issue 16.17: a reader that goes away (`| head -1`, `| true`) ends the program quietly,
+/// never with a panic (exit 101 and a stack trace before the fix).
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let sb = Sandbox::new();
+    let store = sb.store();
+    sb.init(&[]);
+    // Data every other 64 KiB: thousands of extents, far more output than a pipe holds.
+    let image = sb.path("striped.raw");
+    let regions: Vec<(u64, Vec<u8>)> = (0..4096u64)
+        .map(|i| (i * 128 << 10, vec![7u8; 64 << 10]))
+        .collect();
+    make_image(&image, 512 * MIB, &regions);
+    sb.replicate(&image, &[]);
+    let img = image.to_str().unwrap();
+    let folder = sb.dir.path().to_str().unwrap();
+    let cases: [(&[&str], bool); 6] = [
+        (&["map", img, "--json"], true),
+        (&["map", img], true),
+        (&["snapshots", "--store", &store, "--json"], false),
+        (&["snapshots", "--store", &store], false),
+        (&["discover", folder], false),
+        (&["info", img, "--json"], false),
+    ];
+    for (args, read_a_line) in cases {
+        let mut child = Command::new(blockferry_tests::bin())
+            .args(args)
+            .env("BLOCKFERRY_PASSPHRASE", blockferry_tests::PASSPHRASE)
+            .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        if read_a_line {
+            // `| head -1`: the writer is blocked on a full pipe when the reader goes.
+            let mut line = String::new();
+            BufReader::new(stdout).read_line(&mut line).unwrap();
+            assert!(!line.is_empty());
+        } else {
+            // `| true`: gone before the first write.
+            drop(stdout);
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("panicked"),
+            "{args:?}: {:?}\n{err}",
+            out.status
+        );
+    }
+}

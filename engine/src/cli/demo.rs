@@ -87,8 +87,8 @@ fn make_disk(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show(step: &str, r: &ReplicateReport) {
-    println!(
+fn show(step: &str, r: &ReplicateReport) -> anyhow::Result<()> {
+    outln!(
         "{step}: snapshot {} of {} virtual\n    read {} (holes skipped), zero {}, deduplicated {}, \
          new {} stored as {} in {:.2}s",
         r.snapshot,
@@ -100,6 +100,7 @@ fn show(step: &str, r: &ReplicateReport) {
         human_bytes(r.bytes_stored),
         r.seconds
     );
+    Ok(())
 }
 
 pub(crate) fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
@@ -121,10 +122,10 @@ pub(crate) fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
     let store_path = store_dir
         .to_str()
         .context("the demo folder's path is not UTF-8")?;
-    println!("blockferry demo in {}", dir.display());
+    outln!("blockferry demo in {}", dir.display());
 
     make_disk(&disk)?;
-    println!(
+    outln!(
         "1. made a sparse sample disk {} ({} virtual: text-like data, random data, a zero run, \
          a cloned region, holes)",
         disk.display(),
@@ -139,7 +140,7 @@ pub(crate) fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
         },
     )?;
     let store = Store::open(store_path, Some(PASSPHRASE))?;
-    println!(
+    outln!(
         "2. created an encrypted store {} (AES-256-GCM, passphrase {:?})",
         store_dir.display(),
         String::from_utf8_lossy(PASSPHRASE)
@@ -152,7 +153,7 @@ pub(crate) fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
         &opts,
         &Silent,
     )?;
-    show("3. full replication", &first);
+    show("3. full replication", &first)?;
 
     let mut rng = Rng(42);
     let mut change = vec![0u8; usize::try_from(2 * MIB)?];
@@ -163,7 +164,7 @@ pub(crate) fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
         &text_like(&mut rng, usize::try_from(MIB)?),
         200 * MIB,
     )?;
-    println!("4. changed the disk: 2 MiB overwritten, 1 MiB written into a hole");
+    outln!("4. changed the disk: 2 MiB overwritten, 1 MiB written into a hole");
 
     let second = blockferry::replicate(
         &store,
@@ -171,8 +172,8 @@ pub(crate) fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
         &opts,
         &Silent,
     )?;
-    show("5. replication again", &second);
-    println!(
+    show("5. replication again", &second)?;
+    outln!(
         "    only the changed chunks were stored: {} new of {} allocated",
         human_bytes(second.bytes_new),
         human_bytes(second.allocated_bytes)
@@ -190,9 +191,10 @@ pub(crate) fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
     if !report.ok() {
         bail!("verification failed: {:?}", report.problems);
     }
-    println!(
+    outln!(
         "6. verified snapshot {}: {} chunks decrypt and match their ids, and equal the disk",
-        report.snapshot, report.chunks_checked
+        report.snapshot,
+        report.chunks_checked
     );
 
     blockferry::restore(
@@ -205,11 +207,11 @@ pub(crate) fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
     if !same_contents(&disk, &restored)? {
         bail!("the restored disk differs from the source");
     }
-    println!(
+    outln!(
         "7. restored it to {}: byte-identical to the disk",
         restored.display()
     );
-    println!(
+    outln!(
         "try: BLOCKFERRY_PASSPHRASE={:?} blockferry snapshots --store {}",
         String::from_utf8_lossy(PASSPHRASE),
         store_dir.display()

@@ -43,33 +43,34 @@ pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
         v["file"] = json!(a.image.display().to_string());
         v["parent_paths"] = json!(parent_named);
         v["parent_missing"] = json!(missing_parent);
-        print_json(&v);
+        print_json(&v)?;
         return Ok(if missing_parent.is_some() {
             ExitCode::FAILURE
         } else {
             ExitCode::SUCCESS
         });
     }
-    println!("file:            {}", a.image.display());
-    println!("format:          {} ({})", info.format, info.subformat);
-    println!(
+    outln!("file:            {}", a.image.display());
+    outln!("format:          {} ({})", info.format, info.subformat);
+    outln!(
         "virtual size:    {} ({} bytes)",
         human_bytes(info.virtual_size),
         info.virtual_size
     );
-    println!(
+    outln!(
         "sector size:     {} logical, {} physical",
-        info.logical_sector_size, info.physical_sector_size
+        info.logical_sector_size,
+        info.physical_sector_size
     );
-    println!(
+    outln!(
         "allocated:       {} ({} bytes)",
         human_bytes(info.allocated_bytes),
         info.allocated_bytes
     );
     if layers.len() > 1 {
-        println!("chain (top first):");
+        outln!("chain (top first):");
         for l in &layers {
-            println!(
+            outln!(
                 "  {} ({} {}, {})",
                 l.path.display(),
                 l.format,
@@ -80,11 +81,11 @@ pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
     }
     for l in &layers {
         for n in &l.notes {
-            println!("note: {}: {n}", l.path.display());
+            outln!("note: {}: {n}", l.path.display());
         }
     }
     if let Some(missing) = &missing_parent {
-        println!("parent:          {}", parent_named.join(" | "));
+        outln!("parent:          {}", parent_named.join(" | "));
         eprintln!("error: {missing}");
         return Ok(ExitCode::FAILURE);
     }
@@ -163,9 +164,9 @@ pub(crate) fn convert(a: &ConvertArgs) -> anyhow::Result<ExitCode> {
     let report = blockferry::convert(src.as_ref(), &a.out, &opts, &bar)?;
     bar.done();
     if a.image.json {
-        print_json(&serde_json::to_value(&report)?);
+        print_json(&serde_json::to_value(&report)?)?;
     } else {
-        println!(
+        outln!(
             "wrote {} ({} of data) to {} in {:.1}s",
             human_bytes(report.virtual_size),
             human_bytes(report.bytes_written),
@@ -202,12 +203,16 @@ pub(crate) fn discover(a: &DiscoverArgs) -> anyhow::Result<ExitCode> {
                 })
             })
             .collect();
-        print_json(&json!({ "images": list }));
+        print_json(&json!({ "images": list }))?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<10}  {:<6}  {:<18}  {:>10}  {:>10}  PATH",
-        "ROLE", "FORMAT", "SUBFORMAT", "SIZE", "ALLOCATED"
+        "ROLE",
+        "FORMAT",
+        "SUBFORMAT",
+        "SIZE",
+        "ALLOCATED"
     );
     for f in &found {
         let path = match f.ova_disk {
@@ -215,8 +220,8 @@ pub(crate) fn discover(a: &DiscoverArgs) -> anyhow::Result<ExitCode> {
             None => f.path.display().to_string(),
         };
         match &f.error {
-            Some(e) => println!("{:<10}  {path}: {e}", f.role.name()),
-            None => println!(
+            Some(e) => outln!("{:<10}  {path}: {e}", f.role.name()),
+            None => outln!(
                 "{:<10}  {:<6}  {:<18}  {:>10}  {:>10}  {path}{}",
                 f.role.name(),
                 f.format,

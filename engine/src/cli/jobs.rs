@@ -72,16 +72,21 @@ pub(crate) fn list(a: &JobsArgs) -> anyhow::Result<ExitCode> {
     let db = JobDb::open(&a.state.dir()?)?;
     let jobs = db.list()?;
     if a.json {
-        print_json(&json!({ "jobs": jobs }));
+        print_json(&json!({ "jobs": jobs }))?;
         return Ok(ExitCode::SUCCESS);
     }
     if jobs.is_empty() {
         eprintln!("no jobs in {}", db.dir().display());
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<16}  {:<8}  {:<20}  {:>4}  {:>10}  {:>10}  SOURCE → STORE",
-        "JOB", "STATE", "UPDATED", "RUNS", "SENT", "RESENT"
+        "JOB",
+        "STATE",
+        "UPDATED",
+        "RUNS",
+        "SENT",
+        "RESENT"
     );
     for j in &jobs {
         let state = match (j.state, j.running) {
@@ -89,7 +94,7 @@ pub(crate) fn list(a: &JobsArgs) -> anyhow::Result<ExitCode> {
             (JobState::Active, true) => "running",
             (JobState::Active, false) => "stopped",
         };
-        println!(
+        outln!(
             "{:<16}  {:<8}  {:<20}  {:>4}  {:>10}  {:>10}  {} → {}{}",
             j.id,
             state,
@@ -113,7 +118,7 @@ pub(crate) fn abandon(a: &AbandonArgs) -> anyhow::Result<ExitCode> {
     let db = JobDb::open(&a.state.dir()?)?;
     let job = db.abandon_job(&a.job, &s3_options(&a.s3))?;
     if a.json {
-        print_json(&json!({ "abandoned": job.id }));
+        print_json(&json!({ "abandoned": job.id }))?;
     } else {
         eprintln!(
             "job {} abandoned: its uploads are aborted and it is forgotten",
@@ -129,7 +134,7 @@ pub(crate) fn cleanup(a: &CleanupArgs) -> anyhow::Result<ExitCode> {
     let report = db.cleanup_uploads(backend.as_ref(), a.older_than, a.dry_run)?;
     let (aborted, kept) = (report.aborted, report.kept);
     if a.store.json {
-        print_json(&json!({ "aborted": aborted, "kept": kept, "dry_run": a.dry_run }));
+        print_json(&json!({ "aborted": aborted, "kept": kept, "dry_run": a.dry_run }))?;
     } else {
         eprintln!(
             "{} {} stale multipart upload(s) of {}; kept {kept} (younger than {}, of \

@@ -3,6 +3,13 @@
 // Doc comments here become `--help` text, where Markdown backticks would show literally.
 #![allow(clippy::doc_markdown)]
 
+/// `println!` that returns an error (ended on quietly by `main`) when stdout is a closed pipe.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::output::write_line(format_args!($($arg)*))?
+    };
+}
+
 mod demo;
 mod image_cmds;
 mod jobs;
@@ -440,11 +447,9 @@ fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
     Ok(Store::open_backend(backend(args, false)?, pass.as_deref())?)
 }
 
-fn print_json(value: &serde_json::Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_default()
-    );
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    outln!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
 }
 
 fn init_logging(verbose: u8) {
@@ -489,6 +494,8 @@ pub(crate) fn main() -> ExitCode {
     };
     match run(cli.command) {
         Ok(code) => code,
+        // The reader of our output went away (`| head`): what it wanted it has.
+        Err(err) if output::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             report_error(&err, json);
             ExitCode::FAILURE
@@ -506,7 +513,7 @@ fn report_error(err: &anyhow::Error, json: bool) {
             obj["error"]["object"] = json!(e.object());
             obj["error"]["offset"] = json!(e.offset());
         }
-        print_json(&obj);
+        let _ = print_json(&obj);
     }
     eprintln!("error: {err}");
     for cause in err.chain().skip(1) {
@@ -568,9 +575,9 @@ fn cmd_init(a: &InitArgs) -> anyhow::Result<ExitCode> {
             "chunk_size": config.chunk_size,
             "encrypted": encrypted,
             "format_version": config.version,
-        }));
+        }))?;
     } else {
-        println!(
+        outln!(
             "created store {} ({} chunks, {})",
             a.store.store,
             human_bytes(u64::from(config.chunk_size)),
@@ -629,9 +636,9 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
     let report = blockferry::replicate(&store, source.as_ref(), &opts, &bar)?;
     bar.done();
     if a.store.json {
-        print_json(&serde_json::to_value(&report)?);
+        print_json(&serde_json::to_value(&report)?)?;
     } else {
-        println!("{}", report.snapshot);
+        outln!("{}", report.snapshot);
         eprintln!(
             "snapshot {} of {} ({}): read {}, zero {}, deduplicated {}, new {} stored as {} in {:.1}s",
             report.snapshot,
@@ -703,11 +710,11 @@ fn cmd_prune(a: &PruneArgs) -> anyhow::Result<ExitCode> {
     };
     let report = blockferry::pipeline::prune::prune(&store, &policy, a.disk.as_deref(), a.dry_run)?;
     if a.store.json {
-        print_json(&serde_json::to_value(&report)?);
+        print_json(&serde_json::to_value(&report)?)?;
     } else {
         let verb = if a.dry_run { "would forget" } else { "forgot" };
         for id in &report.forgotten {
-            println!("{id}");
+            outln!("{id}");
         }
         eprintln!(
             "{verb} {} snapshots, kept {} (space is reclaimed by a garbage collection)",
@@ -734,7 +741,7 @@ fn cmd_gc(a: &GcArgs) -> anyhow::Result<ExitCode> {
     bar.done();
     let r = r?;
     if a.store.json {
-        print_json(&serde_json::to_value(&r)?);
+        print_json(&serde_json::to_value(&r)?)?;
     } else {
         let b = output::human_bytes;
         let verb = if r.dry_run { "would delete" } else { "deleted" };
@@ -775,14 +782,17 @@ fn cmd_snapshots(a: &SnapshotsArgs) -> anyhow::Result<ExitCode> {
             })
             .collect::<serde_json::Result<Vec<_>>>()?;
         let errors: Vec<String> = bad.iter().map(ToString::to_string).collect();
-        print_json(&json!({ "snapshots": list, "unreadable": errors }));
+        print_json(&json!({ "snapshots": list, "unreadable": errors }))?;
     } else {
-        println!(
+        outln!(
             "{:<16}  {:<20}  {:>10}  {:>10}  DISK",
-            "ID", "CREATED", "SIZE", "NEW"
+            "ID",
+            "CREATED",
+            "SIZE",
+            "NEW"
         );
         for s in &snaps {
-            println!(
+            outln!(
                 "{:<16}  {:<20}  {:>10}  {:>10}  {}",
                 s.id,
                 output::rfc3339(s.created_unix_ms),
@@ -816,9 +826,9 @@ fn cmd_restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let report = blockferry::restore(&store, &a.snapshot, &a.out, &opts, &bar)?;
     bar.done();
     if a.store.json {
-        print_json(&serde_json::to_value(&report)?);
+        print_json(&serde_json::to_value(&report)?)?;
     } else {
-        println!(
+        outln!(
             "restored snapshot {} to {} ({}, {} of data) in {:.1}s",
             report.snapshot,
             report.output,
@@ -847,9 +857,9 @@ fn cmd_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     if a.store.json {
         let mut v = serde_json::to_value(&report)?;
         v["ok"] = json!(report.ok());
-        print_json(&v);
+        print_json(&v)?;
     } else if report.ok() {
-        println!(
+        outln!(
             "snapshot {} verified: {} chunks intact{} ({:.1}s)",
             report.snapshot,
             report.chunks_checked,
@@ -863,13 +873,14 @@ fn cmd_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         for p in &report.problems {
             match p.offset {
-                Some(o) => println!("snapshot {}, offset {o}: {}", report.snapshot, p.message),
-                None => println!("snapshot {}: {}", report.snapshot, p.message),
+                Some(o) => outln!("snapshot {}, offset {o}: {}", report.snapshot, p.message),
+                None => outln!("snapshot {}: {}", report.snapshot, p.message),
             }
         }
-        println!(
+        outln!(
             "snapshot {} FAILED verification: {} problem(s)",
-            report.snapshot, report.problems_total
+            report.snapshot,
+            report.problems_total
         );
     }
     Ok(if report.ok() {

@@ -7,6 +7,24 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use blockferry::{Event, Observer};
 
+/// Writes one line to stdout. A closed pipe (`blockferry snapshots | head -1`) is an error
+/// that `main` ends the program on quietly, instead of the panic of `println!`.
+pub(crate) fn write_line(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|()| out.write_all(b"\n"))
+        .map_err(anyhow::Error::new)
+}
+
+/// Whether an error is a write to a closed pipe (the reader of our output went away).
+pub(crate) fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// `1.5 GiB`-style sizes.
 // Display rounding: f64's 52-bit mantissa is plenty for one decimal.
 #[allow(clippy::cast_precision_loss)]

@@ -128,14 +128,14 @@ pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
         match run_cycle(a, &store, &disk, &cancel) {
             Ok(Some(report)) => {
                 last_success = Some((started_at, started));
-                print_cycle(a, cycle, Some(&report), None, last_success);
+                print_cycle(a, cycle, Some(&report), None, last_success)?;
             }
-            Ok(None) => print_cycle(a, cycle, None, None, last_success),
+            Ok(None) => print_cycle(a, cycle, None, None, last_success)?,
             Err(e) if cancel.is_cancelled() => {
                 tracing::debug!("cycle cancelled: {e:#}");
                 break;
             }
-            Err(e) => print_cycle(a, cycle, None, Some(&e), last_success),
+            Err(e) => print_cycle(a, cycle, None, Some(&e), last_success)?,
         }
         if a.cycles.is_some_and(|n| cycle >= n) {
             break;
@@ -360,7 +360,7 @@ fn print_cycle(
     report: Option<&blockferry::ReplicateReport>,
     error: Option<&anyhow::Error>,
     last_success: Option<(SystemTime, Instant)>,
-) {
+) -> anyhow::Result<()> {
     // The replication lag (RPO): how old the newest snapshot's view of the disk is.
     let lag = last_success.map(|(_, at)| at.elapsed().as_secs_f64());
     let last = last_success.map(|(t, _)| {
@@ -388,8 +388,8 @@ fn print_cycle(
             }
         }
         // One line per cycle, for log shippers.
-        println!("{}", serde_json::to_string(&line).unwrap_or_default());
-        return;
+        outln!("{}", serde_json::to_string(&line)?);
+        return Ok(());
     }
     let lag = lag.map_or_else(|| "-".to_owned(), |s| format!("{s:.0}s"));
     let last = last.unwrap_or_else(|| "never".to_owned());
@@ -418,4 +418,5 @@ fn print_cycle(
             eprintln!("cycle {cycle}: no change list yet; lag {lag}, last success {last}");
         }
     }
+    Ok(())
 }
