@@ -87,7 +87,7 @@ fn a_closed_pipe_ends_output_quietly() {
     // Data every other 64 KiB: thousands of extents, far more output than a pipe holds.
     let image = sb.path("striped.raw");
     let regions: Vec<(u64, Vec<u8>)> = (0..4096u64)
-        .map(|i| (i * 128 << 10, vec![7u8; 64 << 10]))
+        .map(|i| ((i * 128) << 10, vec![7u8; 64 << 10]))
         .collect();
     make_image(&image, 512 * MIB, &regions);
     sb.replicate(&image, &[]);
