@@ -56,9 +56,15 @@ pub fn bin() -> PathBuf {
         // changed and rebuild, and the next `cargo test` rebuild back: 45 s each way.
         for (key, _) in std::env::vars_os() {
             let key = key.to_string_lossy();
-            if ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_CFG_"]
-                .iter()
-                .any(|p| key.starts_with(p))
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_CFG_",
+            ]
+            .iter()
+            .any(|p| key.starts_with(p))
                 || ["OUT_DIR", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR"].contains(&&*key)
             {
                 cmd.env_remove(&*key);

@@ -663,7 +663,8 @@ bf_result bf_replicate(const bf_store *store,
 
 /**
  * Writes snapshot `snapshot` (id, unique prefix or "latest") to `out`: a file, created
- * sparse (`force` to overwrite an existing one), or a block device. Blocks; `progress`,
+ * sparse, that appears under its name only once whole (`force` to replace an existing one),
+ * or a block device (only with `force`: what it holds is overwritten). Blocks; `progress`,
  * `cancel` and `report` as for `bf_replicate`. `workers` 0 means one per core.
  *
  * # Safety
@@ -698,7 +699,8 @@ bf_result bf_verify(const bf_store *store,
                     bf_verify_report *report);
 
 /**
- * Writes an image's virtual disk to `out` as a sparse raw file (or onto a device).
+ * Writes an image's virtual disk to `out` as a sparse raw file that appears under its name
+ * only once whole (or onto a block device, only with `force`).
  *
  * # Safety
  * `image` and `out` NUL-terminated; the rest as for `bf_replicate`.

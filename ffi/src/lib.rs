@@ -839,7 +839,8 @@ pub unsafe extern "C" fn bf_replicate(
 }
 
 /// Writes snapshot `snapshot` (id, unique prefix or "latest") to `out`: a file, created
-/// sparse (`force` to overwrite an existing one), or a block device. Blocks; `progress`,
+/// sparse, that appears under its name only once whole (`force` to replace an existing one),
+/// or a block device (only with `force`: what it holds is overwritten). Blocks; `progress`,
 /// `cancel` and `report` as for `bf_replicate`. `workers` 0 means one per core.
 ///
 /// # Safety
@@ -864,6 +865,7 @@ pub unsafe extern "C" fn bf_restore(
         let opts = RestoreOptions {
             workers: workers as usize,
             force,
+            salvage: false,
             cancel,
         };
         let observer = observer(progress, userdata);
@@ -944,7 +946,8 @@ pub unsafe extern "C" fn bf_verify(
     })
 }
 
-/// Writes an image's virtual disk to `out` as a sparse raw file (or onto a device).
+/// Writes an image's virtual disk to `out` as a sparse raw file that appears under its name
+/// only once whole (or onto a block device, only with `force`).
 ///
 /// # Safety
 /// `image` and `out` NUL-terminated; the rest as for `bf_replicate`.

@@ -437,6 +437,7 @@ class Store:
         out: PathLike,
         *,
         force: bool = False,
+        salvage: bool = False,
         workers: int = 0,
         progress: Optional[ProgressCallback] = None,
         progress_interval: float = 0.5,
@@ -446,11 +447,12 @@ class Store:
             snapshot,
             os.fspath(out),
             force=force,
+            salvage=salvage,
             workers=workers,
             progress=_deliver(progress),
             progress_interval=progress_interval,
         )
-        return Operation(task, lambda d: _build(RestoreReport, d))
+        return Operation(task, RestoreReport._from)
 
     def restore(
         self,
@@ -458,16 +460,21 @@ class Store:
         out: PathLike,
         *,
         force: bool = False,
+        salvage: bool = False,
         workers: int = 0,
         progress: Optional[ProgressCallback] = None,
         progress_interval: float = 0.5,
     ) -> RestoreReport:
         """Writes snapshot ``snapshot`` (id, prefix or ``latest``) to ``out``: a raw file,
-        created sparse (``force`` to overwrite one), or a block device."""
+        created sparse, that appears under its name only once whole (``force`` to replace
+        one), or a block device (only with ``force``: what it holds is overwritten).
+        ``salvage`` restores every chunk that can be read, leaves the others zero and lists
+        them in :attr:`RestoreReport.unreadable` instead of raising at the first."""
         return self.start_restore(
             snapshot,
             out,
             force=force,
+            salvage=salvage,
             workers=workers,
             progress=progress,
             progress_interval=progress_interval,

@@ -128,6 +128,7 @@ class Store:
         out: str,
         *,
         force: bool = ...,
+        salvage: bool = ...,
         workers: int = ...,
         progress: Optional[Callable[[Any], Any]] = ...,
         progress_interval: float = ...,

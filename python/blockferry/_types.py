@@ -209,10 +209,28 @@ class RestoreReport:
     snapshot: str
     output: str
     virtual_size: int
+    #: Bytes of data written.
     bytes_written: int
+    #: Bytes left as holes (or written as zeros on a device). ``bytes_written +
+    #: bytes_zero + bytes_unreadable == virtual_size``.
     bytes_zero: int
     block_device: bool
     seconds: float
+    #: Bytes of chunks a salvage could not read (left zero).
+    bytes_unreadable: int = 0
+    #: Chunks a salvage could not read, counted.
+    problems_total: int = 0
+    #: The first 1000 of them, by offset.
+    unreadable: List["Problem"] = dataclasses.field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk was restored."""
+        return self.problems_total == 0
+
+    @classmethod
+    def _from(cls, d: Mapping[str, Any]) -> "RestoreReport":
+        return _build(cls, d, unreadable=[_build(Problem, p) for p in d.get("unreadable", [])])
 
 
 @dataclass(frozen=True)

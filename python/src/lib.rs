@@ -583,12 +583,14 @@ impl Store {
     }
 
     /// Starts writing snapshot `snapshot` out to `out` (a sparse file or a block device).
-    #[pyo3(signature = (snapshot, out, *, force=false, workers=0, progress=None, progress_interval=0.5))]
+    #[pyo3(signature = (snapshot, out, *, force=false, salvage=false, workers=0, progress=None, progress_interval=0.5))]
+    #[allow(clippy::too_many_arguments)] // the keyword arguments of the Python call
     fn start_restore(
         &self,
         snapshot: String,
         out: PathBuf,
         force: bool,
+        salvage: bool,
         workers: usize,
         progress: Option<Py<PyAny>>,
         progress_interval: f64,
@@ -598,6 +600,7 @@ impl Store {
         let opts = RestoreOptions {
             workers,
             force,
+            salvage,
             cancel: cancel.clone(),
         };
         let store = Arc::clone(&self.store);

@@ -55,7 +55,38 @@ fn replicate_from_and_restore_to_block_devices() {
     assert_eq!(r["virtual_size"], 48 * MIB);
     let snap = r["snapshot"].as_str().unwrap();
     let store = sb.store();
-    let rr = sb.json(&["restore", "--store", &store, snap, &dst.0]);
+    // Issue 16.19: a device is overwritten only with --force, as an existing file is
+    // (before the fix it was written without a word); a device in use is refused.
+    sb.fails(
+        &["restore", "--store", &store, snap, &dst.0],
+        1,
+        &["--force", "block device"],
+    );
+    sb.fails(
+        &["convert", backing.to_str().unwrap(), &dst.0],
+        1,
+        &["--force", "block device"],
+    );
+    assert!(
+        std::fs::read(&target_file)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0xee)
+    );
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _held = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&dst.0)
+            .unwrap();
+        sb.fails(
+            &["restore", "--store", &store, snap, &dst.0, "--force"],
+            1,
+            &["in use"],
+        );
+    }
+    let rr = sb.json(&["restore", "--store", &store, snap, &dst.0, "--force"]);
     assert_eq!(rr["block_device"], true);
     drop(dst);
     // The first 48 MiB of the target now equal the source; the rest is untouched.
@@ -70,7 +101,7 @@ fn replicate_from_and_restore_to_block_devices() {
     let small = sb.path("small.raw");
     make_image(&small, 8 * MIB, &[]);
     let dev = Loop::attach(&small, false).unwrap();
-    let out = sb.run(&["restore", "--store", &store, snap, &dev.0]);
+    let out = sb.run(&["restore", "--store", &store, snap, &dev.0, "--force"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the device holds"));
     let _ = file_hash(&backing);

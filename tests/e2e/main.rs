@@ -33,6 +33,8 @@ mod library;
 mod memory;
 /// qemu-img as an independent oracle for every format it can create.
 mod oracle;
+/// Restore and convert outputs: whole or absent, salvage, sparse.
+mod outputs;
 /// OVA archives read in place.
 mod ova;
 /// Retention: prune.

@@ -277,13 +277,19 @@ struct SnapshotsArgs {
 struct RestoreArgs {
     /// Snapshot id, unique id prefix, or `latest`.
     snapshot: String,
-    /// Output: a file (created sparse) or a block device.
+    /// Output: a file (created sparse; it appears under this name only once whole) or a
+    /// block device.
     out: PathBuf,
     #[command(flatten)]
     store: StoreArgs,
-    /// Overwrite an existing output file.
+    /// Overwrite an existing output file, or write onto a block device (destroying what it
+    /// holds).
     #[arg(long)]
     force: bool,
+    /// Restore every chunk that can be read, leave the others zero and list them (exit 3),
+    /// instead of stopping at the first damaged one.
+    #[arg(long)]
+    salvage: bool,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -817,6 +823,7 @@ fn cmd_restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let opts = RestoreOptions {
         workers: a.workers,
         force: a.force,
+        salvage: a.salvage,
         cancel: CancelToken::new(),
     };
     let bar = Bar::new(
@@ -826,18 +833,40 @@ fn cmd_restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let report = blockferry::restore(&store, &a.snapshot, &a.out, &opts, &bar)?;
     bar.done();
     if a.store.json {
-        print_json(&serde_json::to_value(&report)?)?;
+        let mut v = serde_json::to_value(&report)?;
+        v["complete"] = json!(report.complete());
+        print_json(&v)?;
     } else {
+        for p in &report.unreadable {
+            outln!(
+                "offset {}: unreadable, left zero: {}",
+                p.offset.unwrap_or_default(),
+                p.message
+            );
+        }
         outln!(
-            "restored snapshot {} to {} ({}, {} of data) in {:.1}s",
+            "restored snapshot {} to {} ({}, {} of data){} in {:.1}s",
             report.snapshot,
             report.output,
             human_bytes(report.virtual_size),
             human_bytes(report.bytes_written),
+            if report.complete() {
+                String::new()
+            } else {
+                format!(
+                    "; INCOMPLETE: {} chunks ({}) could not be read and are zero",
+                    report.problems_total,
+                    human_bytes(report.bytes_unreadable)
+                )
+            },
             report.seconds
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if report.complete() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_VERIFY_FAILED)
+    })
 }
 
 fn cmd_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {

@@ -6,7 +6,7 @@ use std::thread;
 
 use serde::Serialize;
 
-use super::restore::open_output;
+use super::output::Output;
 use super::{fill_chunk, is_zero, worker_count};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::BlockSource;
@@ -21,11 +21,11 @@ const PIECE: u64 = 2 << 20;
 pub struct ConvertOptions {
     /// Worker threads; 0 means one per core.
     pub workers: usize,
-    /// Replace an existing output file.
+    /// Replace an existing output file, or write onto a block device.
     pub force: bool,
     /// Read backend.
     pub io_engine: IoEngine,
-    /// Cancels the conversion (the output is then incomplete).
+    /// Cancels the conversion (a file output is then deleted).
     pub cancel: CancelToken,
 }
 
@@ -38,12 +38,16 @@ pub struct ConvertReport {
     pub bytes_read: u64,
     /// Bytes of data written (the rest left as holes, or zeros on a device).
     pub bytes_written: u64,
+    /// Bytes left as holes, or written as zeros on a device: `bytes_written + bytes_zero`
+    /// is the virtual size.
+    pub bytes_zero: u64,
     /// Wall time in seconds.
     pub seconds: f64,
 }
 
 /// Writes the virtual disk of `source` to `out` as raw bytes: unallocated and all-zero ranges
 /// become holes in a file (zeros on a block device), so the output is as sparse as it can be.
+/// A file appears under its name only when it is whole.
 pub fn convert(
     source: &dyn BlockSource,
     out: &Path,
@@ -51,7 +55,8 @@ pub fn convert(
     observer: &dyn Observer,
 ) -> Result<ConvertReport> {
     let size = source.info().virtual_size;
-    let (file, device) = open_output(out, size, opts.force)?;
+    let output = Output::create(out, size, opts.force)?;
+    let device = output.is_device();
     let reporter = Reporter::start(observer, Phase::Restoring, size);
     let counters = reporter.counters().clone();
     let next = AtomicU64::new(0);
@@ -84,14 +89,14 @@ pub fn convert(
                             buf.resize(len_usize, 0);
                             let n = fill_chunk(source, backend.as_mut(), &maps, offset, &mut buf)?;
                             Counters::add(&counters.bytes_read, n);
-                            if !is_zero(&buf) || device {
+                            let data = if !is_zero(&buf) || device {
                                 let _serial = write_lock.lock().expect("write lock");
-                                std::os::unix::fs::FileExt::write_all_at(&file, &buf, offset)
-                                    .map_err(|e| {
-                                        Error::io("writing the output", out, e).with_offset(offset)
-                                    })?;
-                                Counters::add(&counters.bytes_written, len);
-                            }
+                                output.write_at(&buf, offset)?
+                            } else {
+                                0
+                            };
+                            Counters::add(&counters.bytes_written, data);
+                            Counters::add(&counters.bytes_zero, len - data);
                             Counters::add(&counters.bytes_done, len);
                             reporter.tick();
                             Ok(())
@@ -115,21 +120,37 @@ pub fn convert(
         }
         first
     });
-    result?;
+    let incomplete = |e: Error| {
+        if device {
+            Error::new(
+                e.kind(),
+                format!("{}; the device holds an incomplete disk", e.message()),
+            )
+            .with_path(out)
+            .with_source(e)
+        } else {
+            e
+        }
+    };
+    result.map_err(incomplete)?;
     if opts.cancel.is_cancelled() {
         return Err(Error::new(
             ErrorKind::Cancelled,
-            "convert cancelled; the output is incomplete",
+            if device {
+                "convert cancelled; the device holds an incomplete disk"
+            } else {
+                "convert cancelled; no output was written"
+            },
         )
         .with_path(out));
     }
-    file.sync_all()
-        .map_err(|e| Error::io("flushing the output", out, e))?;
+    output.commit()?;
     let p = reporter.finish();
     Ok(ConvertReport {
         virtual_size: size,
         bytes_read: p.bytes_read,
         bytes_written: p.bytes_written,
+        bytes_zero: p.bytes_zero,
         seconds: p.elapsed.as_secs_f64(),
     })
 }

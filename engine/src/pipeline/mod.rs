@@ -15,6 +15,7 @@
 mod convert;
 mod delta;
 pub mod gc;
+mod output;
 mod packer;
 pub mod prune;
 mod restore;

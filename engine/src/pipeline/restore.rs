@@ -1,12 +1,12 @@
 //! Restore: a snapshot back to a sparse file or a block device.
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
+use std::sync::Mutex;
 
 use serde::Serialize;
 
+use super::output::Output;
+use super::verify::Problem;
 use super::walk::{OnError, Walk, walk};
 use crate::error::{Error, ErrorKind, Result};
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
@@ -18,9 +18,12 @@ use crate::store::format::ZERO_ID;
 pub struct RestoreOptions {
     /// Worker threads; 0 means one per core.
     pub workers: usize,
-    /// Replace an existing regular file (block devices are always written in place).
+    /// Replace an existing file, or write onto a block device (destroying what it holds).
     pub force: bool,
-    /// Cancels the restore (the output is then incomplete).
+    /// Restore every chunk that can be read and list the others (left as zeros) instead of
+    /// stopping at the first: the output is kept, and the report says what is missing.
+    pub salvage: bool,
+    /// Cancels the restore (a file output is then deleted; a device holds a partial disk).
     pub cancel: CancelToken,
 }
 
@@ -35,60 +38,27 @@ pub struct RestoreReport {
     pub virtual_size: u64,
     /// Bytes of data written.
     pub bytes_written: u64,
-    /// Bytes left as holes (files) or written as zeros (devices).
+    /// Bytes left as holes (files) or written as zeros (devices): zero chunks, and zero
+    /// blocks inside chunks with data. `bytes_written + bytes_zero + bytes_unreadable` is
+    /// the virtual size.
     pub bytes_zero: u64,
+    /// Bytes of chunks that could not be read (a salvage restore; zeros in the output).
+    pub bytes_unreadable: u64,
+    /// What could not be read, at which offset (the first 1000; `problems_total` counts all).
+    pub unreadable: Vec<Problem>,
+    /// Chunks that could not be read.
+    pub problems_total: u64,
     /// Whether the output is a block device.
     pub block_device: bool,
     /// Wall time in seconds.
     pub seconds: f64,
 }
 
-/// Opens the output: a new or replaced sparse file of the right size, or a block device
-/// large enough. Returns the file and whether it is a device.
-pub(crate) fn open_output(path: &Path, size: u64, force: bool) -> Result<(File, bool)> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.file_type().is_block_device() => {
-            let f = OpenOptions::new()
-                .write(true)
-                .open(path)
-                .map_err(|e| Error::io("opening the output device", path, e))?;
-            let dev_size = crate::io::sys::block_device_size(&f)
-                .map_err(|e| Error::io("reading the output device size", path, e))?;
-            if dev_size < size {
-                return Err(Error::config(format!(
-                    "the device holds {dev_size} bytes, the disk needs {size}"
-                ))
-                .with_path(path));
-            }
-            Ok((f, true))
-        }
-        Ok(m) if m.is_file() => {
-            if m.len() > 0 && !force {
-                return Err(Error::config(
-                    "the output file exists; overwrite it with force (--force on the command line)",
-                )
-                .with_path(path));
-            }
-            new_file(path, size)
-        }
-        Ok(_) => {
-            Err(Error::config("the output is neither a file nor a block device").with_path(path))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => new_file(path, size),
-        Err(e) => Err(Error::io("inspecting the output", path, e)),
+impl RestoreReport {
+    /// Whether every chunk was restored.
+    pub fn complete(&self) -> bool {
+        self.problems_total == 0
     }
-}
-
-fn new_file(path: &Path, size: u64) -> Result<(File, bool)> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| Error::io("creating the output file", path, e))?;
-    f.set_len(size)
-        .map_err(|e| Error::io("sizing the output file", path, e))?;
-    Ok((f, false))
 }
 
 /// Restores snapshot `spec` (id, prefix or `latest`) to `out`.
@@ -104,7 +74,8 @@ pub fn restore(
     let index = store.load_index()?;
     let workers = super::worker_count(opts.workers);
     let size = snapshot.disk.virtual_size;
-    let (file, device) = open_output(out, size, opts.force)?;
+    let output = Output::create(out, size, opts.force)?;
+    let device = output.is_device();
     let reporter = Reporter::start(observer, Phase::Restoring, size);
     let zeros = vec![
         0u8;
@@ -116,16 +87,26 @@ pub fn restore(
     ];
     let counters = reporter.counters().clone();
     let chunk_cap = store.chunk_size() as usize;
-    let write_lock = std::sync::Mutex::new(());
+    // One writer at a time (see convert): waiters sleep instead of spinning in the kernel.
+    let write_lock = Mutex::new(());
+    let unreadable = Mutex::new((Vec::<Problem>::new(), 0u64, 0u64));
     let spec = Walk {
         store,
         snapshot: &snapshot,
         workers,
         cancel: &opts.cancel,
         reporter: &reporter,
-        include_zero: device,
+        // Zero chunks are written on a device; a salvage also learns every chunk's length.
+        include_zero: device || opts.salvage,
     };
-    walk(
+    let write = |bytes: &[u8], offset: u64| -> Result<()> {
+        let _serial = write_lock.lock().expect("write lock");
+        let data = output.write_at(bytes, offset)?;
+        Counters::add(&counters.bytes_written, data);
+        Counters::add(&counters.bytes_zero, bytes.len() as u64 - data);
+        Ok(())
+    };
+    let result = walk(
         &spec,
         &|| {
             (
@@ -134,51 +115,100 @@ pub fn restore(
             )
         },
         &|(record, data): &mut (Vec<u8>, Vec<u8>), item| {
-            let bytes: &[u8] = if item.id == ZERO_ID {
-                Counters::add(&counters.bytes_zero, item.len as u64);
-                &zeros[..item.len]
-            } else {
-                store
-                    .read_chunk(&index, &item.id, record, data)
-                    .map_err(|e| e.with_offset(item.offset))?;
-                if data.len() != item.len {
-                    return Err(Error::corrupt(
-                        "snapshot",
-                        "chunk length disagrees with its position",
-                    )
-                    .with_offset(item.offset));
+            if item.id == ZERO_ID {
+                if device {
+                    write(&zeros[..item.len], item.offset)?;
+                } else {
+                    Counters::add(&counters.bytes_zero, item.len as u64);
                 }
-                Counters::add(&counters.bytes_written, item.len as u64);
-                data
-            };
-            // One writer at a time (see convert): waiters sleep instead of spinning in the kernel.
-            let _serial = write_lock.lock().expect("write lock");
-            file.write_all_at(bytes, item.offset)
-                .map_err(|e| Error::io("writing the output", out, e).with_offset(item.offset))
+                return Ok(());
+            }
+            let read = store
+                .read_chunk(&index, &item.id, record, data)
+                .map_err(|e| e.with_offset(item.offset))
+                .and_then(|()| {
+                    if data.len() == item.len {
+                        Ok(())
+                    } else {
+                        Err(
+                            Error::corrupt("snapshot", "chunk length disagrees with its position")
+                                .with_offset(item.offset),
+                        )
+                    }
+                });
+            match read {
+                Ok(()) => write(data, item.offset),
+                Err(e) if opts.salvage && salvageable(&e) => {
+                    // Zeros in its place (a device must not keep what it held there).
+                    if device {
+                        write(&zeros[..item.len], item.offset)?;
+                    }
+                    let mut u = unreadable.lock().expect("unreadable list");
+                    u.1 += 1;
+                    u.2 += item.len as u64;
+                    if u.0.len() < MAX_LISTED {
+                        u.0.push(Problem {
+                            offset: Some(item.offset),
+                            message: e.to_string(),
+                        });
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         },
         &|_| OnError::Stop,
-    )
-    .map_err(|e| {
-        if e.kind() == ErrorKind::Cancelled {
+    );
+    if let Err(e) = result {
+        return Err(if e.kind() == ErrorKind::Cancelled {
             Error::new(
                 ErrorKind::Cancelled,
-                "restore cancelled; the output is incomplete",
+                if device {
+                    "restore cancelled; the device holds an incomplete disk"
+                } else {
+                    "restore cancelled; no output was written"
+                },
             )
             .with_path(out)
+        } else if device {
+            Error::new(
+                e.kind(),
+                format!(
+                    "{}; the device holds an incomplete disk (restore again, or use salvage \
+                     to restore what can be read)",
+                    e.message()
+                ),
+            )
+            .with_path(out)
+            .with_source(e)
         } else {
             e
-        }
-    })?;
-    file.sync_all()
-        .map_err(|e| Error::io("flushing the output", out, e))?;
+        });
+    }
+    output.commit()?;
     let p = reporter.finish();
+    let (mut listed, problems_total, bytes_unreadable) =
+        unreadable.into_inner().expect("unreadable list");
+    listed.sort_by_key(|p| p.offset);
     Ok(RestoreReport {
         snapshot: snapshot.id,
         output: out.display().to_string(),
         virtual_size: size,
         bytes_written: p.bytes_written,
         bytes_zero: p.bytes_zero,
+        bytes_unreadable,
+        unreadable: listed,
+        problems_total,
         block_device: device,
         seconds: p.elapsed.as_secs_f64(),
     })
+}
+
+/// Problems listed in a salvage report at most (all are counted).
+const MAX_LISTED: usize = 1000;
+
+/// Whether a salvage goes on past an error: damage to the chunk itself, not a failure of the
+/// store, the output or the run.
+fn salvageable(e: &Error) -> bool {
+    matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound)
 }

@@ -1,0 +1,187 @@
+//! Where restore and convert write a disk: a file that appears under its name only once it is
+//! whole, or a block device written in place.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::store::format::hex;
+
+/// Granularity of the holes a sparse write leaves (a file system block).
+const HOLE_BLOCK: usize = 4096;
+
+/// An output being written. A file is written under a temporary name beside it and renamed
+/// into place by [`Output::commit`]; dropped uncommitted (a failure, a cancel), the temporary
+/// file is deleted, so a name never holds a disk that looks whole and is not. A block device
+/// cannot be renamed: it is written in place, and an uncommitted one holds a partial disk
+/// (the caller's error says so).
+#[derive(Debug)]
+pub(crate) struct Output {
+    file: File,
+    device: bool,
+    /// The name the output gets.
+    path: PathBuf,
+    /// The temporary file, until committed.
+    tmp: Option<PathBuf>,
+}
+
+impl Output {
+    /// Opens `path` for a disk of `size` bytes: a new sparse file (an existing one is
+    /// replaced, at commit, only with `force`), or a block device at least `size` large,
+    /// only with `force` (whatever it holds is overwritten) and only if nothing has it
+    /// open exclusively (a mounted file system).
+    pub(crate) fn create(path: &Path, size: u64, force: bool) -> Result<Output> {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("inspecting the output", path, e)),
+        };
+        match meta {
+            Some(m) if m.file_type().is_block_device() => {
+                if !force {
+                    return Err(Error::config(
+                        "the output is a block device: writing the disk onto it destroys what \
+                         it holds; confirm with force (--force on the command line)",
+                    )
+                    .with_path(path));
+                }
+                // O_EXCL on a block device: refused (EBUSY) while it is mounted or otherwise
+                // held exclusively.
+                let f = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_EXCL)
+                    .open(path)
+                    .map_err(|e| {
+                        let what = if e.raw_os_error() == Some(libc::EBUSY) {
+                            "the output device is in use (mounted, or held by another program)"
+                        } else {
+                            "opening the output device"
+                        };
+                        Error::io(what, path, e)
+                    })?;
+                let dev_size = crate::io::sys::block_device_size(&f)
+                    .map_err(|e| Error::io("reading the output device size", path, e))?;
+                if dev_size < size {
+                    return Err(Error::config(format!(
+                        "the device holds {dev_size} bytes, the disk needs {size}"
+                    ))
+                    .with_path(path));
+                }
+                Ok(Output {
+                    file: f,
+                    device: true,
+                    path: path.to_path_buf(),
+                    tmp: None,
+                })
+            }
+            Some(m) if !m.is_file() => Err(Error::config(
+                "the output is neither a file nor a block device",
+            )
+            .with_path(path)),
+            Some(m) if m.len() > 0 && !force => Err(Error::config(
+                "the output file exists; overwrite it with force (--force on the command line)",
+            )
+            .with_path(path)),
+            existing => {
+                // A symbolic link is followed: the file it names is the one replaced.
+                let path = match existing {
+                    Some(_) => std::fs::canonicalize(path)
+                        .map_err(|e| Error::io("inspecting the output", path, e))?,
+                    None => path.to_path_buf(),
+                };
+                let name = path
+                    .file_name()
+                    .ok_or_else(|| Error::config("the output has no file name").with_path(&path))?;
+                let tmp = path.with_file_name(format!(
+                    ".{}.{}.partial",
+                    name.to_string_lossy(),
+                    hex(&crate::store::crypto::random::<6>()?)
+                ));
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)
+                    .map_err(|e| Error::io("creating the output file", &tmp, e))?;
+                let out = Output {
+                    file: f,
+                    device: false,
+                    path,
+                    tmp: Some(tmp),
+                };
+                out.file
+                    .set_len(size)
+                    .map_err(|e| Error::io("sizing the output file", out.written_path(), e))?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Whether the output is a block device (written in place, zeros written as zeros).
+    pub(crate) fn is_device(&self) -> bool {
+        self.device
+    }
+
+    /// The file being written (the temporary one, for a file).
+    fn written_path(&self) -> &Path {
+        self.tmp.as_deref().unwrap_or(&self.path)
+    }
+
+    /// Writes `data` at `offset`. On a file (created sparse), blocks of zeros are skipped so
+    /// they stay holes; a device gets every byte. Returns the bytes of data written.
+    pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> Result<u64> {
+        let fail = |e| Error::io("writing the output", self.written_path(), e).with_offset(offset);
+        if self.device {
+            self.file.write_all_at(data, offset).map_err(fail)?;
+            return Ok(data.len() as u64);
+        }
+        let mut written = 0;
+        let mut at = 0;
+        while at < data.len() {
+            // The next run of blocks with data, then the run of zero blocks after it.
+            let block = |i: usize| &data[i..(i + HOLE_BLOCK).min(data.len())];
+            while at < data.len() && super::is_zero(block(at)) {
+                at += HOLE_BLOCK;
+            }
+            let start = at;
+            while at < data.len() && !super::is_zero(block(at)) {
+                at += HOLE_BLOCK;
+            }
+            let end = at.min(data.len());
+            if end > start {
+                self.file
+                    .write_all_at(&data[start..end], offset + start as u64)
+                    .map_err(fail)?;
+                written += (end - start) as u64;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Makes the output durable and, for a file, gives it its name (replacing any file there).
+    pub(crate) fn commit(mut self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("flushing the output", self.written_path(), e))?;
+        if let Some(tmp) = self.tmp.take() {
+            if let Err(e) = std::fs::rename(&tmp, &self.path) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::io("renaming the output into place", &self.path, e));
+            }
+            let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty());
+            File::open(dir.unwrap_or(Path::new(".")))
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io("syncing the output's folder", &self.path, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
