@@ -139,6 +139,7 @@ class Store:
         *,
         image: Optional[str] = ...,
         disk: Optional[str] = ...,
+        allow_outside_folder: bool = ...,
         workers: int = ...,
         progress: Optional[Callable[[Any], Any]] = ...,
         progress_interval: float = ...,

@@ -618,13 +618,14 @@ impl Store {
     }
 
     /// Starts checking snapshot `snapshot` (and comparing it with `image`, if given).
-    #[pyo3(signature = (snapshot, *, image=None, disk=None, workers=0, progress=None, progress_interval=0.5))]
+    #[pyo3(signature = (snapshot, *, image=None, disk=None, allow_outside_folder=false, workers=0, progress=None, progress_interval=0.5))]
     #[allow(clippy::too_many_arguments)] // the keyword arguments of the Python call
     fn start_verify(
         &self,
         snapshot: String,
         image: Option<PathBuf>,
         disk: Option<String>,
+        allow_outside_folder: bool,
         workers: usize,
         progress: Option<Py<PyAny>>,
         progress_interval: f64,
@@ -634,6 +635,7 @@ impl Store {
         let opts = VerifyOptions {
             image,
             ova_disk: disk,
+            allow_outside_folder,
             workers,
             cancel: cancel.clone(),
             ..VerifyOptions::default()

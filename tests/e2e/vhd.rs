@@ -146,20 +146,61 @@ fn broken_chains_are_refused_clearly() {
     write_vhd(&sb.path("small.vhd"), &other_size);
     write_vhd(&sb.path("size.vhd"), &child(id(1), "small.vhd"));
     fails("size.vhd", "virtual size");
-    // A parent outside the folder is not followed unless allowed.
+    // A parent outside the folder is not followed unless allowed, and the error says so and
+    // names the option (issue 16.18: it said "parent not found").
     let inner = sb.path("inner");
     std::fs::create_dir(&inner).unwrap();
     write_vhd(&inner.join("escape.vhd"), &child(id(1), "..\\base.vhd"));
-    fails("inner/escape.vhd", "parent not found");
+    fails("inner/escape.vhd", "outside the image's folder");
+    fails("inner/escape.vhd", "--allow-outside-folder");
     sb.ok(&[
         "info",
         inner.join("escape.vhd").to_str().unwrap(),
         "--allow-outside-folder",
     ]);
+    // Issue 16.18: replicate, verify and sync take the option too (before the fix such a
+    // linked clone could be converted but never replicated).
+    sb.init(&[]);
+    let store = sb.store();
+    let escape = inner.join("escape.vhd");
+    let escape = escape.to_str().unwrap();
+    sb.fails(
+        &["replicate", escape, "--store", &store],
+        1,
+        &["outside the image's folder", "--allow-outside-folder"],
+    );
+    let r = sb.replicate(std::path::Path::new(escape), &["--allow-outside-folder"]);
+    let snap = r["snapshot"].as_str().unwrap();
+    sb.fails(
+        &["verify", "--store", &store, snap, "--image", escape],
+        1,
+        &["--allow-outside-folder"],
+    );
+    let v = sb.json(&[
+        "verify",
+        "--store",
+        &store,
+        snap,
+        "--image",
+        escape,
+        "--allow-outside-folder",
+    ]);
+    assert_eq!(v["ok"], true, "{v}");
+    sb.ok(&[
+        "sync",
+        escape,
+        "--store",
+        &store,
+        "--changes",
+        "hash",
+        "--cycles",
+        "1",
+        "--allow-outside-folder",
+    ]);
     // A symlink out of the folder is refused just the same.
     std::os::unix::fs::symlink(sb.path("base.vhd"), inner.join("link.vhd")).unwrap();
     write_vhd(&inner.join("via-link.vhd"), &child(id(1), "link.vhd"));
-    fails("inner/via-link.vhd", "parent not found");
+    fails("inner/via-link.vhd", "outside the image's folder");
 }
 
 /// Maps a VHD held in memory over its whole virtual size.

@@ -146,6 +146,9 @@ struct ReplicateArgs {
     /// Which disk of an OVA: its index from 0 or its file name (default: the first).
     #[arg(long, value_name = "DISK")]
     disk: Option<String>,
+    /// Follow parent and extent paths that lead outside the image's folder.
+    #[arg(long)]
+    allow_outside_folder: bool,
     #[command(flatten)]
     store: StoreArgs,
     /// Name recorded for the disk (default: the image's file name).
@@ -307,6 +310,9 @@ struct VerifyArgs {
     /// With an OVA as --image: which of its disks (index from 0 or file name).
     #[arg(long, value_name = "DISK")]
     disk: Option<String>,
+    /// With --image: follow parent and extent paths that lead outside the image's folder.
+    #[arg(long)]
+    allow_outside_folder: bool,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -609,6 +615,7 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
     let image_opts = blockferry::image::OpenOptions {
         ova_disk: a.disk.clone(),
+        allow_outside_folder: a.allow_outside_folder,
         ..blockferry::image::OpenOptions::default()
     };
     let source = blockferry::image::open_with(&a.image, &image_opts)?;
@@ -874,6 +881,7 @@ fn cmd_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let opts = VerifyOptions {
         image: a.image.clone(),
         ova_disk: a.disk.clone(),
+        allow_outside_folder: a.allow_outside_folder,
         workers: a.workers,
         ..VerifyOptions::default()
     };

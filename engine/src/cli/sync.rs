@@ -25,6 +25,9 @@ use super::{StoreArgs, open_store, parse_percent, parse_size};
 pub(crate) struct SyncArgs {
     /// The disk image (re-opened every cycle).
     image: PathBuf,
+    /// Follow parent and extent paths that lead outside the image's folder.
+    #[arg(long)]
+    allow_outside_folder: bool,
     #[command(flatten)]
     pub(super) store: StoreArgs,
     /// Name of the disk in the store (default: the image's file name); deltas chain on the
@@ -65,6 +68,15 @@ pub(crate) struct SyncArgs {
     memory_budget: Option<u64>,
     #[command(flatten)]
     state: super::jobs::StateArgs,
+}
+
+/// Opens the image as the arguments say.
+fn open_image(a: &SyncArgs) -> blockferry::Result<Box<dyn blockferry::image::BlockSource>> {
+    let opts = blockferry::image::OpenOptions {
+        allow_outside_folder: a.allow_outside_folder,
+        ..blockferry::image::OpenOptions::default()
+    };
+    blockferry::image::open_with(&a.image, &opts)
 }
 
 /// Where this cycle's changes come from.
@@ -159,7 +171,7 @@ fn run_cycle(
     disk: &str,
     cancel: &CancelToken,
 ) -> anyhow::Result<Option<blockferry::ReplicateReport>> {
-    let size = blockferry::image::open(&a.image)?.info().virtual_size;
+    let size = open_image(a)?.info().virtual_size;
     let (snaps, _) = store.snapshots()?;
     let base = snaps.into_iter().rev().find(|s| s.disk.name == disk);
     let format = a
@@ -181,16 +193,13 @@ fn run_cycle(
             Source::List(merge_lists(&files, format, size)?, files)
         }
     } else if a.changes_from_chain {
-        Source::List(
-            ChangeList::from_chain(blockferry::image::open(&a.image)?.as_ref())?,
-            Vec::new(),
-        )
+        Source::List(ChangeList::from_chain(open_image(a)?.as_ref())?, Vec::new())
     } else {
         Source::Hash
     };
     // Opened after the change source ran (a command may have just written the disk, or
     // snapshotted it): the state read is the one the list describes.
-    let source = blockferry::image::open(&a.image)?;
+    let source = open_image(a)?;
     if source.info().virtual_size != size {
         anyhow::bail!(
             "{} changed size while its change list was taken",

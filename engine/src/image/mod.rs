@@ -36,7 +36,7 @@ pub use vmdk::{Descriptor, ExtentLine, SparseLayout, Vmdk, inflate_grain};
 
 use std::fmt::Debug;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::SourceFile;
@@ -493,12 +493,21 @@ fn open_chain(
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
+    let mut outside = None;
     let parent_path = link
         .candidates
         .iter()
-        .find_map(|c| resolve_path(folder, c, opts).ok().filter(|p| p.exists()))
-        .ok_or_else(|| {
-            Error::new(
+        .find_map(|c| match resolve(folder, c, opts) {
+            Ok(p) => Some(p).filter(|p| p.exists()),
+            Err(Refusal::Outside(real)) => {
+                outside.get_or_insert((c, real));
+                None
+            }
+            Err(Refusal::Other(_)) => None,
+        })
+        .ok_or_else(|| match &outside {
+            Some((recorded, real)) => outside_error(recorded, real, folder).with_path(path),
+            None => Error::new(
                 ErrorKind::NotFound,
                 format!(
                     "parent not found: the image names its parent {} (looked in {})",
@@ -506,7 +515,7 @@ fn open_chain(
                     folder.display()
                 ),
             )
-            .with_path(path)
+            .with_path(path),
         })?;
     let parent = open_chain(&parent_path, opts, seen)?;
     if parent.identity() != Some(link.identity) {
@@ -541,11 +550,38 @@ fn open_chain(
 /// symlinks: absolute paths are tried by file name in `folder`, and `..` or links leading out
 /// are refused. Only regular files and block devices are accepted.
 pub fn resolve_path(folder: &Path, recorded: &str, opts: &OpenOptions) -> Result<PathBuf> {
+    resolve(folder, recorded, opts).map_err(|r| match r {
+        Refusal::Outside(real) => outside_error(recorded, &real, folder),
+        Refusal::Other(e) => e,
+    })
+}
+
+/// Why [`resolve`] did not give a path.
+enum Refusal {
+    /// The path exists, outside the image's folder (here, resolved).
+    Outside(PathBuf),
+    Other(Error),
+}
+
+fn outside_error(recorded: &str, real: &Path, folder: &Path) -> Error {
+    Error::new(
+        ErrorKind::InvalidImage,
+        format!(
+            "the path {recorded:?} recorded in the image leads to {}, outside the image's \
+             folder {}: follow it only if you trust the image, with the allow-outside-folder \
+             option (--allow-outside-folder)",
+            real.display(),
+            folder.display()
+        ),
+    )
+}
+
+fn resolve(folder: &Path, recorded: &str, opts: &OpenOptions) -> Result<PathBuf, Refusal> {
     let refuse = |why: &str| {
-        Err(Error::new(
+        Err(Refusal::Other(Error::new(
             ErrorKind::InvalidImage,
             format!("refusing the path {recorded:?} recorded in the image: {why}"),
-        ))
+        )))
     };
     if recorded.is_empty() || recorded.len() > 4096 || recorded.contains('\0') {
         return refuse("empty, too long or containing NUL");
@@ -561,27 +597,37 @@ pub fn resolve_path(folder: &Path, recorded: &str, opts: &OpenOptions) -> Result
             if name.is_empty() || name == "." || name == ".." {
                 return refuse("no file name");
             }
-            folder.join(name)
+            let here = folder.join(name);
+            if !here.exists() && !windows_absolute && Path::new(&unified).exists() {
+                return Err(Refusal::Outside(PathBuf::from(&unified)));
+            }
+            here
         }
     } else {
-        let rel = Path::new(&unified);
-        if !opts.allow_outside_folder && rel.components().any(|c| matches!(c, Component::ParentDir))
-        {
-            return refuse("it leaves the image's folder");
-        }
-        folder.join(rel)
+        folder.join(Path::new(&unified))
     };
-    let real = std::fs::canonicalize(&candidate)
-        .map_err(|e| Error::io("resolving a path recorded in the image", &candidate, e))?;
+    let real = std::fs::canonicalize(&candidate).map_err(|e| {
+        Refusal::Other(Error::io(
+            "resolving a path recorded in the image",
+            &candidate,
+            e,
+        ))
+    })?;
     if !opts.allow_outside_folder {
         let real_folder = std::fs::canonicalize(folder)
-            .map_err(|e| Error::io("resolving the image's folder", folder, e))?;
+            .map_err(|e| Refusal::Other(Error::io("resolving the image's folder", folder, e)))?;
         if !real.starts_with(&real_folder) {
-            return refuse("it leads out of the image's folder");
+            return Err(Refusal::Outside(real));
         }
     }
     let ft = std::fs::metadata(&real)
-        .map_err(|e| Error::io("inspecting a path recorded in the image", &real, e))?
+        .map_err(|e| {
+            Refusal::Other(Error::io(
+                "inspecting a path recorded in the image",
+                &real,
+                e,
+            ))
+        })?
         .file_type();
     let allowed = ft.is_file() || (ft.is_block_device() && opts.allow_outside_folder);
     if !allowed {

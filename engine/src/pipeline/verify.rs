@@ -26,6 +26,8 @@ pub struct VerifyOptions {
     pub image: Option<PathBuf>,
     /// With an OVA as `image`: which of its disks.
     pub ova_disk: Option<String>,
+    /// Follow the image's parent and extent paths outside its folder.
+    pub allow_outside_folder: bool,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
     /// Read backend for the image.
@@ -93,6 +95,7 @@ pub fn verify(
     let index = store.load_index()?;
     let image_opts = image::OpenOptions {
         ova_disk: opts.ova_disk.clone(),
+        allow_outside_folder: opts.allow_outside_folder,
         ..image::OpenOptions::default()
     };
     let source: Option<Box<dyn BlockSource>> = opts
