@@ -139,6 +139,8 @@ enum Compression {
     None,
 }
 
+// Command-line switches, not a state machine.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Args)]
 struct ReplicateArgs {
     /// The disk image: raw file or block device, VMDK, VHDX, VHD, or OVA (format detected).
