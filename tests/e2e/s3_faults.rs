@@ -340,3 +340,37 @@ fn lost_and_broken_answers_neither_lose_nor_duplicate() {
         "the truncated read was not exercised"
     );
 }
+
+/// Issue 16.7: the answer to a create-only PUT (the config, an index object, the snapshot
+/// manifest) is lost after the server stored it; the SDK retries and gets 412. The object is
+/// ours, so the run goes on: before the fix `init` said "a store already exists" and
+/// replicate failed "random name collided" after committing (and a rerun made a duplicate).
+#[test]
+fn a_lost_answer_to_a_create_only_put_is_recognised_as_ours() {
+    let mut rng = Rng::seeded("s3_lost_put");
+    let proxy = Proxy::start(&s3().endpoint);
+    let (sb, extra) = through(&proxy, "lostput");
+    let lost = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let lost = lost.clone();
+        proxy.set_rule(move |r| {
+            let kind = ["/config", "/index/", "/snapshots/"]
+                .into_iter()
+                .find(|k| r.method == "PUT" && r.target.contains(k));
+            if let Some(kind) = kind {
+                let mut lost = lost.lock().unwrap();
+                if !lost.iter().any(|l| l == kind) {
+                    lost.push(kind.to_owned());
+                    return Action::LoseAnswer;
+                }
+            }
+            Action::Forward
+        });
+    }
+    sb.init(&with(&[], &extra));
+    let image = sample(&sb, &mut rng, 12);
+    replicate_and_check(&sb, &image, &extra);
+    assert_eq!(lost.lock().unwrap().len(), 3, "{:?}", lost.lock().unwrap());
+    let backend = s3_backend(&sb.store());
+    assert_eq!(backend.list("snapshots/").unwrap().len(), 1);
+}

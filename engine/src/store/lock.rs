@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ObjectStore, PutMode, PutOutcome, crypto, format::hex, now_unix_ms};
+use super::{ObjectStore, PutOutcome, crypto, format::hex, now_unix_ms};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How often a holder writes its lock anew.
@@ -224,10 +224,8 @@ fn write_lock(backend: &dyn ObjectStore, info: &LockInfo) -> Result<String> {
     let key = format!("locks/{}", hex(&crypto::random::<8>()?));
     let json =
         serde_json::to_vec(info).map_err(|e| Error::internal("encoding a lock").with_source(e))?;
-    match backend.put(&key, &json, PutMode::Create)? {
+    match super::create_object(backend, &key, &json)? {
         PutOutcome::Written => Ok(key),
-        // A retried write whose first attempt landed finds its own object.
-        PutOutcome::AlreadyExists if backend.get(&key, MAX_LOCK_BYTES)? == json => Ok(key),
         PutOutcome::AlreadyExists => Err(Error::internal(
             "refusing to overwrite an existing lock (random name collided)",
         )

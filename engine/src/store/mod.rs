@@ -182,6 +182,27 @@ pub trait ObjectStore: Send + Sync + Debug {
     }
 }
 
+/// Writes a new object with [`PutMode::Create`]. An object already under the key that holds
+/// exactly `data` is our own write, whose answer was lost and which the client retried (the
+/// retry then finds it): that is [`PutOutcome::Written`], not a collision.
+pub fn create_object(backend: &dyn ObjectStore, key: &str, data: &[u8]) -> Result<PutOutcome> {
+    match backend.put(key, data, PutMode::Create)? {
+        PutOutcome::Written => Ok(PutOutcome::Written),
+        PutOutcome::AlreadyExists => match backend.get(key, data.len() as u64) {
+            Ok(existing) if existing == data => {
+                tracing::info!(object = key, "a write whose answer was lost had landed");
+                Ok(PutOutcome::Written)
+            }
+            // Larger than ours, or gone again: not ours.
+            Ok(_) => Ok(PutOutcome::AlreadyExists),
+            Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
+                Ok(PutOutcome::AlreadyExists)
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
 /// Checks that a key is a relative path of safe components (`[a-z0-9._-]`, no `.`/`..`).
 pub fn check_key(key: &str) -> Result<()> {
     let ok = !key.is_empty()

@@ -11,7 +11,7 @@ use super::crypto::{self, KEY_LEN, KdfParams, Keys, Sealer};
 use super::format::{
     self, Entry, FORMAT_VERSION, Id, MetaKind, PAGE_ENTRIES, PackId, ZERO_ID, hex, unhex, unhex_vec,
 };
-use super::{ObjectStore, PutMode, PutOutcome, S3Options, open_backend};
+use super::{ObjectStore, PutMode, PutOutcome, S3Options, create_object, open_backend};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Smallest chunk size a store accepts.
@@ -478,7 +478,7 @@ impl Store {
         };
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| Error::internal("encoding store config").with_source(e))?;
-        match backend.put(CONFIG_KEY, &json, PutMode::Create)? {
+        match create_object(backend, CONFIG_KEY, &json)? {
             PutOutcome::Written => Ok(config),
             PutOutcome::AlreadyExists => Err(Error::config(format!(
                 "a store already exists at {}",
@@ -664,7 +664,7 @@ impl Store {
     }
 
     fn put_new(&self, key: &str, bytes: &[u8]) -> Result<()> {
-        match self.backend.put(key, bytes, PutMode::Create)? {
+        match create_object(self.backend.as_ref(), key, bytes)? {
             PutOutcome::Written => Ok(()),
             PutOutcome::AlreadyExists => Err(Error::internal(
                 "refusing to overwrite an existing object (random name collided)",
