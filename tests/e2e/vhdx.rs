@@ -2,7 +2,9 @@
 
 use blockferry::ErrorKind;
 use blockferry::image::{MemFile, Target, VhdxLayout};
-use blockferry_tests::{MIB, Rng, Sandbox, have_qemu, make_image, qemu_from_raw};
+use blockferry_tests::{
+    MIB, Rng, Sandbox, Value, have_qemu, make_image, qemu, qemu_from_raw, qemu_io,
+};
 
 /// Header 1, header 2, region table 1, region table 2 (MS-VHDX 2.1).
 const H1: usize = 64 * 1024;
@@ -480,4 +482,48 @@ fn review_findings_fail_cleanly() {
         "{e}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
+
+/// Issue 16.15: valid large VHDX are read. Before the fix a fixed 64 MiB BAT cap refused
+/// 10 TiB in 1 MiB blocks (Microsoft's recommendation for Linux guests); the cap is now what
+/// the format allows for the virtual size.
+#[test]
+fn large_vhdx_are_read() {
+    if !have_qemu() {
+        return;
+    }
+    let sb = Sandbox::new();
+    for (size, block) in [(10u64 << 40, "1M"), (16 << 40, "2M"), (64 << 40, "8M")] {
+        let path = sb.path(&format!("big-{block}.vhdx"));
+        qemu(&[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            &format!("block_size={block},subformat=dynamic"),
+            path.to_str().unwrap(),
+            &size.to_string(),
+        ]);
+        let at = size - (3 << 20);
+        qemu_io(&path, &format!("write -P 9 {at} 1M"));
+        let map = sb.json(&["map", path.to_str().unwrap()]);
+        let data: Vec<&Value> = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"] == true)
+            .collect();
+        // The block written, whole (qemu allocates whole blocks).
+        assert_eq!(data.len(), 1, "{block}: {map}");
+        let (start, len) = (
+            data[0]["start"].as_u64().unwrap(),
+            data[0]["length"].as_u64().unwrap(),
+        );
+        assert!(
+            start <= at && start + len >= at + MIB && len <= 8 * MIB,
+            "{block}: {map}"
+        );
+        let info = sb.json(&["info", path.to_str().unwrap()]);
+        assert_eq!(info["virtual_size"], size);
+    }
 }

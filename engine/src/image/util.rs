@@ -97,6 +97,22 @@ pub(crate) fn read_struct(
     len: u64,
     cap: u64,
 ) -> Result<Vec<u8>> {
+    check_struct(r, structure, offset, len, cap)?;
+    let mut buf =
+        vec![0u8; usize::try_from(len).map_err(|_| invalid(r, structure, offset, "too large"))?];
+    r.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+/// Checks that a structure of `len` bytes at `offset` is at most `cap` bytes and lies inside
+/// the file, as [`read_struct`] does before it allocates.
+pub(crate) fn check_struct(
+    r: &dyn ReadAt,
+    structure: &str,
+    offset: u64,
+    len: u64,
+    cap: u64,
+) -> Result<()> {
     if len > cap {
         return Err(invalid(
             r,
@@ -117,10 +133,7 @@ pub(crate) fn read_struct(
             ),
         ));
     }
-    let mut buf =
-        vec![0u8; usize::try_from(len).map_err(|_| invalid(r, structure, offset, "too large"))?];
-    r.read_exact_at(&mut buf, offset)?;
-    Ok(buf)
+    Ok(())
 }
 
 /// Big-endian u32 at `at` (the caller has checked the length).

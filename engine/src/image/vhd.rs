@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use super::util::{self, ReadAt, be32, be64, invalid, read_struct};
+use super::util::{self, ReadAt, be32, be64, check_struct, invalid, read_struct};
 use super::{BlockSource, Identity, ImageInfo, Mapping, ParentLink, Target};
 use crate::error::Result;
 use crate::io::{SourceFile, sys};
@@ -20,8 +20,11 @@ const SECTOR: u64 = 512;
 const UNALLOCATED: u32 = 0xFFFF_FFFF;
 /// Largest virtual size accepted (the format's own limit is 2040 GiB; qemu goes further).
 const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
-/// Largest BAT read (16 Mi entries: 32 TiB of 2 MiB blocks).
-const MAX_BAT_BYTES: u64 = 64 << 20;
+/// Largest BAT read: what the largest disk accepted needs in blocks of 512 KiB, the smallest
+/// Hyper-V makes (128 Mi entries; 2 MiB blocks, the default, need a quarter of it).
+const MAX_BAT_BYTES: u64 = MAX_VIRTUAL_SIZE / (512 << 10) * 4;
+/// BAT bytes read at a time.
+const BAT_PIECE: u64 = 8 << 20;
 /// Largest parent locator read.
 const MAX_LOCATOR_BYTES: u64 = 64 << 10;
 
@@ -213,17 +216,33 @@ impl VhdLayout {
             ));
         }
         let bat_bytes = n_blocks * 4;
-        let raw = read_struct(
+        // Checked whole, then read in pieces so that it is in memory once.
+        check_struct(
             r,
             "VHD block allocation table",
             table_at,
             bat_bytes,
             MAX_BAT_BYTES,
         )?;
-        self.bat = raw
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")))
-            .collect();
+        self.bat = Vec::with_capacity(usize::try_from(n_blocks).map_err(|_| {
+            invalid(
+                r,
+                "VHD block allocation table",
+                table_at,
+                "too many entries",
+            )
+        })?);
+        let mut at = 0;
+        while at < bat_bytes {
+            let n = BAT_PIECE.min(bat_bytes - at);
+            let piece = read_struct(r, "VHD block allocation table", table_at + at, n, n)?;
+            self.bat.extend(
+                piece
+                    .chunks_exact(4)
+                    .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes"))),
+            );
+            at += n;
+        }
         self.block_size = block_size;
         self.bitmap_bytes = (block_size / SECTOR).div_ceil(8).next_multiple_of(SECTOR);
         // Every allocated block must lie in the file, clear of the header and the BAT.

@@ -35,8 +35,8 @@ const MAX_REGION_ENTRIES: u32 = 2047;
 const MAX_METADATA_ENTRIES: u16 = 2047;
 /// Largest virtual size (the specification's limit).
 const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
-/// Largest BAT held in memory (8 Mi entries).
-const MAX_BAT_BYTES: u64 = 64 * MIB;
+/// BAT bytes read at a time.
+const BAT_PIECE: u64 = 8 * MIB;
 /// Largest metadata item read.
 const MAX_ITEM_BYTES: u64 = MIB;
 
@@ -219,14 +219,22 @@ impl VhdxLayout {
                 ),
             ));
         }
-        let raw = read_struct(
-            meta_r,
-            "VHDX BAT",
-            bat_region.offset,
-            bat_bytes,
-            MAX_BAT_BYTES,
-        )?;
-        let bat: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        // No cap of its own: the entries follow from the virtual size (at most the
+        // specification's 64 TiB) and the block size (at least 1 MiB), so the BAT is at most
+        // what the format allows (512 MiB for 64 TiB in 1 MiB blocks), and its region lies
+        // inside the file (checked with the region table): a BAT is held only if the file
+        // holds it. Read in pieces, so it is in memory once.
+        let mut bat = Vec::with_capacity(
+            usize::try_from(entries)
+                .map_err(|_| invalid(r, "VHDX BAT", bat_region.offset, "too many entries"))?,
+        );
+        let mut at = 0;
+        while at < bat_bytes {
+            let n = BAT_PIECE.min(bat_bytes - at);
+            let piece = read_struct(meta_r, "VHDX BAT", bat_region.offset + at, n, n)?;
+            bat.extend(piece.chunks_exact(8).map(|c| le64(c, 0)));
+            at += n;
+        }
         let parent = if meta.has_parent {
             let (candidates, linkage) = meta.parent_locator.clone().ok_or_else(|| {
                 invalid(
