@@ -72,7 +72,9 @@ fn ova_disks_read_in_place() {
         serde_json::from_str(&sb.ok(&["info", ova_path.to_str().unwrap(), "--json"])).unwrap();
     let note = info["notes"][0].as_str().unwrap();
     assert!(
-        note.contains("OVA disk 1 of 2") && note.contains("disk1.vmdk (vmdisk1, 8388608 bytes)"),
+        // Counted from 0, as --disk counts (issue 16.20: it said "disk 1 of 2" here).
+        note.contains("OVA disk 0 (counted from 0) of 2")
+            && note.contains("disk1.vmdk (vmdisk1, 8388608 bytes)"),
         "{info}"
     );
     for (which, (raw, _)) in [("0", &raws[0]), ("disk1.vmdk", &raws[1])] {
@@ -146,4 +148,120 @@ fn damaged_archives_fail_cleanly() {
             .len(),
         2
     );
+}
+
+/// A ustar header (checksummed) for a member of `size` bytes of type `kind`; the size field
+/// holds `size` in octal if it fits (else 0, as Python's tarfile writes in pax archives).
+fn header(name: &str, size: u64, kind: u8) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    let short = &name.as_bytes()[..name.len().min(99)];
+    h[..short.len()].copy_from_slice(short);
+    h[100..108].copy_from_slice(b"0000644\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    let field = if size < 0o77_777_777_777 { size } else { 0 };
+    h[124..136].copy_from_slice(format!("{field:011o}\0").as_bytes());
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = kind;
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].fill(b' ');
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    h
+}
+
+/// A pax extended header's records.
+fn pax_records(records: &[(&str, String)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in records {
+        let body = format!(" {k}={v}\n");
+        // The length counts its own digits.
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        out.extend_from_slice(format!("{len}{body}").as_bytes());
+    }
+    out
+}
+
+/// Issue 16.16: OVAs in pax format (Python's tarfile default, and every tar with a member of
+/// 8 GiB or more, whose ustar size field is then 0) are read: the pax `path` and `size`
+/// records win. Before the fix long names were lost and large disks failed to open.
+#[test]
+fn pax_ovas_with_long_names_and_large_disks() {
+    if !have_qemu() {
+        return;
+    }
+    let mut rng = Rng::seeded("pax_ova");
+    let sb = Sandbox::new();
+    // Python's tarfile (PAX_FORMAT by default) with names longer than ustar's 100 bytes.
+    let long = format!("{}-disk", "a-very-long-virtual-machine-name".repeat(4));
+    let raw = sb.path("d.raw");
+    make_image(&raw, 8 * MIB, &[(MIB, rng.bytes(2 << 20))]);
+    let vmdk = sb.path(&format!("{long}.vmdk"));
+    qemu_from_raw(&raw, &vmdk, "vmdk", "subformat=streamOptimized");
+    std::fs::write(
+        sb.path(&format!("{long}.ovf")),
+        ovf(&[(&format!("{long}.vmdk"), 8 * MIB)]),
+    )
+    .unwrap();
+    let py = sb.path("vm.ova");
+    let script = format!(
+        "import tarfile\nwith tarfile.open({py:?}, 'w', format=tarfile.PAX_FORMAT) as t:\n    t.add({ovf:?}, arcname={ovf_name:?})\n    t.add({vmdk:?}, arcname={vmdk_name:?})\n",
+        py = py.to_str().unwrap(),
+        ovf = sb.path(&format!("{long}.ovf")).to_str().unwrap(),
+        ovf_name = format!("{long}.ovf"),
+        vmdk = vmdk.to_str().unwrap(),
+        vmdk_name = format!("{long}.vmdk"),
+    );
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = sb.path("py.out");
+    sb.ok(&["convert", py.to_str().unwrap(), out.to_str().unwrap()]);
+    assert_eq!(file_hash(&out), file_hash(&raw));
+    let r = ova::tar_members(&blockferry::image::MemFile::new(
+        "vm.ova",
+        std::fs::read(&py).unwrap(),
+    ))
+    .unwrap();
+    assert!(r.iter().any(|m| m.name == format!("{long}.vmdk")), "{r:?}");
+
+    // A member over 8 GiB: pax `size`, ustar size field 0. The disk is a hosted sparse VMDK
+    // followed by zeros (a hole in the archive) up to 8 GiB + 512.
+    let sparse = sb.path("big.vmdk");
+    qemu_from_raw(&raw, &sparse, "vmdk", "subformat=monolithicSparse");
+    let disk = std::fs::read(&sparse).unwrap();
+    let member_size = (8u64 << 30) + 512;
+    let ovf_bytes = ovf(&[("big.vmdk", 8 * MIB)]);
+    let mut head = Vec::new();
+    head.extend_from_slice(&header("vm.ovf", ovf_bytes.len() as u64, b'0'));
+    head.extend_from_slice(&ovf_bytes);
+    head.resize(head.len().next_multiple_of(512), 0);
+    let records = pax_records(&[
+        ("path", "big.vmdk".into()),
+        ("size", member_size.to_string()),
+    ]);
+    head.extend_from_slice(&header("PaxHeaders/big.vmdk", records.len() as u64, b'x'));
+    head.extend_from_slice(&records);
+    head.resize(head.len().next_multiple_of(512), 0);
+    head.extend_from_slice(&header("big.vmdk", member_size, b'0'));
+    let data_at = head.len() as u64;
+    head.extend_from_slice(&disk);
+    let big = sb.path("big.ova");
+    let f = std::fs::File::create(&big).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &head, 0).unwrap();
+    // The member's end, rounded to a block, then the two zero blocks that end an archive.
+    f.set_len((data_at + member_size).next_multiple_of(512) + 1024)
+        .unwrap();
+    drop(f);
+    let info = sb.json(&["info", big.to_str().unwrap()]);
+    assert_eq!(info["virtual_size"], 8 * MIB, "{info}");
+    let out = sb.path("big.out");
+    sb.ok(&["convert", big.to_str().unwrap(), out.to_str().unwrap()]);
+    assert_eq!(file_hash(&out), file_hash(&raw));
 }

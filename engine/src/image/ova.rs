@@ -18,6 +18,8 @@ const MAX_MEMBERS: usize = 10_000;
 const MAX_OVF: u64 = 16 << 20;
 /// Most disks and file references taken from one OVF.
 const MAX_OVF_ITEMS: usize = 4096;
+/// Largest pax extended header read (they hold a few records: a path, a size, times).
+const MAX_PAX: u64 = 64 << 10;
 
 /// A member of the archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,11 +75,82 @@ fn cstr(field: &[u8]) -> String {
     String::from_utf8_lossy(field.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
 }
 
-/// Lists the regular-file members of a tar archive.
+/// What pax extended headers (POSIX.1-2001) say of the next member (`x`) or of all that
+/// follow (`g`): the records blockferry uses.
+#[derive(Debug, Clone, Default)]
+struct Pax {
+    path: Option<String>,
+    size: Option<u64>,
+}
+
+impl Pax {
+    /// Parses `"<length> <key>=<value>\n"` records.
+    fn parse(raw: &[u8]) -> std::result::Result<Pax, String> {
+        let mut pax = Pax::default();
+        let mut rest = raw;
+        // A header padded with NULs ends at the first one.
+        while let Some(&first) = rest.first() {
+            if first == 0 {
+                break;
+            }
+            let space = rest
+                .iter()
+                .position(|&b| b == b' ')
+                .filter(|&i| i > 0 && i <= 20)
+                .ok_or("a record without its length")?;
+            let len: usize = std::str::from_utf8(&rest[..space])
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .filter(|&l| l > space + 1 && l <= rest.len())
+                .ok_or("a record length that is not a number within the header")?;
+            let record = &rest[space + 1..len];
+            let record = record
+                .strip_suffix(b"\n")
+                .ok_or("a record not ending in a newline")?;
+            let eq = record
+                .iter()
+                .position(|&b| b == b'=')
+                .ok_or("a record without '='")?;
+            let (key, value) = (&record[..eq], &record[eq + 1..]);
+            match key {
+                b"path" => {
+                    pax.path = Some(
+                        String::from_utf8(value.to_vec())
+                            .map_err(|_| "a path that is not UTF-8")?,
+                    );
+                }
+                b"size" => {
+                    pax.size = Some(
+                        std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .ok_or("a size that is not a number")?,
+                    );
+                }
+                _ => {}
+            }
+            rest = &rest[len..];
+        }
+        Ok(pax)
+    }
+
+    /// `self` with what `next` sets taken over.
+    fn merged(&self, next: &Pax) -> Pax {
+        Pax {
+            path: next.path.clone().or_else(|| self.path.clone()),
+            size: next.size.or(self.size),
+        }
+    }
+}
+
+/// Lists the regular-file members of a tar archive (ustar, with GNU long names and pax
+/// extended headers: the `path` and `size` records of `x` and `g` headers).
 pub fn tar_members(r: &dyn ReadAt) -> Result<Vec<TarMember>> {
     let mut out = Vec::new();
     let mut at = 0u64;
     let mut long_name: Option<String> = None;
+    let mut global = Pax::default();
+    let mut next = Pax::default();
     while at + BLOCK <= r.size() {
         let h = read_struct(r, "tar header", at, BLOCK, BLOCK)?;
         if h.iter().all(|&b| b == 0) {
@@ -97,8 +170,16 @@ pub fn tar_members(r: &dyn ReadAt) -> Result<Vec<TarMember>> {
         if octal(&h[148..156]) != Some(sum) {
             return Err(invalid(r, "tar header", at, "checksum mismatch"));
         }
-        let size = octal(&h[124..136])
+        let kind = h[156];
+        let ustar_size = octal(&h[124..136])
             .ok_or_else(|| invalid(r, "tar header", at + 124, "size is not a number"))?;
+        // A member's pax size overrides its header's (which is 0, or wrong, from 8 GiB on);
+        // an extended header's own size is its header's.
+        let pax = global.merged(&next);
+        let size = match kind {
+            b'x' | b'g' => ustar_size,
+            _ => pax.size.unwrap_or(ustar_size),
+        };
         let data = at + BLOCK;
         let end = data
             .checked_add(size)
@@ -111,10 +192,20 @@ pub fn tar_members(r: &dyn ReadAt) -> Result<Vec<TarMember>> {
                     format!("a member of {size} bytes reaches past the end of the archive"),
                 )
             })?;
-        match h[156] {
+        match kind {
             b'L' => {
                 let name = read_struct(r, "tar long name", data, size, 4096)?;
                 long_name = Some(cstr(&name));
+            }
+            b'x' | b'g' => {
+                let raw = read_struct(r, "tar pax header", data, size, MAX_PAX)?;
+                let parsed =
+                    Pax::parse(&raw).map_err(|why| invalid(r, "tar pax header", data, why))?;
+                if kind == b'x' {
+                    next = next.merged(&parsed);
+                } else {
+                    global = global.merged(&parsed);
+                }
             }
             b'0' | 0 => {
                 let mut name = cstr(&h[..100]);
@@ -131,12 +222,16 @@ pub fn tar_members(r: &dyn ReadAt) -> Result<Vec<TarMember>> {
                     ));
                 }
                 out.push(TarMember {
-                    name: long_name.take().unwrap_or(name),
+                    name: pax.path.or(long_name.take()).unwrap_or(name),
                     offset: data,
                     size,
                 });
+                next = Pax::default();
             }
-            _ => long_name = None,
+            _ => {
+                long_name = None;
+                next = Pax::default();
+            }
         }
         at = end.next_multiple_of(BLOCK);
     }
@@ -300,8 +395,7 @@ pub fn open(
         })?;
     let mut vmdk = Vmdk::open_window(file, member.offset, member.size, opts)?;
     vmdk.add_note(format!(
-        "OVA disk {} of {} ({}); the OVF lists: {}",
-        idx + 1,
+        "OVA disk {idx} (counted from 0) of {} ({}); the OVF lists: {}",
         disks.len(),
         disk.file,
         disks
