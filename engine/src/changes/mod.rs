@@ -175,6 +175,134 @@ impl ExtentSet {
     }
 }
 
+/// Most extents an [`ExtentBuilder`] keeps (16 MiB of them); a list with more disjoint ranges
+/// is rounded out to coarser boundaries until it fits.
+pub const MAX_LIST_EXTENTS: usize = 1 << 20;
+/// The first boundary a list is rounded out to when it has too many extents: the smallest
+/// chunk size, so that rounding to it changes no chunk a delta reads.
+const FIRST_GRANULARITY: u64 = 64 << 10;
+
+/// Builds an [`ExtentSet`] from ranges in any order in bounded memory: ranges are coalesced as
+/// they come, and should the set grow past `cap` disjoint extents, every extent is rounded
+/// out to a boundary (64 KiB, then doubling) until it fits. Rounding out only makes a delta
+/// read more (what it reads is compared by chunk id), never miss a change.
+#[derive(Debug)]
+pub struct ExtentBuilder {
+    limit: u64,
+    cap: usize,
+    extents: Vec<Extent>,
+    /// Whether `extents` is sorted and coalesced.
+    sorted: bool,
+    /// 1 while exact; the boundary ranges are rounded out to once coarsened.
+    granularity: u64,
+    /// Ranges added so far (the next one's index, for messages).
+    added: u64,
+}
+
+impl ExtentBuilder {
+    /// A builder for ranges within `[0, limit)`, keeping at most `cap` extents.
+    pub fn new(limit: u64, cap: usize) -> ExtentBuilder {
+        ExtentBuilder {
+            limit,
+            cap: cap.max(1),
+            extents: Vec::new(),
+            sorted: true,
+            granularity: 1,
+            added: 0,
+        }
+    }
+
+    /// Adds `[offset, offset + len)`; a zero-length range is ignored. A range reaching past
+    /// the limit is an error naming it by its position among the ranges added.
+    pub fn add(&mut self, offset: u64, len: u64) -> Result<()> {
+        let i = self.added;
+        self.added += 1;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset.checked_add(len).filter(|&e| e <= self.limit);
+        let Some(end) = end else {
+            return Err(Error::new(
+                ErrorKind::InvalidChangeList,
+                format!(
+                    "extent {i} (offset {offset}, length {len}) ends past the disk's end \
+                     ({} bytes)",
+                    self.limit
+                ),
+            ));
+        };
+        let e = self.round(Extent {
+            offset,
+            len: end - offset,
+        });
+        match self.extents.last_mut() {
+            // In order: coalesce with the last one, or append.
+            Some(last) if self.sorted && e.offset >= last.offset => {
+                if e.offset <= last.end() {
+                    last.len = last.end().max(e.end()) - last.offset;
+                } else {
+                    self.extents.push(e);
+                }
+            }
+            None => self.extents.push(e),
+            Some(_) => {
+                self.extents.push(e);
+                self.sorted = false;
+            }
+        }
+        // At 2 × cap, before the vector would grow past that (it holds at most 2 × cap).
+        if self.extents.len() >= 2 * self.cap || (self.sorted && self.extents.len() > self.cap) {
+            self.compact();
+        }
+        Ok(())
+    }
+
+    /// `e` rounded out to the builder's boundary (and kept within the limit).
+    fn round(&self, e: Extent) -> Extent {
+        if self.granularity == 1 {
+            return e;
+        }
+        let start = e.offset / self.granularity * self.granularity;
+        let end = e
+            .end()
+            .div_ceil(self.granularity)
+            .saturating_mul(self.granularity)
+            .min(self.limit);
+        Extent {
+            offset: start,
+            len: end - start,
+        }
+    }
+
+    /// Sorts and coalesces; coarsens while there are more extents than the cap.
+    fn compact(&mut self) {
+        if !self.sorted {
+            self.extents.sort_unstable();
+            self.extents = coalesce(std::mem::take(&mut self.extents));
+            self.sorted = true;
+        }
+        while self.extents.len() > self.cap {
+            self.granularity = (self.granularity * 2).max(FIRST_GRANULARITY);
+            let rounded: Vec<Extent> = self.extents.iter().map(|&e| self.round(e)).collect();
+            self.extents = coalesce(rounded);
+        }
+        self.extents.shrink_to(2 * self.cap);
+    }
+
+    /// The boundary ranges were rounded out to, if the list had to be coarsened (else 1).
+    pub fn granularity(&self) -> u64 {
+        self.granularity
+    }
+
+    /// The set.
+    pub fn finish(mut self) -> ExtentSet {
+        self.compact();
+        ExtentSet {
+            extents: self.extents,
+        }
+    }
+}
+
 /// Coalesces sorted extents: overlapping or touching ones become one.
 fn coalesce(sorted: Vec<Extent>) -> Vec<Extent> {
     let mut out: Vec<Extent> = Vec::with_capacity(sorted.len());

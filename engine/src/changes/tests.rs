@@ -181,3 +181,82 @@ fn format_names_round_trip() {
         ErrorKind::Config
     );
 }
+
+#[test]
+fn builders_stay_within_their_cap_by_rounding_out() {
+    // In order and out of order: 1000 disjoint 1-byte ranges 100 KiB apart, at most 8 kept.
+    for reverse in [false, true] {
+        let mut b = ExtentBuilder::new(1 << 30, 8);
+        let mut idx: Vec<u64> = (0..1000).collect();
+        if reverse {
+            idx.reverse();
+        }
+        for i in &idx {
+            b.add(i * 100_000, 1).unwrap();
+        }
+        assert!(b.granularity() >= 64 << 10);
+        let g = b.granularity();
+        let s = b.finish();
+        assert!(s.len() <= 8, "{} extents", s.len());
+        // Every range is still in the set: rounding out never drops a change.
+        for i in &idx {
+            assert!(s.intersects(i * 100_000, 1), "range {i} lost");
+        }
+        for e in s.iter() {
+            assert!(e.offset % g == 0, "{e:?} not on a {g} boundary");
+        }
+    }
+    // Exact while it fits.
+    let mut b = ExtentBuilder::new(100, 4);
+    for (o, l) in [(10, 5), (0, 3), (12, 10), (50, 1)] {
+        b.add(o, l).unwrap();
+    }
+    assert_eq!(b.granularity(), 1);
+    assert_eq!(pairs(&b.finish()), [(0, 3), (10, 12), (50, 1)]);
+    let e = ExtentBuilder::new(100, 4).add(99, 2).unwrap_err();
+    assert!(e.to_string().contains("extent 0"), "{e}");
+}
+
+#[test]
+fn hyperv_lists_longer_than_a_window_pair_up() {
+    // Two results of 5 and 4 entries, the arrays in both orders, over windows of 3 entries.
+    let disk = 64 * MIB;
+    let offsets: Vec<u64> = (0..9).map(|i| i * 2 * MIB).collect();
+    let lengths: Vec<u64> = (0..9).map(|i| 4096 * (i + 1)).collect();
+    let text = format!(
+        r#"[{{"ChangedByteOffsets": {:?}, "ChangedByteLengths": {:?}, "ByteOffset": 0,
+              "ProcessedByteLength": {half}, "TargetRctId": "rctX:1:2"}},
+            {{"ChangedByteLengths": {:?}, "ChangedByteOffsets": {:?}, "ByteOffset": {half},
+              "ProcessedByteLength": {half}}}]"#,
+        &offsets[..5],
+        &lengths[..5],
+        &lengths[5..],
+        &offsets[5..],
+        half = disk / 2
+    );
+    let l = ChangeList::parse(text.as_bytes(), None, disk).unwrap();
+    let want: Vec<(u64, u64)> = offsets.into_iter().zip(lengths).collect();
+    assert_eq!(pairs(&l.extents), want);
+    assert_eq!(l.base_change_id.as_deref(), Some("rctX:1:2"));
+}
+
+#[test]
+fn lists_read_from_files_as_streams_equal_lists_parsed_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = 16 * MIB;
+    for text in [
+        "0,4096\n65536,4096\n",
+        r#"[[0, 10], {"offset": 20, "length": 5}]"#,
+        r#"{"changeId": "a", "extents": [[1, 1]]}"#,
+        r#"{"ChangedByteOffsets": [0, 4096], "ChangedByteLengths": [512, 512], "ProcessedByteLength": 16777216}"#,
+    ] {
+        let path = dir.path().join("list");
+        std::fs::write(&path, text).unwrap();
+        let read = ChangeList::read(&path, None, disk).unwrap();
+        assert_eq!(
+            read,
+            ChangeList::parse(text.as_bytes(), None, disk).unwrap(),
+            "{text}"
+        );
+    }
+}
