@@ -73,6 +73,7 @@ pub fn convert(
                     let mut backend = opts.io_engine.backend();
                     let mut maps = Vec::new();
                     let mut buf = Vec::new();
+                    let mut grains = super::GrainCache::default();
                     loop {
                         let idx = next.fetch_add(1, Ordering::Relaxed);
                         if idx >= n_pieces || stop.is_cancelled() || opts.cancel.is_cancelled() {
@@ -87,7 +88,14 @@ pub fn convert(
                             crate::image::coalesce(&mut maps);
                             // Reused as it is: fill_chunk zero-fills what it does not read.
                             buf.resize(len_usize, 0);
-                            let n = fill_chunk(source, backend.as_mut(), &maps, offset, &mut buf)?;
+                            let n = fill_chunk(
+                                source,
+                                backend.as_mut(),
+                                &mut grains,
+                                &maps,
+                                offset,
+                                &mut buf,
+                            )?;
                             Counters::add(&counters.bytes_read, n);
                             let data = if !is_zero(&buf) || device {
                                 let _serial = write_lock.lock().expect("write lock");

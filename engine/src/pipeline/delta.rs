@@ -272,6 +272,7 @@ pub(super) fn plan(
         let mut taken = 0u64;
         let mut maps = Vec::new();
         let mut buf = Vec::new();
+        let mut grains = super::GrainCache::default();
         let mut idx = start;
         while taken < want && n > 0 {
             if !changed(idx) {
@@ -284,7 +285,7 @@ pub(super) fn plan(
                 crate::image::coalesce(&mut maps);
                 let id = if has_data(&maps) {
                     buf.resize(usize::try_from(len).expect("a chunk fits in memory"), 0);
-                    let read = fill_chunk(source, backend, &maps, offset, &mut buf)?;
+                    let read = fill_chunk(source, backend, &mut grains, &maps, offset, &mut buf)?;
                     Counters::add(&reporter.counters().bytes_read, read);
                     if is_zero(&buf) {
                         ZERO_ID

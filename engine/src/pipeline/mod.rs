@@ -379,12 +379,54 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
+/// The last compressed grain a reader inflated, and the buffers it reuses: a grain larger
+/// than a chunk (streamOptimized grains are up to 64 MiB) is inflated once for all the chunks
+/// it holds, not once per chunk, and no buffer is allocated per chunk.
+#[derive(Debug, Default)]
+pub(crate) struct GrainCache {
+    packed: Vec<u8>,
+    grain: Vec<u8>,
+    /// File index and offset of the grain in `grain`.
+    key: Option<(usize, u64)>,
+}
+
+impl GrainCache {
+    /// The inflated grain at `file_offset` of file `file` (read and inflated unless it is the
+    /// one held), and the compressed bytes read to get it (0 if it was held).
+    fn grain(
+        &mut self,
+        src: &crate::io::SourceFile,
+        backend: &mut dyn ReadBackend,
+        file: usize,
+        file_offset: u64,
+        stored_len: u32,
+        grain_len: u32,
+    ) -> Result<(&[u8], u64)> {
+        if self.key == Some((file, file_offset)) && self.grain.len() == grain_len as usize {
+            return Ok((&self.grain, 0));
+        }
+        self.key = None;
+        self.packed.resize(stored_len as usize, 0);
+        backend.read_exact_at(src, &mut self.packed, file_offset)?;
+        self.grain.resize(grain_len as usize, 0);
+        crate::image::inflate_grain(&self.packed, &mut self.grain).map_err(|why| {
+            Error::new(ErrorKind::InvalidImage, why)
+                .with_path(src.path())
+                .with_offset(file_offset)
+        })?;
+        self.key = Some((file, file_offset));
+        Ok((&self.grain, u64::from(stored_len)))
+    }
+}
+
 /// Reads `[offset, offset + buf.len())` of a source into `buf` following `maps` (the
 /// source's mappings of exactly that range): data is read, everything else zero-filled, so
-/// `buf` may hold anything on entry. Returns bytes read from files.
+/// `buf` may hold anything on entry. Compressed grains go through `grains`. Returns bytes read
+/// from files.
 pub(crate) fn fill_chunk(
     source: &dyn BlockSource,
     backend: &mut dyn ReadBackend,
+    grains: &mut GrainCache,
     maps: &[Mapping],
     offset: u64,
     buf: &mut [u8],
@@ -413,17 +455,11 @@ pub(crate) fn fill_chunk(
             ..
         } = m.target
         {
-            let mut packed = vec![0u8; stored_len as usize];
-            backend.read_exact_at(src, &mut packed, file_offset)?;
-            let mut grain = vec![0u8; grain_len as usize];
-            crate::image::inflate_grain(&packed, &mut grain).map_err(|why| {
-                Error::new(ErrorKind::InvalidImage, why)
-                    .with_path(src.path())
-                    .with_offset(file_offset)
-            })?;
+            let (grain, n) =
+                grains.grain(src, backend, file, file_offset, stored_len, grain_len)?;
             let skip = skip as usize;
             dst.copy_from_slice(grain.get(skip..skip + len).ok_or_else(outside)?);
-            read += u64::from(stored_len);
+            read += n;
         } else {
             backend.read_exact_at(src, dst, file_offset)?;
             read += m.len;
@@ -569,6 +605,7 @@ fn reader(
     msgs: &Sender<Msg>,
 ) {
     let mut maps = Vec::new();
+    let mut grains = GrainCache::default();
     let mut holes = Holes::new(msgs);
     for idx in 0..sh.n_chunks {
         if sh.stopping() {
@@ -596,7 +633,14 @@ fn reader(
         };
         let len_usize = usize::try_from(len).expect("a chunk fits in memory");
         buf.set_len(len_usize);
-        match fill_chunk(sh.source, backend.as_mut(), &maps, offset, &mut buf) {
+        match fill_chunk(
+            sh.source,
+            backend.as_mut(),
+            &mut grains,
+            &maps,
+            offset,
+            &mut buf,
+        ) {
             Ok(n) => Counters::add(&sh.counters.bytes_read, n),
             Err(e) => {
                 sh.fail(msgs, e);
@@ -740,6 +784,7 @@ fn ring_reader(
     let mut maps = Vec::new();
     let mut reads = Vec::new();
     let mut sync = crate::io::Pread;
+    let mut grains = GrainCache::default();
     let mut next = 0u64;
     let mut holes = Holes::new(msgs);
     // Hands one completed chunk on; false when the run must stop.
@@ -809,7 +854,7 @@ fn ring_reader(
                     .any(|m| matches!(m.target, Target::Deflate { .. }))
                 {
                     // Compressed grains (streamOptimized): read and inflated here.
-                    let n = fill_chunk(sh.source, &mut sync, &maps, offset, &mut buf)?;
+                    let n = fill_chunk(sh.source, &mut sync, &mut grains, &maps, offset, &mut buf)?;
                     Counters::add(&sh.counters.bytes_read, n);
                     if work.send(Work { idx, buf }).is_err() {
                         return Ok(());

@@ -79,6 +79,7 @@ struct State {
     source_buf: Vec<u8>,
     maps: Vec<crate::image::Mapping>,
     backend: Box<dyn crate::io::ReadBackend>,
+    grains: super::GrainCache,
 }
 
 /// Checks snapshot `spec`: every chunk it references is present, authentic and matches its
@@ -149,6 +150,7 @@ pub fn verify(
             source_buf: Vec::with_capacity(if compare.is_some() { chunk_cap } else { 0 }),
             maps: Vec::new(),
             backend: opts.io_engine.backend(),
+            grains: super::GrainCache::default(),
         },
         &|st: &mut State, item| {
             if item.id != ZERO_ID && !verified.lock().expect("verified set").contains(&item.id) {
@@ -173,6 +175,7 @@ pub fn verify(
                     let n = fill_chunk(
                         src,
                         st.backend.as_mut(),
+                        &mut st.grains,
                         &st.maps,
                         item.offset,
                         &mut st.source_buf,
