@@ -409,7 +409,7 @@ fn compressed_vmdk(data: &[u8], grain: usize) -> Vec<u8> {
 
 /// Issue 16.14: a compressed grain larger than a chunk is read and inflated once, not once per
 /// chunk it holds. Before the fix two 64 MiB grains replicated into 64 KiB chunks were
-/// inflated 1024 times each (bytes_read counted 1024 × their compressed size).
+/// inflated 1024 times each (`bytes_read` counted 1024 × their compressed size).
 #[test]
 fn large_compressed_grains_are_inflated_once() {
     let mut rng = Rng::seeded("large_grains");
