@@ -13,6 +13,8 @@ cargo build --quiet --locked -p blockferry-ffi
 lib=target/debug
 out=target/ffi-tests
 rm -rf "$out" && mkdir -p "$out"
+# The programs' client state (store records, jobs) in the test folder, not under $HOME.
+export BLOCKFERRY_STATE_DIR="$PWD/$out/client-state"
 libs="-lgcc_s -lutil -lrt -lpthread -lm -ldl -lc"
 warn="-std=c11 -Wall -Wextra -Werror -pedantic"
 

@@ -204,6 +204,9 @@ pub struct Sandbox {
     pub dir: tempfile::TempDir,
     /// The store's URL when it lives in S3 (else it is the folder `store` in `dir`).
     pub store_url: Option<String>,
+    /// Whether the store was created unencrypted (then no passphrase is given: blockferry
+    /// refuses an unencrypted store when one is).
+    pub unencrypted: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Sandbox {
@@ -221,6 +224,7 @@ impl Sandbox {
         Sandbox {
             dir: tempfile::tempdir_in(base).expect("temp dir"),
             store_url: None,
+            unencrypted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -242,9 +246,14 @@ impl Sandbox {
         }
     }
 
-    /// Runs blockferry with the test passphrase in the environment.
+    /// Runs blockferry with the test passphrase in the environment (none for a store made
+    /// unencrypted).
     pub fn run(&self, args: &[&str]) -> Output {
-        self.run_env(args, &[("BLOCKFERRY_PASSPHRASE", PASSPHRASE)])
+        if self.unencrypted.load(std::sync::atomic::Ordering::Relaxed) {
+            self.run_env(args, &[])
+        } else {
+            self.run_env(args, &[("BLOCKFERRY_PASSPHRASE", PASSPHRASE)])
+        }
     }
 
     pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -306,6 +315,10 @@ impl Sandbox {
         let store = self.store();
         let mut args = vec!["init", "--store", &store];
         args.extend_from_slice(extra);
+        self.unencrypted.store(
+            extra.contains(&"--no-encryption"),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.ok(&args);
     }
 
@@ -538,10 +551,13 @@ pub fn spawn_replicate(sb: &Sandbox, image: &std::path::Path, extra: &[&str]) ->
     let mut cmd = Command::new(bin());
     cmd.args(["replicate", image.to_str().unwrap(), "--store", &store])
         .args(extra)
-        .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
+        .env_remove("BLOCKFERRY_PASSPHRASE")
         .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    if !sb.unencrypted.load(std::sync::atomic::Ordering::Relaxed) {
+        cmd.env("BLOCKFERRY_PASSPHRASE", PASSPHRASE);
+    }
     if sb.store_url.is_some() {
         cmd.envs(s3().vars());
     }

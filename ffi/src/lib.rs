@@ -506,21 +506,25 @@ pub unsafe extern "C" fn bf_store_create(
             _ => {}
         }
         let backend = blockferry::store::open_backend(location, true, &s3)?;
-        blockferry::Store::init_backend(
+        blockferry::Store::init_client(
             backend.as_ref(),
             &InitOptions {
                 chunk_size: if chunk_size == 0 { 1 << 20 } else { chunk_size },
                 passphrase: pass.map(<[u8]>::to_vec),
             },
+            None,
         )?;
-        let store = blockferry::Store::open_backend(backend, pass)?;
+        let store = blockferry::Store::open_client(backend, pass, None)?;
         // SAFETY: forwarded contract.
         unsafe { box_out(out, bf_store { store }, "out") }
     })
 }
 
 /// Opens the store at `location` into `*out`, unlocking it with the passphrase (NULL for
-/// an unencrypted store; `BF_RESULT_CREDENTIALS` if it does not unlock).
+/// an unencrypted store; `BF_RESULT_CREDENTIALS` if it does not unlock, or if a passphrase is
+/// given for an unencrypted store). The store is checked against this client's record of it
+/// in the default state folder (`BLOCKFERRY_STATE_DIR`, else under `$HOME`): a store whose id
+/// or encryption changed under the client is refused (`BF_RESULT_CORRUPT`).
 ///
 /// # Safety
 /// As `bf_store_create`.
@@ -540,7 +544,7 @@ pub unsafe extern "C" fn bf_store_open(
             return Err(error::null("out"));
         }
         let backend = blockferry::store::open_backend(location, false, &s3)?;
-        let store = blockferry::Store::open_backend(backend, pass)?;
+        let store = blockferry::Store::open_client(backend, pass, None)?;
         // SAFETY: forwarded contract.
         unsafe { box_out(out, bf_store { store }, "out") }
     })

@@ -219,10 +219,12 @@ class Store:
         access_key: Optional[str] = None,
         secret_key: Optional[str] = None,
         attempt_timeout: Optional[float] = None,
+        state_dir: Optional[PathLike] = None,
     ) -> "Store":
         """Creates a store and opens it. It is encrypted (AES-256-GCM, keys from the
         passphrase) unless ``encrypted=False`` is asked for explicitly. ``chunk_size`` is a
-        power of two from 64 KiB to 16 MiB."""
+        power of two from 64 KiB to 16 MiB. This client records the new store's id and
+        encryption in ``state_dir`` (default :func:`default_state_dir`), see :meth:`open`."""
         loc = os.fspath(location)
         s3 = _s3(endpoint, region, path_style, access_key, secret_key, attempt_timeout)
         secret = _passphrase(passphrase)
@@ -233,8 +235,11 @@ class Store:
             )
         if not encrypted:
             secret = None
-        _native.Store.init(loc, passphrase=secret, chunk_size=chunk_size, s3=s3)
-        return cls(_native.Store.open(loc, passphrase=secret, s3=s3))
+        state = _path(state_dir)
+        _native.Store.init(
+            loc, passphrase=secret, chunk_size=chunk_size, s3=s3, state_dir=state
+        )
+        return cls(_native.Store.open(loc, passphrase=secret, s3=s3, state_dir=state))
 
     @classmethod
     def open(
@@ -248,12 +253,20 @@ class Store:
         access_key: Optional[str] = None,
         secret_key: Optional[str] = None,
         attempt_timeout: Optional[float] = None,
+        state_dir: Optional[PathLike] = None,
     ) -> "Store":
-        """Opens an existing store (``CredentialsError`` if the passphrase is wrong)."""
+        """Opens an existing store (``CredentialsError`` if the passphrase is wrong, or if
+        one is given for an unencrypted store). The store is checked against what this
+        client recorded of it in ``state_dir`` (default :func:`default_state_dir`): a store
+        whose id changed, or that was encrypted and says it no longer is, raises
+        ``CorruptError``."""
         s3 = _s3(endpoint, region, path_style, access_key, secret_key, attempt_timeout)
         return cls(
             _native.Store.open(
-                os.fspath(location), passphrase=_passphrase(passphrase), s3=s3
+                os.fspath(location),
+                passphrase=_passphrase(passphrase),
+                s3=s3,
+                state_dir=_path(state_dir),
             )
         )
 

@@ -71,10 +71,15 @@ class Store:
         passphrase: Optional[bytes],
         chunk_size: int = ...,
         s3: Optional[Dict[str, Any]] = ...,
+        state_dir: Optional[str] = ...,
     ) -> Dict[str, Any]: ...
     @staticmethod
     def open(
-        location: str, *, passphrase: Optional[bytes] = ..., s3: Optional[Dict[str, Any]] = ...
+        location: str,
+        *,
+        passphrase: Optional[bytes] = ...,
+        s3: Optional[Dict[str, Any]] = ...,
+        state_dir: Optional[str] = ...,
     ) -> Store: ...
     def config(self) -> Dict[str, Any]: ...
     def snapshots(self) -> Tuple[List[Dict[str, Any]], List[BaseException]]: ...

@@ -347,24 +347,26 @@ impl Store {
     /// Creates a store at `location` (a folder or `s3://BUCKET/PREFIX`); encrypted with
     /// `passphrase` unless it is None. Returns the new store's configuration.
     #[staticmethod]
-    #[pyo3(signature = (location, *, passphrase, chunk_size=1_048_576, s3=None))]
+    #[pyo3(signature = (location, *, passphrase, chunk_size=1_048_576, s3=None, state_dir=None))]
     fn init(
         py: Python<'_>,
         location: String,
         passphrase: Option<Vec<u8>>,
         chunk_size: u32,
         s3: Option<&Bound<'_, PyDict>>,
+        state_dir: Option<PathBuf>,
     ) -> PyResult<Py<PyAny>> {
         let s3 = s3_options(s3)?;
         let c = py
             .detach(|| {
                 let backend = blockferry::store::open_backend(&location, true, &s3)?;
-                blockferry::Store::init_backend(
+                blockferry::Store::init_client(
                     backend.as_ref(),
                     &InitOptions {
                         chunk_size,
                         passphrase,
                     },
+                    state_dir.as_deref(),
                 )
             })
             .py_err(py)?;
@@ -382,18 +384,19 @@ impl Store {
 
     /// Opens the store at `location`, unlocking it with `passphrase`.
     #[staticmethod]
-    #[pyo3(signature = (location, *, passphrase=None, s3=None))]
+    #[pyo3(signature = (location, *, passphrase=None, s3=None, state_dir=None))]
     fn open(
         py: Python<'_>,
         location: String,
         passphrase: Option<Vec<u8>>,
         s3: Option<&Bound<'_, PyDict>>,
+        state_dir: Option<PathBuf>,
     ) -> PyResult<Store> {
         let s3 = s3_options(s3)?;
         let store = py
             .detach(|| {
                 let backend = blockferry::store::open_backend(&location, false, &s3)?;
-                blockferry::Store::open_backend(backend, passphrase.as_deref())
+                blockferry::Store::open_client(backend, passphrase.as_deref(), state_dir.as_deref())
             })
             .py_err(py)?;
         Ok(Store {

@@ -40,6 +40,14 @@ def noise(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
+@pytest.fixture(autouse=True)
+def client_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own client state (job database, store records), not the home folder's."""
+    d = tmp_path / "client-state"
+    monkeypatch.setenv("BLOCKFERRY_STATE_DIR", str(d))
+    return d
+
+
 @pytest.fixture
 def disk(tmp_path: Path) -> Path:
     """A 24 MiB disk: 8 MiB of data, a zero hole, 4 MiB more data."""

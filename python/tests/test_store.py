@@ -53,7 +53,7 @@ def test_store_settings_and_passphrases(tmp_path: Path, disk: Path) -> None:
     loc = tmp_path / "enc"
     s = blockferry.Store.create(loc, passphrase=b"pw", chunk_size=256 * 1024)
     c = s.config
-    assert c.encrypted and c.chunk_size == 256 * 1024 and c.format_version == 1
+    assert c.encrypted and c.chunk_size == 256 * 1024 and c.format_version == 2
     with pytest.raises(blockferry.CredentialsError) as e:
         blockferry.Store.open(loc, passphrase="wrong")
     assert isinstance(e.value, PermissionError) and e.value.kind == "credentials"
@@ -69,6 +69,14 @@ def test_store_settings_and_passphrases(tmp_path: Path, disk: Path) -> None:
     assert isinstance(ce.value, ValueError)
     with pytest.raises(blockferry.NotFoundError):
         blockferry.Store.open(tmp_path / "nothing here", passphrase="pw")
+    # A passphrase for an unencrypted store: refused (its config may have been swapped).
+    with pytest.raises(blockferry.CredentialsError):
+        blockferry.Store.open(tmp_path / "plain", passphrase="pw")
+    # Another store put in the place of one this client knows: refused.
+    (loc / "config").write_bytes((tmp_path / "plain" / "config").read_bytes())
+    with pytest.raises(blockferry.CorruptError) as swapped:
+        blockferry.Store.open(loc)
+    assert "is not the store this client used there" in str(swapped.value)
 
 
 def test_deltas_from_ranges_lists_hash_and_chain(store: blockferry.Store, tmp_path: Path, state: Path) -> None:

@@ -47,6 +47,8 @@ mod s3;
 mod s3_faults;
 /// Continuous replication: sync with kills, every snapshot restores, clean stop on SIGTERM.
 mod sync;
+/// The store is untrusted: authenticated config, pinned stores, damaged indexes.
+mod trust;
 /// VHD chains and hostile VHDs built from the specification.
 mod vhd;
 /// Hostile VHDX files.

@@ -57,8 +57,6 @@ pub(crate) struct AbandonArgs {
 pub(crate) struct CleanupArgs {
     #[command(flatten)]
     pub(crate) store: StoreArgs,
-    #[command(flatten)]
-    state: StateArgs,
     /// Only uploads started longer ago than this (uploads of jobs still running on other
     /// hosts are younger).
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
@@ -128,9 +126,35 @@ pub(crate) fn abandon(a: &AbandonArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct UnpinArgs {
+    /// The store: a local folder or s3://BUCKET/PREFIX.
+    #[arg(long, value_name = "PATH|URL")]
+    store: String,
+    #[command(flatten)]
+    state: StateArgs,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn unpin(a: &UnpinArgs) -> anyhow::Result<ExitCode> {
+    let db = JobDb::open(&a.state.dir()?)?;
+    let location = blockferry::store::pin_location(&a.store);
+    let known = db.unpin_store(&location)?;
+    if a.json {
+        print_json(&json!({ "store": location, "forgotten": known }))?;
+    } else if known {
+        eprintln!("forgot this client's record of the store at {location}");
+    } else {
+        eprintln!("this client had no record of a store at {location}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub(crate) fn cleanup(a: &CleanupArgs) -> anyhow::Result<ExitCode> {
     let backend = backend(&a.store, false)?;
-    let db = JobDb::open(&a.state.dir()?)?;
+    let db = JobDb::open(&a.store.state.dir()?)?;
     let report = db.cleanup_uploads(backend.as_ref(), a.older_than, a.dry_run)?;
     let (aborted, kept) = (report.aborted, report.kept);
     if a.store.json {

@@ -72,6 +72,9 @@ enum Command {
     Abandon(jobs::AbandonArgs),
     /// Abort multipart uploads a store's stopped jobs left behind.
     Cleanup(jobs::CleanupArgs),
+    /// Forget this client's record of a store (its id, encryption and newest snapshots), so
+    /// that a store re-created at the same location on purpose is accepted.
+    Unpin(jobs::UnpinArgs),
     /// Replicate continuously: a delta every interval from a change source, until stopped.
     Sync(sync::SyncArgs),
     /// Forget the snapshots a retention policy does not keep (per disk).
@@ -118,6 +121,10 @@ struct StoreArgs {
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// This client's state: job checkpoints, and the identity and encryption of each store it
+    /// used (a store that changes either under it is refused).
+    #[command(flatten)]
+    state: jobs::StateArgs,
 }
 
 #[derive(Debug, Args)]
@@ -214,8 +221,6 @@ struct ReplicateArgs {
     /// (rotating, so successive deltas cover the disk); 0 disables the check.
     #[arg(long, value_name = "PERCENT", default_value = "1%", value_parser = parse_percent)]
     verify_sample: f64,
-    #[command(flatten)]
-    state: jobs::StateArgs,
 }
 
 fn parse_percent(s: &str) -> Result<f64, String> {
@@ -458,7 +463,11 @@ fn backend(args: &StoreArgs, create: bool) -> anyhow::Result<Arc<dyn ObjectStore
 
 fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
     let pass = passphrase(args)?;
-    Ok(Store::open_backend(backend(args, false)?, pass.as_deref())?)
+    Ok(Store::open_client(
+        backend(args, false)?,
+        pass.as_deref(),
+        Some(&args.state.dir()?),
+    )?)
 }
 
 fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
@@ -501,6 +510,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Jobs(a) => a.json,
         Command::Abandon(a) => a.json,
         Command::Cleanup(a) => a.store.json,
+        Command::Unpin(a) => a.json,
         Command::Sync(a) => a.store.json,
         Command::Prune(a) => a.store.json,
         Command::Gc(a) => a.store.json,
@@ -554,6 +564,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Jobs(a) => jobs::list(&a),
         Command::Abandon(a) => jobs::abandon(&a),
         Command::Cleanup(a) => jobs::cleanup(&a),
+        Command::Unpin(a) => jobs::unpin(&a),
         Command::Sync(a) => sync::run(&a),
         Command::Prune(a) => cmd_prune(&a),
         Command::Gc(a) => cmd_gc(&a),
@@ -574,12 +585,15 @@ fn cmd_init(a: &InitArgs) -> anyhow::Result<ExitCode> {
             )
         })?)
     };
-    let config = Store::init_backend(
+    // This client knows the new store from now on (its id and encryption are checked on
+    // every later use).
+    let config = Store::init_client(
         &*backend(&a.store, true)?,
         &InitOptions {
             chunk_size,
             passphrase: pass,
         },
+        Some(&a.store.state.dir()?),
     )?;
     let encrypted = !a.no_encryption;
     if a.store.json {
@@ -629,7 +643,7 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
         compression: matches!(a.compression, Compression::Lz4),
         disk_name: a.name.clone(),
         cancel: CancelToken::new(),
-        job_state: Some(a.state.dir()?),
+        job_state: Some(a.store.state.dir()?),
         restart: a.restart,
         disk_selector: a.disk.clone().unwrap_or_default(),
         upload_jobs: a.jobs,

@@ -66,8 +66,6 @@ pub(crate) struct SyncArgs {
     /// than the store's chunk size needs).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_budget: Option<u64>,
-    #[command(flatten)]
-    state: super::jobs::StateArgs,
 }
 
 /// Opens the image as the arguments say.
@@ -244,7 +242,7 @@ fn run_cycle(
             .map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX).max(1)),
         disk_name: Some(disk.to_owned()),
         cancel: cancel.clone(),
-        job_state: Some(a.state.dir()?),
+        job_state: Some(a.store.state.dir()?),
         restart_if_changed: true,
         delta,
         change_id,

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::format::{self, Entry, Id, PackId, hex};
-use crate::store::{ObjectStore, Part, SourceFingerprint, now_unix_ms};
+use crate::store::{ObjectStore, Part, SourceFingerprint, StoreConfig, now_unix_ms};
 
 /// Schema version of the database; a newer one is refused.
 const SCHEMA_VERSION: i64 = 1;
@@ -68,6 +68,20 @@ CREATE TABLE IF NOT EXISTS parts (
     chunks BLOB NOT NULL,
     PRIMARY KEY (job, pack, number),
     FOREIGN KEY (job, pack) REFERENCES packs (job, pack) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS store_pins (
+    location TEXT PRIMARY KEY,
+    store_id TEXT NOT NULL,
+    encrypted INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS disk_pins (
+    store_id TEXT NOT NULL,
+    disk TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    snapshot TEXT NOT NULL,
+    PRIMARY KEY (store_id, disk)
 );
 CREATE TABLE IF NOT EXISTS positions (
     job TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
@@ -632,6 +646,134 @@ impl JobDb {
             .map_err(|e| db_err("deleting the job", e))?;
         let _ = std::fs::remove_file(self.lock_path(job));
         Ok(())
+    }
+
+    /// Checks a store against what this client knew of it: the store at `location` must
+    /// have the id it had, a store once encrypted must still be, and its format may not go
+    /// back to an older version (a config swapped for a weaker one). Records it on success
+    /// (`fresh`: a store just created here, which replaces any record of the location).
+    pub fn pin_store(&self, location: &str, config: &StoreConfig, fresh: bool) -> Result<()> {
+        let encrypted = config.encrypted();
+        if !fresh {
+            let known: Option<(String, bool, i64)> = self
+                .conn
+                .query_row(
+                    "SELECT store_id, encrypted, version FROM store_pins WHERE location = ?1",
+                    params![location],
+                    |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?)),
+                )
+                .optional()
+                .map_err(|e| db_err("reading store records", e))?;
+            let refuse = |why: String| {
+                Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "the store at {location} {why}: refusing it (its config may have been \
+                         replaced). If it was re-created on purpose, forget this client's \
+                         record of it (`blockferry unpin --store {location}`)"
+                    ),
+                )
+                .with_object("config"))
+            };
+            if let Some((id, was_encrypted, version)) = known {
+                if id != config.store_id {
+                    return refuse(format!(
+                        "is not the store this client used there: its id was {id}, now {}",
+                        config.store_id
+                    ));
+                }
+                if was_encrypted && !encrypted {
+                    return refuse("was encrypted and now says it is not".to_owned());
+                }
+                if version > i64::from(config.version) {
+                    return refuse(format!(
+                        "was in store format {version} and now says format {}",
+                        config.version
+                    ));
+                }
+            }
+            // The same store seen encrypted at another location.
+            let elsewhere: bool = self
+                .conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM store_pins WHERE store_id = ?1 AND encrypted = 1)",
+                    params![config.store_id],
+                    |r| r.get(0),
+                )
+                .map_err(|e| db_err("reading store records", e))?;
+            if elsewhere && !encrypted {
+                return refuse(format!(
+                    "(id {}) was encrypted where this client used it before and now says it is not",
+                    config.store_id
+                ));
+            }
+        }
+        self.conn
+            .execute(
+                "INSERT INTO store_pins (location, store_id, encrypted, version, updated_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (location) DO UPDATE SET \
+                 store_id = ?2, encrypted = ?3, version = max(version, ?4), updated_ms = ?5",
+                params![
+                    location,
+                    config.store_id,
+                    i64::from(encrypted),
+                    i64::from(config.version),
+                    i64_of(now_unix_ms())
+                ],
+            )
+            .map(drop)
+            .map_err(|e| db_err("recording the store", e))
+    }
+
+    /// Forgets what this client knew of the store at `location` (and of its disks' newest
+    /// snapshots); true if it knew it.
+    pub fn unpin_store(&self, location: &str) -> Result<bool> {
+        let id: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT store_id FROM store_pins WHERE location = ?1",
+                params![location],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| db_err("reading store records", e))?;
+        if let Some(id) = &id {
+            self.conn
+                .execute(
+                    "DELETE FROM store_pins WHERE location = ?1",
+                    params![location],
+                )
+                .map_err(|e| db_err("forgetting the store", e))?;
+            self.conn
+                .execute("DELETE FROM disk_pins WHERE store_id = ?1", params![id])
+                .map_err(|e| db_err("forgetting the store", e))?;
+        }
+        Ok(id.is_some())
+    }
+
+    /// The newest snapshot this client saw of a disk of a store: its sequence number and id.
+    pub fn disk_pin(&self, store_id: &str, disk: &str) -> Result<Option<(u64, String)>> {
+        self.conn
+            .query_row(
+                "SELECT seq, snapshot FROM disk_pins WHERE store_id = ?1 AND disk = ?2",
+                params![store_id, disk],
+                |r| Ok((u64_of(r.get(0)?), r.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| db_err("reading disk records", e))
+    }
+
+    /// Records that a disk's newest snapshot is at least `seq` (`snapshot`).
+    pub fn set_disk_pin(&self, store_id: &str, disk: &str, seq: u64, snapshot: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO disk_pins (store_id, disk, seq, snapshot) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (store_id, disk) DO UPDATE SET seq = ?3, snapshot = ?4 \
+                 WHERE ?3 > disk_pins.seq",
+                params![store_id, disk, i64_of(seq), snapshot],
+            )
+            .map(drop)
+            .map_err(|e| db_err("recording a disk", e))
     }
 
     /// Records the chunk id found at disk positions.

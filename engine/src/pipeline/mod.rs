@@ -1316,10 +1316,20 @@ pub fn replicate(
     // deletes nothing while it is live.
     let lock = shared_lock(store, "replicate", &opts.cancel, observer)?;
     let index = store.load_index()?;
-    let reporter = Reporter::start(observer, Phase::Replicating, info.virtual_size);
-    for e in &index.damaged {
-        reporter.warn(format!("{e}; its chunks will be stored again"));
+    if let Some(e) = index.damaged.first() {
+        // An index object that fails authentication was altered or damaged: going on would
+        // store its chunks again and hide it (or, under a swapped config, write in clear).
+        return Err(Error::new(
+            e.kind(),
+            format!(
+                "{e}; {} index object(s) of the store cannot be read: stopping (`blockferry \
+                 verify --repair` rebuilds them from the packs)",
+                index.damaged.len()
+            ),
+        )
+        .with_source(Error::new(e.kind(), e.to_string())));
     }
+    let reporter = Reporter::start(observer, Phase::Replicating, info.virtual_size);
     let n_chunks = info.virtual_size.div_ceil(chunk_size as u64);
     let n_positions = usize::try_from(n_chunks)
         .map_err(|_| Error::new(ErrorKind::InvalidImage, "disk too large"))?;

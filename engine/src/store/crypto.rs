@@ -226,6 +226,8 @@ pub struct Keys {
     page_id: [u8; KEY_LEN],
     data_root: [u8; KEY_LEN],
     meta: [u8; KEY_LEN],
+    config_mac: [u8; KEY_LEN],
+    disk_name: [u8; KEY_LEN],
     encrypted: bool,
 }
 
@@ -245,8 +247,30 @@ impl Keys {
             page_id: derive(master, store_id, "blockferry v1 page id"),
             data_root: derive(master, store_id, "blockferry v1 data"),
             meta: derive(master, store_id, "blockferry v1 metadata"),
+            config_mac: derive(master, store_id, "blockferry v2 config"),
+            disk_name: derive(master, store_id, "blockferry v2 disk name"),
             encrypted,
         }
+    }
+
+    /// HMAC-SHA256 of a store config's canonical bytes (format 2): what authenticates it.
+    pub fn config_mac(&self, canonical: &[u8]) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.config_mac);
+        let tag = ring::hmac::sign(&key, canonical);
+        tag.as_ref().try_into().expect("HMAC-SHA256 is 32 bytes")
+    }
+
+    /// Whether `mac` authenticates `canonical` (compared in constant time).
+    pub fn config_mac_ok(&self, canonical: &[u8], mac: &[u8]) -> bool {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.config_mac);
+        ring::hmac::verify(&key, canonical, mac).is_ok()
+    }
+
+    /// The 8-byte keyed hash a disk's name goes by in object keys (format 2), so that keys
+    /// do not show disk names.
+    pub fn disk_key(&self, name: &str) -> [u8; 8] {
+        let h = blake3::keyed_hash(&self.disk_name, name.as_bytes());
+        h.as_bytes()[..8].try_into().expect("8 bytes")
     }
 
     /// The keyed-blake3 id of a chunk's plaintext.

@@ -24,8 +24,8 @@ pub mod s3;
 
 pub use repo::{
     ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions,
-    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Snapshot, SnapshotStats, SnapshotSummary, SourceFingerprint,
-    Store, StoreConfig, now_unix_ms, read_store_id,
+    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, STORE_VERSION, Snapshot, SnapshotStats, SnapshotSummary,
+    SourceFingerprint, Store, StoreConfig, now_unix_ms, pin_location, read_store_id,
 };
 pub(crate) use repo::{IdHash, pack_key};
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::crypto::{self, KEY_LEN, KdfParams, Keys, Sealer};
 use super::format::{
-    self, Entry, FORMAT_VERSION, Id, MetaKind, PAGE_ENTRIES, PackId, ZERO_ID, hex, unhex, unhex_vec,
+    self, Entry, Id, MetaKind, PAGE_ENTRIES, PackId, ZERO_ID, hex, unhex, unhex_vec,
 };
 use super::{ObjectStore, PutMode, PutOutcome, S3Options, create_object, open_backend};
 use crate::error::{Error, ErrorKind, Result};
@@ -22,6 +22,9 @@ pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 
 const CONFIG_KEY: &str = "config";
+/// The store format this version writes (the config's `version`): 2 authenticates the config
+/// and keys snapshots by disk and sequence (docs/FORMAT.md).
+pub const STORE_VERSION: u16 = 2;
 /// Largest config object read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest metadata object read (the envelope caps of format.rs, plus framing and slack for
@@ -44,6 +47,24 @@ pub struct StoreConfig {
     pub created_unix_ms: u64,
     /// How the master key is kept.
     pub encryption: Encryption,
+    /// HMAC-SHA256 (hex) of the config without this field, under a key derived from the
+    /// master key (format 2; a format-1 config has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+impl StoreConfig {
+    /// The bytes the MAC covers: the config without its MAC, serialised in field order.
+    fn canonical(&self) -> Result<Vec<u8>> {
+        let mut c = self.clone();
+        c.mac = None;
+        serde_json::to_vec(&c).map_err(|e| Error::internal("encoding store config").with_source(e))
+    }
+
+    /// Whether the store keeps chunks and metadata encrypted.
+    pub fn encrypted(&self) -> bool {
+        matches!(self.encryption, Encryption::Aes256Gcm { .. })
+    }
 }
 
 /// How a store keeps its master key.
@@ -402,6 +423,8 @@ pub struct Store {
     config: StoreConfig,
     keys: Keys,
     meta: Sealer,
+    /// The client state folder whose records this store is checked against (pinned), if any.
+    state_dir: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Store {
@@ -468,14 +491,18 @@ impl Store {
                 }
             }
         };
-        let config = StoreConfig {
+        let mut config = StoreConfig {
             format: FORMAT_NAME.to_owned(),
-            version: FORMAT_VERSION,
+            version: STORE_VERSION,
             store_id,
             chunk_size: opts.chunk_size,
             created_unix_ms: now_unix_ms(),
             encryption,
+            mac: None,
         };
+        let id = unhex::<16>(&config.store_id).expect("a store id just drawn");
+        let keys = Keys::derive(&master, &id, opts.passphrase.is_some());
+        config.mac = Some(hex(&keys.config_mac(&config.canonical()?)));
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| Error::internal("encoding store config").with_source(e))?;
         match create_object(backend, CONFIG_KEY, &json)? {
@@ -512,11 +539,28 @@ impl Store {
         let store_id = unhex::<16>(&config.store_id)
             .ok_or_else(|| Error::corrupt(CONFIG_KEY, "invalid store id"))?;
         let (master, encrypted) = match &config.encryption {
-            Encryption::None { master_key } => (
-                unhex::<KEY_LEN>(master_key)
-                    .ok_or_else(|| Error::corrupt(CONFIG_KEY, "invalid master key"))?,
-                false,
-            ),
+            Encryption::None { master_key } => {
+                if passphrase.is_some() {
+                    // Whoever can write the store could have replaced its config to switch
+                    // encryption off: a client that means to encrypt never writes in clear.
+                    return Err(Error::new(
+                        ErrorKind::Credentials,
+                        format!(
+                            "the store at {} is not encrypted, but a passphrase was given: \
+                             refusing it, as its config may have been replaced to switch \
+                             encryption off; a store created unencrypted on purpose is opened \
+                             without a passphrase",
+                            backend.location()
+                        ),
+                    )
+                    .with_object(CONFIG_KEY));
+                }
+                (
+                    unhex::<KEY_LEN>(master_key)
+                        .ok_or_else(|| Error::corrupt(CONFIG_KEY, "invalid master key"))?,
+                    false,
+                )
+            }
             Encryption::Aes256Gcm {
                 kdf,
                 salt,
@@ -525,9 +569,16 @@ impl Store {
                 let pass = passphrase.ok_or_else(|| {
                     Error::new(
                         ErrorKind::Credentials,
-                        "the store is encrypted: set BLOCKFERRY_PASSPHRASE or pass --passphrase-file",
+                        "the store is encrypted: a passphrase is needed (BLOCKFERRY_PASSPHRASE \
+                         or --passphrase-file on the command line)",
                     )
                 })?;
+                if pass.is_empty() {
+                    return Err(Error::new(
+                        ErrorKind::Credentials,
+                        "the passphrase is empty (an empty passphrase file or variable?)",
+                    ));
+                }
                 let salt = unhex_vec(salt)
                     .ok_or_else(|| Error::corrupt(CONFIG_KEY, "invalid key salt"))?;
                 let wrapped = unhex_vec(wrapped_key)
@@ -540,13 +591,82 @@ impl Store {
             }
         };
         let keys = Keys::derive(&master, &store_id, encrypted);
+        if config.version >= 2 {
+            let mac =
+                config.mac.as_deref().and_then(unhex_vec).ok_or_else(|| {
+                    Error::corrupt(CONFIG_KEY, "the store config has no valid MAC")
+                })?;
+            if !keys.config_mac_ok(&config.canonical()?, &mac) {
+                return Err(Error::corrupt(
+                    CONFIG_KEY,
+                    "the store config failed authentication: it was altered or damaged; \
+                     refusing the store",
+                ));
+            }
+        }
         let meta = keys.meta_sealer();
         Ok(Store {
             backend,
             config,
             keys,
             meta,
+            state_dir: None,
         })
+    }
+
+    /// Opens a store on a backend and checks it against what this client recorded of it in
+    /// the state folder `state_dir` (the job database's): the store at this location must
+    /// keep its id, stay encrypted if it was, and not go back to an older format. The
+    /// client's record of each disk's newest snapshot is kept there too (rollback checks).
+    pub fn open_pinned(
+        backend: Arc<dyn ObjectStore>,
+        passphrase: Option<&[u8]>,
+        state_dir: &std::path::Path,
+    ) -> Result<Store> {
+        let mut store = Store::open_backend(backend, passphrase)?;
+        let db = crate::job::state::JobDb::open(state_dir)?;
+        db.pin_store(&pin_location(&store.location()), &store.config, false)?;
+        store.state_dir = Some(state_dir.to_path_buf());
+        Ok(store)
+    }
+
+    /// Opens a store as a client does (the CLI and the bindings): pinned ([`Store::open_pinned`])
+    /// to the records in `state_dir`, or in the default state folder
+    /// ([`default_state_dir`](crate::job::state::default_state_dir)) when `None`; unpinned
+    /// only when there is no state folder to be found at all (no home folder).
+    pub fn open_client(
+        backend: Arc<dyn ObjectStore>,
+        passphrase: Option<&[u8]>,
+        state_dir: Option<&std::path::Path>,
+    ) -> Result<Store> {
+        match client_state_dir(state_dir) {
+            Some(dir) => Store::open_pinned(backend, passphrase, &dir),
+            None => Store::open_backend(backend, passphrase),
+        }
+    }
+
+    /// Creates a store as a client does: [`Store::init_backend`], then the client records the
+    /// new store (as [`Store::open_client`] finds its state folder) so that a store put in
+    /// its place later is refused.
+    pub fn init_client(
+        backend: &dyn ObjectStore,
+        opts: &InitOptions,
+        state_dir: Option<&std::path::Path>,
+    ) -> Result<StoreConfig> {
+        let config = Store::init_backend(backend, opts)?;
+        if let Some(dir) = client_state_dir(state_dir) {
+            crate::job::state::JobDb::open(&dir)?.pin_store(
+                &pin_location(&backend.location()),
+                &config,
+                true,
+            )?;
+        }
+        Ok(config)
+    }
+
+    /// The client state folder the store was opened with ([`Store::open_pinned`]).
+    pub fn state_dir(&self) -> Option<&std::path::Path> {
+        self.state_dir.as_deref()
     }
 
     /// The store configuration.
@@ -561,7 +681,7 @@ impl Store {
 
     /// Whether chunks and metadata are encrypted.
     pub fn encrypted(&self) -> bool {
-        matches!(self.config.encryption, Encryption::Aes256Gcm { .. })
+        self.config.encrypted()
     }
 
     /// Where the store lives.
@@ -835,6 +955,23 @@ impl Store {
     }
 }
 
+/// `dir`, or the default state folder if there is one.
+fn client_state_dir(dir: Option<&std::path::Path>) -> Option<std::path::PathBuf> {
+    match dir {
+        Some(d) => Some(d.to_path_buf()),
+        None => crate::job::state::default_state_dir().ok(),
+    }
+}
+
+/// The name a store's location is recorded under: a local folder by its canonical path.
+pub fn pin_location(location: &str) -> String {
+    if location.contains("://") {
+        return location.trim_end_matches('/').to_owned();
+    }
+    std::fs::canonicalize(location)
+        .map_or_else(|_| location.to_owned(), |p| p.display().to_string())
+}
+
 fn parse_config(raw: &[u8]) -> Result<StoreConfig> {
     let value: serde_json::Value = serde_json::from_slice(raw)
         .map_err(|e| Error::corrupt(CONFIG_KEY, "store config is not valid JSON").with_source(e))?;
@@ -845,12 +982,12 @@ fn parse_config(raw: &[u8]) -> Result<StoreConfig> {
         .get("version")
         .and_then(serde_json::Value::as_u64)
         .ok_or_else(|| Error::corrupt(CONFIG_KEY, "store config has no version"))?;
-    if version > u64::from(FORMAT_VERSION) {
+    if version > u64::from(STORE_VERSION) {
         return Err(Error::new(
             ErrorKind::UnsupportedVersion,
             format!(
                 "the store uses format version {version}, newer than this blockferry reads \
-                 ({FORMAT_VERSION}); upgrade blockferry"
+                 ({STORE_VERSION}); upgrade blockferry"
             ),
         )
         .with_object(CONFIG_KEY));

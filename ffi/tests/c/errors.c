@@ -59,6 +59,14 @@ int main(int argc, char **argv) {
   char *missing = join(dir, "no-store-here");
   EXPECT(bf_store_open(missing, (const uint8_t *)pass, 2, NULL, &store), BF_RESULT_NOT_FOUND);
   CHECK(store == NULL);
+  /* A passphrase for an unencrypted store is refused (its config may have been swapped). */
+  char *plain = join(dir, "plain");
+  OK(bf_store_create(plain, NULL, 0, false, 0, NULL, &store));
+  bf_store_free(store);
+  store = NULL;
+  EXPECT(bf_store_open(plain, (const uint8_t *)pass, 2, NULL, &store), BF_RESULT_CREDENTIALS);
+  expect_message("not encrypted");
+  free(plain);
   OK(bf_store_open(loc, (const uint8_t *)pass, 2, NULL, &store));
 
   /* Bad paths and bad images. */
