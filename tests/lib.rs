@@ -207,6 +207,8 @@ pub struct Sandbox {
     /// Whether the store was created unencrypted (then no passphrase is given: blockferry
     /// refuses an unencrypted store when one is).
     pub unencrypted: std::sync::atomic::AtomicBool,
+    /// The disk name each image replicated by [`Sandbox::replicate`] got in the store.
+    pub disks: std::sync::Mutex<std::collections::HashMap<PathBuf, String>>,
 }
 
 impl Default for Sandbox {
@@ -225,6 +227,7 @@ impl Sandbox {
             dir: tempfile::tempdir_in(base).expect("temp dir"),
             store_url: None,
             unencrypted: std::sync::atomic::AtomicBool::new(false),
+            disks: std::sync::Mutex::default(),
         }
     }
 
@@ -290,14 +293,25 @@ impl Sandbox {
         expect_failure(self.run(args), code, needles)
     }
 
-    /// Checks `verify --image` of the latest snapshot passes.
+    /// The snapshot spec of the newest snapshot of the disk `image` was replicated as
+    /// (`DISK@latest`), or `latest` for an image this sandbox did not replicate.
+    pub fn latest_of(&self, image: &Path) -> String {
+        self.disks
+            .lock()
+            .unwrap()
+            .get(image)
+            .map_or_else(|| "latest".to_owned(), |d| format!("{d}@latest"))
+    }
+
+    /// Checks `verify --image` of the latest snapshot of the image's disk passes.
     pub fn verify_latest_against(&self, image: &Path) {
         let store = self.store();
+        let spec = self.latest_of(image);
         let v = self.json(&[
             "verify",
             "--store",
             &store,
-            "latest",
+            &spec,
             "--image",
             image.to_str().expect("utf-8"),
         ]);
@@ -332,7 +346,14 @@ impl Sandbox {
             &store,
         ];
         args.extend_from_slice(extra);
-        self.json(&args)
+        let report = self.json(&args);
+        if let Some(disk) = report["disk"].as_str() {
+            self.disks
+                .lock()
+                .unwrap()
+                .insert(image.to_path_buf(), disk.to_owned());
+        }
+        report
     }
 
     /// Restores `snapshot` to a new file and returns its path.

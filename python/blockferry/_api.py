@@ -284,7 +284,9 @@ class Store:
         return [Snapshot._from(s) for s in snaps]
 
     def snapshot(self, spec: str) -> Snapshot:
-        """One snapshot: its id, a unique prefix of it, or ``latest``."""
+        """One snapshot: its id, a unique prefix of it, ``DISK@latest`` (a disk's newest), or
+        ``latest`` (the newest of the store's only disk; ``ConfigError`` naming the disks
+        when it holds several)."""
         return Snapshot._from(self._native.snapshot(spec))
 
     def start_replicate(
@@ -293,6 +295,8 @@ class Store:
         *,
         disk: Optional[str] = None,
         name: Optional[str] = None,
+        same_disk: bool = False,
+        wait: float = 0.0,
         base: Optional[str] = None,
         changes: Optional[Changes] = None,
         changes_format: Optional[str] = None,
@@ -349,6 +353,8 @@ class Store:
             os.fspath(image),
             disk=disk,
             name=name,
+            same_disk=same_disk,
+            wait=wait,
             allow_outside_folder=allow_outside_folder,
             workers=workers,
             compression=compression,
@@ -377,6 +383,8 @@ class Store:
         *,
         disk: Optional[str] = None,
         name: Optional[str] = None,
+        same_disk: bool = False,
+        wait: float = 0.0,
         base: Optional[str] = None,
         changes: Optional[Changes] = None,
         changes_format: Optional[str] = None,
@@ -412,7 +420,12 @@ class Store:
         is killed or cancelled, the next call with the same image and store resumes it
         (``restart=True`` starts over; ``job_state=False`` records nothing).
 
-        ``disk`` picks a disk of an OVA, ``name`` the disk name recorded. Tuning:
+        ``disk`` picks a disk of an OVA. ``name`` is the disk's name in the store: by
+        default the image's file name, or, if another source has that name, the shortest
+        path ending in it that none has (``vm1/disk.vmdk``); a name another source has is
+        refused unless ``same_disk`` (the disk moved, or this is a copy or export of it).
+        One run at a time replicates a disk (on any host): another raises ``BusyError``, or
+        waits up to ``wait`` seconds for it. Tuning:
         ``workers``, ``memory_budget`` (bytes), ``io_engine`` (``pread``, ``auto``,
         ``uring``), ``io_depth``, ``direct`` (O_DIRECT with io_uring), ``upload_jobs``,
         ``part_size`` and ``bwlimit`` (bytes per second) on S3. ``progress`` is called with
@@ -422,6 +435,8 @@ class Store:
             image,
             disk=disk,
             name=name,
+            same_disk=same_disk,
+            wait=wait,
             base=base,
             changes=changes,
             changes_format=changes_format,

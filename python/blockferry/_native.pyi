@@ -103,6 +103,8 @@ class Store:
         *,
         disk: Optional[str] = ...,
         name: Optional[str] = ...,
+        same_disk: bool = ...,
+        wait: float = ...,
         allow_outside_folder: bool = ...,
         workers: int = ...,
         compression: bool = ...,

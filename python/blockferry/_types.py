@@ -216,6 +216,8 @@ class RestoreReport:
     bytes_zero: int
     block_device: bool
     seconds: float
+    #: The disk of the snapshot restored.
+    disk: str = ""
     #: Bytes of chunks a salvage could not read (left zero).
     bytes_unreadable: int = 0
     #: Chunks a salvage could not read, counted.
@@ -256,6 +258,8 @@ class VerifyReport:
     seconds: float
     #: Whether the snapshot checked out (no problems).
     ok: bool
+    #: The disk of the snapshot checked.
+    disk: str = ""
 
     @classmethod
     def _from(cls, d: Mapping[str, Any]) -> "VerifyReport":
@@ -270,6 +274,9 @@ class ConvertReport:
     bytes_read: int
     bytes_written: int
     seconds: float
+    #: Bytes left as holes (zeros on a device): ``bytes_written + bytes_zero ==
+    #: virtual_size``.
+    bytes_zero: int = 0
 
 
 @dataclass(frozen=True)
@@ -343,6 +350,12 @@ class Snapshot:
     change_id: Optional[str]
     changes: Optional[ChangeRecord]
     stats: SnapshotStats
+    #: Which disk of a multi-disk image (an OVA member), if any.
+    member: Optional[str] = None
+    #: Its place in the disk's history (1 for the disk's first; 0 for a format-1 snapshot).
+    seq: int = 0
+    #: The disk's snapshot before it, if any.
+    previous: Optional[str] = None
 
     @classmethod
     def _from(cls, d: Mapping[str, Any]) -> "Snapshot":

@@ -479,7 +479,7 @@ impl Store {
 
     /// Starts a replication of `image` into the store (see the Python `Store.replicate`).
     #[pyo3(signature = (
-        image, *, disk=None, name=None, allow_outside_folder=false, workers=0,
+        image, *, disk=None, name=None, same_disk=false, wait=0.0, allow_outside_folder=false, workers=0,
         compression=true, memory_budget=0, io_engine="pread", io_depth=0, direct=false,
         upload_jobs=0, part_size=0, bwlimit=None, base=None, changes=None,
         changes_data=None, changes_format=None, changes_hash=false, changes_from_chain=false,
@@ -493,6 +493,8 @@ impl Store {
         image: PathBuf,
         disk: Option<String>,
         name: Option<String>,
+        same_disk: bool,
+        wait: f64,
         allow_outside_folder: bool,
         workers: usize,
         compression: bool,
@@ -518,6 +520,7 @@ impl Store {
         progress_interval: f64,
     ) -> PyResult<Task> {
         let interval = seconds("progress_interval", progress_interval)?;
+        let wait = seconds("wait", wait)?;
         let io_engine = blockferry::io::IoEngine::from_name(io_engine).ok_or_else(|| {
             config_error(format!(
                 "io_engine {io_engine:?}: give auto, uring or pread"
@@ -555,6 +558,8 @@ impl Store {
             workers,
             compression,
             disk_name: name,
+            same_disk,
+            wait,
             io_engine,
             io_depth,
             direct_io: direct,

@@ -209,14 +209,22 @@ fn missing_objects() {
 fn newer_format_versions_are_refused() {
     let (sb, snap, _) = setup(&[]);
     let store = sb.store();
-    let manifest = Path::new(&store).join("snapshots").join(&snap);
+    let manifest = objects(&store, "snapshots")
+        .into_iter()
+        .find(|p| p.to_str().unwrap().ends_with(snap.as_str()))
+        .unwrap();
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&manifest)
         .unwrap();
     f.write_all_at(&[2, 0], 6).unwrap();
     let out = sb.path("o.raw");
-    let object = format!("snapshots/{snap}");
+    let object = manifest
+        .strip_prefix(&store)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     sb.fails(
         &["restore", "--store", &store, &snap, out.to_str().unwrap()],
         1,

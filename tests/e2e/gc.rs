@@ -121,7 +121,7 @@ fn prune_and_gc_give_the_space_back_and_kept_snapshots_restore() {
     fresh.init(&[]);
     fresh.replicate(&db, &[]);
     for (_, copy) in &versions[6..] {
-        fresh.replicate(copy, &["--name", "vm.raw"]);
+        fresh.replicate(copy, &["--name", "vm.raw", "--same-disk"]);
     }
     let fresh_bytes = store_bytes(&fresh.store());
     assert!(
@@ -169,7 +169,7 @@ fn gc_beside_a_running_replication_keeps_what_it_deduplicates_against() {
     let b = sb.path("b.raw");
     make_image(&b, 16 * MIB, &[(0, rng.bytes((16 * MIB) as usize))]);
     sb.replicate(&a, &["--name", "vm"]);
-    sb.replicate(&b, &["--name", "vm"]);
+    sb.replicate(&b, &["--name", "vm", "--same-disk"]);
     // a's snapshot is forgotten: its chunks are garbage when the gc marks.
     sb.ok(&["prune", "--store", &store, "--keep-last", "1"]);
     // c holds all of a's chunks (deduplicated against its packs) and new ones, sent slowly.

@@ -19,6 +19,8 @@ mod crash;
 mod dedup;
 /// Delta snapshots from change lists, and what happens when a list cannot be trusted.
 mod delta;
+/// Disks in a store: distinct names, histories by sequence, `latest` of a disk, rollbacks.
+mod disks;
 /// Read engines: io_uring and pread read every format alike.
 mod engines;
 /// Errors: wrong passphrase, damaged or missing objects, newer versions, bad inputs.

@@ -29,7 +29,7 @@ use blockferry::changes::{ChangeFormat, ChangeList};
 use blockferry::pipeline::{Changes, DeltaOptions};
 use blockferry::store::{ObjectStore, S3Options};
 use blockferry::{
-    CancelToken, ErrorKind, InitOptions, ReplicateOptions, RestoreOptions, Store, VerifyOptions,
+    CancelToken, InitOptions, ReplicateOptions, RestoreOptions, Store, VerifyOptions,
 };
 use output::{Bar, human_bytes};
 
@@ -79,6 +79,9 @@ enum Command {
     Sync(sync::SyncArgs),
     /// Forget the snapshots a retention policy does not keep (per disk).
     Prune(PruneArgs),
+    /// Forget snapshots by id: their manifests go (a record that they were forgotten stays);
+    /// their chunks go with the next garbage collection.
+    Forget(ForgetArgs),
     /// Delete the chunks, packs and pages no snapshot references (repacking packs that are
     /// mostly garbage); safe beside running replications.
     Gc(GcArgs),
@@ -160,9 +163,18 @@ struct ReplicateArgs {
     allow_outside_folder: bool,
     #[command(flatten)]
     store: StoreArgs,
-    /// Name recorded for the disk (default: the image's file name).
+    /// The disk's name in the store (default: the image's file name, or, when another source
+    /// has that name, the shortest path ending in it that none has: `vm1/disk.vmdk`, …).
     #[arg(long)]
     name: Option<String>,
+    /// This image is the disk --name names at another path (moved, or a copy or export of
+    /// it): take the name even though another source had it.
+    #[arg(long, requires = "name")]
+    same_disk: bool,
+    /// Wait this long for another run replicating the same disk to finish (default: fail
+    /// at once with "busy").
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    wait: Option<std::time::Duration>,
     /// Read engine: pread (with the kernel's readahead), `io_uring` where the kernel allows it
     /// (auto), or `io_uring` or fail (uring).
     #[arg(long, value_name = "auto|uring|pread", env = "BLOCKFERRY_IO_ENGINE", default_value = "pread", value_parser = parse_io_engine)]
@@ -284,8 +296,19 @@ struct SnapshotsArgs {
 }
 
 #[derive(Debug, Args)]
+struct ForgetArgs {
+    /// Snapshot ids (or unique prefixes, or DISK@latest); a damaged manifest is forgotten
+    /// too.
+    #[arg(required = true)]
+    snapshots: Vec<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
 struct RestoreArgs {
-    /// Snapshot id, unique id prefix, or `latest`.
+    /// Snapshot id, unique id prefix, DISK@latest, or `latest` (of the only disk, or of
+    /// --disk).
     snapshot: String,
     /// Output: a file (created sparse; it appears under this name only once whole) or a
     /// block device.
@@ -300,6 +323,9 @@ struct RestoreArgs {
     /// instead of stopping at the first damaged one.
     #[arg(long)]
     salvage: bool,
+    /// The disk whose snapshot to restore (`latest` then means its newest).
+    #[arg(long, value_name = "NAME")]
+    disk: Option<String>,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -307,7 +333,7 @@ struct RestoreArgs {
 
 #[derive(Debug, Args)]
 struct VerifyArgs {
-    /// Snapshot id, unique id prefix, or `latest`.
+    /// Snapshot id, unique id prefix, DISK@latest, or `latest` (of the only disk).
     snapshot: String,
     #[command(flatten)]
     store: StoreArgs,
@@ -513,6 +539,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Unpin(a) => a.json,
         Command::Sync(a) => a.store.json,
         Command::Prune(a) => a.store.json,
+        Command::Forget(a) => a.store.json,
         Command::Gc(a) => a.store.json,
         Command::Demo(_) => false,
     };
@@ -543,11 +570,6 @@ fn report_error(err: &anyhow::Error, json: bool) {
     for cause in err.chain().skip(1) {
         eprintln!("  caused by: {cause}");
     }
-    if let Some(e) = engine
-        && e.kind() == ErrorKind::Credentials
-    {
-        eprintln!("hint: the passphrase comes from BLOCKFERRY_PASSPHRASE or --passphrase-file");
-    }
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -567,6 +589,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Unpin(a) => jobs::unpin(&a),
         Command::Sync(a) => sync::run(&a),
         Command::Prune(a) => cmd_prune(&a),
+        Command::Forget(a) => cmd_forget(&a),
         Command::Gc(a) => cmd_gc(&a),
         Command::Demo(a) => demo::run(a.dir.as_deref()),
     }
@@ -642,6 +665,8 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
         workers: a.workers,
         compression: matches!(a.compression, Compression::Lz4),
         disk_name: a.name.clone(),
+        same_disk: a.same_disk,
+        wait: a.wait.unwrap_or_default(),
         cancel: CancelToken::new(),
         job_state: Some(a.store.state.dir()?),
         restart: a.restart,
@@ -801,6 +826,7 @@ fn cmd_gc(a: &GcArgs) -> anyhow::Result<ExitCode> {
 fn cmd_snapshots(a: &SnapshotsArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
     let (snaps, bad) = store.snapshots()?;
+    let problems = store.history_problems(&snaps)?;
     if a.store.json {
         let list = snaps
             .iter()
@@ -811,34 +837,73 @@ fn cmd_snapshots(a: &SnapshotsArgs) -> anyhow::Result<ExitCode> {
             })
             .collect::<serde_json::Result<Vec<_>>>()?;
         let errors: Vec<String> = bad.iter().map(ToString::to_string).collect();
-        print_json(&json!({ "snapshots": list, "unreadable": errors }))?;
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        print_json(&json!({ "snapshots": list, "unreadable": errors, "problems": problems }))?;
     } else {
         outln!(
-            "{:<16}  {:<20}  {:>10}  {:>10}  DISK",
+            "{:<16}  {:>4}  {:<20}  {:>10}  {:>10}  {:<24}  SOURCE",
             "ID",
+            "#",
             "CREATED",
             "SIZE",
-            "NEW"
+            "NEW",
+            "DISK"
         );
         for s in &snaps {
             outln!(
-                "{:<16}  {:<20}  {:>10}  {:>10}  {}",
+                "{:<16}  {:>4}  {:<20}  {:>10}  {:>10}  {:<24}  {}{}",
                 s.id,
+                s.seq,
                 output::rfc3339(s.created_unix_ms),
                 human_bytes(s.disk.virtual_size),
                 human_bytes(s.stats.bytes_new),
-                s.disk.name
+                s.disk.name,
+                s.disk.source,
+                s.disk
+                    .member
+                    .as_deref()
+                    .map(|m| format!(" ({m})"))
+                    .unwrap_or_default()
             );
         }
     }
     for e in &bad {
         eprintln!("error: unreadable snapshot: {e}");
     }
-    Ok(if bad.is_empty() {
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    Ok(if bad.is_empty() && problems.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn cmd_forget(a: &ForgetArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&a.store)?;
+    let mut forgotten = Vec::new();
+    for spec in &a.snapshots {
+        // By id (its manifest need not be readable), or DISK@latest.
+        let id = if spec.ends_with("@latest") {
+            store.snapshot(spec)?.id
+        } else {
+            spec.clone()
+        };
+        forgotten.push(store.forget_snapshot(&id)?);
+    }
+    if a.store.json {
+        print_json(&json!({ "forgotten": forgotten }))?;
+    } else {
+        for id in &forgotten {
+            outln!("{id}");
+        }
+        eprintln!(
+            "forgot {} snapshot(s) (space is reclaimed by a garbage collection)",
+            forgotten.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
@@ -853,7 +918,21 @@ fn cmd_restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
         !a.store.json && std::io::stderr().is_terminal(),
         "restoring",
     );
-    let report = blockferry::restore(&store, &a.snapshot, &a.out, &opts, &bar)?;
+    let spec = match &a.disk {
+        Some(disk) if a.snapshot == "latest" => format!("{disk}@latest"),
+        Some(disk) => {
+            let s = store.snapshot(&a.snapshot)?;
+            anyhow::ensure!(
+                s.disk.name == *disk,
+                "snapshot {} is of disk {:?}, not {disk:?}",
+                s.id,
+                s.disk.name
+            );
+            s.id
+        }
+        None => a.snapshot.clone(),
+    };
+    let report = blockferry::restore(&store, &spec, &a.out, &opts, &bar)?;
     bar.done();
     if a.store.json {
         let mut v = serde_json::to_value(&report)?;
@@ -868,8 +947,9 @@ fn cmd_restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {
             );
         }
         outln!(
-            "restored snapshot {} to {} ({}, {} of data){} in {:.1}s",
+            "restored snapshot {} of disk {} to {} ({}, {} of data){} in {:.1}s",
             report.snapshot,
+            report.disk,
             report.output,
             human_bytes(report.virtual_size),
             human_bytes(report.bytes_written),
@@ -913,8 +993,9 @@ fn cmd_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
         print_json(&v)?;
     } else if report.ok() {
         outln!(
-            "snapshot {} verified: {} chunks intact{} ({:.1}s)",
+            "snapshot {} of disk {} verified: {} chunks intact{} ({:.1}s)",
             report.snapshot,
+            report.disk,
             report.chunks_checked,
             if report.image_compared {
                 ", identical to the image"

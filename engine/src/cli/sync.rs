@@ -30,7 +30,7 @@ pub(crate) struct SyncArgs {
     allow_outside_folder: bool,
     #[command(flatten)]
     pub(super) store: StoreArgs,
-    /// Name of the disk in the store (default: the image's file name); deltas chain on the
+    /// Name of the disk in the store (default: as replicate names it); deltas chain on the
     /// newest snapshot of this name.
     #[arg(long)]
     name: Option<String>,
@@ -88,8 +88,7 @@ enum Source {
 
 /// When the disk's newest snapshot in the store was written, if it has one.
 fn newest_snapshot(store: &Store, disk: &str) -> Option<(SystemTime, Instant)> {
-    let (snaps, _) = store.snapshots().ok()?;
-    let newest = snaps.iter().rev().find(|s| s.disk.name == disk)?;
+    let newest = store.latest_of(disk).ok()??;
     let at = UNIX_EPOCH + Duration::from_millis(newest.created_unix_ms);
     let age = SystemTime::now().duration_since(at).unwrap_or_default();
     Some((at, Instant::now().checked_sub(age)?))
@@ -123,11 +122,12 @@ pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
     }
     let cancel = cancel_on_signals()?;
     let store = open_store(&a.store)?;
-    let disk = a.name.clone().unwrap_or_else(|| {
-        a.image
-            .file_name()
-            .map_or_else(|| "disk".to_owned(), |n| n.to_string_lossy().into_owned())
-    });
+    // The disk's name as a replication of this image records it (the image's file name,
+    // unless another source has that).
+    let disk = match &a.name {
+        Some(name) => name.clone(),
+        None => blockferry::pipeline::disk_name(&store, open_image(a)?.as_ref(), None)?,
+    };
     // A restarted sync reports the lag from the disk's newest snapshot until its own first.
     let mut last_success = newest_snapshot(&store, &disk);
     let mut cycle = 0u64;
@@ -170,8 +170,7 @@ fn run_cycle(
     cancel: &CancelToken,
 ) -> anyhow::Result<Option<blockferry::ReplicateReport>> {
     let size = open_image(a)?.info().virtual_size;
-    let (snaps, _) = store.snapshots()?;
-    let base = snaps.into_iter().rev().find(|s| s.disk.name == disk);
+    let base = store.latest_of(disk)?;
     let format = a
         .changes_format
         .as_deref()

@@ -86,6 +86,14 @@ impl BlockSource for Chain {
         Ok(())
     }
 
+    fn opened_path(&self) -> Option<&std::path::Path> {
+        self.child.opened_path()
+    }
+
+    fn member(&self) -> Option<&str> {
+        self.child.member()
+    }
+
     fn fingerprint(&self) -> &SourceFingerprint {
         self.child.fingerprint()
     }

@@ -269,13 +269,22 @@ pub trait BlockSource: Send + Sync + Debug {
     fn map(&self, offset: u64, len: u64, out: &mut Vec<Mapping>) -> Result<()>;
     /// The identity of the source's top file when it was opened.
     fn fingerprint(&self) -> &SourceFingerprint;
+    /// The file the image was opened from: the top of a chain, a VMDK's descriptor (not its
+    /// first extent), an OVA archive.
+    fn opened_path(&self) -> Option<&Path> {
+        self.file(0).map(SourceFile::path)
+    }
+    /// Which disk of a multi-disk file this is (an OVA member's file name), if any.
+    fn member(&self) -> Option<&str> {
+        None
+    }
     /// The files of the chain, top first.
     fn layers(&self) -> Vec<Layer> {
         let info = self.info();
         vec![Layer {
             path: self
-                .file(0)
-                .map(|f| f.path().to_path_buf())
+                .opened_path()
+                .map(Path::to_path_buf)
                 .unwrap_or_default(),
             format: info.format,
             subformat: info.subformat.clone(),

@@ -394,6 +394,7 @@ pub fn open(
             )
         })?;
     let mut vmdk = Vmdk::open_window(file, member.offset, member.size, opts)?;
+    vmdk.set_member(&disk.file);
     vmdk.add_note(format!(
         "OVA disk {idx} (counted from 0) of {} ({}); the OVF lists: {}",
         disks.len(),

@@ -14,7 +14,7 @@
 //! equal the child's `parentCID`. All metadata integers are little-endian; offsets in
 //! sparse headers and tables count 512-byte sectors.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::util::{self, ReadAt, invalid, read_struct};
@@ -753,6 +753,10 @@ enum Extent {
 /// A VMDK disk: a descriptor and its extents.
 #[derive(Debug)]
 pub struct Vmdk {
+    /// The file it was opened from (its descriptor, or its one sparse file, or an OVA).
+    path: PathBuf,
+    /// The member of an OVA it is, if it is one.
+    member: Option<String>,
     files: Vec<SourceFile>,
     /// (start byte, length, extent) in disk order.
     extents: Vec<(u64, u64, Extent)>,
@@ -787,6 +791,7 @@ impl Vmdk {
             _ => Path::new(".").to_path_buf(),
         };
         let fingerprint = util::fingerprint(&file)?;
+        let file_path = file.path().to_path_buf();
         let (descriptor, first): (Descriptor, Option<(SourceFile, SparseLayout)>) = if head
             == b"KDMV"
             || head == b"COWD"
@@ -835,7 +840,11 @@ impl Vmdk {
             let text = read_struct(&window, "VMDK descriptor", 0, len, MAX_DESCRIPTOR)?;
             (Descriptor::parse(&window, 0, &text)?, None)
         };
-        Self::from_descriptor(&descriptor, first, (base, len), &folder, opts, fingerprint)
+        let path = file_path.clone();
+        let mut vmdk =
+            Self::from_descriptor(&descriptor, first, (base, len), &folder, opts, fingerprint)?;
+        vmdk.path = path;
+        Ok(vmdk)
     }
 
     fn from_descriptor(
@@ -1025,6 +1034,8 @@ impl Vmdk {
             notes,
         };
         Ok(Vmdk {
+            path: PathBuf::new(),
+            member: None,
             files,
             extents,
             info,
@@ -1039,6 +1050,11 @@ impl Vmdk {
     /// Adds a note for `info` (an OVA adds which of its disks this is).
     pub fn add_note(&mut self, note: String) {
         self.info.notes.push(note);
+    }
+
+    /// Records which member of a multi-disk file (an OVA) this disk is.
+    pub fn set_member(&mut self, member: &str) {
+        self.member = Some(member.to_owned());
     }
 }
 
@@ -1168,6 +1184,14 @@ impl BlockSource for Vmdk {
             }
         }
         Ok(())
+    }
+
+    fn opened_path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
+    fn member(&self) -> Option<&str> {
+        self.member.as_deref()
     }
 
     fn fingerprint(&self) -> &SourceFingerprint {

@@ -763,6 +763,21 @@ impl JobDb {
             .map_err(|e| db_err("reading disk records", e))
     }
 
+    /// Every disk of a store this client recorded: name, newest sequence number and snapshot.
+    pub fn disk_pins(&self, store_id: &str) -> Result<Vec<(String, u64, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT disk, seq, snapshot FROM disk_pins WHERE store_id = ?1")
+            .map_err(|e| db_err("reading disk records", e))?;
+        let rows = stmt
+            .query_map(params![store_id], |r| {
+                Ok((r.get(0)?, u64_of(r.get(1)?), r.get(2)?))
+            })
+            .map_err(|e| db_err("reading disk records", e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| db_err("reading disk records", e))
+    }
+
     /// Records that a disk's newest snapshot is at least `seq` (`snapshot`).
     pub fn set_disk_pin(&self, store_id: &str, disk: &str, seq: u64, snapshot: &str) -> Result<()> {
         self.conn

@@ -76,19 +76,14 @@ impl DeltaPlan {
     }
 }
 
-/// The newest snapshot of the disk named `disk` (for `--base latest`).
+/// The newest snapshot of the disk named `disk` (for a base of `latest`).
 fn latest_of(store: &Store, disk: &str) -> Result<Snapshot> {
-    let (snaps, _) = store.snapshots()?;
-    snaps
-        .into_iter()
-        .rev()
-        .find(|s| s.disk.name == disk)
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("the store has no snapshot of disk {disk:?} to base a delta on"),
-            )
-        })
+    store.latest_of(disk)?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("the store has no snapshot of disk {disk:?} to base a delta on"),
+        )
+    })
 }
 
 /// Why a chain's parent may not be the state `base` copied: an image identity (VHD unique id,

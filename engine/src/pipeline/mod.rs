@@ -14,6 +14,7 @@
 
 mod convert;
 mod delta;
+mod disk;
 pub mod gc;
 mod output;
 mod packer;
@@ -24,6 +25,12 @@ mod walk;
 
 pub use convert::{ConvertOptions, ConvertReport, convert};
 pub use delta::{Changes, DEFAULT_VERIFY_SAMPLE, DeltaOptions};
+
+/// The name a replication of `source` with `name` (if given) records its disk under (see
+/// [`ReplicateOptions::disk_name`]).
+pub fn disk_name(store: &Store, source: &dyn BlockSource, name: Option<&str>) -> Result<String> {
+    disk::resolve_name(store, source, name, name.is_some()).map(|(n, _)| n)
+}
 pub use restore::{RestoreOptions, RestoreReport, restore};
 pub use verify::{Problem, VerifyOptions, VerifyReport, verify};
 
@@ -76,8 +83,16 @@ pub struct ReplicateOptions {
     pub workers: usize,
     /// Compress chunks with lz4 (kept raw whenever that does not shrink them).
     pub compression: bool,
-    /// Name recorded for the disk; defaults to the source's file name.
+    /// The disk's name in the store. By default the shortest of the source's file name and
+    /// its paths with more folders (`vm1/disk.vmdk`, …) that no other source uses; a name
+    /// given that another source uses is an error (unless `disk_moved`).
     pub disk_name: Option<String>,
+    /// The source is the disk named `disk_name` at another path (moved, or a copy or export
+    /// of it): take the name even though another source had it.
+    pub same_disk: bool,
+    /// How long to wait for another run replicating the same disk (here or on another host)
+    /// before failing with [`ErrorKind::Busy`].
+    pub wait: Duration,
     /// Read engine for the source's bulk reads.
     pub io_engine: IoEngine,
     /// Chunks in flight with `io_uring` (bounded by the memory budget's read buffers); 0
@@ -121,6 +136,8 @@ impl Default for ReplicateOptions {
             workers: 0,
             compression: true,
             disk_name: None,
+            same_disk: false,
+            wait: Duration::ZERO,
             io_engine: IoEngine::default(),
             io_depth: 0,
             direct_io: false,
@@ -1125,7 +1142,7 @@ fn open_job(
     reporter: &Reporter<'_>,
 ) -> Result<Opened> {
     let db = JobDb::open(dir)?;
-    let path = source_path(source);
+    let path = source.opened_path().unwrap_or(std::path::Path::new(""));
     let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let key = JobKey {
         store: store.location(),
@@ -1238,6 +1255,38 @@ pub(crate) fn shared_lock(
     )
 }
 
+/// The shared lock of a replication, which also holds its disk (see
+/// [`StoreLock::shared_disk`]), telling the observer what it waits for.
+fn disk_lock(
+    store: &Store,
+    disk: &str,
+    opts: &ReplicateOptions,
+    observer: &dyn Observer,
+) -> Result<StoreLock> {
+    StoreLock::shared_disk(
+        store.backend(),
+        "replicate",
+        &store.disk_hash(disk),
+        opts.wait,
+        &|| opts.cancel.is_cancelled(),
+        &mut |holder| {
+            let msg = if holder.kind == crate::store::lock::LockKind::Exclusive {
+                format!(
+                    "waiting for a garbage collection to finish deleting: {}",
+                    holder.describe()
+                )
+            } else {
+                format!(
+                    "disk {disk:?} is being replicated by another run ({}); waiting",
+                    holder.describe()
+                )
+            };
+            tracing::info!("{msg}");
+            observer.event(&Event::Warning(msg));
+        },
+    )
+}
+
 /// The shared lock of a run that only reads the store (restore, verify): with read-only
 /// credentials it cannot be written, and the run goes on without it, warned that a garbage
 /// collection running meanwhile could make it fail (never damage anything).
@@ -1312,33 +1361,35 @@ pub fn replicate(
         },
     };
     let info = source.info().clone();
+    let (disk_name, identity) =
+        disk::resolve_name(store, source, opts.disk_name.as_deref(), opts.same_disk)?;
     // Held from before the index is read until the manifest is written: a garbage collection
-    // deletes nothing while it is live.
-    let lock = shared_lock(store, "replicate", &opts.cancel, observer)?;
+    // deletes nothing while it is live, and no other run replicates this disk meanwhile.
+    let lock = disk_lock(store, &disk_name, opts, observer)?;
+    // A run of another source may have taken the name between the look and the lock.
+    disk::resolve_name(store, source, Some(&disk_name), opts.same_disk)?;
     let index = store.load_index()?;
     if let Some(e) = index.damaged.first() {
         // An index object that fails authentication was altered or damaged: going on would
         // store its chunks again and hide it (or, under a swapped config, write in clear).
-        return Err(Error::new(
+        let mut err = Error::new(
             e.kind(),
             format!(
                 "{e}; {} index object(s) of the store cannot be read: stopping (`blockferry \
                  verify --repair` rebuilds them from the packs)",
                 index.damaged.len()
             ),
-        )
-        .with_source(Error::new(e.kind(), e.to_string())));
+        );
+        if let Some(o) = e.object() {
+            err = err.with_object(o);
+        }
+        return Err(err);
     }
     let reporter = Reporter::start(observer, Phase::Replicating, info.virtual_size);
     let n_chunks = info.virtual_size.div_ceil(chunk_size as u64);
     let n_positions = usize::try_from(n_chunks)
         .map_err(|_| Error::new(ErrorKind::InvalidImage, "disk too large"))?;
-    let source_path = source_path(source);
-    let disk_name = opts.disk_name.clone().unwrap_or_else(|| {
-        source_path
-            .file_name()
-            .map_or_else(|| "disk".to_owned(), |n| n.to_string_lossy().into_owned())
-    });
+    let source_path = source.opened_path().unwrap_or(std::path::Path::new(""));
     let delta = match &opts.delta {
         Some(d) => Some(delta::plan(
             store,
@@ -1717,12 +1768,19 @@ pub fn replicate(
     let _ = Reporter::start(observer, Phase::Committing, 0);
     let mut p = sh.counters.progress(info.virtual_size, reporter.started());
     stats.bytes_read = p.bytes_read;
+    // The disk's history now (this run holds the disk): this snapshot comes next.
+    let history = store.disk_history(&disk_name)?;
+    let previous = store.newest(&history)?.map(|s| s.id);
     let snapshot = Snapshot {
         id: Store::new_snapshot_id()?,
         created_unix_ms: crate::store::now_unix_ms(),
+        seq: history.max_seq() + 1,
+        previous,
         disk: DiskMeta {
             name: disk_name.clone(),
-            source: source_path.display().to_string(),
+            source: identity.path.clone(),
+            member: identity.member.clone(),
+            chain_base: identity.base.clone(),
             format: info.format.to_owned(),
             virtual_size: info.virtual_size,
             logical_sector_size: info.logical_sector_size,
@@ -1799,19 +1857,13 @@ fn write_index(
     Ok(())
 }
 
-/// The path of a source's top file.
-fn source_path(source: &dyn BlockSource) -> &std::path::Path {
-    source
-        .file(0)
-        .map_or(std::path::Path::new(""), |f| f.path())
-}
-
-/// Whether the source file's size or modification time moved since it was opened.
+/// Whether the file the source was opened from changed size or modification time since
+/// (its fingerprint is that file's, a VMDK's descriptor rather than its first extent).
 fn source_changed(source: &dyn BlockSource) -> bool {
     use std::os::unix::fs::MetadataExt;
     let fp = source.fingerprint();
-    source.file(0).is_some_and(|f| {
-        std::fs::metadata(f.path()).is_ok_and(|m| {
+    source.opened_path().is_some_and(|path| {
+        std::fs::metadata(path).is_ok_and(|m| {
             m.is_file()
                 && (m.len() != fp.size
                     || m.mtime()

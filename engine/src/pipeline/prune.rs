@@ -69,8 +69,11 @@ pub fn select(snapshots: &[Snapshot], policy: &KeepPolicy) -> HashSet<String> {
     }
     let mut keep = HashSet::new();
     for mut snaps in by_disk.into_values() {
-        // Newest first.
-        snaps.sort_by(|a, b| (b.created_unix_ms, &b.id).cmp(&(a.created_unix_ms, &a.id)));
+        // Newest first: by place in the disk's history (not by the writers' clocks), then,
+        // among format-1 snapshots (which have none), by time.
+        snaps.sort_by(|a, b| {
+            (b.seq, b.created_unix_ms, &b.id).cmp(&(a.seq, a.created_unix_ms, &a.id))
+        });
         keep.extend(snaps.iter().take(policy.last).map(|s| s.id.clone()));
         let mut bucketed = |n: usize, bucket: &dyn Fn(u64) -> i64| {
             let mut seen = Vec::new();
@@ -148,9 +151,13 @@ mod tests {
         Snapshot {
             id: id.to_owned(),
             created_unix_ms: ms,
+            seq: 0,
+            previous: None,
             disk: DiskMeta {
                 name: disk.to_owned(),
                 source: String::new(),
+                member: None,
+                chain_base: None,
                 format: "raw".to_owned(),
                 virtual_size: 0,
                 logical_sector_size: 512,
@@ -167,6 +174,20 @@ mod tests {
             stats: SnapshotStats::default(),
             tool: String::new(),
         }
+    }
+
+    #[test]
+    fn a_disk_s_history_orders_by_sequence_not_clock() {
+        // The second snapshot's writer had a clock years behind the first's.
+        let mut a = snap("a", "d", 900_000_000_000_000);
+        a.seq = 1;
+        let mut b = snap("b", "d", 1_000);
+        b.seq = 2;
+        let policy = KeepPolicy {
+            last: 1,
+            ..KeepPolicy::default()
+        };
+        assert_eq!(kept(&[a, b], &policy), ["b"]);
     }
 
     fn kept(snaps: &[Snapshot], policy: &KeepPolicy) -> Vec<String> {

@@ -32,6 +32,8 @@ pub struct RestoreOptions {
 pub struct RestoreReport {
     /// The snapshot restored.
     pub snapshot: String,
+    /// Its disk's name.
+    pub disk: String,
     /// Where it was written.
     pub output: String,
     /// Virtual size of the disk.
@@ -61,7 +63,8 @@ impl RestoreReport {
     }
 }
 
-/// Restores snapshot `spec` (id, prefix or `latest`) to `out`.
+/// Restores snapshot `spec` (id, unique prefix, `DISK@latest`, or `latest` when the store
+/// holds one disk) to `out`.
 pub fn restore(
     store: &Store,
     spec: &str,
@@ -191,6 +194,7 @@ pub fn restore(
         unreadable.into_inner().expect("unreadable list");
     listed.sort_by_key(|p| p.offset);
     Ok(RestoreReport {
+        disk: snapshot.disk.name.clone(),
         snapshot: snapshot.id,
         output: out.display().to_string(),
         virtual_size: size,

@@ -50,6 +50,8 @@ pub struct Problem {
 pub struct VerifyReport {
     /// The snapshot checked.
     pub snapshot: String,
+    /// Its disk's name.
+    pub disk: String,
     /// Virtual size of the disk.
     pub virtual_size: u64,
     /// Distinct stored chunks decrypted and checked against their ids.
@@ -216,6 +218,7 @@ pub fn verify(
     let (mut problems, problems_total) = problems.into_inner().expect("problem list");
     problems.sort_by_key(|p| p.offset);
     Ok(VerifyReport {
+        disk: snapshot.disk.name.clone(),
         snapshot: snapshot.id,
         virtual_size: size,
         chunks_checked: chunks_checked.into_inner(),

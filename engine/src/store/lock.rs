@@ -72,6 +72,10 @@ pub struct LockInfo {
     pub created_unix_ms: u64,
     /// When this object was written.
     pub refreshed_unix_ms: u64,
+    /// The disk a replication holds (its name's keyed hash, as in object keys): one run per
+    /// disk at a time, on any host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
 }
 
 impl LockInfo {
@@ -87,6 +91,7 @@ impl LockInfo {
             pid: std::process::id(),
             created_unix_ms: now,
             refreshed_unix_ms: now,
+            disk: None,
         }
     }
 
@@ -450,6 +455,73 @@ impl StoreLock {
                     break;
                 }
             }
+        }
+    }
+
+    /// Takes a shared lock that also holds one disk (`disk`: its name's hash) for a
+    /// replication: no other run may hold the same disk, here or on another host. Another
+    /// holder of the disk makes it wait up to `wait` (telling `busy` once), then fail with
+    /// [`ErrorKind::Busy`]; a garbage collection that deletes makes it wait as
+    /// [`StoreLock::shared`] does.
+    pub fn shared_disk(
+        backend: &Arc<dyn ObjectStore>,
+        operation: &str,
+        disk: &str,
+        wait: Duration,
+        cancelled: &dyn Fn() -> bool,
+        waiting: &mut dyn FnMut(&LockInfo),
+    ) -> Result<StoreLock> {
+        let deadline = Instant::now() + wait;
+        let mut told = false;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let mut info = LockInfo::new(LockKind::Shared, operation);
+            info.disk = Some(disk.to_owned());
+            let written = Written {
+                backend: backend.as_ref(),
+                key: Some(write_lock(backend.as_ref(), &info)?),
+            };
+            let own = [written.key.clone().expect("a written lock")];
+            let live = others(backend.as_ref(), &own, false)?.live;
+            let blocker = live
+                .iter()
+                .find(|l| l.kind == LockKind::Exclusive || l.disk.as_deref() == Some(disk))
+                .cloned();
+            let Some(blocker) = blocker else {
+                return Ok(StoreLock::start(Arc::clone(backend), written.keep(), info));
+            };
+            // Both write, then list: of two that start together each may see the other, so
+            // both withdraw and try again after a random pause; one soon finds itself alone.
+            drop(written);
+            if !told {
+                waiting(&blocker);
+                told = true;
+            }
+            if cancelled() {
+                return Err(Error::new(
+                    ErrorKind::Cancelled,
+                    "cancelled while waiting for the disk or the store",
+                ));
+            }
+            // Short random retries for about a second even without a wait: two runs that
+            // started together must not both give up.
+            if blocker.kind != LockKind::Exclusive && Instant::now() >= deadline && attempt > 8 {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "the disk is being replicated by another run: {}; wait for it (the \
+                         wait option) or stop it",
+                        blocker.describe()
+                    ),
+                ));
+            }
+            let jitter = u64::from(crypto::random::<1>()?[0]);
+            std::thread::sleep(if attempt <= 8 {
+                Duration::from_millis(20 + jitter / 2)
+            } else {
+                POLL + Duration::from_millis(jitter)
+            });
         }
     }
 

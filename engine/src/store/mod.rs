@@ -16,12 +16,14 @@
 
 pub mod crypto;
 pub mod format;
+mod history;
 pub mod local;
 pub mod lock;
 mod repo;
 #[cfg(feature = "s3")]
 pub mod s3;
 
+pub use history::{DiskHistory, SourceIdentity, Tombstone};
 pub use repo::{
     ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions,
     MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, STORE_VERSION, Snapshot, SnapshotStats, SnapshotSummary,

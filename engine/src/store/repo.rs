@@ -29,7 +29,7 @@ pub const STORE_VERSION: u16 = 2;
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest metadata object read (the envelope caps of format.rs, plus framing and slack for
 /// incompressible payloads).
-const MAX_META_BYTES: u64 = (256 << 20) + 4096;
+pub(super) const MAX_META_BYTES: u64 = (256 << 20) + 4096;
 const FORMAT_NAME: &str = "blockferry-store";
 
 /// The store's `config` object (plaintext JSON; see docs/FORMAT.md).
@@ -112,10 +112,18 @@ pub struct SourceFingerprint {
 /// What a snapshot records about the disk it came from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskMeta {
-    /// A name for the disk (the source's file name unless given).
+    /// The disk's name in the store: unique per source (format 2), given or derived from the
+    /// source's path.
     pub name: String,
-    /// The source path as given.
+    /// The file the disk was read from: its absolute path with links resolved (format 2; as
+    /// given in format 1), a VMDK's descriptor rather than its extent.
     pub source: String,
+    /// Which disk of a multi-disk source (an OVA's member file), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// The bottom of the source's chain (its base disk), when it was a chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_base: Option<String>,
     /// Source format (`raw`, …).
     pub format: String,
     /// Virtual size in bytes.
@@ -190,7 +198,15 @@ pub struct Snapshot {
     pub chunk_size: u32,
     /// Chunk positions per page.
     pub page_entries: u32,
-    /// The snapshot this one was taken relative to, if any.
+    /// Its place in its disk's history: 1 for the disk's first snapshot, one more for each
+    /// after (format 2; 0 for a format-1 snapshot, older than any with a number). Orders a
+    /// disk's snapshots whatever the writers' clocks say.
+    #[serde(default)]
+    pub seq: u64,
+    /// The disk's newest snapshot when this one was written (its predecessor), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    /// The snapshot this one was taken relative to (a delta's base), if any.
     pub parent: Option<String>,
     /// Change-tracking id of the source at this snapshot, if any.
     pub change_id: Option<String>,
@@ -217,6 +233,12 @@ pub struct SnapshotSummary {
     pub disk: String,
     /// The image it was read from.
     pub source: String,
+    /// Which disk of a multi-disk image (an OVA member), if any.
+    pub member: Option<String>,
+    /// Its place in the disk's history (0 for a format-1 snapshot).
+    pub seq: u64,
+    /// The disk's snapshot before it, if any.
+    pub previous: Option<String>,
     /// The image's format.
     pub format: String,
     /// Virtual size of the disk.
@@ -241,6 +263,9 @@ impl Snapshot {
             created_unix_ms: self.created_unix_ms,
             disk: self.disk.name.clone(),
             source: self.disk.source.clone(),
+            member: self.disk.member.clone(),
+            seq: self.seq,
+            previous: self.previous.clone(),
             format: self.disk.format.clone(),
             virtual_size: self.disk.virtual_size,
             chunk_size: self.chunk_size,
@@ -261,7 +286,7 @@ impl Snapshot {
         match self.pages.get(idx) {
             Some(Some(h)) => unhex::<32>(h).map(Some).ok_or_else(|| {
                 Error::corrupt(
-                    &snapshot_key(&self.id),
+                    &format!("snapshot {}", self.id),
                     format!("page {idx} has an invalid id"),
                 )
             }),
@@ -270,7 +295,9 @@ impl Snapshot {
         }
     }
 
-    fn validate(&self, key: &str) -> Result<()> {
+    /// Checks a manifest read from (or about to be written to) `key`; `expected_key` is
+    /// where a manifest of this disk, sequence number and id belongs.
+    pub(crate) fn validate(&self, key: &str, expected_key: &str) -> Result<()> {
         let bad = |m: String| Err(Error::corrupt(key, m));
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size)
             || !self.chunk_size.is_power_of_two()
@@ -293,8 +320,11 @@ impl Snapshot {
                 self.pages.len()
             ));
         }
-        if key != snapshot_key(&self.id) {
-            return bad(format!("records id {:?}", self.id));
+        if key != expected_key {
+            return bad(format!(
+                "records id {:?}, sequence {} and disk {:?}, which belong elsewhere",
+                self.id, self.seq, self.disk.name
+            ));
         }
         for i in 0..self.pages.len() {
             self.page_id(i)?;
@@ -406,10 +436,6 @@ fn page_key(id: &Id) -> String {
     format!("pages/{}/{h}", &h[..2])
 }
 
-fn snapshot_key(id: &str) -> String {
-    format!("snapshots/{id}")
-}
-
 /// Milliseconds since the Unix epoch, now.
 pub fn now_unix_ms() -> u64 {
     SystemTime::now()
@@ -422,7 +448,7 @@ pub struct Store {
     backend: Arc<dyn ObjectStore>,
     config: StoreConfig,
     keys: Keys,
-    meta: Sealer,
+    pub(super) meta: Sealer,
     /// The client state folder whose records this store is checked against (pinned), if any.
     state_dir: Option<std::path::PathBuf>,
 }
@@ -783,7 +809,7 @@ impl Store {
         Ok((entries, size))
     }
 
-    fn put_new(&self, key: &str, bytes: &[u8]) -> Result<()> {
+    pub(super) fn put_new(&self, key: &str, bytes: &[u8]) -> Result<()> {
         match create_object(self.backend.as_ref(), key, bytes)? {
             PutOutcome::Written => Ok(()),
             PutOutcome::AlreadyExists => Err(Error::internal(
@@ -866,87 +892,6 @@ impl Store {
             return Err(Error::corrupt(&key, "page content does not match its id"));
         }
         format::decode_page(&payload, &key)
-    }
-
-    /// Writes a snapshot manifest: the commit point of a replication.
-    pub fn write_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
-        let key = snapshot_key(&snapshot.id);
-        snapshot.validate(&key)?;
-        let json = serde_json::to_vec(snapshot)
-            .map_err(|e| Error::internal("encoding snapshot").with_source(e))?;
-        let sealed = format::seal_meta(&self.meta, MetaKind::Snapshot, &key, &json)?;
-        self.put_new(&key, &sealed)
-    }
-
-    fn read_snapshot_key(&self, key: &str) -> Result<Snapshot> {
-        let payload = format::open_meta(
-            &self.meta,
-            MetaKind::Snapshot,
-            key,
-            self.backend.get(key, MAX_META_BYTES)?,
-        )?;
-        let snapshot: Snapshot = serde_json::from_slice(&payload)
-            .map_err(|e| Error::corrupt(key, "snapshot manifest is not valid").with_source(e))?;
-        snapshot.validate(key)?;
-        Ok(snapshot)
-    }
-
-    /// Every snapshot, oldest first, plus the errors of any that could not be read.
-    pub fn snapshots(&self) -> Result<(Vec<Snapshot>, Vec<Error>)> {
-        let mut good = Vec::new();
-        let mut bad = Vec::new();
-        for key in self.backend.list("snapshots/")? {
-            match self.read_snapshot_key(&key) {
-                Ok(s) => good.push(s),
-                Err(e) if e.kind() == ErrorKind::Store => return Err(e),
-                Err(e) => bad.push(e),
-            }
-        }
-        good.sort_by(|a, b| (a.created_unix_ms, &a.id).cmp(&(b.created_unix_ms, &b.id)));
-        Ok((good, bad))
-    }
-
-    /// Forgets a snapshot: deletes its manifest (its chunks and pages stay until a garbage
-    /// collection). `id` is a whole snapshot id.
-    pub fn forget_snapshot(&self, id: &str) -> Result<()> {
-        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::config(format!("{id:?} is not a whole snapshot id")));
-        }
-        self.backend.delete(&snapshot_key(id))
-    }
-
-    /// Loads a snapshot by id, unique id prefix, or `latest`.
-    pub fn snapshot(&self, spec: &str) -> Result<Snapshot> {
-        if spec == "latest" {
-            let (snaps, _) = self.snapshots()?;
-            return snaps
-                .into_iter()
-                .next_back()
-                .ok_or_else(|| Error::new(ErrorKind::NotFound, "the store has no snapshots"));
-        }
-        if spec.is_empty() || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::config(format!(
-                "{spec:?} is not a snapshot id (hex digits, or `latest`)"
-            )));
-        }
-        let want = snapshot_key(&spec.to_ascii_lowercase());
-        let matches: Vec<String> = self
-            .backend
-            .list("snapshots/")?
-            .into_iter()
-            .filter(|k| k.starts_with(&want))
-            .collect();
-        match matches.as_slice() {
-            [key] => self.read_snapshot_key(key),
-            [] => Err(Error::new(
-                ErrorKind::NotFound,
-                format!("no snapshot {spec} in the store"),
-            )),
-            _ => Err(Error::config(format!(
-                "snapshot id prefix {spec} is ambiguous ({} snapshots match)",
-                matches.len()
-            ))),
-        }
     }
 
     /// A fresh snapshot id.
