@@ -253,6 +253,13 @@ fn fake_lock(store: &str, name: &str, kind: &str, pid: u32, refreshed_ago_ms: u6
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, lock.to_string()).unwrap();
+    // Its age is what the store says (the file's time), not what it says of itself.
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_millis(refreshed_ago_ms))
+        .unwrap();
     path
 }
 

@@ -328,19 +328,24 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
             .collect();
         store.write_index(&batch)?;
     }
-    // Still ours? (A lock taken for stale by another gc would let others in.)
-    lock.check()?;
-    for (key, _) in &index_keys {
-        backend.delete(key)?;
-    }
-    for p in packs
+    // Deletions in batches, each after checking the lock is still ours (one taken for
+    // stale by another gc, or lost while deleting, lets others in: stop at once).
+    let doomed: Vec<String> = index_keys
         .iter()
-        .filter(|p| matches!(p.fate, Fate::Delete | Fate::Repack))
-    {
-        backend.delete(&pack_key(&p.id))?;
-    }
-    for key in deleted_pages {
-        backend.delete(key)?;
+        .map(|(key, _)| key.clone())
+        .chain(
+            packs
+                .iter()
+                .filter(|p| matches!(p.fate, Fate::Delete | Fate::Repack))
+                .map(|p| pack_key(&p.id)),
+        )
+        .chain(deleted_pages.iter().map(|k| (*k).clone()))
+        .collect();
+    for batch in doomed.chunks(DELETE_BATCH) {
+        lock.check()?;
+        for key in batch {
+            backend.delete(key)?;
+        }
     }
     let fresh_index = backend.list_sized("index/")?;
     report.bytes_after = packs
@@ -354,6 +359,9 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
     drop(lock);
     Ok(report)
 }
+
+/// Objects a gc deletes between two checks of its lock.
+const DELETE_BATCH: usize = 64;
 
 fn cancelled() -> Error {
     Error::new(

@@ -318,6 +318,19 @@ impl ObjectStore for LocalStore {
         Ok(keys)
     }
 
+    fn list_modified(&self, prefix: &str) -> Result<Vec<(String, Option<u64>)>> {
+        let mut out = Vec::new();
+        for key in self.list(prefix)? {
+            let modified = fs::metadata(self.path_of(&key)?)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .and_then(|d| u64::try_from(d.as_millis()).ok());
+            out.push((key, modified));
+        }
+        Ok(out)
+    }
+
     fn size(&self, key: &str) -> Result<u64> {
         let path = self.path_of(key)?;
         fs::metadata(&path)

@@ -95,13 +95,13 @@ impl LockInfo {
         }
     }
 
-    /// Whether the holder is taken for dead: not refreshed for [`LOCK_STALE`] (by this host's
-    /// clock: hosts' clocks must agree to within minutes), from an earlier boot of this host,
-    /// or from a process of this host, boot and PID namespace that is gone. A process this
-    /// host cannot judge (another host, another namespace, `/proc` hidden) counts as alive.
-    pub fn is_stale(&self, now_unix_ms: u64) -> bool {
-        let age = now_unix_ms.saturating_sub(self.refreshed_unix_ms);
-        if u128::from(age) > LOCK_STALE.as_millis() {
+    /// Whether the holder is taken for dead: not refreshed for [`LOCK_STALE`] (`age_ms`: how
+    /// long ago its object was written, by the store's clock), from an earlier boot of this
+    /// host, or from a process of this host, boot and PID namespace that is gone. A process
+    /// this host cannot judge (another host, another namespace, `/proc` hidden) counts as
+    /// alive.
+    pub fn is_stale(&self, age_ms: u64) -> bool {
+        if u128::from(age_ms) > LOCK_STALE.as_millis() {
             return true;
         }
         let me = Identity::here();
@@ -193,6 +193,8 @@ pub struct ListedLock {
     pub key: String,
     /// The content; `None` if the object could not be parsed (ignored, never deleted).
     pub info: Option<LockInfo>,
+    /// When the store says the object was written (ms since the Unix epoch), if it says.
+    pub modified_ms: Option<u64>,
 }
 
 /// Every lock object of the store. A lock that vanishes between the listing and its read
@@ -202,21 +204,29 @@ pub fn list_locks(backend: &dyn ObjectStore) -> Result<Vec<ListedLock>> {
     'list: loop {
         attempt += 1;
         let mut out = Vec::new();
-        for key in backend.list("locks/")? {
+        for (key, modified_ms) in backend.list_modified("locks/")? {
             match backend.get(&key, MAX_LOCK_BYTES) {
                 Ok(raw) => {
                     let info = serde_json::from_slice::<LockInfo>(&raw).ok();
                     if info.is_none() {
                         tracing::warn!(object = key, "a lock object that is not readable");
                     }
-                    out.push(ListedLock { key, info });
+                    out.push(ListedLock {
+                        key,
+                        info,
+                        modified_ms,
+                    });
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound && attempt < 20 => continue 'list,
                 // Released for good (or refreshed that often): left out.
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 // Larger than any lock: not one of ours to read.
                 Err(e) if e.kind() == ErrorKind::Corrupt => {
-                    out.push(ListedLock { key, info: None });
+                    out.push(ListedLock {
+                        key,
+                        info: None,
+                        modified_ms,
+                    });
                 }
                 Err(e) => return Err(e),
             }
@@ -244,22 +254,54 @@ struct Others {
     unreadable: usize,
 }
 
-/// Locks other than `own`, optionally deleting the stale ones found.
-fn others(backend: &dyn ObjectStore, own: &[String], delete_stale: bool) -> Result<Others> {
-    let now = now_unix_ms();
+/// The store's clock as last seen: when the store said it wrote one of our objects, and when
+/// (by this process's monotonic clock) we wrote it. The store's "now" is the one plus the time
+/// since the other.
+type StoreClock = Option<(u64, Instant)>;
+
+/// Locks other than `own` (keys, each with when this process wrote it), optionally deleting
+/// the stale ones found. Age is judged by the store's clock (`clock`, set from one of our own
+/// objects when the listing shows one, else as last set): a lock's age is how long before
+/// the store's "now" its object was written, so no writer's clock enters. Without a store
+/// time (a backend that gives none), the holder's own time against this host's clock.
+fn others(
+    backend: &dyn ObjectStore,
+    own: &[(String, Instant)],
+    clock: &mut StoreClock,
+    delete_stale: bool,
+) -> Result<Others> {
+    let listed = list_locks(backend)?;
+    for l in &listed {
+        if let (Some((_, at)), Some(t)) = (own.iter().find(|(k, _)| *k == l.key), l.modified_ms) {
+            let now = |c: &(u64, Instant)| {
+                c.0.saturating_add(u64::try_from(c.1.elapsed().as_millis()).unwrap_or(u64::MAX))
+            };
+            if clock.as_ref().is_none_or(|c| now(c) < now(&(t, *at))) {
+                *clock = Some((t, *at));
+            }
+        }
+    }
+    let store_now = clock.as_ref().map(|(t, at)| {
+        t.saturating_add(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
+    });
+    let local_now = now_unix_ms();
     let mut out = Others {
         live: Vec::new(),
         unreadable: 0,
     };
-    for l in list_locks(backend)? {
-        if own.contains(&l.key) {
+    for l in listed {
+        if own.iter().any(|(k, _)| *k == l.key) {
             continue;
         }
         let Some(info) = l.info else {
             out.unreadable += 1;
             continue;
         };
-        if info.is_stale(now) {
+        let age = match (store_now, l.modified_ms) {
+            (Some(now), Some(written)) => now.saturating_sub(written),
+            _ => local_now.saturating_sub(info.refreshed_unix_ms),
+        };
+        if info.is_stale(age) {
             if delete_stale {
                 tracing::warn!(object = l.key, "removing a stale lock: {}", info.describe());
                 backend.delete(&l.key)?;
@@ -273,7 +315,8 @@ fn others(backend: &dyn ObjectStore, own: &[String], delete_stale: bool) -> Resu
 
 struct Held {
     backend: Arc<dyn ObjectStore>,
-    keys: Mutex<Vec<(String, LockInfo)>>,
+    /// Each lock object held: its key, content, and when this process wrote it.
+    keys: Mutex<Vec<(String, LockInfo, Instant)>>,
     /// The last successful refresh, by the monotonic and the wall clock.
     last_ok: Mutex<(Instant, u64)>,
     /// Set for good once the lock may have been taken for stale: a refresh came too late, or
@@ -287,7 +330,16 @@ impl Held {
             .lock()
             .expect("lock keys")
             .iter()
-            .map(|(k, _)| k.clone())
+            .map(|(k, _, _)| k.clone())
+            .collect()
+    }
+
+    fn written(&self) -> Vec<(String, Instant)> {
+        self.keys
+            .lock()
+            .expect("lock keys")
+            .iter()
+            .map(|(k, _, at)| (k.clone(), *at))
             .collect()
     }
 
@@ -305,7 +357,7 @@ impl Held {
         self.check_age();
         let mut keys = self.keys.lock().expect("lock keys");
         let mut ok = true;
-        for (key, info) in keys.iter_mut() {
+        for (key, info, at) in keys.iter_mut() {
             match self.backend.size(key) {
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -323,6 +375,7 @@ impl Held {
             }
             let mut fresh = info.clone();
             fresh.refreshed_unix_ms = now_unix_ms();
+            let written = Instant::now();
             match write_lock(self.backend.as_ref(), &fresh) {
                 Ok(new_key) => {
                     if let Err(e) = self.backend.delete(key) {
@@ -330,6 +383,7 @@ impl Held {
                     }
                     *key = new_key;
                     *info = fresh;
+                    *at = written;
                 }
                 Err(e) => {
                     tracing::warn!("could not refresh the store lock: {e}");
@@ -381,10 +435,15 @@ impl Drop for Written<'_> {
 }
 
 impl StoreLock {
-    fn start(backend: Arc<dyn ObjectStore>, key: String, info: LockInfo) -> StoreLock {
+    fn start(
+        backend: Arc<dyn ObjectStore>,
+        key: String,
+        info: LockInfo,
+        written: Instant,
+    ) -> StoreLock {
         let held = Arc::new(Held {
             backend,
-            keys: Mutex::new(vec![(key, info)]),
+            keys: Mutex::new(vec![(key, info, written)]),
             last_ok: Mutex::new((Instant::now(), now_unix_ms())),
             lost: AtomicBool::new(false),
         });
@@ -418,55 +477,18 @@ impl StoreLock {
         cancelled: &dyn Fn() -> bool,
         waiting: &mut dyn FnMut(&LockInfo),
     ) -> Result<StoreLock> {
-        let mut told = false;
-        loop {
-            // Fresh times on every attempt: a lock written after a long wait must not look old.
-            let info = LockInfo::new(LockKind::Shared, operation);
-            let written = Written {
-                backend: backend.as_ref(),
-                key: Some(write_lock(backend.as_ref(), &info)?),
-            };
-            let own = [written.key.clone().expect("a written lock")];
-            let blocker = others(backend.as_ref(), &own, false)?
-                .live
-                .into_iter()
-                .find(|l| l.kind == LockKind::Exclusive);
-            let Some(blocker) = blocker else {
-                return Ok(StoreLock::start(Arc::clone(backend), written.keep(), info));
-            };
-            drop(written);
-            if !told {
-                waiting(&blocker);
-                told = true;
-            }
-            loop {
-                if cancelled() {
-                    return Err(Error::new(
-                        ErrorKind::Cancelled,
-                        "cancelled while waiting for a garbage collection to finish",
-                    ));
-                }
-                std::thread::sleep(POLL);
-                let busy = others(backend.as_ref(), &[], false)?
-                    .live
-                    .iter()
-                    .any(|l| l.kind == LockKind::Exclusive);
-                if !busy {
-                    break;
-                }
-            }
-        }
+        Self::take_shared(backend, operation, None, Duration::ZERO, cancelled, waiting)
     }
 
-    /// Takes a shared lock that also holds one disk (`disk`: its name's hash) for a
-    /// replication: no other run may hold the same disk, here or on another host. Another
-    /// holder of the disk makes it wait up to `wait` (telling `busy` once), then fail with
-    /// [`ErrorKind::Busy`]; a garbage collection that deletes makes it wait as
-    /// [`StoreLock::shared`] does.
-    pub fn shared_disk(
+    /// Writes a shared lock (holding `disk`, if given), then lists the locks: a live
+    /// exclusive lock makes it withdraw and wait, looking without a lock of its own (a gc
+    /// waits for every other lock to go, so a waiter must not keep writing one), until the
+    /// gc is done; another holder of the disk makes it withdraw and try again after a
+    /// random pause until `wait` runs out.
+    fn take_shared(
         backend: &Arc<dyn ObjectStore>,
         operation: &str,
-        disk: &str,
+        disk: Option<&str>,
         wait: Duration,
         cancelled: &dyn Fn() -> bool,
         waiting: &mut dyn FnMut(&LockInfo),
@@ -474,39 +496,70 @@ impl StoreLock {
         let deadline = Instant::now() + wait;
         let mut told = false;
         let mut attempt = 0u32;
+        let mut clock: StoreClock = None;
         loop {
             attempt += 1;
+            // Fresh times on every attempt: a lock written after a long wait must not look old.
             let mut info = LockInfo::new(LockKind::Shared, operation);
-            info.disk = Some(disk.to_owned());
+            info.disk = disk.map(str::to_owned);
+            let at = Instant::now();
             let written = Written {
                 backend: backend.as_ref(),
                 key: Some(write_lock(backend.as_ref(), &info)?),
             };
-            let own = [written.key.clone().expect("a written lock")];
-            let live = others(backend.as_ref(), &own, false)?.live;
+            let own = [(written.key.clone().expect("a written lock"), at)];
+            let live = others(backend.as_ref(), &own, &mut clock, false)?.live;
             let blocker = live
                 .iter()
-                .find(|l| l.kind == LockKind::Exclusive || l.disk.as_deref() == Some(disk))
+                .find(|l| l.kind == LockKind::Exclusive)
+                .or_else(|| {
+                    live.iter()
+                        .find(|l| disk.is_some() && l.disk.as_deref() == disk)
+                })
                 .cloned();
             let Some(blocker) = blocker else {
-                return Ok(StoreLock::start(Arc::clone(backend), written.keep(), info));
+                return Ok(StoreLock::start(
+                    Arc::clone(backend),
+                    written.keep(),
+                    info,
+                    at,
+                ));
             };
-            // Both write, then list: of two that start together each may see the other, so
-            // both withdraw and try again after a random pause; one soon finds itself alone.
             drop(written);
             if !told {
                 waiting(&blocker);
                 told = true;
             }
-            if cancelled() {
-                return Err(Error::new(
+            let stop = || {
+                Error::new(
                     ErrorKind::Cancelled,
-                    "cancelled while waiting for the disk or the store",
-                ));
+                    "cancelled while waiting for the store or the disk",
+                )
+            };
+            if blocker.kind == LockKind::Exclusive {
+                // Wait, without a lock, until no exclusive lock is live; then start over.
+                loop {
+                    if cancelled() {
+                        return Err(stop());
+                    }
+                    std::thread::sleep(POLL);
+                    let busy = others(backend.as_ref(), &[], &mut clock, false)?
+                        .live
+                        .iter()
+                        .any(|l| l.kind == LockKind::Exclusive);
+                    if !busy {
+                        break;
+                    }
+                }
+                continue;
             }
-            // Short random retries for about a second even without a wait: two runs that
-            // started together must not both give up.
-            if blocker.kind != LockKind::Exclusive && Instant::now() >= deadline && attempt > 8 {
+            // Another run holds the disk. Both write, then list: of two that start together
+            // each may see the other, so both withdraw and try again after a random pause
+            // (about a second of quick tries even without a wait); soon one is alone.
+            if cancelled() {
+                return Err(stop());
+            }
+            if Instant::now() >= deadline && attempt > 8 {
                 return Err(Error::new(
                     ErrorKind::Busy,
                     format!(
@@ -525,16 +578,33 @@ impl StoreLock {
         }
     }
 
+    /// Takes a shared lock that also holds one disk (`disk`: its name's hash) for a
+    /// replication: no other run may hold the same disk, here or on another host. Another
+    /// holder of the disk makes it wait up to `wait` (telling `busy` once), then fail with
+    /// [`ErrorKind::Busy`]; a garbage collection that deletes makes it wait as
+    /// [`StoreLock::shared`] does.
+    pub fn shared_disk(
+        backend: &Arc<dyn ObjectStore>,
+        operation: &str,
+        disk: &str,
+        wait: Duration,
+        cancelled: &dyn Fn() -> bool,
+        waiting: &mut dyn FnMut(&LockInfo),
+    ) -> Result<StoreLock> {
+        Self::take_shared(backend, operation, Some(disk), wait, cancelled, waiting)
+    }
+
     /// Takes the gc lock: fails with [`ErrorKind::Busy`] if another garbage collection holds
     /// the store.
     pub fn gc(backend: &Arc<dyn ObjectStore>) -> Result<StoreLock> {
         let info = LockInfo::new(LockKind::Gc, "gc");
+        let at = Instant::now();
         let written = Written {
             backend: backend.as_ref(),
             key: Some(write_lock(backend.as_ref(), &info)?),
         };
-        let own = [written.key.clone().expect("a written lock")];
-        let other = others(backend.as_ref(), &own, false)?
+        let own = [(written.key.clone().expect("a written lock"), at)];
+        let other = others(backend.as_ref(), &own, &mut None, false)?
             .live
             .into_iter()
             .find(|l| l.kind != LockKind::Shared);
@@ -547,7 +617,12 @@ impl StoreLock {
                 ),
             ));
         }
-        Ok(StoreLock::start(Arc::clone(backend), written.keep(), info))
+        Ok(StoreLock::start(
+            Arc::clone(backend),
+            written.keep(),
+            info,
+            at,
+        ))
     }
 
     /// Adds an exclusive lock to a gc lock and waits, up to `wait`, until no other live lock
@@ -561,12 +636,18 @@ impl StoreLock {
     ) -> Result<()> {
         let backend = Arc::clone(&self.held.backend);
         let info = LockInfo::new(LockKind::Exclusive, "gc");
+        let at = Instant::now();
         let key = write_lock(backend.as_ref(), &info)?;
-        self.held.keys.lock().expect("lock keys").push((key, info));
+        self.held
+            .keys
+            .lock()
+            .expect("lock keys")
+            .push((key, info, at));
         let deadline = Instant::now() + wait;
         let mut told = false;
+        let mut clock: StoreClock = None;
         let outcome = loop {
-            let found = match others(backend.as_ref(), &self.held.keys(), true) {
+            let found = match others(backend.as_ref(), &self.held.written(), &mut clock, true) {
                 Ok(found) => found,
                 Err(e) => break Err(e),
             };
@@ -604,8 +685,11 @@ impl StoreLock {
         };
         if outcome.is_err() {
             let mut keys = self.held.keys.lock().expect("lock keys");
-            if let Some(at) = keys.iter().position(|(_, i)| i.kind == LockKind::Exclusive) {
-                let (key, _) = keys.remove(at);
+            if let Some(at) = keys
+                .iter()
+                .position(|(_, i, _)| i.kind == LockKind::Exclusive)
+            {
+                let (key, _, _) = keys.remove(at);
                 let _ = backend.delete(&key);
             }
         }

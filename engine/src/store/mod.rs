@@ -134,6 +134,12 @@ pub trait ObjectStore: Send + Sync + Debug {
         }
         Ok(out)
     }
+    /// Lists the keys under a prefix with when each object was last written, by the store's
+    /// own clock (S3: `LastModified`; a folder: the file's modification time), in
+    /// milliseconds since the Unix epoch, where the backend knows it.
+    fn list_modified(&self, prefix: &str) -> Result<Vec<(String, Option<u64>)>> {
+        Ok(self.list(prefix)?.into_iter().map(|k| (k, None)).collect())
+    }
     /// Size of an object in bytes.
     fn size(&self, key: &str) -> Result<u64>;
     /// Deletes an object; deleting a missing one is not an error.

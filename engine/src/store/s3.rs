@@ -228,6 +228,40 @@ impl S3Store {
         })
     }
 
+    /// Every object under a prefix: key, size and `LastModified` (ms), sorted by key.
+    fn listing(&self, prefix: &str) -> Result<Vec<(String, u64, Option<u64>)>> {
+        let full = format!("{}{prefix}", self.prefix);
+        let mut keys = Vec::new();
+        self.block(async {
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| self.sdk_err("listing objects", None, &e))?;
+                for obj in page.contents() {
+                    if let Some(k) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) {
+                        // Objects that are not ours (other tools' files) are not listed.
+                        if check_key(k).is_ok() {
+                            let size = obj.size().and_then(|n| u64::try_from(n).ok());
+                            let modified = obj
+                                .last_modified()
+                                .and_then(|t| t.to_millis().ok())
+                                .and_then(|t| u64::try_from(t).ok());
+                            keys.push((k.to_owned(), size.unwrap_or(0), modified));
+                        }
+                    }
+                }
+            }
+            Ok::<_, Error>(())
+        })?;
+        keys.sort();
+        Ok(keys)
+    }
+
     fn block<F: Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)
     }
@@ -471,39 +505,26 @@ impl ObjectStore for S3Store {
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         Ok(self
-            .list_sized(prefix)?
+            .listing(prefix)?
             .into_iter()
-            .map(|(k, _)| k)
+            .map(|(k, _, _)| k)
             .collect())
     }
 
     fn list_sized(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
-        let full = format!("{}{prefix}", self.prefix);
-        let mut keys = Vec::new();
-        self.block(async {
-            let mut pages = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&full)
-                .into_paginator()
-                .send();
-            while let Some(page) = pages.next().await {
-                let page = page.map_err(|e| self.sdk_err("listing objects", None, &e))?;
-                for obj in page.contents() {
-                    if let Some(k) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) {
-                        // Objects that are not ours (other tools' files) are not listed.
-                        if check_key(k).is_ok() {
-                            let size = obj.size().and_then(|n| u64::try_from(n).ok());
-                            keys.push((k.to_owned(), size.unwrap_or(0)));
-                        }
-                    }
-                }
-            }
-            Ok::<_, Error>(())
-        })?;
-        keys.sort();
-        Ok(keys)
+        Ok(self
+            .listing(prefix)?
+            .into_iter()
+            .map(|(k, size, _)| (k, size))
+            .collect())
+    }
+
+    fn list_modified(&self, prefix: &str) -> Result<Vec<(String, Option<u64>)>> {
+        Ok(self
+            .listing(prefix)?
+            .into_iter()
+            .map(|(k, _, modified)| (k, modified))
+            .collect())
     }
 
     fn size(&self, key: &str) -> Result<u64> {
