@@ -39,6 +39,9 @@ mod oracle;
 mod outputs;
 /// OVA archives read in place.
 mod ova;
+/// A damaged store repaired: chunks stored again, manifests recorded or forgotten, index
+/// objects rebuilt.
+mod repair;
 /// Retention: prune.
 mod retention;
 /// replicate → restore gives identical bytes, for many shapes of image.

@@ -346,6 +346,11 @@ struct VerifyArgs {
     /// With --image: follow parent and extent paths that lead outside the image's folder.
     #[arg(long)]
     allow_outside_folder: bool,
+    /// Repair what can be: rebuild index objects that cannot be read from the packs, and
+    /// record the damaged chunk copies (or the snapshot, if its manifest or a page cannot be
+    /// read) so that the next replication stores that data again and gc goes on.
+    #[arg(long)]
+    repair: bool,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -979,6 +984,7 @@ fn cmd_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
         ova_disk: a.disk.clone(),
         allow_outside_folder: a.allow_outside_folder,
         workers: a.workers,
+        repair: a.repair,
         ..VerifyOptions::default()
     };
     let bar = Bar::new(
@@ -987,6 +993,15 @@ fn cmd_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     );
     let report = blockferry::verify(&store, &a.snapshot, &opts, &bar)?;
     bar.done();
+    if let Some(r) = &report.repair
+        && !a.store.json
+    {
+        eprintln!(
+            "repair: {} index object(s) replaced ({} packs indexed anew), {} damaged chunk \
+             copies and {} snapshot(s) recorded",
+            r.index_objects_replaced, r.packs_reindexed, r.chunks_recorded, r.snapshots_recorded
+        );
+    }
     if a.store.json {
         let mut v = serde_json::to_value(&report)?;
         v["ok"] = json!(report.ok());

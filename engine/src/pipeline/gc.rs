@@ -75,6 +75,9 @@ pub struct GcReport {
     pub chunks_live: u64,
     /// Referenced chunks found in no pack (damage: run verify).
     pub chunks_missing: u64,
+    /// Chunks that snapshots reference whose only copies are recorded as damaged (the gc
+    /// goes on; a replication of the disk stores them again).
+    pub chunks_damaged: u64,
     /// Packs in the store when the gc started.
     pub packs_before: u64,
     /// Packs deleted because no snapshot needs any of their chunks.
@@ -156,16 +159,30 @@ impl Marks {
     }
 }
 
-/// Reads every snapshot, refusing to go on if one cannot be read (its chunks are unknown).
-/// A manifest deleted between the listing and its read (a prune) is left out.
-fn all_snapshots(store: &Store) -> Result<Vec<Snapshot>> {
+/// Reads every snapshot, refusing to go on if one cannot be read (its chunks are unknown)
+/// unless a damage record lists it. A manifest deleted between the listing and its read (a
+/// prune) is left out, and so is every snapshot recorded as damaged.
+fn all_snapshots(store: &Store, damage: &crate::store::Damage) -> Result<Vec<Snapshot>> {
     let (snaps, bad) = store.snapshots()?;
-    if let Some(e) = bad.into_iter().find(|e| e.kind() != ErrorKind::NotFound) {
+    let recorded = |e: &Error| {
+        e.object()
+            .and_then(|o| o.rsplit(['/', '-']).next())
+            .is_some_and(|id| damage.snapshots.contains(id))
+    };
+    let snaps = snaps
+        .into_iter()
+        .filter(|s| !damage.snapshots.contains(&s.id))
+        .collect();
+    if let Some(e) = bad
+        .into_iter()
+        .find(|e| e.kind() != ErrorKind::NotFound && !recorded(e))
+    {
         return Err(Error::new(
             e.kind(),
             format!(
                 "a snapshot manifest cannot be read, so what it references is unknown: \
-                 nothing was deleted ({e}); restore it from a copy or forget it first"
+                 nothing was deleted ({e}); restore it from a copy, forget it, or record it \
+                 as damaged (`blockferry verify --repair`) first"
             ),
         ));
     }
@@ -187,8 +204,9 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
     // The snapshots first: every object they reference was durable before them, so it is in
     // the listings that follow. Then what the store holds; objects written after the listing
     // are never touched. Index objects before packs: a pack an index lists existed before it.
+    let damage = store.damage()?;
     let mut marks = Marks::default();
-    for s in all_snapshots(store)? {
+    for s in all_snapshots(store, &damage)? {
         marks.add(store, &s)?;
     }
     let index_keys = backend.list_sized("index/")?;
@@ -201,14 +219,23 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
     report.packs_before = pack_list.len() as u64;
 
     let mut packs = read_packs(store, &index_keys, &pack_list, &mut report)?;
+    // Damaged copies are no chunk's home (nor listed in the new index).
+    let damaged_ids: HashSet<Id> = damage.chunks.iter().map(|(id, _)| *id).collect();
+    for p in &mut packs {
+        let pack = p.id;
+        p.entries.retain(|e| !damage.chunk(&e.id, &pack));
+    }
     let mut home = choose_homes(&mut packs, &marks.chunks);
-    // Chunks the snapshots reference that no pack of the store holds: damage. A gc then
-    // changes nothing (a dry run reports it).
-    report.chunks_missing = marks
+    // Chunks the snapshots reference that no pack of the store holds: damage. Unless it is
+    // recorded (then the snapshots that need them are known to be damaged), a gc changes
+    // nothing (a dry run reports it).
+    let (recorded_missing, missing): (Vec<&Id>, Vec<&Id>) = marks
         .chunks
         .iter()
         .filter(|id| !home.contains_key(*id))
-        .count() as u64;
+        .partition(|id| damaged_ids.contains(*id));
+    report.chunks_missing = missing.len() as u64;
+    report.chunks_damaged = recorded_missing.len() as u64;
     if report.chunks_missing > 0 && !opts.dry_run {
         return Err(Error::new(
             ErrorKind::Corrupt,
@@ -723,7 +750,7 @@ fn keep_what_new_snapshots_need(
     index_keys: &[(String, u64)],
 ) -> Result<()> {
     let mut wanted: HashSet<Id, IdHash> = HashSet::default();
-    for s in all_snapshots(store)? {
+    for s in all_snapshots(store, &store.damage()?)? {
         for id in marks.add(store, &s)? {
             if !home.contains_key(&id) {
                 wanted.insert(id);

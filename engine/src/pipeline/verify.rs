@@ -13,8 +13,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, BlockSource};
 use crate::io::IoEngine;
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
-use crate::store::Store;
-use crate::store::format::{Id, ZERO_ID};
+use crate::store::format::{Id, PackId, ZERO_ID};
+use crate::store::{RepairReport, Store};
 
 /// Problems listed in a report at most (all are counted).
 const MAX_PROBLEMS: usize = 1000;
@@ -32,6 +32,11 @@ pub struct VerifyOptions {
     pub workers: usize,
     /// Read backend for the image.
     pub io_engine: IoEngine,
+    /// Repair what can be repaired: index objects that cannot be read are rebuilt from the
+    /// packs first, and the damaged chunk copies found (or the snapshot, if its manifest or
+    /// a page cannot be read) are recorded as damaged, so that the next replication of a disk
+    /// holding that data stores it again and a garbage collection is not stopped by them.
+    pub repair: bool,
     /// Cancels the verification.
     pub cancel: CancelToken,
 }
@@ -62,6 +67,8 @@ pub struct VerifyReport {
     pub image_compared: bool,
     /// Problems found (the first 1000; `problems_total` counts them all).
     pub problems: Vec<Problem>,
+    /// What a repair did, if one was asked for.
+    pub repair: Option<RepairReport>,
     /// Number of problems found.
     pub problems_total: u64,
     /// Wall time in seconds.
@@ -94,8 +101,39 @@ pub fn verify(
     observer: &dyn Observer,
 ) -> Result<VerifyReport> {
     let _lock = super::reader_lock(store, "verify", &opts.cancel, observer)?;
-    let snapshot = store.snapshot(spec)?;
+    let mut repaired = RepairReport::default();
+    if opts.repair {
+        (repaired.index_objects_replaced, repaired.packs_reindexed) = store.rebuild_index()?;
+    }
+    let snapshot = match store.snapshot(spec) {
+        Ok(s) => s,
+        // A manifest that cannot be read: recorded, so that a gc goes on without it.
+        Err(e) if opts.repair && e.kind() == ErrorKind::Corrupt => {
+            let id = store.snapshot_id(spec)?;
+            store.record_damage(&[], std::slice::from_ref(&id))?;
+            repaired.snapshots_recorded = 1;
+            return Ok(VerifyReport {
+                snapshot: id,
+                disk: String::new(),
+                virtual_size: 0,
+                chunks_checked: 0,
+                bytes_checked: 0,
+                image_compared: false,
+                problems: vec![Problem {
+                    offset: None,
+                    message: e.to_string(),
+                }],
+                problems_total: 1,
+                repair: Some(repaired),
+                seconds: 0.0,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     let index = store.load_index()?;
+    // Damaged chunk copies found, and whether a page of the snapshot is unreadable.
+    let bad_copies: Mutex<Vec<(Id, PackId)>> = Mutex::new(Vec::new());
+    let bad_page = std::sync::atomic::AtomicBool::new(false);
     let image_opts = image::OpenOptions {
         ova_disk: opts.ova_disk.clone(),
         allow_outside_folder: opts.allow_outside_folder,
@@ -158,7 +196,14 @@ pub fn verify(
             if item.id != ZERO_ID && !verified.lock().expect("verified set").contains(&item.id) {
                 store
                     .read_chunk(&index, &item.id, &mut st.record, &mut st.data)
-                    .map_err(|e| e.with_offset(item.offset))?;
+                    .map_err(|e| {
+                        if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound)
+                            && let Some((pack, _)) = index.get(&item.id)
+                        {
+                            bad_copies.lock().expect("bad copies").push((item.id, pack));
+                        }
+                        e.with_offset(item.offset)
+                    })?;
                 if st.data.len() != item.len {
                     return Err(Error::corrupt(
                         "snapshot",
@@ -208,12 +253,31 @@ pub fn verify(
             {
                 OnError::Stop
             } else {
+                if e.object()
+                    .is_some_and(|o| o.starts_with("pages/") || o == "page")
+                {
+                    bad_page.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 report(e.offset(), e.to_string());
                 OnError::Continue
             }
         },
     );
     result?;
+    if opts.repair {
+        let mut copies = bad_copies.into_inner().expect("bad copies");
+        copies.sort_unstable();
+        copies.dedup();
+        let damaged_snapshot = bad_page.into_inner();
+        let snapshots = if damaged_snapshot {
+            vec![snapshot.id.clone()]
+        } else {
+            Vec::new()
+        };
+        store.record_damage(&copies, &snapshots)?;
+        repaired.chunks_recorded = copies.len() as u64;
+        repaired.snapshots_recorded = u64::from(damaged_snapshot);
+    }
     let p = reporter.finish();
     let (mut problems, problems_total) = problems.into_inner().expect("problem list");
     problems.sort_by_key(|p| p.offset);
@@ -226,6 +290,7 @@ pub fn verify(
         image_compared: compare.is_some(),
         problems,
         problems_total,
+        repair: opts.repair.then_some(repaired),
         seconds: p.elapsed.as_secs_f64(),
     })
 }

@@ -348,16 +348,19 @@ impl Store {
         if let Some(s) = self.newest(history)? {
             return Ok(Some((SourceIdentity::of_snapshot(&s), s.seq == 0)));
         }
-        if let Some(k) = history.tombstones.last() {
+        // A tombstone of a snapshot whose manifest could not be read names no source.
+        for k in history.tombstones.iter().rev() {
             let t = self.read_tombstone(&k.key)?;
-            return Ok(Some((
-                SourceIdentity {
-                    path: t.source,
-                    member: t.member,
-                    base: t.chain_base,
-                },
-                false,
-            )));
+            if !t.source.is_empty() {
+                return Ok(Some((
+                    SourceIdentity {
+                        path: t.source,
+                        member: t.member,
+                        base: t.chain_base,
+                    },
+                    false,
+                )));
+            }
         }
         Ok(None)
     }
@@ -405,6 +408,12 @@ impl Store {
                 m.len()
             ))),
         }
+    }
+
+    /// The whole id of the snapshot an id or unique id prefix names (its manifest need not be
+    /// readable).
+    pub fn snapshot_id(&self, spec: &str) -> Result<String> {
+        Ok(self.keys_of_id(spec)?.id)
     }
 
     /// Forgets a snapshot (an id or unique id prefix; its manifest need not be readable):

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod crypto;
+mod damage;
 pub mod format;
 mod history;
 pub mod local;
@@ -23,13 +24,15 @@ mod repo;
 #[cfg(feature = "s3")]
 pub mod s3;
 
+pub use damage::{Damage, DamageRecord, RepairReport};
 pub use history::{DiskHistory, SourceIdentity, Tombstone};
+pub(crate) use repo::IdHash;
+pub use repo::pack_key;
 pub use repo::{
     ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions,
     MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, STORE_VERSION, Snapshot, SnapshotStats, SnapshotSummary,
     SourceFingerprint, Store, StoreConfig, now_unix_ms, pin_location, read_store_id,
 };
-pub(crate) use repo::{IdHash, pack_key};
 
 use std::fmt::Debug;
 use std::path::Path;

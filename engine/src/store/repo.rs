@@ -385,9 +385,19 @@ impl std::fmt::Debug for ChunkIndex {
 impl ChunkIndex {
     /// Records the entries of one pack.
     pub fn insert_pack(&mut self, pack_id: PackId, entries: &[Entry]) {
+        self.insert_pack_except(pack_id, entries, &super::Damage::default());
+    }
+
+    /// Records the entries of one pack but the chunk copies `damage` lists.
+    pub fn insert_pack_except(
+        &mut self,
+        pack_id: PackId,
+        entries: &[Entry],
+        damage: &super::Damage,
+    ) {
         let pack = u32::try_from(self.packs.len()).expect("fewer than 2^32 packs");
         self.packs.push(pack_id);
-        for e in entries {
+        for e in entries.iter().filter(|e| !damage.chunk(&e.id, &pack_id)) {
             self.map.entry(e.id).or_insert(ChunkLocation {
                 pack,
                 offset: e.offset,
@@ -426,7 +436,7 @@ impl ChunkIndex {
 }
 
 /// The object key of a pack.
-pub(crate) fn pack_key(id: &PackId) -> String {
+pub fn pack_key(id: &PackId) -> String {
     let h = hex(id);
     format!("packs/{}/{h}", &h[..2])
 }
@@ -725,16 +735,18 @@ impl Store {
         &self.backend
     }
 
-    /// Reads every index object into a chunk index. Damaged index objects are reported in
-    /// [`ChunkIndex::damaged`] and their chunks treated as absent (replication then stores
-    /// them again, which is safe).
+    /// Reads every index object into a chunk index, leaving out the chunk copies damage
+    /// records list (see [`Store::damage`]). Index objects that cannot be read are reported in
+    /// [`ChunkIndex::damaged`] and their chunks treated as absent (a replication stops then;
+    /// `verify --repair` rebuilds them).
     pub fn load_index(&self) -> Result<ChunkIndex> {
+        let damage = self.damage()?;
         let mut index = ChunkIndex::default();
         for key in self.backend.list("index/")? {
             match self.read_index_object(&key) {
                 Ok(packs) => {
                     for (pack_id, entries) in packs {
-                        index.insert_pack(pack_id, &entries);
+                        index.insert_pack_except(pack_id, &entries, &damage);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Store => return Err(e),
