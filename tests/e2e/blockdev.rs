@@ -106,3 +106,49 @@ fn replicate_from_and_restore_to_block_devices() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("the device holds"));
     let _ = file_hash(&backing);
 }
+
+/// Issue 16.6: a block device keeps its size, times and inode through writes by another
+/// node or a mounted file system, so resuming a killed job from it made a snapshot of two
+/// states (158 chunks old, 99 new, exit 0 in the review). A resumed run now reads a sample
+/// of the recorded positions again and refuses when they differ.
+#[test]
+fn resuming_from_a_block_device_written_meanwhile_is_refused() {
+    let mut rng = Rng::seeded("blockdev_resume");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let backing = sb.path("backing.raw");
+    make_image(&backing, 64 * MIB, &[(0, rng.bytes(64 << 20))]);
+    let Some(dev) = Loop::attach(&backing, false) else {
+        assert!(
+            std::env::var_os("BF_REQUIRE_TOOLS").is_none(),
+            "loop devices are unavailable"
+        );
+        eprintln!("skipping: loop devices are unavailable here");
+        return;
+    };
+    let store = sb.store();
+    let device = std::path::Path::new(&dev.0);
+    let packs = || blockferry_tests::objects(&store, "packs").len();
+    blockferry_tests::kill_when(&sb, device, &["--bwlimit", "16M", "--workers", "1"], || {
+        packs() >= 2
+    });
+    // Another writer rewrites the disk through the device.
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(device)
+            .unwrap();
+        f.write_all(&rng.bytes(64 << 20)).unwrap();
+        f.sync_all().unwrap();
+    }
+    sb.fails(
+        &["replicate", &dev.0, "--store", &store],
+        1,
+        &["the source changed", "differ"],
+    );
+    let r = sb.replicate(device, &["--restart"]);
+    let out = sb.restore(r["snapshot"].as_str().unwrap(), "out.raw");
+    drop(dev);
+    assert_eq!(file_hash(&out), file_hash(&backing));
+}

@@ -171,12 +171,20 @@ pub(crate) fn fingerprint(file: &SourceFile) -> Result<crate::store::SourceFinge
         .file()
         .metadata()
         .map_err(|e| Error::io("reading image metadata", file.path(), e))?;
+    use std::os::unix::fs::FileTypeExt;
+    // A block device node's times say nothing of its content (udev touches them, writes by
+    // another node or a mounted file system do not): its content is what a resumed job
+    // checks, by reading a sample again.
+    let modified_unix_ns = if meta.file_type().is_block_device() {
+        0
+    } else {
+        meta.mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec())
+    };
     Ok(crate::store::SourceFingerprint {
         size: file.len(),
-        modified_unix_ns: meta
-            .mtime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(meta.mtime_nsec()),
+        modified_unix_ns,
         device: meta.dev(),
         inode: meta.ino(),
     })

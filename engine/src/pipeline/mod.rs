@@ -1217,6 +1217,16 @@ fn open_job(
             positions = positions.len(),
             "resuming: positions already durable"
         );
+        if let Err(e) = check_resume_sample(store, source, &job.id, &positions, reporter) {
+            if !(opts.restart_if_changed && e.kind() == ErrorKind::Config) {
+                return Err(e);
+            }
+            // Continuous replication starts a job over that saw another state of the disk.
+            drop(lock);
+            db.abandon(&job.id, store.backend().as_ref())?;
+            reporter.warn(format!("{e}: starting over"));
+            return open_job(store, source, opts, plan_key, dir, index, reporter);
+        }
         durable = finished.durable;
     }
     Ok(Opened {
@@ -1230,6 +1240,74 @@ fn open_job(
         durable,
         resumed,
     })
+}
+
+/// Positions a resumed run reads again to check the source still holds what the job
+/// recorded: 1% of them, at least 32 (all if fewer), at most 4096.
+fn resume_sample_size(done: usize) -> usize {
+    done.div_ceil(100).clamp(32, 4096).min(done)
+}
+
+/// Reads a sample of the positions a job recorded as durable and compares their chunk ids
+/// with the records: a source whose identity cannot change with its content (a block device,
+/// whose size and times stay the same through another node's writes) or that was written
+/// behind its times' back must not be resumed into a snapshot of two states.
+fn check_resume_sample(
+    store: &Store,
+    source: &dyn BlockSource,
+    job: &str,
+    done: &[(u64, Id)],
+    reporter: &Reporter<'_>,
+) -> Result<()> {
+    if done.is_empty() {
+        return Ok(());
+    }
+    let want = resume_sample_size(done.len());
+    let chunk = u64::from(store.chunk_size());
+    let size = source.info().virtual_size;
+    let mut backend = crate::io::Pread;
+    let mut grains = GrainCache::default();
+    let (mut maps, mut buf) = (Vec::new(), Vec::new());
+    let mut differ = 0usize;
+    let mut first_differing = None;
+    for k in 0..want {
+        let (idx, recorded) = done[k * done.len() / want];
+        let offset = idx * chunk;
+        let len = chunk.min(size - offset);
+        maps.clear();
+        source.map(offset, len, &mut maps)?;
+        crate::image::coalesce(&mut maps);
+        let id = if has_data(&maps) {
+            buf.resize(usize::try_from(len).expect("a chunk fits in memory"), 0);
+            fill_chunk(source, &mut backend, &mut grains, &maps, offset, &mut buf)?;
+            if is_zero(&buf) {
+                ZERO_ID
+            } else {
+                store.keys().chunk_id(&buf)
+            }
+        } else {
+            ZERO_ID
+        };
+        if id != recorded {
+            differ += 1;
+            first_differing.get_or_insert(offset);
+        }
+    }
+    tracing::info!(job, sampled = want, differ, "resume sample");
+    if differ > 0 {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "the source changed since job {job} started: {differ} of {want} positions read \
+                 again to check it differ from what the job recorded (the first at byte {}); \
+                 resuming would mix two states of the disk: start the job over (restart)",
+                first_differing.unwrap_or_default()
+            ),
+        )
+        .with_path(source.opened_path().unwrap_or(std::path::Path::new(""))));
+    }
+    reporter.tick();
+    Ok(())
 }
 
 /// Takes the store's shared lock for `operation` (see `store::lock`), telling the observer
