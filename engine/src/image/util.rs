@@ -166,12 +166,11 @@ pub(crate) fn check_range(offset: u64, len: u64, size: u64, path: &Path) -> Resu
 
 /// A source file's identity now: size, modification time, device and inode.
 pub(crate) fn fingerprint(file: &SourceFile) -> Result<crate::store::SourceFingerprint> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let meta = file
         .file()
         .metadata()
         .map_err(|e| Error::io("reading image metadata", file.path(), e))?;
-    use std::os::unix::fs::FileTypeExt;
     // A block device node's times say nothing of its content (udev touches them, writes by
     // another node or a mounted file system do not): its content is what a resumed job
     // checks, by reading a sample again.
