@@ -622,11 +622,17 @@ class Store:
         older_than: float = 86400.0,
         dry_run: bool = False,
         state_dir: Optional[PathLike] = None,
+        include_stopped_jobs: bool = False,
     ) -> CleanupReport:
         """Aborts the multipart uploads stopped jobs left in the store, if started more than
-        ``older_than`` seconds ago and not resumable by a job in ``state_dir``."""
+        ``older_than`` seconds ago and not resumable by a job in ``state_dir``. Uploads of
+        jobs the store records as under way (on any host) are kept unless
+        ``include_stopped_jobs``."""
         r = self._native.cleanup(
-            older_than=older_than, dry_run=dry_run, state_dir=_path(state_dir)
+            older_than=older_than,
+            dry_run=dry_run,
+            state_dir=_path(state_dir),
+            include_stopped_jobs=include_stopped_jobs,
         )
         return _build(CleanupReport, r)
 

@@ -95,7 +95,12 @@ class Store:
         dry_run: bool = ...,
     ) -> Dict[str, Any]: ...
     def cleanup(
-        self, *, older_than: float = ..., dry_run: bool = ..., state_dir: Optional[str] = ...
+        self,
+        *,
+        older_than: float = ...,
+        dry_run: bool = ...,
+        state_dir: Optional[str] = ...,
+        include_stopped_jobs: bool = ...,
     ) -> Dict[str, Any]: ...
     def start_replicate(
         self,

@@ -455,21 +455,23 @@ impl Store {
     }
 
     /// Aborts the multipart uploads stopped jobs left in this store.
-    #[pyo3(signature = (*, older_than=86400.0, dry_run=false, state_dir=None))]
+    #[pyo3(signature = (*, older_than=86400.0, dry_run=false, state_dir=None, include_stopped_jobs=false))]
     fn cleanup(
         &self,
         py: Python<'_>,
         older_than: f64,
         dry_run: bool,
         state_dir: Option<PathBuf>,
+        include_stopped_jobs: bool,
     ) -> PyResult<Py<PyAny>> {
         let older_than = seconds("older_than", older_than)?;
         let store = &self.store;
         let r = py
             .detach(|| {
                 JobDb::open(&self::state_dir(state_dir)?)?.cleanup_uploads(
-                    store.backend().as_ref(),
+                    store.backend(),
                     older_than,
+                    include_stopped_jobs,
                     dry_run,
                 )
             })

@@ -322,6 +322,34 @@ fn abandon_and_cleanup_abort_uploads_on_s3() {
         .collect();
     assert!(!left.contains(&stray), "{left:?}");
     assert_eq!(left.len(), open.len(), "cleanup aborted a resumable upload");
+    // Issue 16.9: another host's cleanup (its own state, no store lock before the fix) left
+    // only a 24 h age guard between a stopped job and the loss of its acknowledged parts.
+    // The job is recorded in the store: its uploads are kept unless asked.
+    let other = sb.path("other-host");
+    let other = other.to_str().unwrap();
+    let v = sb.json(&[
+        "cleanup",
+        "--store",
+        &store,
+        "--older-than",
+        "0s",
+        "--state-dir",
+        other,
+    ]);
+    assert_eq!(v["aborted"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(backend.list_uploads().unwrap().len(), open.len());
+    let v = sb.json(&[
+        "cleanup",
+        "--store",
+        &store,
+        "--older-than",
+        "0s",
+        "--state-dir",
+        other,
+        "--include-stopped-jobs",
+        "--dry-run",
+    ]);
+    assert_eq!(v["aborted"].as_array().unwrap().len(), open.len(), "{v}");
 
     // abandon aborts the job's uploads and forgets it.
     let listed = jobs(&sb);
@@ -334,4 +362,6 @@ fn abandon_and_cleanup_abort_uploads_on_s3() {
     assert_eq!(report["resumed"], false);
     let out = sb.restore(report["snapshot"].as_str().unwrap(), "out.raw");
     assert_eq!(file_hash(&out), file_hash(&image));
+    // Abandoned and finished jobs leave no record in the store.
+    assert!(backend.list("jobs/").unwrap().is_empty());
 }

@@ -64,6 +64,10 @@ pub(crate) struct CleanupArgs {
     /// Show what would be aborted without aborting anything.
     #[arg(long)]
     dry_run: bool,
+    /// Also abort the uploads of jobs the store records as under way (stopped jobs of any
+    /// host, which could still resume them; running ones too, which then fail).
+    #[arg(long)]
+    include_stopped_jobs: bool,
 }
 
 pub(crate) fn list(a: &JobsArgs) -> anyhow::Result<ExitCode> {
@@ -155,14 +159,14 @@ pub(crate) fn unpin(a: &UnpinArgs) -> anyhow::Result<ExitCode> {
 pub(crate) fn cleanup(a: &CleanupArgs) -> anyhow::Result<ExitCode> {
     let backend = backend(&a.store, false)?;
     let db = JobDb::open(&a.store.state.dir()?)?;
-    let report = db.cleanup_uploads(backend.as_ref(), a.older_than, a.dry_run)?;
+    let report = db.cleanup_uploads(&backend, a.older_than, a.include_stopped_jobs, a.dry_run)?;
     let (aborted, kept) = (report.aborted, report.kept);
     if a.store.json {
         print_json(&json!({ "aborted": aborted, "kept": kept, "dry_run": a.dry_run }))?;
     } else {
         eprintln!(
-            "{} {} stale multipart upload(s) of {}; kept {kept} (younger than {}, of \
-             unfinished jobs here, or not blockferry's)",
+            "{} {} stale multipart upload(s) of {}; kept {kept} (younger than {}, of jobs \
+             that may still resume, or not blockferry's)",
             if a.dry_run { "would abort" } else { "aborted" },
             aborted.len(),
             backend.location(),

@@ -563,6 +563,7 @@ impl JobDb {
             backend.abort_upload(&crate::store::pack_key(&open.pack), &open.upload_id)?;
             self.drop_pack(job, &open.pack)?;
         }
+        backend.delete(&format!("jobs/{job}"))?;
         self.delete(job)?;
         drop(lock);
         Ok(())
@@ -582,18 +583,28 @@ impl JobDb {
         Ok(job)
     }
 
-    /// Aborts the multipart uploads of packs in the store (`backend`) that no unfinished job
-    /// of this database can resume and that were started more than `older_than` ago (younger
-    /// ones may belong to jobs running on other hosts). Uploads that are not blockferry's
-    /// packs are left alone. With `dry_run`, only says what it would abort.
+    /// Aborts the multipart uploads of packs in the store (`backend`) that no job may still
+    /// resume, and that were started more than `older_than` ago. A job records itself in the
+    /// store (`jobs/<id>`) until it finishes or is abandoned, and its packs' ids begin with
+    /// its id: the uploads of such a job, on any host, are left alone unless
+    /// `include_stopped_jobs`; so are those of unfinished jobs of this database. Uploads that
+    /// are not blockferry's packs are left alone. Holds the store's gc lock meanwhile (one
+    /// cleanup or gc at a time). With `dry_run`, only says what it would abort.
     pub fn cleanup_uploads(
         &self,
-        backend: &dyn ObjectStore,
+        backend: &std::sync::Arc<dyn ObjectStore>,
         older_than: Duration,
+        include_stopped_jobs: bool,
         dry_run: bool,
     ) -> Result<CleanupReport> {
-        let store_id = crate::store::read_store_id(backend)?;
+        let _lock = crate::store::lock::StoreLock::gc(backend)?;
+        let store_id = crate::store::read_store_id(backend.as_ref())?;
         let resumable = self.open_upload_ids(&store_id)?;
+        let recorded: Vec<String> = backend
+            .list("jobs/")?
+            .into_iter()
+            .filter_map(|k| k.strip_prefix("jobs/").map(str::to_owned))
+            .collect();
         let now = now_unix_ms();
         let cutoff = u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX);
         let mut report = CleanupReport {
@@ -606,7 +617,15 @@ impl JobDb {
             let old = u
                 .initiated_unix_ms
                 .is_none_or(|t| now.saturating_sub(t) >= cutoff);
-            if !ours || !old || resumable.contains(&u.upload_id) {
+            let pack = u.key.rsplit('/').next().unwrap_or_default();
+            let of_recorded_job = recorded
+                .iter()
+                .any(|job| job.len() == 16 && pack.starts_with(job.as_str()));
+            if !ours
+                || !old
+                || resumable.contains(&u.upload_id)
+                || (of_recorded_job && !include_stopped_jobs)
+            {
                 report.kept += 1;
                 continue;
             }

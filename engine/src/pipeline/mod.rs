@@ -1043,7 +1043,11 @@ impl Checkpoint {
 
     /// Reserves a fresh pack id in the job database and hands it to the workers.
     fn reserve_pack_id(&self, ids: &Sender<PackId>) -> Result<()> {
-        let id: PackId = crate::store::crypto::random()?;
+        // The job's id, then 8 random bytes: an upload left open names the job it is of.
+        let mut id: PackId = crate::store::crypto::random()?;
+        if let Some(job) = crate::store::format::unhex::<8>(&self.job) {
+            id[..8].copy_from_slice(&job);
+        }
         self.db.reserve_pack(&self.job, &id)?;
         // (Were the queue full, the id would stay unused: a resumed run finds no such pack.)
         let _ = ids.try_send(id);
@@ -1173,24 +1177,27 @@ fn open_job(
             found = None;
         }
     }
-    let (job, resumed) = match found {
-        Some(job) => {
-            let changed = job.fingerprint.changes(&fp);
-            if !changed.is_empty() {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!(
-                        "the source changed since job {} started ({}): resuming would mix two \
-                         states of the disk; run with --restart to start over",
-                        job.id,
-                        changed.join(", ")
-                    ),
-                )
-                .with_path(path));
-            }
-            (job, true)
+    let (job, resumed) = if let Some(job) = found {
+        let changed = job.fingerprint.changes(&fp);
+        if !changed.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "the source changed since job {} started ({}): resuming would mix two \
+                     states of the disk; run with --restart to start over",
+                    job.id,
+                    changed.join(", ")
+                ),
+            )
+            .with_path(path));
         }
-        None => (db.create(&key, &fp)?, false),
+        (job, true)
+    } else {
+        let job = db.create(&key, &fp)?;
+        // Recorded in the store too, so that no host's cleanup aborts its uploads while it
+        // may resume.
+        store.record_job(&job.id, &key.source)?;
+        (job, false)
     };
     let lock = db.lock(&job.id)?;
     let mut positions = Vec::new();
@@ -1887,6 +1894,7 @@ pub fn replicate(
     store.write_snapshot(&snapshot)?;
     if let Some(ck) = &ck {
         ck.db.finish(&ck.job, &snapshot.id)?;
+        store.forget_job(&ck.job)?;
     }
     p = reporter.finish();
     Ok(ReplicateReport {
