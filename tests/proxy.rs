@@ -29,6 +29,9 @@ pub enum Action {
     ErrorIn200,
     /// Answer `403 AccessDenied` without forwarding (an error no client retries).
     Deny,
+    /// Answer 200 with a body no S3 client can parse (as a server that answers a call in
+    /// its own, wrong, shape).
+    Garbage200,
     /// Take the whole request, then answer nothing for this long and close (a stalled
     /// server).
     Stall(std::time::Duration),
@@ -52,6 +55,10 @@ impl Request<'_> {
 
     pub fn is_complete(&self) -> bool {
         self.method == "POST" && self.target.contains("uploadId=")
+    }
+
+    pub fn is_list_parts(&self) -> bool {
+        self.method == "GET" && self.target.contains("uploadId=")
     }
 }
 
@@ -284,6 +291,16 @@ fn serve(
             }
             Action::Deny => {
                 canned(&mut writer, "403 Forbidden", "AccessDenied")?;
+                continue;
+            }
+            Action::Garbage200 => {
+                let body = b"<?xml version=\"1.0\"?><NotListPartsResult><Part>?</Part>";
+                let head = vec![
+                    "HTTP/1.1 200 OK".to_owned(),
+                    "Content-Type: application/xml".to_owned(),
+                    format!("Content-Length: {}", body.len()),
+                ];
+                write_message(&mut writer, &head, body)?;
                 continue;
             }
             Action::Cut => {

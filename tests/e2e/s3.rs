@@ -100,6 +100,35 @@ fn s3_failures_are_clear_fast_and_leave_nothing() {
     };
     let quick = Duration::from_secs(30);
 
+    // Issue 16.8: no credentials at all, and an endpoint that is no URL, are said so (the
+    // catch-all said "answered with an error" for both).
+    let bare = |args: &[&str]| {
+        std::process::Command::new(blockferry_tests::bin())
+            .args(args)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_PROFILE")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("HOME", sb.path("nohome"))
+            .env("AWS_REGION", "us-east-1")
+            .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+            .output()
+            .unwrap()
+    };
+    expect_failure(
+        bare(&["snapshots", "--store", &store, "--endpoint", &env.endpoint]),
+        1,
+        &["no AWS credentials found", "AWS_ACCESS_KEY_ID"],
+    );
+    expect_failure(
+        sb.run_env(
+            &["snapshots", "--store", &store, "--endpoint", "not-a-url"],
+            &pass,
+        ),
+        1,
+        &["is not a URL", "not-a-url"],
+    );
+
     // Refused credentials, at init: nothing may appear under the prefix.
     let (out, took) = timed(
         &sb,

@@ -374,3 +374,126 @@ fn a_lost_answer_to_a_create_only_put_is_recognised_as_ours() {
     let backend = s3_backend(&sb.store());
     assert_eq!(backend.list("snapshots/").unwrap().len(), 1);
 }
+
+/// Issue 16.8: after kills, every rerun failed with `listing parts: … answered 200` when the
+/// store's ListParts answer could not be read (moto's, in the review), with the cause dropped
+/// and nothing suggested. Resume now gives up the packs whose parts cannot be listed and sends
+/// their chunks again, and errors keep their causes.
+#[test]
+fn a_resume_whose_parts_cannot_be_listed_sends_those_packs_again() {
+    let mut rng = Rng::seeded("s3_listparts");
+    let proxy = Proxy::start(&s3().endpoint);
+    let (sb, extra) = through(&proxy, "listparts");
+    sb.init(&with(&[], &extra));
+    let image = sample(&sb, &mut rng, 48);
+    let store = sb.store();
+    let args = replicate_args(&image, &store, &extra, "2");
+    let mut child = Command::new(bin())
+        .args(&args)
+        .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
+        .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+        .envs(s3().vars())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while proxy.part_requests() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(60), "no parts");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    proxy.set_rule(|r| {
+        if r.is_list_parts() {
+            Action::Garbage200
+        } else {
+            Action::Forward
+        }
+    });
+    let (report, stderr) = replicate_and_check(&sb, &image, &extra);
+    assert_eq!(report["resumed"], true, "{report}");
+    assert!(stderr.contains("cannot be listed"), "{stderr}");
+}
+
+/// Issue 16.8, against moto as well: kill, then resume through moto's own ListParts.
+#[test]
+fn kill_and_resume_against_moto() {
+    let (endpoint, bucket) = blockferry_tests::moto();
+    let mut rng = Rng::seeded("moto_resume");
+    let sb = Sandbox::new();
+    let store = format!("s3://{bucket}/resume-{}", std::process::id());
+    let extra: Vec<String> = ["--endpoint", endpoint.as_str(), "--s3-min-part-size", "64K"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let env = [
+        ("AWS_ACCESS_KEY_ID", "moto"),
+        ("AWS_SECRET_ACCESS_KEY", "moto"),
+        ("AWS_REGION", "us-east-1"),
+        ("BLOCKFERRY_PASSPHRASE", PASSPHRASE),
+    ];
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(extra.iter().map(String::as_str));
+        sb.run_env(&all, &env)
+    };
+    assert!(
+        run(&["init", "--store", &store, "--chunk-size", "64K"])
+            .status
+            .success()
+    );
+    let image = sample(&sb, &mut rng, 8);
+    let img = image.to_str().unwrap();
+    let mut child = Command::new(bin())
+        .args([
+            "replicate",
+            img,
+            "--store",
+            &store,
+            "--part-size",
+            "64K",
+            "--bwlimit",
+            "2M",
+        ])
+        .args(&extra)
+        .envs(env)
+        .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = run(&[
+        "replicate",
+        img,
+        "--store",
+        &store,
+        "--part-size",
+        "64K",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: blockferry_tests::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["resumed"], true, "{report}");
+    let restored = sb.path("out.raw");
+    let out = run(&[
+        "restore",
+        "--store",
+        &store,
+        report["snapshot"].as_str().unwrap(),
+        restored.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(file_hash(&restored), file_hash(&image));
+}

@@ -1204,7 +1204,20 @@ fn open_job(
     let mut durable = HashSet::new();
     if resumed {
         db.start_run(&job.id)?;
-        let finished = packer::finish_open_packs(store, &db, &job.id)?;
+        let finished = packer::finish_open_packs(store, &db, &job.id).map_err(|e| {
+            let mut err = Error::new(
+                e.kind(),
+                format!(
+                    "job {} cannot resume: {}; start it over (restart) or abandon it",
+                    job.id,
+                    e.message()
+                ),
+            );
+            if let Some(o) = e.object() {
+                err = err.with_object(o);
+            }
+            err.with_source(e)
+        })?;
         if finished.lost_bytes > 0 {
             db.add_resent(&job.id, finished.lost_bytes)?;
         }

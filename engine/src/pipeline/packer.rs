@@ -538,6 +538,22 @@ pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<
                 }
                 continue;
             }
+            // The store's list of the upload's parts cannot be had (an answer the client
+            // cannot read, a service that lacks ListParts or refuses it): without it no part
+            // can be trusted, so the pack is given up and its chunks sent again.
+            Err(e) if matches!(e.kind(), ErrorKind::Store | ErrorKind::AccessDenied) => {
+                tracing::warn!(
+                    pack = %hex(&open.pack),
+                    "the parts of an open upload cannot be listed ({e}); its chunks will be \
+                     sent again"
+                );
+                if let Err(a) = backend.abort_upload(&key, &open.upload_id) {
+                    tracing::warn!(pack = %hex(&open.pack), "could not abort the upload: {a}");
+                }
+                db.drop_pack(job, &open.pack)?;
+                out.lost_bytes += recorded;
+                continue;
+            }
             Err(e) => return Err(e),
         };
         let held: BTreeMap<u32, Part> = held.into_iter().map(|p| (p.number, p)).collect();

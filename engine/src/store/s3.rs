@@ -336,7 +336,34 @@ impl S3Store {
         let code = e.code().unwrap_or_default();
         let detail = e.message().map(|m| format!(": {m}")).unwrap_or_default();
         let where_ = format!("s3://{}/{}", self.bucket, self.prefix);
+        let why = chain(e);
         let (kind, message) = match e {
+            // Before any request went out: no credentials, or an endpoint that is no URL.
+            SdkError::ConstructionFailure(_) | SdkError::DispatchFailure(_)
+                if why.contains("loading credentials")
+                    || why.contains("provided credentials")
+                    || why.contains("no credentials") =>
+            {
+                (
+                    ErrorKind::AccessDenied,
+                    format!(
+                        "{doing}: no AWS credentials found; set AWS_ACCESS_KEY_ID and \
+                         AWS_SECRET_ACCESS_KEY, an AWS profile or an instance role ({why})"
+                    ),
+                )
+            }
+            SdkError::ConstructionFailure(_) | SdkError::DispatchFailure(_)
+                if why.contains("not a valid URI") =>
+            {
+                (
+                    ErrorKind::Config,
+                    format!(
+                        "{doing}: the endpoint {:?} is not a URL: give one such as \
+                         http://127.0.0.1:8333 ({why})",
+                        self.endpoint
+                    ),
+                )
+            }
             SdkError::DispatchFailure(d) if d.is_timeout() => (
                 ErrorKind::Store,
                 format!("{doing}: timed out connecting to {}", self.endpoint),
@@ -415,16 +442,19 @@ impl S3Store {
                 }
                 _ => (
                     ErrorKind::Store,
-                    format!(
-                        "{doing}: {} answered {}{}{detail}",
-                        self.endpoint,
-                        status.map_or_else(|| "with an error".to_owned(), |s| s.to_string()),
-                        if code.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" {code}")
-                        },
-                    ),
+                    match status {
+                        Some(status) => format!(
+                            "{doing}: {} answered {status}{}{detail} ({})",
+                            self.endpoint,
+                            if code.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" {code}")
+                            },
+                            chain(e)
+                        ),
+                        None => format!("{doing}: {}", chain(e)),
+                    },
                 ),
             },
         };
@@ -436,7 +466,8 @@ impl S3Store {
     }
 }
 
-/// The messages of an error and its causes, joined.
+/// The messages of an error and its causes, joined (the SDK's own error says little alone:
+/// "service error", "dispatch failure"; what went wrong is in its causes).
 fn chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
     let mut cur = e.source();
