@@ -145,6 +145,19 @@ impl Error {
         self
     }
 
+    /// Says at which offset of the virtual disk the error happened. An error about a store
+    /// object keeps its offset in that object (where the damage is) and names the disk offset
+    /// in its message; any other gets the disk offset as its offset.
+    #[must_use]
+    pub fn at_disk_offset(mut self, disk_offset: u64) -> Error {
+        if self.object.is_some() {
+            self.message = format!("{} (at disk offset {disk_offset})", self.message);
+            self
+        } else {
+            self.with_offset(disk_offset)
+        }
+    }
+
     /// Attaches the underlying cause.
     #[must_use]
     pub fn with_source(mut self, source: impl Into<Box<dyn StdError + Send + Sync>>) -> Error {

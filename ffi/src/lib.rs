@@ -505,15 +505,13 @@ pub unsafe extern "C" fn bf_store_create(
             }
             _ => {}
         }
+        let opts = InitOptions {
+            chunk_size: if chunk_size == 0 { 1 << 20 } else { chunk_size },
+            passphrase: pass.map(<[u8]>::to_vec),
+        };
+        opts.check()?;
         let backend = blockferry::store::open_backend(location, true, &s3)?;
-        blockferry::Store::init_client(
-            backend.as_ref(),
-            &InitOptions {
-                chunk_size: if chunk_size == 0 { 1 << 20 } else { chunk_size },
-                passphrase: pass.map(<[u8]>::to_vec),
-            },
-            None,
-        )?;
+        blockferry::Store::init_client(backend.as_ref(), &opts, None)?;
         let store = blockferry::Store::open_client(backend, pass, None)?;
         // SAFETY: forwarded contract.
         unsafe { box_out(out, bf_store { store }, "out") }

@@ -359,15 +359,13 @@ impl Store {
         let s3 = s3_options(s3)?;
         let c = py
             .detach(|| {
+                let opts = InitOptions {
+                    chunk_size,
+                    passphrase,
+                };
+                opts.check()?;
                 let backend = blockferry::store::open_backend(&location, true, &s3)?;
-                blockferry::Store::init_client(
-                    backend.as_ref(),
-                    &InitOptions {
-                        chunk_size,
-                        passphrase,
-                    },
-                    state_dir.as_deref(),
-                )
+                blockferry::Store::init_client(backend.as_ref(), &opts, state_dir.as_deref())
             })
             .py_err(py)?;
         convert::json_to_py(

@@ -129,3 +129,114 @@ fn a_closed_pipe_ends_output_quietly() {
         );
     }
 }
+
+/// Issue 16.20: what a user reads adds up and says what it means.
+#[test]
+fn figures_and_messages_a_user_reads() {
+    let mut rng = Rng::seeded("user_figures");
+    let sb = Sandbox::new();
+    let store = sb.store();
+    // init with a bad chunk size leaves no folder behind.
+    sb.fails(
+        &["init", "--store", &store, "--chunk-size", "3000"],
+        1,
+        &["chunk size"],
+    );
+    assert!(!std::path::Path::new(&store).exists(), "init left {store}");
+    sb.init(&[]);
+    // Usage errors are JSON with --json (and still exit 2).
+    let out = sb.run(&["replicate", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["kind"], "Usage", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("--store"),
+        "{v}"
+    );
+    // An empty image is said so, once.
+    let empty = sb.path("empty.raw");
+    std::fs::write(&empty, b"").unwrap();
+    let out = sb.run(&["replicate", empty.to_str().unwrap(), "--store", &store]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("is empty").count(), 1, "{err}");
+    // A part size means nothing to a local store.
+    let image = sb.path("disk.raw");
+    make_image(&image, 8 * MIB, &[(MIB, rng.bytes(3 << 20))]);
+    sb.fails(
+        &[
+            "replicate",
+            image.to_str().unwrap(),
+            "--store",
+            &store,
+            "--part-size",
+            "8M",
+        ],
+        1,
+        &["part size applies to S3"],
+    );
+    // Replicate and restore figures add up to the disk.
+    let r = sb.replicate(&image, &[]);
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    assert_eq!(
+        n(&r, "bytes_zero") + n(&r, "bytes_deduplicated") + n(&r, "bytes_new"),
+        8 * MIB,
+        "{r}"
+    );
+    assert!(n(&r, "bytes_read") <= n(&r, "allocated_bytes"), "{r}");
+    let out = sb.path("out.raw");
+    let rr = sb.json(&[
+        "restore",
+        "--store",
+        &store,
+        "disk.raw@latest",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        n(&rr, "bytes_written") + n(&rr, "bytes_zero"),
+        8 * MIB,
+        "{rr}"
+    );
+    // A damaged chunk's error names the pack with its offset in the pack, and the disk
+    // offset in words; verify lists it at its disk offset.
+    let pack = blockferry_tests::objects(&store, "packs").pop().unwrap();
+    let size = std::fs::metadata(&pack).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pack)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, 200).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[byte[0] ^ 1], 200).unwrap();
+    let out = sb.run(&[
+        "restore",
+        "--store",
+        &store,
+        "disk.raw@latest",
+        sb.path("o2").to_str().unwrap(),
+        "--json",
+    ]);
+    let failed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        failed["error"]["object"]
+            .as_str()
+            .unwrap()
+            .starts_with("packs/"),
+        "{failed}"
+    );
+    assert!(
+        failed["error"]["offset"].as_u64().unwrap() < size,
+        "{failed}"
+    );
+    assert!(
+        failed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at disk offset 1048576"),
+        "{failed}"
+    );
+    let checked = sb.run(&["verify", "--store", &store, "disk.raw@latest", "--json"]);
+    let checked: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
+    assert_eq!(checked["problems"][0]["offset"], MIB, "{checked}");
+}

@@ -191,6 +191,22 @@ fn resume_reads_only_what_is_not_durable() {
         160 * MIB,
         "{report}"
     );
+    // Issue 16.20: the figures add up after a resume (before: what earlier runs stored showed
+    // as deduplicated, and the snapshot's NEW only this run's).
+    let n = |k: &str| report[k].as_u64().unwrap();
+    assert_eq!(
+        n("bytes_zero") + n("bytes_deduplicated") + n("bytes_new") + n("bytes_unchanged"),
+        n("virtual_size"),
+        "{report}"
+    );
+    assert_eq!(n("bytes_new"), 160 * MIB, "{report}");
+    assert_eq!(n("bytes_deduplicated"), 0, "{report}");
+    let list = sb.json(&["snapshots", "--store", &sb.store()]);
+    assert_eq!(
+        list["snapshots"][0]["stats"]["bytes_new"],
+        160 * MIB,
+        "{list}"
+    );
     let out = sb.restore(report["snapshot"].as_str().unwrap(), "out.raw");
     assert_eq!(file_hash(&out), file_hash(&image));
     let listed = jobs(&sb);

@@ -527,7 +527,10 @@ fn init_logging(verbose: u8) {
 }
 
 pub(crate) fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     init_logging(cli.verbose);
     let json = match &cli.command {
         Command::Init(a) => a.store.json,
@@ -557,6 +560,30 @@ pub(crate) fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A command line that does not parse: clap's message (help and version as asked), and with
+/// `--json` anywhere in it, the error as JSON on stdout too. Exit code 2.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind as Clap;
+    if matches!(e.kind(), Clap::DisplayHelp | Clap::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    if std::env::args_os().any(|a| a == "--json") {
+        // The first paragraph: the error and what it lists (not the usage line and hint).
+        let text = e.render().to_string();
+        let first: Vec<&str> = text
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .map(str::trim)
+            .collect();
+        let message = first.join(" ");
+        let message = message.strip_prefix("error: ").unwrap_or(&message);
+        let _ = print_json(&json!({ "error": { "kind": "Usage", "message": message } }));
+    }
+    let _ = e.print();
+    ExitCode::from(2)
 }
 
 fn report_error(err: &anyhow::Error, json: bool) {
@@ -613,14 +640,17 @@ fn cmd_init(a: &InitArgs) -> anyhow::Result<ExitCode> {
             )
         })?)
     };
+    let opts = InitOptions {
+        chunk_size,
+        passphrase: pass,
+    };
+    // Before the folder is made: a refused store leaves nothing behind.
+    opts.check()?;
     // This client knows the new store from now on (its id and encryption are checked on
     // every later use).
     let config = Store::init_client(
         &*backend(&a.store, true)?,
-        &InitOptions {
-            chunk_size,
-            passphrase: pass,
-        },
+        &opts,
         Some(&a.store.state.dir()?),
     )?;
     let encrypted = !a.no_encryption;

@@ -50,20 +50,23 @@ pub(crate) fn rfc3339(unix_ms: u64) -> String {
 
 /// A progress bar on stderr, fed by engine events; invisible when disabled.
 pub(crate) struct Bar {
-    bar: Option<Mutex<ProgressBar>>,
+    progress: Option<Mutex<ProgressBar>>,
     label: &'static str,
+    /// The phase shown (its counters say different things in each).
+    shown: Mutex<&'static str>,
 }
 
 impl Bar {
     pub(crate) fn new(enabled: bool, label: &'static str) -> Bar {
         Bar {
-            bar: enabled.then(|| Mutex::new(ProgressBar::hidden())),
+            progress: enabled.then(|| Mutex::new(ProgressBar::hidden())),
             label,
+            shown: Mutex::new(""),
         }
     }
 
     pub(crate) fn done(&self) {
-        if let Some(bar) = &self.bar
+        if let Some(bar) = &self.progress
             && let Ok(bar) = bar.lock()
         {
             bar.finish_and_clear();
@@ -73,7 +76,7 @@ impl Bar {
 
 impl Observer for Bar {
     fn event(&self, event: &Event) {
-        let Some(bar) = &self.bar else {
+        let Some(bar) = &self.progress else {
             if let Event::Warning(w) = event {
                 eprintln!("warning: {w}");
             }
@@ -84,6 +87,9 @@ impl Observer for Bar {
         };
         match event {
             Event::Started { phase, bytes_total } => {
+                if let Ok(mut p) = self.shown.lock() {
+                    *p = phase.name();
+                }
                 bar.finish_and_clear();
                 let b = ProgressBar::new(*bytes_total);
                 b.set_style(
@@ -112,12 +118,24 @@ impl Observer for Bar {
                 } else {
                     format!(" ({})", p.io_engine)
                 };
-                bar.set_message(format!(
-                    "read {}{engine} dedup {} sent {}{in_flight}",
-                    human_bytes(p.bytes_read),
-                    human_bytes(p.bytes_deduplicated),
-                    human_bytes(p.bytes_written),
-                ));
+                let phase = self.shown.lock().map_or("", |p| *p);
+                bar.set_message(match phase {
+                    "restoring" => format!(
+                        "written {} zero {}",
+                        human_bytes(p.bytes_written),
+                        human_bytes(p.bytes_zero)
+                    ),
+                    "verifying" if p.bytes_read > 0 => {
+                        format!("image read {}", human_bytes(p.bytes_read))
+                    }
+                    "replicating" => format!(
+                        "read {}{engine} dedup {} sent {}{in_flight}",
+                        human_bytes(p.bytes_read),
+                        human_bytes(p.bytes_deduplicated),
+                        human_bytes(p.bytes_written),
+                    ),
+                    _ => String::new(),
+                });
             }
             Event::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),
         }

@@ -271,8 +271,10 @@ impl<'a> Reporter<'a> {
         }
     }
 
+    /// A warning for the user: an event, which the front end shows (logged at INFO only, so
+    /// that a front end that shows events and the log does not say it twice).
     pub(crate) fn warn(&self, message: String) {
-        tracing::warn!("{message}");
+        tracing::info!(warning = %message);
         self.observer.event(&Event::Warning(message));
     }
 

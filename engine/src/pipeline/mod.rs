@@ -1347,7 +1347,7 @@ pub(crate) fn shared_lock(
                 "waiting for a garbage collection to finish deleting: {}",
                 gc.describe()
             );
-            tracing::warn!("{msg}");
+            tracing::info!(warning = %msg);
             observer.event(&Event::Warning(msg));
         },
     )
@@ -1401,7 +1401,7 @@ pub(crate) fn reader_lock(
                 "cannot write a store lock ({e}): going on without one; a garbage collection \
                  running meanwhile could make this {operation} fail"
             );
-            tracing::warn!("{msg}");
+            tracing::info!(warning = %msg);
             observer.event(&Event::Warning(msg));
             Ok(None)
         }
@@ -1418,6 +1418,12 @@ pub fn replicate(
 ) -> Result<ReplicateReport> {
     let chunk_size = store.chunk_size() as usize;
     let rules = store.backend().multipart();
+    if rules.is_none() && opts.part_size > 0 {
+        return Err(Error::config(format!(
+            "a part size applies to S3 stores; {} takes packs whole",
+            store.location()
+        )));
+    }
     // Threads that take finished packs (or parts) from the workers: uploaders on a multipart
     // store, one pack writer on a store that takes packs whole.
     let uploads = match rules {
@@ -1484,6 +1490,15 @@ pub fn replicate(
         return Err(err);
     }
     let reporter = Reporter::start(observer, Phase::Replicating, info.virtual_size);
+    if info.virtual_size == 0 {
+        reporter.warn(format!(
+            "{} is empty (a disk of 0 bytes): the snapshot holds nothing",
+            source
+                .opened_path()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        ));
+    }
     let n_chunks = info.virtual_size.div_ceil(chunk_size as u64);
     let n_positions = usize::try_from(n_chunks)
         .map_err(|_| Error::new(ErrorKind::InvalidImage, "disk too large"))?;
@@ -1652,11 +1667,16 @@ pub fn replicate(
             place(*idx, *id, &mut pages, true)?;
         }
     }
+    // A position an earlier run of the job made durable counts as it did then: zero, new (a
+    // chunk in one of the job's own packs), or deduplicated.
+    let own = sh.dedup.claimed.lock().expect("dedup set lock");
     for (idx, id) in &done {
         let len = sh.chunk_len(*idx);
         resumed_bytes += len;
         if *id == ZERO_ID {
             stats.bytes_zero += len;
+        } else if own.contains(id) {
+            stats.bytes_new += len;
         } else {
             stats.bytes_deduplicated += len;
         }
@@ -1664,7 +1684,7 @@ pub fn replicate(
         Counters::add(&sh.counters.bytes_skipped, len);
         place(*idx, *id, &mut pages, true)?;
     }
-    drop(done);
+    drop((done, own));
 
     let joined = thread::scope(|s| {
         let sh = &sh;
@@ -1863,9 +1883,10 @@ pub fn replicate(
         ));
     }
 
-    let _ = Reporter::start(observer, Phase::Committing, 0);
-    let mut p = sh.counters.progress(info.virtual_size, reporter.started());
+    // The replicating phase ends here; committing (a few small writes) follows.
+    let p = reporter.finish();
     stats.bytes_read = p.bytes_read;
+    let committing = Reporter::start(observer, Phase::Committing, 0);
     // The disk's history now (this run holds the disk): this snapshot comes next.
     let history = store.disk_history(&disk_name)?;
     let previous = store.newest(&history)?.map(|s| s.id);
@@ -1909,7 +1930,7 @@ pub fn replicate(
         ck.db.finish(&ck.job, &snapshot.id)?;
         store.forget_job(&ck.job)?;
     }
-    p = reporter.finish();
+    committing.finish();
     Ok(ReplicateReport {
         snapshot: snapshot.id,
         disk: disk_name,
@@ -1927,7 +1948,7 @@ pub fn replicate(
         chunks_total: sh.n_chunks,
         chunks_stored: stats.chunks_stored,
         packs_written,
-        seconds: p.elapsed.as_secs_f64(),
+        seconds: reporter.started().elapsed().as_secs_f64(),
         io_engine: engine_name,
         workers: plan.workers,
         uploads,

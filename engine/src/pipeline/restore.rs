@@ -128,15 +128,16 @@ pub fn restore(
             }
             let read = store
                 .read_chunk(&index, &item.id, record, data)
-                .map_err(|e| e.with_offset(item.offset))
+                .map_err(|e| e.at_disk_offset(item.offset))
                 .and_then(|()| {
                     if data.len() == item.len {
                         Ok(())
                     } else {
-                        Err(
-                            Error::corrupt("snapshot", "chunk length disagrees with its position")
-                                .with_offset(item.offset),
+                        Err(Error::new(
+                            ErrorKind::Corrupt,
+                            "a chunk's length disagrees with its position in the snapshot",
                         )
+                        .with_offset(item.offset))
                     }
                 });
             match read {

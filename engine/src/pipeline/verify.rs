@@ -182,6 +182,66 @@ pub fn verify(
         reporter: &reporter,
         include_zero: compare.is_some(),
     };
+    let fatal = |e: &Error| {
+        matches!(
+            e.kind(),
+            ErrorKind::Cancelled | ErrorKind::Store | ErrorKind::Io
+        )
+    };
+    let check = |st: &mut State, item: &super::walk::Item| -> Result<()> {
+        if item.id != ZERO_ID && !verified.lock().expect("verified set").contains(&item.id) {
+            store
+                .read_chunk(&index, &item.id, &mut st.record, &mut st.data)
+                .map_err(|e| {
+                    if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound)
+                        && let Some((pack, _)) = index.get(&item.id)
+                    {
+                        bad_copies.lock().expect("bad copies").push((item.id, pack));
+                    }
+                    e.at_disk_offset(item.offset)
+                })?;
+            if st.data.len() != item.len {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    "a chunk's length disagrees with its position in the snapshot",
+                )
+                .with_offset(item.offset));
+            }
+            chunks_checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            verified.lock().expect("verified set").insert(item.id);
+        }
+        if let Some(src) = compare {
+            st.maps.clear();
+            src.map(item.offset, item.len as u64, &mut st.maps)?;
+            let source_id = if has_data(&st.maps) {
+                st.source_buf.resize(item.len, 0);
+                let n = fill_chunk(
+                    src,
+                    st.backend.as_mut(),
+                    &mut st.grains,
+                    &st.maps,
+                    item.offset,
+                    &mut st.source_buf,
+                )?;
+                Counters::add(&counters.bytes_read, n);
+                if is_zero(&st.source_buf) {
+                    ZERO_ID
+                } else {
+                    store.keys().chunk_id(&st.source_buf)
+                }
+            } else {
+                ZERO_ID
+            };
+            if source_id != item.id {
+                return Err(Error::new(
+                    ErrorKind::VerifyMismatch,
+                    "the image differs from the snapshot in this chunk",
+                )
+                .with_offset(item.offset));
+            }
+        }
+        Ok(())
+    };
     let result = walk(
         &spec,
         &|| State {
@@ -193,72 +253,27 @@ pub fn verify(
             grains: super::GrainCache::default(),
         },
         &|st: &mut State, item| {
-            if item.id != ZERO_ID && !verified.lock().expect("verified set").contains(&item.id) {
-                store
-                    .read_chunk(&index, &item.id, &mut st.record, &mut st.data)
-                    .map_err(|e| {
-                        if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound)
-                            && let Some((pack, _)) = index.get(&item.id)
-                        {
-                            bad_copies.lock().expect("bad copies").push((item.id, pack));
-                        }
-                        e.with_offset(item.offset)
-                    })?;
-                if st.data.len() != item.len {
-                    return Err(Error::corrupt(
-                        "snapshot",
-                        "chunk length disagrees with its position",
-                    )
-                    .with_offset(item.offset));
+            let checked = check(st, item);
+            match checked {
+                // A problem with this chunk: listed at its disk offset, and the walk goes on.
+                Err(e) if !fatal(&e) => {
+                    report(Some(item.offset), e.to_string());
+                    Ok(())
                 }
-                chunks_checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                verified.lock().expect("verified set").insert(item.id);
+                other => other,
             }
-            if let Some(src) = compare {
-                st.maps.clear();
-                src.map(item.offset, item.len as u64, &mut st.maps)?;
-                let source_id = if has_data(&st.maps) {
-                    st.source_buf.resize(item.len, 0);
-                    let n = fill_chunk(
-                        src,
-                        st.backend.as_mut(),
-                        &mut st.grains,
-                        &st.maps,
-                        item.offset,
-                        &mut st.source_buf,
-                    )?;
-                    Counters::add(&counters.bytes_read, n);
-                    if is_zero(&st.source_buf) {
-                        ZERO_ID
-                    } else {
-                        store.keys().chunk_id(&st.source_buf)
-                    }
-                } else {
-                    ZERO_ID
-                };
-                if source_id != item.id {
-                    return Err(Error::new(
-                        ErrorKind::VerifyMismatch,
-                        "the image differs from the snapshot in this chunk",
-                    )
-                    .with_offset(item.offset));
-                }
-            }
-            Ok(())
         },
         &|e| {
-            if e.kind() == ErrorKind::Cancelled
-                || e.kind() == ErrorKind::Store
-                || e.kind() == ErrorKind::Io
-            {
+            if fatal(e) {
                 OnError::Stop
             } else {
+                // The walk's own problems: a page that cannot be read.
                 if e.object()
                     .is_some_and(|o| o.starts_with("pages/") || o == "page")
                 {
                     bad_page.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                report(e.offset(), e.to_string());
+                report(None, e.to_string());
                 OnError::Continue
             }
         },

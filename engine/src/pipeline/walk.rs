@@ -94,7 +94,7 @@ pub(crate) fn walk<S>(
             }) {
                 Ok(ids) => ids,
                 Err(e) => {
-                    fail(e.with_offset(first * chunk));
+                    fail(e.at_disk_offset(first * chunk));
                     continue;
                 }
             };

@@ -478,6 +478,21 @@ pub fn read_store_id(backend: &dyn ObjectStore) -> Result<String> {
     Ok(parse_config(&raw)?.store_id)
 }
 
+impl InitOptions {
+    /// Checks the options before anything is created (a folder made for a store that is then
+    /// refused would be left behind).
+    pub fn check(&self) -> Result<()> {
+        check_chunk_size(self.chunk_size)?;
+        if self.passphrase.as_ref().is_some_and(Vec::is_empty) {
+            return Err(Error::new(
+                ErrorKind::Credentials,
+                "the passphrase is empty",
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn check_chunk_size(chunk_size: u32) -> Result<()> {
     if (MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) && chunk_size.is_power_of_two() {
         Ok(())
