@@ -15,6 +15,8 @@ mod cli;
 mod corpus;
 /// Kill -9 at random moments never leaves a broken snapshot.
 mod crash;
+/// Every crash point of a replication, a delta, a prune and a gc, enumerated in process.
+mod crashpoints;
 /// Replicate twice, shared content, holes and zero runs.
 mod dedup;
 /// Delta snapshots from change lists, and what happens when a list cannot be trusted.

@@ -21,8 +21,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::store::format::{self, Entry, Id, PackId, hex};
 use crate::store::{ObjectStore, Part, SourceFingerprint, StoreConfig, now_unix_ms};
 
-/// Schema version of the database; a newer one is refused.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version of the database; a newer one is refused, an older one brought up to date
+/// (2: `parts.last`, a pack's last part, trailer included, is recorded too).
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long taking a job's lock waits for a process that holds it.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -66,6 +67,7 @@ CREATE TABLE IF NOT EXISTS parts (
     etag TEXT NOT NULL,
     crc32c TEXT NOT NULL,
     chunks BLOB NOT NULL,
+    last INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job, pack, number),
     FOREIGN KEY (job, pack) REFERENCES packs (job, pack) ON DELETE CASCADE
 );
@@ -255,6 +257,9 @@ pub struct OpenPack {
     pub upload_id: String,
     /// Parts the store acknowledged, with the entries each carries (offsets within the part).
     pub parts: Vec<(Part, Vec<Entry>)>,
+    /// The number of the pack's last part (its remaining records and its trailer), if it was
+    /// acknowledged: with every part before it, the upload completes as it is.
+    pub last_part: Option<u32>,
 }
 
 /// Holds a job's lock file locked; dropping it releases the job.
@@ -332,7 +337,14 @@ impl JobDb {
                 )
                 .map_err(|e| db_err("writing the schema version", e))?;
             }
-            Some(Ok(v)) if v <= SCHEMA_VERSION => {}
+            Some(Ok(v)) if v == SCHEMA_VERSION => {}
+            Some(Ok(1)) => {
+                conn.execute_batch(
+                    "ALTER TABLE parts ADD COLUMN last INTEGER NOT NULL DEFAULT 0;
+                     UPDATE meta SET value = '2' WHERE key = 'schema';",
+                )
+                .map_err(|e| db_err("updating the database to schema 2", e).with_path(&path))?;
+            }
             Some(_) => {
                 return Err(Error::new(
                     ErrorKind::UnsupportedVersion,
@@ -899,13 +911,15 @@ impl JobDb {
             .map_err(|e| db_err("recording a pack", e))
     }
 
-    /// Records a part the store acknowledged, with the entries it carries.
+    /// Records a part the store acknowledged, with the entries it carries (`last`: the pack's
+    /// last part, its trailer included).
     pub fn record_part(
         &self,
         job: &str,
         pack: &PackId,
         part: &Part,
         chunks: &[Entry],
+        last: bool,
     ) -> Result<()> {
         let mut blob = Vec::with_capacity(chunks.len() * format::ENTRY_BYTES);
         format::encode_entries(chunks, &mut blob);
@@ -914,8 +928,8 @@ impl JobDb {
             .unchecked_transaction()
             .map_err(|e| db_err("recording a part", e))?;
         tx.execute(
-            "INSERT OR REPLACE INTO parts (job, pack, number, size, etag, crc32c, chunks) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR REPLACE INTO parts (job, pack, number, size, etag, crc32c, chunks, \
+             last) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 job,
                 &pack[..],
@@ -923,7 +937,8 @@ impl JobDb {
                 i64_of(part.size),
                 part.etag,
                 part.crc32c,
-                blob
+                blob,
+                i64::from(last)
             ],
         )
         .map_err(|e| db_err("recording a part", e))?;
@@ -1049,7 +1064,7 @@ impl JobDb {
             let mut stmt = self
                 .conn
                 .prepare(
-                    "SELECT number, size, etag, crc32c, chunks FROM parts \
+                    "SELECT number, size, etag, crc32c, chunks, last FROM parts \
                      WHERE job = ?1 AND pack = ?2 ORDER BY number",
                 )
                 .map_err(|e| db_err("reading parts", e))?;
@@ -1063,22 +1078,28 @@ impl JobDb {
                             crc32c: r.get(3)?,
                         },
                         r.get::<_, Vec<u8>>(4)?,
+                        r.get::<_, i64>(5)? != 0,
                     ))
                 })
                 .map_err(|e| db_err("reading parts", e))?
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map_err(|e| db_err("reading parts", e))?;
             let mut decoded = Vec::new();
-            for (part, chunks) in parts {
+            let mut last_part = None;
+            for (part, chunks, last) in parts {
                 let chunks = format::decode_entries(&chunks).ok_or_else(|| {
                     Error::new(ErrorKind::Io, "job database: damaged part entries")
                 })?;
+                if last {
+                    last_part = Some(part.number);
+                }
                 decoded.push((part, chunks));
             }
             out.push(OpenPack {
                 pack,
                 upload_id: upload_id.unwrap_or_default(),
                 parts: decoded,
+                last_part,
             });
         }
         Ok(out)

@@ -539,8 +539,8 @@ enum Msg {
         pack: PackId,
         part: Part,
         chunks: Vec<Entry>,
-        /// The pack's last part (records and trailer): not recorded, as a resumed run could
-        /// not use it (its trailer would be stale).
+        /// The pack's last part (records and trailer): with every part before it, a resumed
+        /// run completes the upload as it is.
         last: bool,
     },
     /// Consecutive positions `first..first + count` hold no data (the source maps them
@@ -1774,10 +1774,10 @@ pub fn replicate(
                         last,
                     } => {
                         stats.bytes_stored += part.size;
-                        if let Some(ck) = ck.as_mut().filter(|_| !last) {
+                        if let Some(ck) = ck.as_mut() {
                             // The positions of the part's chunks came before it.
                             ck.flush_positions()?;
-                            ck.db.record_part(&ck.job, &pack, &part, &chunks)?;
+                            ck.db.record_part(&ck.job, &pack, &part, &chunks, last)?;
                         }
                     }
                     Msg::PackDone {

@@ -566,6 +566,19 @@ pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<
                     .is_some_and(|h| h.size == p.size && trim(&h.etag) == trim(&p.etag))
             })
             .collect();
+        let whole = open.last_part.is_some_and(|n| {
+            durable.len() == open.parts.len() && durable.last().is_some_and(|(p, _)| p.number == n)
+        });
+        // The last part holds a trailer of every record: usable only with every part before
+        // it; otherwise a new trailer follows the parts that are left.
+        let durable: Vec<&(Part, Vec<Entry>)> = if whole {
+            durable
+        } else {
+            durable
+                .into_iter()
+                .filter(|(p, _)| Some(p.number) != open.last_part)
+                .collect()
+        };
         let durable_bytes: u64 = durable.iter().map(|(p, _)| p.size).sum();
         out.lost_bytes += recorded - durable_bytes;
         if durable.first().is_none_or(|(p, _)| p.number != 1) {
@@ -587,8 +600,8 @@ pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<
             base = base.saturating_add(part.size);
             parts.push(part.clone());
         }
-        // The trailer part follows the last durable part (replacing any later part the store
-        // holds: the run's last part is never recorded, as its trailer would be stale).
+        // A new trailer part follows the last durable part (replacing any later part the
+        // store holds).
         let number = durable.last().map_or(0, |(p, _)| p.number).checked_add(1);
         let Some(number) = number.filter(|_| !damaged) else {
             tracing::warn!(pack = %hex(&open.pack), "damaged part records in the job database; the pack's chunks will be sent again");
@@ -597,20 +610,25 @@ pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<
             out.lost_bytes += durable_bytes;
             continue;
         };
-        let sealer = store.keys().pack_sealer(&open.pack);
-        let mut last = Vec::new();
-        format::append_trailer(
-            &sealer,
-            &format::pack_header(&open.pack),
-            &entries,
-            &mut last,
-        )?;
-        let completed = backend
-            .upload_part(&key, &open.upload_id, number, Bytes::from(last))
-            .and_then(|trailer| {
-                parts.push(trailer);
-                backend.complete_upload(&key, &open.upload_id, &parts)
-            });
+        let completed = if whole {
+            // Every part, the last with its trailer, is in the store: complete it as it is.
+            backend.complete_upload(&key, &open.upload_id, &parts)
+        } else {
+            let sealer = store.keys().pack_sealer(&open.pack);
+            let mut last = Vec::new();
+            format::append_trailer(
+                &sealer,
+                &format::pack_header(&open.pack),
+                &entries,
+                &mut last,
+            )?;
+            backend
+                .upload_part(&key, &open.upload_id, number, Bytes::from(last))
+                .and_then(|trailer| {
+                    parts.push(trailer);
+                    backend.complete_upload(&key, &open.upload_id, &parts)
+                })
+        };
         if let Err(e) = completed {
             // A pack that cannot be completed must not block the job for ever: give it up
             // (if the store can be told) and send its chunks again.

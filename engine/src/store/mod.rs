@@ -20,6 +20,7 @@ pub mod format;
 mod history;
 pub mod local;
 pub mod lock;
+pub mod mem;
 mod repo;
 #[cfg(feature = "s3")]
 pub mod s3;
