@@ -95,6 +95,14 @@ pub struct S3Env {
     pub nolist_key: String,
     /// Credentials that may read and list, not write.
     pub readonly_key: String,
+    /// The same server over HTTPS (`https://localhost:…`), its certificate signed by `ca`.
+    pub https_endpoint: String,
+    /// The HTTPS port under a name the certificate is not for (`https://127.0.0.1:…`).
+    pub https_wrong_name: String,
+    /// The CA (PEM) that signed the server's certificate.
+    pub ca: String,
+    /// A CA that did not.
+    pub other_ca: String,
 }
 
 impl S3Env {
@@ -153,6 +161,10 @@ pub fn s3() -> &'static S3Env {
             secret_key: var(&vars, "BF_S3_SECRET_KEY"),
             nolist_key: var(&vars, "BF_S3_NOLIST_KEY"),
             readonly_key: var(&vars, "BF_S3_READONLY_KEY"),
+            https_endpoint: var(&vars, "BF_S3_HTTPS_ENDPOINT"),
+            https_wrong_name: var(&vars, "BF_S3_HTTPS_WRONG_NAME"),
+            ca: var(&vars, "BF_S3_CA"),
+            other_ca: var(&vars, "BF_S3_OTHER_CA"),
         }
     })
 }

@@ -185,6 +185,8 @@ typedef struct bf_store bf_store;
 /**
  * How to reach S3 (ignored for local stores). Zeroed fields (NULL, 0, -1 for `path_style`)
  * take the defaults: the standard AWS chain for credentials and region, `AWS_ENDPOINT_URL`.
+ * Over HTTPS, only the authorities in the PEM file `AWS_CA_BUNDLE` names are trusted when it
+ * is set (else the system's).
  */
 typedef struct {
   /**
@@ -613,7 +615,10 @@ bf_result bf_store_create(const char *location,
 
 /**
  * Opens the store at `location` into `*out`, unlocking it with the passphrase (NULL for
- * an unencrypted store; `BF_RESULT_CREDENTIALS` if it does not unlock).
+ * an unencrypted store; `BF_RESULT_CREDENTIALS` if it does not unlock, or if a passphrase is
+ * given for an unencrypted store). The store is checked against this client's record of it
+ * in the default state folder (`BLOCKFERRY_STATE_DIR`, else under `$HOME`): a store whose id
+ * or encryption changed under the client is refused (`BF_RESULT_CORRUPT`).
  *
  * # Safety
  * As `bf_store_create`.

@@ -132,6 +132,8 @@ pub type bf_progress_cb =
 
 /// How to reach S3 (ignored for local stores). Zeroed fields (NULL, 0, -1 for `path_style`)
 /// take the defaults: the standard AWS chain for credentials and region, `AWS_ENDPOINT_URL`.
+/// Over HTTPS, only the authorities in the PEM file `AWS_CA_BUNDLE` names are trusted when it
+/// is set (else the system's).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct bf_s3_options {

@@ -176,6 +176,7 @@ def _s3(
     access_key: Optional[str],
     secret_key: Optional[str],
     attempt_timeout: Optional[float],
+    ca_bundle: Optional[PathLike] = None,
 ) -> Dict[str, Any]:
     return {
         "endpoint": endpoint,
@@ -184,6 +185,7 @@ def _s3(
         "access_key": access_key,
         "secret_key": secret_key,
         "attempt_timeout": attempt_timeout,
+        "ca_bundle": _path(ca_bundle),
     }
 
 
@@ -220,13 +222,16 @@ class Store:
         secret_key: Optional[str] = None,
         attempt_timeout: Optional[float] = None,
         state_dir: Optional[PathLike] = None,
+        ca_bundle: Optional[PathLike] = None,
     ) -> "Store":
         """Creates a store and opens it. It is encrypted (AES-256-GCM, keys from the
         passphrase) unless ``encrypted=False`` is asked for explicitly. ``chunk_size`` is a
         power of two from 64 KiB to 16 MiB. This client records the new store's id and
         encryption in ``state_dir`` (default :func:`default_state_dir`), see :meth:`open`."""
         loc = os.fspath(location)
-        s3 = _s3(endpoint, region, path_style, access_key, secret_key, attempt_timeout)
+        s3 = _s3(
+            endpoint, region, path_style, access_key, secret_key, attempt_timeout, ca_bundle
+        )
         secret = _passphrase(passphrase)
         if encrypted and secret is None:
             raise ConfigError(
@@ -254,13 +259,17 @@ class Store:
         secret_key: Optional[str] = None,
         attempt_timeout: Optional[float] = None,
         state_dir: Optional[PathLike] = None,
+        ca_bundle: Optional[PathLike] = None,
     ) -> "Store":
         """Opens an existing store (``CredentialsError`` if the passphrase is wrong, or if
         one is given for an unencrypted store). The store is checked against what this
         client recorded of it in ``state_dir`` (default :func:`default_state_dir`): a store
         whose id changed, or that was encrypted and says it no longer is, raises
-        ``CorruptError``."""
-        s3 = _s3(endpoint, region, path_style, access_key, secret_key, attempt_timeout)
+        ``CorruptError``. Over HTTPS only the authorities in the PEM file ``ca_bundle`` are
+        trusted, if given (else ``AWS_CA_BUNDLE``'s, else the system's)."""
+        s3 = _s3(
+            endpoint, region, path_style, access_key, secret_key, attempt_timeout, ca_bundle
+        )
         return cls(
             _native.Store.open(
                 os.fspath(location),

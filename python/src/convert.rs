@@ -86,6 +86,7 @@ pub(crate) fn s3_options(d: Option<&Bound<'_, PyDict>>) -> PyResult<S3Options> {
             "attempt_timeout" => o.attempt_timeout = seconds("attempt_timeout", v.extract()?)?,
             "min_part_size" => o.min_part_size = Some(v.extract()?),
             "max_attempts" => o.max_attempts = v.extract()?,
+            "ca_bundle" => o.ca_bundle = Some(v.extract::<std::path::PathBuf>()?),
             _ => return Err(config_error(format!("unknown S3 option {k:?}"))),
         }
     }

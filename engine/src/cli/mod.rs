@@ -108,6 +108,10 @@ struct S3Args {
     /// Smallest S3 part size, for S3-compatible services that take parts under 5 MiB.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, hide = true)]
     s3_min_part_size: Option<u64>,
+    /// Trust only the certificate authorities in this PEM file for HTTPS (default:
+    /// AWS_CA_BUNDLE, else the system's).
+    #[arg(long, value_name = "FILE")]
+    ca_bundle: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -480,6 +484,7 @@ fn s3_options(args: &S3Args) -> S3Options {
         path_style: args.path_style,
         min_part_size: args.s3_min_part_size,
         attempt_timeout: args.s3_attempt_timeout,
+        ca_bundle: args.ca_bundle.clone(),
         ..S3Options::default()
     }
 }

@@ -261,6 +261,9 @@ pub struct S3Options {
     /// Smallest part size to use instead of S3's 5 MiB, for services that take smaller parts
     /// (tests of 10,000-part uploads use it); AWS refuses smaller parts at completion.
     pub min_part_size: Option<u64>,
+    /// A PEM file of the certificate authorities to trust for HTTPS instead of the system's
+    /// (else `AWS_CA_BUNDLE`, as other AWS tools read it, else the system's).
+    pub ca_bundle: Option<std::path::PathBuf>,
 }
 
 impl Default for S3Options {
@@ -275,6 +278,7 @@ impl Default for S3Options {
             connect_timeout: Duration::from_secs(5),
             min_part_size: None,
             static_credentials: None,
+            ca_bundle: None,
         }
     }
 }

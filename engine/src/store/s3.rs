@@ -115,11 +115,35 @@ impl S3Store {
             .map_err(|e| {
                 Error::new(ErrorKind::Internal, "starting the S3 runtime").with_source(e)
             })?;
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+        let ca_bundle = opts
+            .ca_bundle
+            .clone()
+            .or_else(|| std::env::var_os("AWS_CA_BUNDLE").map(std::path::PathBuf::from))
+            .filter(|p| !p.as_os_str().is_empty());
+        let mut http = aws_smithy_http_client::Builder::new().tls_provider(
+            aws_smithy_http_client::tls::Provider::Rustls(
                 aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
+            ),
+        );
+        if let Some(path) = &ca_bundle {
+            // These authorities only, as AWS_CA_BUNDLE means to other AWS tools.
+            let pem =
+                std::fs::read(path).map_err(|e| Error::io("reading the CA bundle", path, e))?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(Error::config("the CA bundle holds no PEM certificate").with_path(path));
+            }
+            let trust = aws_smithy_http_client::tls::TrustStore::empty().with_pem_certificate(pem);
+            let tls = aws_smithy_http_client::tls::TlsContext::builder()
+                .with_trust_store(trust)
+                .build()
+                .map_err(|e| {
+                    Error::config("the CA bundle cannot be used")
+                        .with_path(path)
+                        .with_source(e)
+                })?;
+            http = http.tls_context(tls);
+        }
+        let http = http.build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .http_client(http)
             .retry_config(
@@ -360,6 +384,21 @@ impl S3Store {
                     format!(
                         "{doing}: the endpoint {:?} is not a URL: give one such as \
                          http://127.0.0.1:8333 ({why})",
+                        self.endpoint
+                    ),
+                )
+            }
+            SdkError::DispatchFailure(_)
+                if why.contains("certificate")
+                    || why.contains("UnknownIssuer")
+                    || why.contains("NotValidForName") =>
+            {
+                (
+                    ErrorKind::Store,
+                    format!(
+                        "{doing}: {} presented a certificate this client does not trust, or one \
+                         for another name: refused ({why}); give the authority that signed it \
+                         (--ca-bundle, AWS_CA_BUNDLE) or the name it was made for",
                         self.endpoint
                     ),
                 )
