@@ -438,6 +438,10 @@ impl S3Server {
 pub const BOTO3_UPLOAD: &str = "import sys, boto3\n\
     boto3.client('s3').upload_file(sys.argv[1], sys.argv[2], sys.argv[3])\n";
 
+/// boto3's managed download of one object: `python -c BOTO3_DOWNLOAD BUCKET KEY FILE`.
+pub const BOTO3_DOWNLOAD: &str = "import sys, boto3\n\
+    boto3.client('s3').download_file(sys.argv[1], sys.argv[2], sys.argv[3])\n";
+
 /// Chunk size the change generator assumes (blockferry's default).
 pub const CHANGE_CHUNK: u64 = 1 << 20;
 /// Bytes rewritten inside each changed chunk.

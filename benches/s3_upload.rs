@@ -1,6 +1,7 @@
 //! Uploading one disk image to the same local S3 server (SeaweedFS on loopback, started by
 //! `tests/s3-server.sh`) with blockferry, rclone and boto3's s3transfer, in one run, each with
-//! its default settings. Run: `cargo bench -p blockferry-benches --bench s3_upload`
+//! its default settings; then getting it back (blockferry's restore against rclone's and
+//! boto3's downloads of the uploaded file). Run: `cargo bench -p blockferry-benches --bench s3_upload`
 //! (`BF_BENCH_MIB` sets the image size, default 1024; needs `rclone` from Debian and
 //! installs boto3 into the server's venv).
 //!
@@ -17,7 +18,7 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 use blockferry_benches::{
-    BOTO3_UPLOAD, Paired, S3Server, blockferry_release, machine, make_image, time,
+    BOTO3_DOWNLOAD, BOTO3_UPLOAD, Paired, S3Server, blockferry_release, machine, make_image, time,
 };
 
 /// Runs of each tool per image, taken in turns.
@@ -55,7 +56,7 @@ fn main() -> Result<()> {
          turns, medians; default settings of every tool\n"
     );
     println!(
-        "{:<12} {:>12} {:>12} {:>12} {:>14} {:>14}",
+        "{:<16} {:>12} {:>12} {:>12} {:>14} {:>14}",
         "image", "blockferry s", "rclone s", "boto3 s", "rclone/bf", "boto3/bf"
     );
     let mut n = 0u32;
@@ -121,13 +122,78 @@ fn main() -> Result<()> {
         })?;
         let (bf1, rc) = bf_vs_rclone.medians();
         let (bf2, bo) = bf_vs_boto.medians();
-        let bf = f64::midpoint(bf1, bf2);
+        let both = f64::midpoint(bf1, bf2);
         println!(
-            "{name:<12} {bf:>12.2} {rc:>12.2} {bo:>12.2} {:>14.2} {:>14.2}",
+            "{name:<16} {both:>12.2} {rc:>12.2} {bo:>12.2} {:>14.2} {:>14.2}",
+            rc / bf1,
+            bo / bf2
+        );
+
+        // Getting it back: one store and one uploaded copy (untimed), each read back RUNS
+        // times into a new file (deleted after each run, also untimed).
+        let prefix = format!("bench-bf-{}-restore", std::process::id());
+        let store = format!("s3://{}/{prefix}", server.bucket);
+        let key = format!("bench-copy-{}/{name}.raw", std::process::id());
+        for c in [
+            cmd(&bf).args(["init", "--store", &store]),
+            cmd(&bf)
+                .arg("replicate")
+                .arg(&image)
+                .args(["--store", &store]),
+            cmd(Path::new("rclone"))
+                .arg("copyto")
+                .arg(&image)
+                .arg(format!("bf:{}/{key}", server.bucket)),
+        ] {
+            let out = c.output()?;
+            if !out.status.success() {
+                bail!("{c:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        let out = work.join("restored.raw");
+        let mut restore = || -> Result<f64> {
+            let secs = time(
+                cmd(&bf)
+                    .args(["restore", "--force", "--store", &store, "latest"])
+                    .arg(&out),
+            )?;
+            std::fs::remove_file(&out)?;
+            Ok(secs)
+        };
+        let restore_vs_rclone = Paired::run(RUNS, &mut restore, || {
+            let secs = time(
+                cmd(Path::new("rclone"))
+                    .arg("copyto")
+                    .arg(format!("bf:{}/{key}", server.bucket))
+                    .arg(&out),
+            )?;
+            std::fs::remove_file(&out)?;
+            Ok(secs)
+        })?;
+        let restore_vs_boto = Paired::run(RUNS, &mut restore, || {
+            let secs = time(
+                cmd(&python)
+                    .args(["-c", BOTO3_DOWNLOAD, server.bucket.as_str(), &key])
+                    .arg(&out),
+            )?;
+            std::fs::remove_file(&out)?;
+            Ok(secs)
+        })?;
+        remove("purge", &prefix)?;
+        remove("deletefile", &key)?;
+        let (bf1, rc) = restore_vs_rclone.medians();
+        let (bf2, bo) = restore_vs_boto.medians();
+        let both = f64::midpoint(bf1, bf2);
+        let label = format!("{name} (get)");
+        println!(
+            "{label:<16} {both:>12.2} {rc:>12.2} {bo:>12.2} {:>14.2} {:>14.2}",
             rc / bf1,
             bo / bf2
         );
     }
-    println!("\nratio > 1: blockferry is faster ({mib} MiB image)");
+    println!(
+        "\nratio > 1: blockferry is faster ({mib} MiB image; \"get\": blockferry's restore \
+         against a download of the file the peer uploaded)"
+    );
     Ok(())
 }

@@ -307,8 +307,11 @@ fn one_disk_is_replicated_by_one_run_at_a_time() {
             img,
             "--store",
             &store,
+            // Small packs, each waiting its turn (the first goes at once): about 6 s.
             "--bwlimit",
-            "8M",
+            "4M",
+            "--memory-budget",
+            "32M",
             "--json",
         ])
         .env("BLOCKFERRY_PASSPHRASE", blockferry_tests::PASSPHRASE)

@@ -497,3 +497,60 @@ fn kill_and_resume_against_moto() {
     );
     assert_eq!(file_hash(&restored), file_hash(&image));
 }
+
+/// A restore from S3 reads neighbouring records of a pack with one ranged GET (not one per
+/// chunk), and rides out 503s and cut answers on the way.
+#[test]
+fn restores_read_neighbouring_chunks_together() {
+    let mut rng = Rng::seeded("s3_restore_ranges");
+    let proxy = Proxy::start(&s3().endpoint);
+    let (sb, extra) = through(&proxy, "ranges");
+    sb.init(&with(&["--chunk-size", "262144"], &extra));
+    let image = sample(&sb, &mut rng, 32);
+    let store = sb.store();
+    let out = sb.run(&replicate_args(&image, &store, &extra, "2"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chunks = 32 * MIB / (256 << 10);
+    let gets = Arc::new(AtomicU64::new(0));
+    let counted = gets.clone();
+    proxy.set_rule(move |r| {
+        if r.method == "GET" && r.target.contains("/packs/") {
+            let n = counted.fetch_add(1, Ordering::Relaxed);
+            // Every fifth answer refused, every seventh cut off mid-body.
+            if n % 5 == 4 {
+                return Action::SlowDown;
+            }
+            if n % 7 == 6 {
+                return Action::TruncateAnswer;
+            }
+        }
+        Action::Forward
+    });
+    let restored = sb.path("restored.raw");
+    let out = sb.run(&with(
+        &[
+            "restore",
+            "--store",
+            &store,
+            "latest",
+            restored.to_str().unwrap(),
+        ],
+        &extra,
+    ));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(file_hash(&restored), file_hash(&image));
+    let gets = gets.load(Ordering::Relaxed);
+    // 128 chunks in packs of a few MiB: a GET per range of up to 8 MiB, plus the retries.
+    assert!(
+        gets < chunks / 4,
+        "{gets} GETs of packs for {chunks} chunks"
+    );
+}

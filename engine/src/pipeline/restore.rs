@@ -1,5 +1,6 @@
 //! Restore: a snapshot back to a sparse file or a block device.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -7,11 +8,10 @@ use serde::Serialize;
 
 use super::output::Output;
 use super::verify::Problem;
-use super::walk::{OnError, Walk, walk};
 use crate::error::{Error, ErrorKind, Result};
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
-use crate::store::Store;
-use crate::store::format::ZERO_ID;
+use crate::store::format::{Id, PAGE_ENTRIES, PackId, ZERO_ID, hex};
+use crate::store::{ChunkIndex, ChunkLocation, Store};
 
 /// Options of [`restore`].
 #[derive(Debug, Clone, Default)]
@@ -89,19 +89,9 @@ pub fn restore(
         }
     ];
     let counters = reporter.counters().clone();
-    let chunk_cap = store.chunk_size() as usize;
     // One writer at a time (see convert): waiters sleep instead of spinning in the kernel.
     let write_lock = Mutex::new(());
     let unreadable = Mutex::new((Vec::<Problem>::new(), 0u64, 0u64));
-    let spec = Walk {
-        store,
-        snapshot: &snapshot,
-        workers,
-        cancel: &opts.cancel,
-        reporter: &reporter,
-        // Zero chunks are written on a device; a salvage also learns every chunk's length.
-        include_zero: device || opts.salvage,
-    };
     let write = |bytes: &[u8], offset: u64| -> Result<()> {
         let _serial = write_lock.lock().expect("write lock");
         let data = output.write_at(bytes, offset)?;
@@ -109,60 +99,43 @@ pub fn restore(
         Counters::add(&counters.bytes_zero, bytes.len() as u64 - data);
         Ok(())
     };
-    let result = walk(
-        &spec,
-        &|| {
-            (
-                Vec::with_capacity(chunk_cap + 64),
-                Vec::with_capacity(chunk_cap),
-            )
-        },
-        &|(record, data): &mut (Vec<u8>, Vec<u8>), item| {
-            if item.id == ZERO_ID {
-                if device {
-                    write(&zeros[..item.len], item.offset)?;
-                } else {
-                    Counters::add(&counters.bytes_zero, item.len as u64);
-                }
-                return Ok(());
+    // A chunk that cannot be read: fatal, or (salvage) zeros in its place and a listed
+    // problem (a device must not keep what it held there).
+    let lost = |e: Error, places: &[Place]| -> Result<()> {
+        if !(opts.salvage && salvageable(&e)) {
+            return Err(match places.first() {
+                Some(&(offset, _)) => e.at_disk_offset(offset),
+                None => e,
+            });
+        }
+        for &(offset, len) in places {
+            if device {
+                write(&zeros[..len], offset)?;
             }
-            let read = store
-                .read_chunk(&index, &item.id, record, data)
-                .map_err(|e| e.at_disk_offset(item.offset))
-                .and_then(|()| {
-                    if data.len() == item.len {
-                        Ok(())
-                    } else {
-                        Err(Error::new(
-                            ErrorKind::Corrupt,
-                            "a chunk's length disagrees with its position in the snapshot",
-                        )
-                        .with_offset(item.offset))
-                    }
+            let mut u = unreadable.lock().expect("unreadable list");
+            u.1 += 1;
+            u.2 += len as u64;
+            if u.0.len() < MAX_LISTED {
+                u.0.push(Problem {
+                    offset: Some(offset),
+                    message: e.to_string(),
                 });
-            match read {
-                Ok(()) => write(data, item.offset),
-                Err(e) if opts.salvage && salvageable(&e) => {
-                    // Zeros in its place (a device must not keep what it held there).
-                    if device {
-                        write(&zeros[..item.len], item.offset)?;
-                    }
-                    let mut u = unreadable.lock().expect("unreadable list");
-                    u.1 += 1;
-                    u.2 += item.len as u64;
-                    if u.0.len() < MAX_LISTED {
-                        u.0.push(Problem {
-                            offset: Some(item.offset),
-                            message: e.to_string(),
-                        });
-                    }
-                    Ok(())
-                }
-                Err(e) => Err(e),
             }
-        },
-        &|_| OnError::Stop,
-    );
+        }
+        Ok(())
+    };
+    let plan = Plan {
+        store,
+        snapshot: &snapshot,
+        index: &index,
+        cancel: &opts.cancel,
+        reporter: &reporter,
+    };
+    let result = plan.run(workers, device, &|job, bufs| match job {
+        Job::Zero { offset, len } => write(&zeros[..len], offset),
+        Job::Range(range) => range.restore(store, bufs, &write, &lost),
+        Job::Missing { error, places } => lost(error, &places),
+    });
     if let Err(e) = result {
         return Err(if e.kind() == ErrorKind::Cancelled {
             Error::new(
@@ -216,4 +189,297 @@ const MAX_LISTED: usize = 1000;
 /// store, the output or the run.
 fn salvageable(e: &Error) -> bool {
     matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound)
+}
+
+/// Bytes read in one ranged GET at most: neighbouring chunk records of a pack are read
+/// together, so a restore from S3 makes a request per few megabytes, not per chunk.
+const MAX_RANGE: u64 = 8 << 20;
+/// A gap between two needed records read through rather than split into two requests.
+const MAX_GAP: u64 = 256 << 10;
+
+/// Where a chunk goes on the disk: offset and length.
+type Place = (u64, usize);
+
+/// Writes bytes at a disk offset.
+type Write<'a> = dyn Fn(&[u8], u64) -> Result<()> + Sync + 'a;
+
+/// Deals with a chunk that cannot be read, given its places.
+type Lost<'a> = dyn Fn(Error, &[Place]) -> Result<()> + Sync + 'a;
+
+/// A worker's buffers: a range as read, and a chunk decoded.
+#[derive(Default)]
+struct Buffers {
+    raw: Vec<u8>,
+    data: Vec<u8>,
+}
+
+/// One chunk of a range: its id, its record, and its places.
+struct Wanted {
+    id: Id,
+    loc: ChunkLocation,
+    places: Vec<Place>,
+}
+
+/// What a restore worker does.
+enum Job {
+    /// Zeros onto a device.
+    Zero { offset: u64, len: usize },
+    /// Records of one pack read with one ranged GET.
+    Range(Range),
+    /// Chunks the index does not know.
+    Missing { error: Error, places: Vec<Place> },
+}
+
+/// Neighbouring records of one pack, and where each chunk goes on the disk.
+struct Range {
+    pack: PackId,
+    start: u64,
+    len: u64,
+    chunks: Vec<Wanted>,
+}
+
+impl Range {
+    /// Reads the range and writes each chunk where it goes; a range that cannot be read
+    /// whole (a damaged or short pack) is read chunk by chunk, so that the damage is placed.
+    fn restore(
+        &self,
+        store: &Store,
+        bufs: &mut Buffers,
+        write: &Write<'_>,
+        lost: &Lost<'_>,
+    ) -> Result<()> {
+        let Buffers { raw, data } = bufs;
+        let key = crate::store::pack_key(&self.pack);
+        let whole = usize::try_from(self.len)
+            .map_err(|_| Error::internal("range too large"))
+            .and_then(|len| store.backend().get_range(&key, self.start, len, raw));
+        let whole = match whole {
+            Ok(()) => true,
+            Err(e) if salvageable(&e) => false,
+            Err(e) => return Err(e),
+        };
+        for Wanted { id, loc, places } in &self.chunks {
+            let decoded = (|| {
+                store.check_location(&self.pack, loc)?;
+                if whole {
+                    let at = usize::try_from(loc.offset - self.start)
+                        .map_err(|_| Error::internal("record outside its range"))?;
+                    let end = at + loc.stored_len as usize;
+                    let record = raw
+                        .get_mut(at..end)
+                        .ok_or_else(|| Error::internal("record outside its range"))?;
+                    store.decode_chunk(&self.pack, loc, id, record, data)
+                } else {
+                    let mut record = Vec::new();
+                    store.backend().get_range(
+                        &key,
+                        loc.offset,
+                        loc.stored_len as usize,
+                        &mut record,
+                    )?;
+                    store.decode_chunk(&self.pack, loc, id, &mut record, data)
+                }
+            })();
+            if let Err(e) = decoded {
+                lost(e, places)?;
+                continue;
+            }
+            for &(offset, len) in places {
+                if data.len() != len {
+                    lost(
+                        Error::new(
+                            ErrorKind::Corrupt,
+                            "a chunk's length disagrees with its position in the snapshot",
+                        ),
+                        &[(offset, len)],
+                    )?;
+                    continue;
+                }
+                write(data, offset)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot's chunk map turned into reads, page by page.
+struct Plan<'a> {
+    store: &'a Store,
+    snapshot: &'a crate::store::Snapshot,
+    index: &'a ChunkIndex,
+    cancel: &'a CancelToken,
+    reporter: &'a Reporter<'a>,
+}
+
+impl Plan<'_> {
+    /// Plans each page (one at a time, so memory stays bounded) into jobs and has `workers`
+    /// threads do them with `f`. Progress moves as jobs are done.
+    fn run(
+        &self,
+        workers: usize,
+        device: bool,
+        f: &(dyn Fn(Job, &mut Buffers) -> Result<()> + Sync),
+    ) -> Result<()> {
+        let chunk = u64::from(self.snapshot.chunk_size);
+        let size = self.snapshot.disk.virtual_size;
+        let counters = self.reporter.counters().clone();
+        let stop = CancelToken::new();
+        let fatal: Mutex<Option<Error>> = Mutex::new(None);
+        let (tx, rx) = crossbeam_channel::bounded::<(Job, u64)>(2 * workers);
+        std::thread::scope(|s| {
+            for _ in 0..workers.max(1) {
+                let rx = rx.clone();
+                let (stop, fatal, counters) = (&stop, &fatal, &counters);
+                s.spawn(move || {
+                    let mut bufs = Buffers::default();
+                    for (job, bytes) in rx {
+                        if stop.is_cancelled() || self.cancel.is_cancelled() {
+                            continue;
+                        }
+                        if let Err(e) = f(job, &mut bufs) {
+                            stop.cancel();
+                            fatal.lock().expect("error slot").get_or_insert(e);
+                        }
+                        Counters::add(&counters.bytes_done, bytes);
+                        self.reporter.tick();
+                    }
+                });
+            }
+            drop(rx);
+            let planned = self.plan_pages(chunk, size, device, &counters, &stop, &tx);
+            if let Err(e) = planned {
+                stop.cancel();
+                fatal.lock().expect("error slot").get_or_insert(e);
+            }
+            drop(tx);
+        });
+        if let Some(e) = fatal.into_inner().expect("error slot") {
+            return Err(e);
+        }
+        if self.cancel.is_cancelled() {
+            return Err(Error::new(ErrorKind::Cancelled, "cancelled"));
+        }
+        Ok(())
+    }
+
+    fn plan_pages(
+        &self,
+        chunk: u64,
+        size: u64,
+        device: bool,
+        counters: &Counters,
+        stop: &CancelToken,
+        tx: &crossbeam_channel::Sender<(Job, u64)>,
+    ) -> Result<()> {
+        let send = |job: Job, bytes: u64| tx.send((job, bytes)).is_ok();
+        for page_idx in 0..self.snapshot.pages.len() {
+            if stop.is_cancelled() || self.cancel.is_cancelled() {
+                return Ok(());
+            }
+            let first = page_idx as u64 * PAGE_ENTRIES as u64;
+            let ids = match self.snapshot.page_id(page_idx)? {
+                Some(id) => self
+                    .store
+                    .read_page(&id)
+                    .map_err(|e| e.at_disk_offset(first * chunk))?,
+                None => Vec::new(),
+            };
+            let in_page = (self.snapshot.n_chunks() - first).min(PAGE_ENTRIES as u64);
+            if !ids.is_empty() && ids.len() as u64 != in_page {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    "a page's length disagrees with the snapshot's size",
+                )
+                .with_offset(first * chunk));
+            }
+            // Each distinct chunk of the page and where it goes.
+            let mut wanted: HashMap<Id, Vec<Place>, crate::store::IdHash> = HashMap::default();
+            for i in 0..in_page {
+                let id = ids
+                    .get(usize::try_from(i).unwrap_or(usize::MAX))
+                    .copied()
+                    .unwrap_or(ZERO_ID);
+                let offset = (first + i) * chunk;
+                let len = usize::try_from(chunk.min(size - offset)).expect("chunk fits in memory");
+                if id != ZERO_ID {
+                    wanted.entry(id).or_default().push((offset, len));
+                } else if device {
+                    if !send(Job::Zero { offset, len }, len as u64) {
+                        return Ok(());
+                    }
+                } else {
+                    Counters::add(&counters.bytes_zero, len as u64);
+                    Counters::add(&counters.bytes_done, len as u64);
+                }
+            }
+            // By pack, in record order, cut into ranges.
+            let mut by_pack: HashMap<PackId, Vec<Wanted>> = HashMap::new();
+            let mut missing = Vec::new();
+            for (id, places) in wanted {
+                match self.index.get(&id) {
+                    Some((pack, loc)) => {
+                        by_pack
+                            .entry(pack)
+                            .or_default()
+                            .push(Wanted { id, loc, places });
+                    }
+                    None => missing.push((id, places)),
+                }
+            }
+            for (id, places) in missing {
+                let bytes = places.iter().map(|p| p.1 as u64).sum();
+                let error = Error::new(
+                    ErrorKind::NotFound,
+                    format!("chunk {} is in no index of the store", hex(&id)),
+                );
+                if !send(Job::Missing { error, places }, bytes) {
+                    return Ok(());
+                }
+            }
+            let mut packs: Vec<_> = by_pack.into_iter().collect();
+            packs.sort_by_key(|(pack, _)| *pack);
+            for (pack, mut chunks) in packs {
+                chunks.sort_by_key(|c| c.loc.offset);
+                let mut range: Option<Range> = None;
+                for c in chunks {
+                    let (start, end) = (c.loc.offset, c.loc.offset + u64::from(c.loc.stored_len));
+                    if let Some(r) = range.as_mut()
+                        && start <= r.start + r.len + MAX_GAP
+                        && end - r.start <= MAX_RANGE
+                    {
+                        r.len = r.len.max(end - r.start);
+                        r.chunks.push(c);
+                        continue;
+                    }
+                    if let Some(r) = range.take()
+                        && !send_range(&send, r)
+                    {
+                        return Ok(());
+                    }
+                    range = Some(Range {
+                        pack,
+                        start,
+                        len: end - start,
+                        chunks: vec![c],
+                    });
+                }
+                if let Some(r) = range
+                    && !send_range(&send, r)
+                {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends a range with the virtual bytes it covers; false if the workers are gone.
+fn send_range(send: &dyn Fn(Job, u64) -> bool, r: Range) -> bool {
+    let bytes = r
+        .chunks
+        .iter()
+        .flat_map(|c| c.places.iter().map(|p| p.1 as u64))
+        .sum();
+    send(Job::Range(r), bytes)
 }

@@ -862,9 +862,17 @@ impl Store {
             )
         })?;
         let key = pack_key(&pack_id);
+        self.check_location(&pack_id, &loc)?;
+        self.backend
+            .get_range(&key, loc.offset, loc.stored_len as usize, record)?;
+        self.decode_chunk(&pack_id, &loc, id, record, out)
+    }
+
+    /// Checks a chunk location from the index before anything is read for it.
+    pub fn check_location(&self, pack: &PackId, loc: &ChunkLocation) -> Result<()> {
         if loc.stored_len as usize > format::blob_bound(self.chunk_size() as usize) {
             return Err(Error::corrupt(
-                &key,
+                &pack_key(pack),
                 format!(
                     "index claims a {}-byte chunk record, larger than any chunk",
                     loc.stored_len
@@ -872,9 +880,21 @@ impl Store {
             )
             .with_offset(loc.offset));
         }
-        self.backend
-            .get_range(&key, loc.offset, loc.stored_len as usize, record)?;
-        let sealer = self.keys.pack_sealer(&pack_id);
+        Ok(())
+    }
+
+    /// Authenticates, decompresses and checks one chunk record (read from `pack` at `loc`;
+    /// decrypted in place) into `out`.
+    pub fn decode_chunk(
+        &self,
+        pack: &PackId,
+        loc: &ChunkLocation,
+        id: &Id,
+        record: &mut [u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let key = pack_key(pack);
+        let sealer = self.keys.pack_sealer(pack);
         format::decode_blob(
             &sealer,
             id,
