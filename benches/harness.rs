@@ -42,8 +42,8 @@ use blockferry::pipeline::is_zero;
 use blockferry::store::crypto::Keys;
 use blockferry::store::format;
 use blockferry_benches::{
-    BOTO3_UPLOAD, Measured, Rng, S3Server, blockferry_release, change_one_percent, drop_caches,
-    machine, make_image, make_os_image, measure, os_page, settle, snapshot_id, warm,
+    BOTO3_DOWNLOAD, BOTO3_UPLOAD, Measured, Rng, S3Server, blockferry_release, change_one_percent,
+    drop_caches, machine, make_image, make_os_image, measure, os_page, settle, snapshot_id, warm,
 };
 
 /// Runs of each paired comparison (medians reported).
@@ -783,6 +783,73 @@ fn s3_section(ctx: &Ctx, root: &Path, os: &Path, rep: &mut Report) -> Result<()>
     );
     rep.target(
         "boto3 / blockferry to S3 (info)",
+        format!("{:.2}x", t[2] / t[0]),
+        true,
+    );
+
+    // Back from S3: a store and a plain copy made once (untimed); each run writes a new file,
+    // deleted after it.
+    let prefix = format!("harness-{tag}-bf-restore");
+    let store = format!("s3://{}/{prefix}", server.bucket);
+    let key = format!("harness-{tag}-copy.raw");
+    measure(&mut with_env(ctx.bf(&["init", "--store", &store])))?;
+    measure(&mut with_env(ctx.bf(&[
+        "replicate",
+        pstr(os),
+        "--store",
+        &store,
+    ])))?;
+    let mut c = with_env(Command::new("rclone"));
+    c.arg("copyto")
+        .arg(os)
+        .arg(format!("bf:{}/{key}", server.bucket));
+    measure(&mut c)?;
+    let out = ctx.work.join("from-s3.raw");
+    let timed = |mut c: Command| -> Result<f64> {
+        let secs = measure(&mut c)?.0.secs;
+        std::fs::remove_file(&out)?;
+        Ok(secs)
+    };
+    let t = interleaved(&mut [
+        &mut || {
+            timed(with_env(ctx.bf(&[
+                "restore",
+                "--store",
+                &store,
+                "latest",
+                pstr(&out),
+            ])))
+        },
+        &mut || {
+            let mut c = with_env(Command::new("rclone"));
+            c.arg("copyto")
+                .arg(format!("bf:{}/{key}", server.bucket))
+                .arg(&out);
+            timed(c)
+        },
+        &mut || {
+            let mut c = with_env(Command::new(&python));
+            c.args(["-c", BOTO3_DOWNLOAD, server.bucket.as_str(), &key])
+                .arg(&out);
+            timed(c)
+        },
+    ])?;
+    purge(&prefix)?;
+    delete(&key)?;
+    for (name, secs) in [
+        ("blockferry restore from S3", t[0]),
+        ("rclone copyto (plain download)", t[1]),
+        ("boto3 download_file (plain download)", t[2]),
+    ] {
+        rep.row("s3", name, secs, gb_s(bytes, secs));
+    }
+    rep.target(
+        "rclone / blockferry from S3 (info)",
+        format!("{:.2}x", t[1] / t[0]),
+        true,
+    );
+    rep.target(
+        "boto3 / blockferry from S3 (info)",
         format!("{:.2}x", t[2] / t[0]),
         true,
     );

@@ -9,7 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cc=${CC:-cc}
 cxx=${CXX:-c++}
-cargo build --quiet --locked -p blockferry-ffi
+# The whole workspace (a no-op after `cargo build --workspace`): a `-p` selection would
+# resolve the dependencies' features otherwise and rebuild them.
+cargo build --quiet --locked --workspace
 lib=target/debug
 out=target/ffi-tests
 rm -rf "$out" && mkdir -p "$out"

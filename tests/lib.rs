@@ -40,14 +40,9 @@ pub fn bin() -> PathBuf {
             .and_then(|p| p.parent()?.parent().map(|d| d.ends_with("release")))
             .unwrap_or(false);
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "blockferry",
-            "--bin",
-            "blockferry",
-        ]);
+        // The whole workspace's selection, as `cargo build --workspace` makes it: a `-p`
+        // selection resolves the dependencies' features otherwise and rebuilds them.
+        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
         if profile_release {
             cmd.arg("--release");
         }

@@ -7,7 +7,6 @@
 //! The plan then takes every page without a change whole from the base (not even read), and
 //! the unchanged positions of the other pages from the base's pages.
 
-use super::{fill_chunk, has_data, is_zero};
 use crate::changes::{ChangeFormat, ChangeList};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::BlockSource;
@@ -265,9 +264,7 @@ pub(super) fn plan(
         let want = sample_size(n, opts.verify_sample);
         let start = base.changes.as_ref().map_or(0, |c| c.sample_next) % n.max(1);
         let mut taken = 0u64;
-        let mut maps = Vec::new();
-        let mut buf = Vec::new();
-        let mut grains = super::GrainCache::default();
+        let mut probe = super::ChunkProbe::default();
         let mut idx = start;
         while taken < want && n > 0 {
             if !changed(idx) {
@@ -275,21 +272,8 @@ pub(super) fn plan(
                 let expected = pages.id(idx)?;
                 let offset = idx * chunk;
                 let len = chunk.min(size - offset);
-                maps.clear();
-                source.map(offset, len, &mut maps)?;
-                crate::image::coalesce(&mut maps);
-                let id = if has_data(&maps) {
-                    buf.resize(usize::try_from(len).expect("a chunk fits in memory"), 0);
-                    let read = fill_chunk(source, backend, &mut grains, &maps, offset, &mut buf)?;
-                    Counters::add(&reporter.counters().bytes_read, read);
-                    if is_zero(&buf) {
-                        ZERO_ID
-                    } else {
-                        store.keys().chunk_id(&buf)
-                    }
-                } else {
-                    ZERO_ID
-                };
+                let (id, read) = probe.id_at(store, source, backend, offset, len)?;
+                Counters::add(&reporter.counters().bytes_read, read);
                 if id != expected {
                     record.sample_mismatches += 1;
                 }

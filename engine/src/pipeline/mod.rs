@@ -508,6 +508,50 @@ pub(crate) fn has_data(maps: &[Mapping]) -> bool {
     maps.iter().any(|m| m.target.is_data())
 }
 
+/// Reads single chunks of a source again and tells their ids, as a snapshot records them
+/// (the zero id for a chunk of zeros): a delta's sample, a resumed job's check.
+#[derive(Default)]
+pub(crate) struct ChunkProbe {
+    maps: Vec<Mapping>,
+    buf: Vec<u8>,
+    grains: GrainCache,
+}
+
+impl ChunkProbe {
+    /// The id of `[offset, offset + len)` of `source`, and the bytes read from files for it.
+    pub(crate) fn id_at(
+        &mut self,
+        store: &Store,
+        source: &dyn BlockSource,
+        backend: &mut dyn ReadBackend,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Id, u64)> {
+        self.maps.clear();
+        source.map(offset, len, &mut self.maps)?;
+        crate::image::coalesce(&mut self.maps);
+        if !has_data(&self.maps) {
+            return Ok((ZERO_ID, 0));
+        }
+        let buf_len = usize::try_from(len).map_err(|_| Error::internal("chunk too large"))?;
+        self.buf.resize(buf_len, 0);
+        let read = fill_chunk(
+            source,
+            backend,
+            &mut self.grains,
+            &self.maps,
+            offset,
+            &mut self.buf,
+        )?;
+        let id = if is_zero(&self.buf) {
+            ZERO_ID
+        } else {
+            store.keys().chunk_id(&self.buf)
+        };
+        Ok((id, read))
+    }
+}
+
 /// A chunk read from the source, on its way to a worker.
 struct Work {
     idx: u64,
@@ -1286,28 +1330,14 @@ fn check_resume_sample(
     let chunk = u64::from(store.chunk_size());
     let size = source.info().virtual_size;
     let mut backend = crate::io::Pread;
-    let mut grains = GrainCache::default();
-    let (mut maps, mut buf) = (Vec::new(), Vec::new());
+    let mut probe = ChunkProbe::default();
     let mut differ = 0usize;
     let mut first_differing = None;
     for k in 0..want {
         let (idx, recorded) = done[k * done.len() / want];
         let offset = idx * chunk;
         let len = chunk.min(size - offset);
-        maps.clear();
-        source.map(offset, len, &mut maps)?;
-        crate::image::coalesce(&mut maps);
-        let id = if has_data(&maps) {
-            buf.resize(usize::try_from(len).expect("a chunk fits in memory"), 0);
-            fill_chunk(source, &mut backend, &mut grains, &maps, offset, &mut buf)?;
-            if is_zero(&buf) {
-                ZERO_ID
-            } else {
-                store.keys().chunk_id(&buf)
-            }
-        } else {
-            ZERO_ID
-        };
+        let (id, _) = probe.id_at(store, source, &mut backend, offset, len)?;
         if id != recorded {
             differ += 1;
             first_differing.get_or_insert(offset);

@@ -12,8 +12,8 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::format::{self, Id, MetaKind, PackId, hex, unhex};
-use super::repo::{MAX_META_BYTES, Store, now_unix_ms, pack_key};
+use super::format::{Id, PackId, hex, unhex};
+use super::repo::{Store, now_unix_ms, pack_key};
 use crate::error::{Error, ErrorKind, Result};
 
 /// One damage record's content.
@@ -87,14 +87,7 @@ impl Store {
     }
 
     fn read_damage_record(&self, key: &str) -> Result<DamageRecord> {
-        let payload = format::open_meta(
-            &self.meta,
-            MetaKind::Snapshot,
-            key,
-            self.backend().get(key, MAX_META_BYTES)?,
-        )?;
-        serde_json::from_slice(&payload)
-            .map_err(|e| Error::corrupt(key, "damage record is not valid").with_source(e))
+        self.read_record(key, "damage record")
     }
 
     /// Writes a damage record (nothing if it lists nothing).
@@ -108,9 +101,7 @@ impl Store {
             created_unix_ms: now_unix_ms(),
         };
         let key = format!("damaged/{}", hex(&super::crypto::random::<8>()?));
-        let json = serde_json::to_vec(&rec)
-            .map_err(|e| Error::internal("encoding a damage record").with_source(e))?;
-        let sealed = format::seal_meta(&self.meta, MetaKind::Snapshot, &key, &json)?;
+        let sealed = self.seal_record(&key, &rec, "a damage record")?;
         self.put_new(&key, &sealed)
     }
 

@@ -10,8 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::format::{self, MetaKind, hex};
-use super::repo::{MAX_META_BYTES, Snapshot, Store, now_unix_ms};
+use super::format::hex;
+use super::repo::{Snapshot, Store, now_unix_ms};
 use crate::error::{Error, ErrorKind, Result};
 
 /// A manifest's (or tombstone's) name, parsed.
@@ -200,9 +200,7 @@ impl Store {
     pub fn write_snapshot(&self, snapshot: &Snapshot) -> Result<()> {
         let key = self.snapshot_key_of(snapshot);
         snapshot.validate(&key, &key)?;
-        let json = serde_json::to_vec(snapshot)
-            .map_err(|e| Error::internal("encoding snapshot").with_source(e))?;
-        let sealed = format::seal_meta(&self.meta, MetaKind::Snapshot, &key, &json)?;
+        let sealed = self.seal_record(&key, snapshot, "a snapshot")?;
         self.put_new(&key, &sealed)?;
         if snapshot.seq > 0 {
             self.pin_disk(&snapshot.disk.name, snapshot.seq, &snapshot.id)?;
@@ -212,14 +210,7 @@ impl Store {
 
     /// Reads the manifest at `key`, checking it belongs there.
     pub(crate) fn read_snapshot_key(&self, key: &str) -> Result<Snapshot> {
-        let payload = format::open_meta(
-            &self.meta,
-            MetaKind::Snapshot,
-            key,
-            self.backend().get(key, MAX_META_BYTES)?,
-        )?;
-        let snapshot: Snapshot = serde_json::from_slice(&payload)
-            .map_err(|e| Error::corrupt(key, "snapshot manifest is not valid").with_source(e))?;
+        let snapshot: Snapshot = self.read_record(key, "snapshot manifest")?;
         snapshot.validate(key, &self.snapshot_key_of(&snapshot))?;
         Ok(snapshot)
     }
@@ -374,14 +365,7 @@ impl Store {
     }
 
     fn read_tombstone(&self, key: &str) -> Result<Tombstone> {
-        let payload = format::open_meta(
-            &self.meta,
-            MetaKind::Snapshot,
-            key,
-            self.backend().get(key, MAX_META_BYTES)?,
-        )?;
-        serde_json::from_slice(&payload)
-            .map_err(|e| Error::corrupt(key, "tombstone is not valid").with_source(e))
+        self.read_record(key, "tombstone")
     }
 
     /// The manifest names matching a snapshot id or unique id prefix.
@@ -441,9 +425,7 @@ impl Store {
             Some(d) => format!("forgotten/{d}/{:016x}-{}", k.seq, k.id),
             None => format!("forgotten/{}", k.id),
         };
-        let json = serde_json::to_vec(&tomb)
-            .map_err(|e| Error::internal("encoding a tombstone").with_source(e))?;
-        let sealed = format::seal_meta(&self.meta, MetaKind::Snapshot, &key, &json)?;
+        let sealed = self.seal_record(&key, &tomb, "a tombstone")?;
         match super::create_object(self.backend().as_ref(), &key, &sealed)? {
             // A tombstone already there: forgotten before (the manifest reappeared?).
             super::PutOutcome::Written | super::PutOutcome::AlreadyExists => {}
@@ -551,13 +533,12 @@ impl Store {
     /// under way: a cleanup on any host leaves its open uploads alone.
     pub fn record_job(&self, job: &str, source: &str) -> Result<()> {
         let key = format!("jobs/{job}");
-        let json = serde_json::to_vec(&serde_json::json!({
+        let record = serde_json::json!({
             "job": job,
             "source": source,
             "created_unix_ms": now_unix_ms(),
-        }))
-        .map_err(|e| Error::internal("encoding a job record").with_source(e))?;
-        let sealed = format::seal_meta(&self.meta, MetaKind::Snapshot, &key, &json)?;
+        });
+        let sealed = self.seal_record(&key, &record, "a job record")?;
         match super::create_object(self.backend().as_ref(), &key, &sealed)? {
             super::PutOutcome::Written | super::PutOutcome::AlreadyExists => Ok(()),
         }

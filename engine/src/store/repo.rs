@@ -836,6 +836,35 @@ impl Store {
         Ok((entries, size))
     }
 
+    /// Reads a sealed JSON record of the snapshot kind (a manifest, tombstone, damage or job
+    /// record) at `key`; `what` names it in errors.
+    pub(super) fn read_record<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        what: &str,
+    ) -> Result<T> {
+        let payload = format::open_meta(
+            &self.meta,
+            MetaKind::Snapshot,
+            key,
+            self.backend.get(key, MAX_META_BYTES)?,
+        )?;
+        serde_json::from_slice(&payload)
+            .map_err(|e| Error::corrupt(key, format!("{what} is not valid")).with_source(e))
+    }
+
+    /// Seals `value` as a JSON record of the snapshot kind for `key` (see [`Self::read_record`]).
+    pub(super) fn seal_record<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        what: &str,
+    ) -> Result<Vec<u8>> {
+        let json = serde_json::to_vec(value)
+            .map_err(|e| Error::internal(format!("encoding {what}")).with_source(e))?;
+        format::seal_meta(&self.meta, MetaKind::Snapshot, key, &json)
+    }
+
     pub(super) fn put_new(&self, key: &str, bytes: &[u8]) -> Result<()> {
         match create_object(self.backend.as_ref(), key, bytes)? {
             PutOutcome::Written => Ok(()),
