@@ -319,3 +319,50 @@ fn bad_sources_and_arguments() {
     // Usage errors exit 2.
     assert_eq!(sb.run(&["replicate"]).status.code(), Some(2));
 }
+
+/// An index entry claiming a record far larger than any chunk is refused before it sizes a
+/// read (a restore plans ranged reads from the index: a forged length must not make one of
+/// gigabytes).
+#[test]
+fn an_index_entry_claiming_a_huge_record_is_refused_before_reading() {
+    use blockferry::store::format::{Entry, PackId, unhex};
+    let mut rng = Rng::seeded("huge_record");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let image = sb.path("disk.raw");
+    make_image(&image, 4 * MIB, &[(0, rng.bytes(2 << 20))]);
+    sb.replicate(&image, &[]);
+    let store = Store::open(&sb.store(), Some(PASSPHRASE.as_bytes())).unwrap();
+    let mut forged: Vec<(PackId, Vec<Entry>)> = Vec::new();
+    for (id, pack, loc) in store.load_index().unwrap().entries() {
+        let pack: PackId = unhex(pack.rsplit('/').next().unwrap()).unwrap();
+        let entry = Entry {
+            id,
+            offset: loc.offset,
+            stored_len: u32::MAX,
+            raw_len: loc.raw_len,
+        };
+        match forged.iter_mut().find(|(p, _)| *p == pack) {
+            Some((_, entries)) => entries.push(entry),
+            None => forged.push((pack, vec![entry])),
+        }
+    }
+    for f in objects(&sb.store(), "index") {
+        std::fs::remove_file(f).unwrap();
+    }
+    store.write_index(&forged).unwrap();
+    // Under a 3 GB address-space limit: a read sized by the forged length (4 GiB) would
+    // abort the process instead of failing cleanly.
+    let out = sb.path("out.raw");
+    let script = format!("ulimit -v 3000000; exec \"$0\" restore --store \"$1\" latest \"$2\"",);
+    let run = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .arg(blockferry_tests::bin())
+        .arg(sb.store())
+        .arg(&out)
+        .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
+        .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+        .output()
+        .unwrap();
+    expect_failure(run, 1, &["larger than any chunk", "at disk offset"]);
+}

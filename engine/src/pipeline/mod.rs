@@ -564,6 +564,9 @@ enum ChunkKind {
     Zero,
     Duplicate,
     New,
+    /// Stored by an earlier run of this job (a position it made durable without recording
+    /// it): new data of this snapshot, not stored again.
+    Resumed,
 }
 
 enum Msg {
@@ -607,13 +610,24 @@ enum Msg {
 /// Chunks already stored, or claimed by a worker of this run.
 struct Dedup<'a> {
     index: &'a ChunkIndex,
+    /// Chunks in the packs the job's earlier runs made durable (indexed or not).
+    earlier: HashSet<Id>,
     claimed: Mutex<HashSet<Id>>,
 }
 
 impl Dedup<'_> {
-    /// True if this caller must store the chunk; false if it is stored or being stored.
-    fn claim(&self, id: &Id) -> bool {
-        !self.index.contains(id) && self.claimed.lock().expect("dedup set lock").insert(*id)
+    /// Whether the caller must store the chunk (`New`), or it is stored or being stored
+    /// (`Duplicate`), or an earlier run of the job stored it (`Resumed`).
+    fn claim(&self, id: &Id) -> ChunkKind {
+        if self.earlier.contains(id) {
+            ChunkKind::Resumed
+        } else if !self.index.contains(id)
+            && self.claimed.lock().expect("dedup set lock").insert(*id)
+        {
+            ChunkKind::New
+        } else {
+            ChunkKind::Duplicate
+        }
     }
 }
 
@@ -1009,13 +1023,9 @@ fn worker(sh: &Shared<'_>, work: &Receiver<Work>, parts: &Sender<Outgoing>, msgs
                 continue;
             }
             let id = sh.store.keys().chunk_id(&buf);
-            if !sh.dedup.claim(&id) {
-                let _ = msgs.send(Msg::Chunk {
-                    idx,
-                    id,
-                    len,
-                    kind: ChunkKind::Duplicate,
-                });
+            let kind = sh.dedup.claim(&id);
+            if !matches!(kind, ChunkKind::New) {
+                let _ = msgs.send(Msg::Chunk { idx, id, len, kind });
                 continue;
             }
             let p = match &mut pack {
@@ -1615,7 +1625,8 @@ pub fn replicate(
         dedup: Dedup {
             index: &index,
             // Chunks the job's earlier runs made durable count as stored.
-            claimed: Mutex::new(durable),
+            earlier: durable,
+            claimed: Mutex::new(HashSet::new()),
         },
         counters: reporter.counters(),
         chunk_size: chunk_size as u64,
@@ -1699,7 +1710,7 @@ pub fn replicate(
     }
     // A position an earlier run of the job made durable counts as it did then: zero, new (a
     // chunk in one of the job's own packs), or deduplicated.
-    let own = sh.dedup.claimed.lock().expect("dedup set lock");
+    let own = &sh.dedup.earlier;
     for (idx, id) in &done {
         let len = sh.chunk_len(*idx);
         resumed_bytes += len;
@@ -1714,7 +1725,7 @@ pub fn replicate(
         Counters::add(&sh.counters.bytes_skipped, len);
         place(*idx, *id, &mut pages, true)?;
     }
-    drop((done, own));
+    drop(done);
 
     let joined = thread::scope(|s| {
         let sh = &sh;
@@ -1756,6 +1767,7 @@ pub fn replicate(
                         match kind {
                             ChunkKind::Zero => stats.bytes_zero += len,
                             ChunkKind::Duplicate => stats.bytes_deduplicated += len,
+                            ChunkKind::Resumed => stats.bytes_new += len,
                             ChunkKind::New => {
                                 stats.bytes_new += len;
                                 stats.chunks_stored += 1;

@@ -226,7 +226,7 @@ enum Job {
     Zero { offset: u64, len: usize },
     /// Records of one pack read with one ranged GET.
     Range(Range),
-    /// Chunks the index does not know.
+    /// Chunks that cannot be read: unknown to the index, or its record of them impossible.
     Missing { error: Error, places: Vec<Place> },
 }
 
@@ -442,7 +442,19 @@ impl Plan<'_> {
                 chunks.sort_by_key(|c| c.loc.offset);
                 let mut range: Option<Range> = None;
                 for c in chunks {
-                    let (start, end) = (c.loc.offset, c.loc.offset + u64::from(c.loc.stored_len));
+                    // Checked before it sizes a read: an index entry must not make one huge.
+                    if let Err(error) = self.store.check_location(&pack, &c.loc) {
+                        let bytes = c.places.iter().map(|p| p.1 as u64).sum();
+                        let places = c.places;
+                        if !send(Job::Missing { error, places }, bytes) {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    let (start, end) = (
+                        c.loc.offset,
+                        c.loc.offset.saturating_add(u64::from(c.loc.stored_len)),
+                    );
                     if let Some(r) = range.as_mut()
                         && start <= r.start + r.len + MAX_GAP
                         && end - r.start <= MAX_RANGE
