@@ -354,9 +354,9 @@ fn an_index_entry_claiming_a_huge_record_is_refused_before_reading() {
     // Under a 3 GB address-space limit: a read sized by the forged length (4 GiB) would
     // abort the process instead of failing cleanly.
     let out = sb.path("out.raw");
-    let script = format!("ulimit -v 3000000; exec \"$0\" restore --store \"$1\" latest \"$2\"",);
+    let script = r#"ulimit -v 3000000; exec "$0" restore --store "$1" latest "$2""#;
     let run = std::process::Command::new("sh")
-        .args(["-c", &script])
+        .args(["-c", script])
         .arg(blockferry_tests::bin())
         .arg(sb.store())
         .arg(&out)
