@@ -49,3 +49,10 @@ pub use pipeline::{
     verify,
 };
 pub use store::{InitOptions, Snapshot, Store, StoreConfig};
+// The rest of the facade the front ends use: the read engine's choice, the client's job
+// database, retention and garbage collection.
+pub use io::IoEngine;
+pub use job::state::{JobDb, default_state_dir};
+pub use pipeline::DEFAULT_VERIFY_SAMPLE;
+pub use pipeline::gc::{GcOptions, gc};
+pub use pipeline::prune::{KeepPolicy, prune};

@@ -27,13 +27,13 @@ use std::sync::Mutex;
 
 use blockferry::changes::{ChangeFormat, ChangeList};
 use blockferry::image::{self, OpenOptions, Target};
-use blockferry::job::state::{JobDb, default_state_dir};
 use blockferry::pipeline::{Changes, DeltaOptions};
 use blockferry::store::S3Options;
 use blockferry::{
     CancelToken, ConvertOptions, Event, InitOptions, Observer, Phase, ReplicateOptions,
     RestoreOptions, VerifyOptions,
 };
+use blockferry::{JobDb, default_state_dir};
 use serde_json::json;
 
 pub use error::bf_result;
@@ -581,7 +581,7 @@ fn default_options() -> bf_replicate_options {
         changes: std::ptr::null(),
         changes_format: std::ptr::null(),
         change_id: std::ptr::null(),
-        verify_sample: blockferry::pipeline::DEFAULT_VERIFY_SAMPLE,
+        verify_sample: blockferry::DEFAULT_VERIFY_SAMPLE,
     }
 }
 
@@ -746,9 +746,9 @@ pub unsafe extern "C" fn bf_replicate(
         let changes_format = ffi_arg!(opt_str_arg(o.changes_format, "opts.changes_format"))?;
         let change_id = ffi_arg!(opt_str_arg(o.change_id, "opts.change_id"))?;
         let io_engine = match o.io_engine {
-            0 => blockferry::io::IoEngine::Pread,
-            1 => blockferry::io::IoEngine::Auto,
-            2 => blockferry::io::IoEngine::Uring,
+            0 => blockferry::IoEngine::Pread,
+            1 => blockferry::IoEngine::Auto,
+            2 => blockferry::IoEngine::Uring,
             v => return Err(invalid(format!("opts.io_engine {v}: give 0, 1 or 2"))),
         };
         if !(0.0..=1.0).contains(&o.verify_sample) {
@@ -999,13 +999,13 @@ pub unsafe extern "C" fn bf_store_prune(
     boundary(|| {
         let store = ffi_arg!(ref_arg(store, "store"))?;
         let disk = ffi_arg!(opt_str_arg(disk, "disk"))?;
-        let policy = blockferry::pipeline::prune::KeepPolicy {
+        let policy = blockferry::KeepPolicy {
             last: keep_last as usize,
             daily: keep_daily as usize,
             weekly: keep_weekly as usize,
             monthly: keep_monthly as usize,
         };
-        let r = blockferry::pipeline::prune::prune(&store.store, &policy, disk, dry_run)?;
+        let r = blockferry::prune(&store.store, &policy, disk, dry_run)?;
         let rep = bf_prune_report {
             kept: r.kept.len() as u64,
             forgotten: r.forgotten.len() as u64,
@@ -1036,14 +1036,14 @@ pub unsafe extern "C" fn bf_store_gc(
     boundary(|| {
         let store = ffi_arg!(ref_arg(store, "store"))?;
         let cancel = ffi_arg!(token(cancel));
-        let opts = blockferry::pipeline::gc::GcOptions {
+        let opts = blockferry::GcOptions {
             max_unused,
             wait: std::time::Duration::from_secs(u64::from(wait_secs)),
             dry_run,
             cancel,
         };
         let observer = observer(progress, userdata);
-        let r = blockferry::pipeline::gc::gc(&store.store, &opts, observer.as_ref())?;
+        let r = blockferry::gc(&store.store, &opts, observer.as_ref())?;
         let rep = bf_gc_report {
             snapshots: r.snapshots as u64,
             chunks_live: r.chunks_live,

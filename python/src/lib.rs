@@ -15,16 +15,16 @@ mod task;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use blockferry::GcOptions;
+use blockferry::KeepPolicy;
 use blockferry::changes::{ChangeFormat, ChangeList};
 use blockferry::image::{self, OpenOptions, Target};
-use blockferry::job::state::{JobDb, default_state_dir};
-use blockferry::pipeline::gc::GcOptions;
-use blockferry::pipeline::prune::KeepPolicy;
 use blockferry::pipeline::{Changes, DeltaOptions};
 use blockferry::{
     CancelToken, ConvertOptions, InitOptions, Phase, ReplicateOptions, RestoreOptions,
     VerifyOptions,
 };
+use blockferry::{JobDb, default_state_dir};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use serde_json::json;
@@ -447,7 +447,7 @@ impl Store {
         };
         let store = &self.store;
         let r = py
-            .detach(|| blockferry::pipeline::prune::prune(store, &policy, disk.as_deref(), dry_run))
+            .detach(|| blockferry::prune(store, &policy, disk.as_deref(), dry_run))
             .py_err(py)?;
         to_py(py, &r)
     }
@@ -521,7 +521,7 @@ impl Store {
     ) -> PyResult<Task> {
         let interval = seconds("progress_interval", progress_interval)?;
         let wait = seconds("wait", wait)?;
-        let io_engine = blockferry::io::IoEngine::from_name(io_engine).ok_or_else(|| {
+        let io_engine = blockferry::IoEngine::from_name(io_engine).ok_or_else(|| {
             config_error(format!(
                 "io_engine {io_engine:?}: give auto, uring or pread"
             ))
@@ -690,7 +690,7 @@ impl Store {
             progress,
             interval,
             move |obs| {
-                let r = blockferry::pipeline::gc::gc(&store, &opts, obs)?;
+                let r = blockferry::gc(&store, &opts, obs)?;
                 Ok(serde_json::to_value(&r).unwrap_or_default())
             },
         )
