@@ -87,7 +87,11 @@ fn prune_and_gc_give_the_space_back_and_kept_snapshots_restore() {
     let report = gc(&sb, &[]);
     assert_eq!(report["snapshots"], 3, "{report}");
     assert_eq!(report["chunks_missing"], 0, "{report}");
-    assert!(report["packs_deleted"].as_u64().unwrap() > 0, "{report}");
+    // Whether a pack lost all its chunks (deleted) or only some (repacked) depends on
+    // which chunks the random churn hit; that some were given back does not.
+    let freed =
+        report["packs_deleted"].as_u64().unwrap() + report["packs_repacked"].as_u64().unwrap();
+    assert!(freed > 0, "{report}");
     assert!(report["pages_deleted"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(
         report["packs_deleted"], dry["packs_deleted"],
