@@ -363,10 +363,31 @@ pub struct S3Server {
     pub secret: String,
     /// The server's Python venv (where boto3 can be installed).
     pub venv: PathBuf,
+    /// The folder `tests/s3-server.sh` keeps the server in, and the script, when this
+    /// process started the server: dropping the last handle stops it.
+    _started: Option<std::sync::Arc<Started>>,
+}
+
+/// A server this process started; stopped when dropped.
+#[derive(Debug)]
+struct Started {
+    script: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(&self.script)
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
 }
 
 impl S3Server {
-    /// Starts the server (or finds it running) with `tests/s3-server.sh`.
+    /// Starts the server (or finds it running) with `tests/s3-server.sh`; one it started is
+    /// stopped when the last clone of the returned handle is dropped.
     pub fn start(root: &Path) -> Result<S3Server> {
         let dir = root.join("target/s3");
         let out = Command::new("bash")
@@ -388,7 +409,14 @@ impl S3Server {
                 .map(str::to_owned)
                 .with_context(|| format!("s3-server.sh printed no {name}"))
         };
+        let started = (var("BF_S3_STARTED")? == "1").then(|| {
+            std::sync::Arc::new(Started {
+                script: root.join("tests/s3-server.sh"),
+                dir: dir.clone(),
+            })
+        });
         Ok(S3Server {
+            _started: started,
             endpoint: var("BF_S3_ENDPOINT")?,
             bucket: var("BF_S3_BUCKET")?,
             key: var("BF_S3_ACCESS_KEY")?,

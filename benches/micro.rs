@@ -197,13 +197,13 @@ fn read_engines(c: &mut Criterion) {
     });
     #[cfg(target_os = "linux")]
     for depth in [4usize, 16, 32] {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::AsFd;
         let Ok(mut ring) = blockferry::io::uring::ChunkRing::new(depth) else {
             eprintln!("io_uring unavailable: skipped");
             break;
         };
         let pool = BufferPool::new(depth, CHUNK);
-        let fd = file.file().as_raw_fd();
+        let fd = file.file().as_fd();
         g.bench_function(format!("io_uring, depth {depth}"), |b| {
             b.iter(|| {
                 let mut next = 0u64;

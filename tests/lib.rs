@@ -573,6 +573,22 @@ pub fn objects(store: &str, prefix: &str) -> Vec<PathBuf> {
     out
 }
 
+impl Sandbox {
+    /// The number a query of the sandbox's job database answers (0 while it does not exist
+    /// or cannot be read): read in place, so that a test can watch a running job closely
+    /// without starting a process each time.
+    pub fn job_db_count(&self, sql: &str) -> u64 {
+        let path = self.path("state").join("jobs.sqlite");
+        let Ok(db) =
+            rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        else {
+            return 0;
+        };
+        db.query_row(sql, [], |r| r.get::<_, i64>(0))
+            .map_or(0, |n| u64::try_from(n).unwrap_or(0))
+    }
+}
+
 /// Starts `blockferry replicate IMAGE --store STORE EXTRA…` in the background, output discarded.
 pub fn spawn_replicate(sb: &Sandbox, image: &std::path::Path, extra: &[&str]) -> Child {
     let store = sb.store();

@@ -82,7 +82,10 @@ JSON
 if [ -f "$dir/s3.json" ] && [ "$(cat "$dir/s3.json")" != "$config" ]; then
   stop
 fi
+# BF_S3_STARTED says whether this call started the server (whoever did stops it).
+started=0
 if ! { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null && answers; }; then
+  started=1
   stop
   rm -rf "$dir/data" && mkdir -p "$dir/data"
   printf '%s\n' "$config" >"$dir/s3.json"
@@ -100,6 +103,7 @@ if ! { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null && answers; 
   answers || { echo "S3 server did not answer on port $port" >&2; tail -20 "$dir/weed.log" >&2; exit 1; }
 fi
 cat <<EOF
+BF_S3_STARTED=$started
 BF_S3_ENDPOINT=http://127.0.0.1:$port
 BF_S3_HTTPS_ENDPOINT=https://localhost:$https_port
 BF_S3_HTTPS_WRONG_NAME=https://127.0.0.1:$https_port

@@ -54,5 +54,5 @@ pub use store::{InitOptions, Snapshot, Store, StoreConfig};
 pub use io::IoEngine;
 pub use job::state::{JobDb, default_state_dir};
 pub use pipeline::DEFAULT_VERIFY_SAMPLE;
-pub use pipeline::gc::{GcOptions, gc};
-pub use pipeline::prune::{KeepPolicy, prune};
+pub use store::gc::{GcOptions, gc};
+pub use store::prune::{KeepPolicy, prune};

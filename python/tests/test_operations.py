@@ -110,20 +110,56 @@ def test_several_replications_at_once_from_threads(store: blockferry.Store, tmp_
         make_disk(tmp_path / f"d{i}.raw", 16 * MIB, [(0, os.urandom(16 * MIB))]) for i in range(3)
     ]
     ops = [store.start_replicate(d, state_dir=state, bwlimit=8 * MIB) for d in disks]
-    time.sleep(0.3)
-    assert sum(not op.done() for op in ops) == 3  # all running together
-    # Meanwhile Python runs freely (the GIL is released).
-    n = 0
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 0.2:
-        n += 1
-    assert n > 10_000
+    # All three under way together: each has read something while none is done (2 s each).
+    wait_for(lambda: all((op.progress() or blockferry.Progress("", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None, "")).bytes_done > 0 for op in ops))
+    assert sum(not op.done() for op in ops) == 3
     reports = [op.result() for op in ops]
     assert len({r.snapshot for r in reports}) == 3
     with ThreadPoolExecutor(3) as pool:
         outs = list(pool.map(lambda r: store.verify(r.snapshot).ok, reports))
     assert outs == [True] * 3
     assert len(store.snapshots()) == 3
+
+
+def count_for(seconds: float, during=None) -> int:
+    """Increments a counter on a Python thread for `seconds` and returns the count, while the
+    calling thread runs `during` (or sleeps)."""
+    stop = threading.Event()
+    count = [0]
+
+    def spin() -> None:
+        while not stop.is_set():
+            count[0] += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    started = time.monotonic()
+    if during is not None:
+        during()
+    rest = seconds - (time.monotonic() - started)
+    if rest > 0:
+        time.sleep(rest)
+    stop.set()
+    t.join()
+    return count[0]
+
+
+def test_a_blocking_call_releases_the_gil(store: blockferry.Store, big: Path) -> None:
+    # A Python thread's progress while this thread sits in a blocking call, against its
+    # progress while this thread sleeps (which releases the GIL): a call that held the GIL
+    # would stop the counter for as long as it runs.
+    idle = count_for(1.0)
+    seconds = [0.0]
+
+    def replicate() -> None:
+        t0 = time.monotonic()
+        store.replicate(big, job_state=False, bwlimit=96 * MIB)  # about a second
+        seconds[0] = time.monotonic() - t0
+
+    busy = count_for(0.0, replicate)
+    assert seconds[0] > 0.5, seconds
+    # Per second, at least a third of the idle rate (two cores share the work here).
+    assert busy / seconds[0] > idle / 3, (busy, seconds[0], idle)
 
 
 def test_asyncio_await_and_cancel(store: blockferry.Store, big: Path, tmp_path: Path) -> None:

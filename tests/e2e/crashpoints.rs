@@ -7,11 +7,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use blockferry::pipeline::gc::{GcOptions, gc};
-use blockferry::pipeline::prune::{KeepPolicy, prune};
 use blockferry::pipeline::{Changes, DeltaOptions};
 use blockferry::store::mem::{Fault, FaultyStore, MemStore};
 use blockferry::store::{ObjectStore, PartRules};
+use blockferry::{GcOptions, KeepPolicy, gc, prune};
 use blockferry::{InitOptions, ReplicateOptions, RestoreOptions, Silent, Store, VerifyOptions};
 use blockferry_tests::{MIB, Rng, make_image};
 

@@ -157,6 +157,17 @@ fn spawn(sb: &Sandbox, image: &Path, extra: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
+/// Reads lines of a child's output until one contains `needle` (failing at its end);
+/// returns what it read.
+fn lines_until(out: &mut impl std::io::BufRead, needle: &str) -> String {
+    let mut seen = String::new();
+    while !seen.lines().any(|l| l.contains(needle)) {
+        let n = out.read_line(&mut seen).unwrap();
+        assert!(n > 0, "the output ended before {needle:?}: {seen}");
+    }
+    seen
+}
+
 fn lock_files(store: &str) -> Vec<PathBuf> {
     blockferry_tests::objects(store, "locks")
 }
@@ -196,16 +207,22 @@ fn gc_beside_a_running_replication_keeps_what_it_deduplicates_against() {
             "--json",
         ],
     );
-    // Its lock is taken before it reads the index; give it time to read it.
+    // Its lock is taken before it reads the index: once it stored a pack, it has read the
+    // index and holds the lock until its snapshot is written (seconds later, at 8 MB/s).
     let start = Instant::now();
-    while lock_files(&store).is_empty() {
+    let sent = "SELECT coalesce(sum(bytes_sent), 0) FROM jobs WHERE state = 'active'";
+    while sb.job_db_count(sent) == 0 {
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "no lock appeared"
+            "the replication stored nothing"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        lock_files(&store).len(),
+        1,
+        "the replication holds its lock"
+    );
     let report = gc(&sb, &[]);
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -215,7 +232,7 @@ fn gc_beside_a_running_replication_keeps_what_it_deduplicates_against() {
     );
     let replicated: Value = serde_json::from_slice(&out.stdout).unwrap();
     // The gc waited for the replication before deleting.
-    assert!(report["waited_ms"].as_u64().unwrap() > 500, "{report}");
+    assert!(report["waited_ms"].as_u64().unwrap() > 100, "{report}");
     let id = replicated["snapshot"].as_str().unwrap();
     let restored = sb.restore(id, "c-out.raw");
     assert_eq!(file_hash(&restored), file_hash(&c));
@@ -290,19 +307,17 @@ fn locks_make_replications_wait_for_a_deleting_gc_and_a_gc_wait_for_users() {
     // A gc that is deleting (a live exclusive lock) holds new replications back.
     let lock = fake_lock(&store, "00000000000000a1", "exclusive", me, 0);
     let mut child = spawn(&sb, &image, &[]);
-    std::thread::sleep(Duration::from_secs(2));
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    // It says it waits (and then waits): nothing moves until the lock goes.
+    let mut stderr = lines_until(&mut err, "waiting for a garbage collection");
     assert!(
         child.try_wait().unwrap().is_none(),
-        "the replication did not wait"
+        "the replication did not wait: {stderr}"
     );
     std::fs::remove_file(&lock).unwrap();
+    std::io::Read::read_to_string(&mut err, &mut stderr).unwrap();
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("waiting for a garbage collection"),
-        "{stderr}"
-    );
 
     // A dead holder's lock (its process is gone, or it was not refreshed for an hour) holds
     // nothing back.

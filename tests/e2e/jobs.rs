@@ -13,28 +13,15 @@ fn jobs(sb: &Sandbox) -> Vec<Value> {
     sb.json(&["jobs"])["jobs"].as_array().unwrap().clone()
 }
 
-/// Bytes the (only) job recorded as sent, 0 before it exists.
+/// Bytes the job database records as sent by active jobs, 0 before it exists: read in
+/// place while a job runs, as often as a test needs, without starting a process.
 fn bytes_sent(sb: &Sandbox) -> u64 {
-    jobs(sb)
-        .first()
-        .and_then(|j| j["bytes_sent"].as_u64())
-        .unwrap_or(0)
+    sb.job_db_count("SELECT coalesce(sum(bytes_sent), 0) FROM jobs WHERE state = 'active'")
 }
 
 /// Packs the job database records as complete (read while the job runs).
 fn complete_packs(sb: &Sandbox) -> u64 {
-    let path = sb.path("state").join("jobs.sqlite");
-    let Ok(db) =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-    else {
-        return 0;
-    };
-    db.query_row(
-        "SELECT count(*) FROM packs WHERE state IN ('complete', 'indexed')",
-        [],
-        |r| r.get(0),
-    )
-    .unwrap_or(0)
+    sb.job_db_count("SELECT count(*) FROM packs WHERE state IN ('complete', 'indexed')")
 }
 
 /// Sizes of the pack objects of a store (local or S3).
@@ -311,13 +298,7 @@ fn abandon_and_cleanup_abort_uploads_on_s3() {
     let store = sb.store();
     let backend = s3_backend(&store);
     // Once a part is recorded (both workers' packs are open by then).
-    kill_when(&sb, &image, &["--part-size", "5M"], || {
-        jobs(&sb)
-            .first()
-            .is_some_and(|j| j["bytes_sent"].as_u64().unwrap_or(0) > 0)
-    });
-    // Let the killed run's parts land, then look.
-    std::thread::sleep(Duration::from_millis(200));
+    kill_when(&sb, &image, &["--part-size", "5M"], || bytes_sent(&sb) > 0);
     let open = backend.list_uploads().unwrap();
     assert!(!open.is_empty());
 

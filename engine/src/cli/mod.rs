@@ -179,6 +179,9 @@ struct ReplicateArgs {
     /// at once with "busy").
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     wait: Option<std::time::Duration>,
+    /// Warn when the store has acknowledged nothing for this long while parts are in flight.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    stall_warning: std::time::Duration,
     /// Read engine: pread (with the kernel's readahead), `io_uring` where the kernel allows it
     /// (auto), or `io_uring` or fail (uring).
     #[arg(long, value_name = "auto|uring|pread", env = "BLOCKFERRY_IO_ENGINE", default_value = "pread", value_parser = parse_io_engine)]
@@ -707,6 +710,7 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
         disk_name: a.name.clone(),
         same_disk: a.same_disk,
         wait: a.wait.unwrap_or_default(),
+        stall_warning: a.stall_warning,
         cancel: CancelToken::new(),
         job_state: Some(a.store.state.dir()?),
         restart: a.restart,
@@ -796,13 +800,13 @@ fn delta_options(
 
 fn cmd_prune(a: &PruneArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
-    let policy = blockferry::pipeline::prune::KeepPolicy {
+    let policy = blockferry::KeepPolicy {
         last: a.keep_last,
         daily: a.keep_daily,
         weekly: a.keep_weekly,
         monthly: a.keep_monthly,
     };
-    let report = blockferry::pipeline::prune::prune(&store, &policy, a.disk.as_deref(), a.dry_run)?;
+    let report = blockferry::prune(&store, &policy, a.disk.as_deref(), a.dry_run)?;
     if a.store.json {
         print_json(&serde_json::to_value(&report)?)?;
     } else {
@@ -821,7 +825,7 @@ fn cmd_prune(a: &PruneArgs) -> anyhow::Result<ExitCode> {
 
 fn cmd_gc(a: &GcArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
-    let opts = blockferry::pipeline::gc::GcOptions {
+    let opts = blockferry::GcOptions {
         max_unused: a.max_unused,
         wait: a.wait,
         dry_run: a.dry_run,
@@ -831,7 +835,7 @@ fn cmd_gc(a: &GcArgs) -> anyhow::Result<ExitCode> {
         !a.store.json && std::io::stderr().is_terminal(),
         "repacking",
     );
-    let r = blockferry::pipeline::gc::gc(&store, &opts, &bar);
+    let r = blockferry::gc(&store, &opts, &bar);
     bar.done();
     let r = r?;
     if a.store.json {

@@ -855,22 +855,8 @@ impl Vmdk {
         opts: &OpenOptions,
         fingerprint: SourceFingerprint,
     ) -> Result<Vmdk> {
-        let known = [
-            "monolithicSparse",
-            "monolithicFlat",
-            "twoGbMaxExtentSparse",
-            "twoGbMaxExtentFlat",
-            "streamOptimized",
-            "vmfs",
-            "vmfsThin",
-            "vmfsSparse",
-            "vmfsPreallocated",
-            "vmfsEagerZeroedThick",
-            "seSparse",
-            "custom",
-        ];
         let top_path = first.as_ref().map(|(f, _)| f.path().to_path_buf());
-        if !known.contains(&d.create_type.as_str()) {
+        if !CREATE_TYPES.contains(&d.create_type.as_str()) {
             return Err(Error::new(
                 ErrorKind::UnsupportedImage,
                 format!("VMDK createType {:?} is not supported", d.create_type),
@@ -924,29 +910,8 @@ impl Vmdk {
                         base,
                         len: win,
                     };
-                    if layout.capacity < len {
-                        return Err(invalid(
-                            &window,
-                            "VMDK sparse header",
-                            12,
-                            "capacity smaller than the descriptor's extent",
-                        ));
-                    }
-                    if layout.unclean {
-                        notes.push(format!(
-                            "{}: the unclean-shutdown flag is set",
-                            file.path().display()
-                        ));
-                    }
                     gd_entries += layout.gd.len();
-                    if gd_entries > MAX_TOTAL_GD_ENTRIES {
-                        return Err(invalid(
-                            &window,
-                            "VMDK descriptor",
-                            0,
-                            "the extents' grain directories together exceed what blockferry holds in memory",
-                        ));
-                    }
+                    notes.extend(check_layout(&window, &layout, len, gd_entries)?);
                     allocated += layout.allocated(&window)?;
                     files.push(file);
                     Extent::Sparse {
@@ -958,30 +923,7 @@ impl Vmdk {
                 }
                 "FLAT" | "VMFS" => {
                     let file = open_extent(folder, line, opts, first_base != 0)?;
-                    let offset = line.offset.checked_mul(SECTOR).ok_or_else(|| {
-                        invalid(&file, "VMDK descriptor", 0, "extent offset out of range")
-                    })?;
-                    if offset.checked_add(len).is_none_or(|e| e > file.len()) {
-                        return Err(invalid(
-                            &file,
-                            "VMDK flat extent",
-                            offset,
-                            format!(
-                                "the descriptor says {len} bytes from here, the file is shorter"
-                            ),
-                        ));
-                    }
-                    let data: Vec<(u64, u64)> =
-                        sys::data_extents(file.file(), offset + len, 1 << 20)
-                            .map_err(|e| {
-                                Error::io("finding the extent's allocated ranges", file.path(), e)
-                            })?
-                            .into_iter()
-                            .filter_map(|(o, l)| {
-                                let (s, e) = (o.max(offset), (o + l).min(offset + len));
-                                (s < e).then(|| (s - offset, e - s))
-                            })
-                            .collect();
+                    let (offset, data) = flat_extent(&file, line.offset, len)?;
                     allocated += data.iter().map(|e| e.1).sum::<u64>();
                     files.push(file);
                     Extent::Flat {
@@ -1044,6 +986,79 @@ impl Vmdk {
             cid: d.cid,
         })
     }
+}
+
+/// The `createType`s blockferry reads.
+const CREATE_TYPES: [&str; 12] = [
+    "monolithicSparse",
+    "monolithicFlat",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+    "streamOptimized",
+    "vmfs",
+    "vmfsThin",
+    "vmfsSparse",
+    "vmfsPreallocated",
+    "vmfsEagerZeroedThick",
+    "seSparse",
+    "custom",
+];
+
+/// Checks a sparse extent's header against its descriptor line (`len` bytes) and the grain
+/// directory entries of all extents so far; returns a note for an unclean shutdown.
+fn check_layout(
+    window: &Window<'_>,
+    layout: &SparseLayout,
+    len: u64,
+    gd_entries: usize,
+) -> Result<Option<String>> {
+    if layout.capacity < len {
+        return Err(invalid(
+            window,
+            "VMDK sparse header",
+            12,
+            "capacity smaller than the descriptor's extent",
+        ));
+    }
+    if gd_entries > MAX_TOTAL_GD_ENTRIES {
+        return Err(invalid(
+            window,
+            "VMDK descriptor",
+            0,
+            "the extents' grain directories together exceed what blockferry holds in memory",
+        ));
+    }
+    Ok(layout.unclean.then(|| {
+        format!(
+            "{}: the unclean-shutdown flag is set",
+            window.file.path().display()
+        )
+    }))
+}
+
+/// A flat extent of `len` bytes at sector `sector` of `file`: its byte offset, and its
+/// allocated ranges (offsets within the extent).
+fn flat_extent(file: &SourceFile, sector: u64, len: u64) -> Result<(u64, Vec<(u64, u64)>)> {
+    let offset = sector
+        .checked_mul(SECTOR)
+        .ok_or_else(|| invalid(file, "VMDK descriptor", 0, "extent offset out of range"))?;
+    if offset.checked_add(len).is_none_or(|e| e > file.len()) {
+        return Err(invalid(
+            file,
+            "VMDK flat extent",
+            offset,
+            format!("the descriptor says {len} bytes from here, the file is shorter"),
+        ));
+    }
+    let data = sys::data_extents(file.file(), offset + len, 1 << 20)
+        .map_err(|e| Error::io("finding the extent's allocated ranges", file.path(), e))?
+        .into_iter()
+        .filter_map(|(o, l)| {
+            let (s, e) = (o.max(offset), (o + l).min(offset + len));
+            (s < e).then(|| (s - offset, e - s))
+        })
+        .collect();
+    Ok((offset, data))
 }
 
 impl Vmdk {

@@ -6,6 +6,7 @@
 //! module (`sys`, `uring`), each block with a `// SAFETY:` comment.
 
 pub mod buf;
+pub(crate) mod chunks;
 pub mod sys;
 #[cfg(target_os = "linux")]
 pub mod uring;
@@ -92,7 +93,7 @@ pub enum Engine {
     Pread,
     /// An `io_uring` ring.
     #[cfg(target_os = "linux")]
-    Uring(Box<uring::ChunkRing>),
+    Uring(Box<uring::ChunkRing<'static>>),
 }
 
 impl Engine {

@@ -193,6 +193,57 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+// Machine probing: what the memory planner and the thread counts start from.
+
+/// Memory this process may use: the machine's (`MemTotal`), or less under a control group
+/// limit (v2 `memory.max`, v1 `memory.limit_in_bytes`). `None` where neither can be read.
+pub(crate) fn usable_memory() -> Option<usize> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let total = read("/proc/meminfo").and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    });
+    // The limits of this process's control group and of its ancestors, from the paths in
+    // /proc/self/cgroup (v2: "0::/path"; v1: "N:memory:/path" under the memory controller's
+    // mount). "max" (v2) or a huge number (v1) when there is none: neither lowers the total.
+    let mut files = Vec::new();
+    for line in read("/proc/self/cgroup").unwrap_or_default().lines() {
+        let (root, file, path) = if let Some(path) = line.strip_prefix("0::") {
+            ("/sys/fs/cgroup", "memory.max", path)
+        } else if let Some((_, path)) = line.split_once(":memory:") {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", path)
+        } else {
+            continue;
+        };
+        let mut dir = std::path::PathBuf::from(root);
+        files.push(dir.join(file));
+        for part in path.split('/').filter(|p| !p.is_empty() && *p != "..") {
+            dir.push(part);
+            files.push(dir.join(file));
+        }
+    }
+    let limit = files
+        .iter()
+        .filter_map(|p| {
+            std::fs::read_to_string(p)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
+        .min();
+    match (total, limit) {
+        (Some(t), Some(l)) => Some(t.min(l)),
+        (t, l) => t.or(l),
+    }
+}
+
+/// Cores this process may run on (1 where that cannot be told).
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

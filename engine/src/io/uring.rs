@@ -7,19 +7,21 @@
 //! that `O_DIRECT` refuses (`EINVAL`) is retried through the buffered descriptor.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use io_uring::{IoUring, opcode, types};
 
 use super::buf::{BufferPool, PooledBuf};
 
-/// One read of a chunk: `len` bytes of a file at `offset`, into the buffer at `at`.
+/// One read of a chunk: `len` bytes of a file at `offset`, into the buffer at `at`. Its
+/// descriptors are borrowed for the ring's lifetime `'fd`: they stay open while it reads.
 #[derive(Debug, Clone, Copy)]
-pub struct ChunkRead {
+pub struct ChunkRead<'fd> {
     /// The descriptor to read with (possibly opened `O_DIRECT`).
-    pub fd: RawFd,
+    pub fd: BorrowedFd<'fd>,
     /// A buffered descriptor of the same file, for a retry when `O_DIRECT` refuses.
-    pub fallback_fd: RawFd,
+    pub fallback_fd: BorrowedFd<'fd>,
     /// Which source file, for errors.
     pub file: usize,
     /// Offset in the chunk buffer.
@@ -52,25 +54,27 @@ pub struct Done {
     pub result: Result<u64, ReadFailure>,
 }
 
-struct Op {
-    read: ChunkRead,
+struct Op<'fd> {
+    read: ChunkRead<'fd>,
     /// Bytes of this read done so far.
     done: usize,
     finished: bool,
 }
 
-struct Pending {
+struct Pending<'fd> {
     token: u64,
     buf: PooledBuf,
-    ops: Vec<Op>,
+    ops: Vec<Op<'fd>>,
     left: usize,
     failure: Option<ReadFailure>,
 }
 
-/// A ring with the chunks whose reads are in flight.
-pub struct ChunkRing {
+/// A ring with the chunks whose reads are in flight. It reads with descriptors borrowed for
+/// `'fd` (see [`ChunkRead`]), so whatever owns them outlives the ring, which waits for the
+/// kernel when dropped: the order is checked by the compiler, not kept by a comment.
+pub struct ChunkRing<'fd> {
     ring: IoUring,
-    slots: Vec<Option<Pending>>,
+    slots: Vec<Option<Pending<'fd>>>,
     free: Vec<usize>,
     /// Reads submitted whose completion was not reaped yet.
     in_kernel: usize,
@@ -86,9 +90,10 @@ pub struct ChunkRing {
     fixed_pool: Option<BufferPool>,
     /// Reads submitted into registered buffers.
     fixed_reads: u64,
+    _fds: PhantomData<BorrowedFd<'fd>>,
 }
 
-impl std::fmt::Debug for ChunkRing {
+impl std::fmt::Debug for ChunkRing<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChunkRing")
             .field("chunks", &(self.slots.len() - self.free.len()))
@@ -97,10 +102,10 @@ impl std::fmt::Debug for ChunkRing {
     }
 }
 
-impl ChunkRing {
+impl<'fd> ChunkRing<'fd> {
     /// A ring for up to `depth` chunks in flight. Fails where `io_uring` is unavailable
     /// (`ENOSYS`, `EPERM` under seccomp or `kernel.io_uring_disabled`, old kernels).
-    pub fn new(depth: usize) -> io::Result<ChunkRing> {
+    pub fn new(depth: usize) -> io::Result<ChunkRing<'fd>> {
         let depth = depth.clamp(1, 1024);
         let entries = u32::try_from(depth.next_power_of_two() * 4).unwrap_or(4096);
         let ring = IoUring::new(entries)?;
@@ -124,6 +129,7 @@ impl ChunkRing {
             fixed: Vec::new(),
             fixed_pool: None,
             fixed_reads: 0,
+            _fds: PhantomData,
         })
     }
 
@@ -194,7 +200,12 @@ impl ChunkRing {
     /// If there is no room, or a read lies outside the buffer.
     ///
     /// [`has_room`]: ChunkRing::has_room
-    pub fn queue(&mut self, token: u64, buf: PooledBuf, reads: &[ChunkRead]) -> io::Result<()> {
+    pub fn queue(
+        &mut self,
+        token: u64,
+        buf: PooledBuf,
+        reads: &[ChunkRead<'fd>],
+    ) -> io::Result<()> {
         let slot = self.free.pop().expect("queue called with room");
         let cap = buf.capacity();
         for r in reads {
@@ -297,7 +308,8 @@ impl ChunkRing {
             op.read.fallback_fd
         } else {
             op.read.fd
-        };
+        }
+        .as_raw_fd();
         let at = op.read.at + op.done;
         let len = op.read.len - op.done;
         let offset = op.read.offset + op.done as u64;
@@ -321,8 +333,8 @@ impl ChunkRing {
             // only when all its reads completed, and `Drop` waits for every read in the
             // kernel); the buffer's memory never moves (a fixed allocation), and the reads of
             // a chunk cover disjoint parts of it (the chunk's mappings do not overlap). The
-            // descriptor stays open: the caller keeps its files open for the ring's lifetime
-            // (`ring_reader` drops the ring before its descriptors).
+            // descriptor stays open: it is borrowed for `'fd`, which outlives the ring, and
+            // the ring's `Drop` waits for every read in the kernel.
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 break;
@@ -403,7 +415,9 @@ impl ChunkRing {
                 let errno = -res;
                 if errno == libc::EINTR || errno == libc::EAGAIN {
                     self.submit_op(slot, i, false);
-                } else if errno == libc::EINVAL && op.read.fd != op.read.fallback_fd {
+                } else if errno == libc::EINVAL
+                    && op.read.fd.as_raw_fd() != op.read.fallback_fd.as_raw_fd()
+                {
                     // O_DIRECT refused this one (alignment the file system wants larger):
                     // read it through the page cache.
                     op.read.fd = op.read.fallback_fd;
@@ -416,7 +430,7 @@ impl ChunkRing {
     }
 }
 
-impl Drop for ChunkRing {
+impl Drop for ChunkRing<'_> {
     fn drop(&mut self) {
         // Every read still in the kernel writes into a buffer the ring owns: wait for all of
         // them before the buffers go.

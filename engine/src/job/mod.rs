@@ -2,6 +2,7 @@
 //!
 //! [`state`]: job records and checkpoints (SQLite) for resume.
 
+pub(crate) mod resume;
 pub mod state;
 
 use std::fmt;

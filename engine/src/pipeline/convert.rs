@@ -7,10 +7,11 @@ use std::thread;
 use serde::Serialize;
 
 use super::output::Output;
-use super::{fill_chunk, is_zero, worker_count};
+use super::{is_zero, worker_count};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::BlockSource;
 use crate::io::IoEngine;
+use crate::io::chunks::ChunkFill;
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
 
 /// Bytes each worker reads and writes at a time.
@@ -73,7 +74,7 @@ pub fn convert(
                     let mut backend = opts.io_engine.backend();
                     let mut maps = Vec::new();
                     let mut buf = Vec::new();
-                    let mut grains = super::GrainCache::default();
+                    let mut fill = ChunkFill::default();
                     loop {
                         let idx = next.fetch_add(1, Ordering::Relaxed);
                         if idx >= n_pieces || stop.is_cancelled() || opts.cancel.is_cancelled() {
@@ -86,16 +87,9 @@ pub fn convert(
                         let step = (|| -> Result<()> {
                             source.map(offset, len, &mut maps)?;
                             crate::image::coalesce(&mut maps);
-                            // Reused as it is: fill_chunk zero-fills what it does not read.
+                            // Reused as it is: a fill zero-fills what it does not read.
                             buf.resize(len_usize, 0);
-                            let n = fill_chunk(
-                                source,
-                                backend.as_mut(),
-                                &mut grains,
-                                &maps,
-                                offset,
-                                &mut buf,
-                            )?;
+                            let n = fill.fill(source, backend.as_mut(), &maps, offset, &mut buf)?;
                             Counters::add(&counters.bytes_read, n);
                             let data = if !is_zero(&buf) || device {
                                 let _serial = write_lock.lock().expect("write lock");

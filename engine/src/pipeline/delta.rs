@@ -260,31 +260,16 @@ pub(super) fn plan(
     };
     let mut pages = PageCache::new(store, &base);
     if let Some(l) = list {
-        // The sample: positions the list calls unchanged, from where the base's sample ended.
-        let want = sample_size(n, opts.verify_sample);
-        let start = base.changes.as_ref().map_or(0, |c| c.sample_next) % n.max(1);
-        let mut taken = 0u64;
-        let mut probe = super::ChunkProbe::default();
-        let mut idx = start;
-        while taken < want && n > 0 {
-            if !changed(idx) {
-                taken += 1;
-                let expected = pages.id(idx)?;
-                let offset = idx * chunk;
-                let len = chunk.min(size - offset);
-                let (id, read) = probe.id_at(store, source, backend, offset, len)?;
-                Counters::add(&reporter.counters().bytes_read, read);
-                if id != expected {
-                    record.sample_mismatches += 1;
-                }
-            }
-            idx = (idx + 1) % n;
-            if idx == start {
-                break;
-            }
-        }
-        record.sample_chunks = taken;
-        record.sample_next = idx;
+        let taken = sample(
+            store,
+            source,
+            backend,
+            (&base, &mut pages),
+            &changed,
+            opts.verify_sample,
+            &mut record,
+            reporter,
+        )?;
         if record.sample_mismatches > 0 {
             reporter.warn(format!(
                 "CHANGE TRACKING MISSED WRITES: {} of {taken} sampled chunks the {} list calls \
@@ -342,6 +327,50 @@ pub(super) fn plan(
         record,
         change_id,
     })
+}
+
+/// Reads a sample of the positions a change list calls unchanged, from where the base's
+/// sample ended, and counts in `record` those that differ from the base. Returns how many
+/// were read.
+#[allow(clippy::too_many_arguments)]
+fn sample(
+    store: &Store,
+    source: &dyn BlockSource,
+    backend: &mut dyn ReadBackend,
+    (base, pages): (&Snapshot, &mut PageCache<'_>),
+    changed: &dyn Fn(u64) -> bool,
+    share: f64,
+    record: &mut ChangeRecord,
+    reporter: &Reporter<'_>,
+) -> Result<u64> {
+    let size = source.info().virtual_size;
+    let chunk = u64::from(store.chunk_size());
+    let n = size.div_ceil(chunk);
+    let want = sample_size(n, share);
+    let start = base.changes.as_ref().map_or(0, |c| c.sample_next) % n.max(1);
+    let mut taken = 0u64;
+    let mut probe = super::ChunkProbe::default();
+    let mut idx = start;
+    while taken < want && n > 0 {
+        if !changed(idx) {
+            taken += 1;
+            let expected = pages.id(idx)?;
+            let offset = idx * chunk;
+            let len = chunk.min(size - offset);
+            let (id, read) = probe.id_at(store, source, backend, offset, len)?;
+            Counters::add(&reporter.counters().bytes_read, read);
+            if id != expected {
+                record.sample_mismatches += 1;
+            }
+        }
+        idx = (idx + 1) % n;
+        if idx == start {
+            break;
+        }
+    }
+    record.sample_chunks = taken;
+    record.sample_next = idx;
+    Ok(taken)
 }
 
 /// Positions in a sample of `share` (0 to 1) of `n`, rounded up.

@@ -72,7 +72,7 @@ pub fn restore(
     opts: &RestoreOptions,
     observer: &dyn Observer,
 ) -> Result<RestoreReport> {
-    let _lock = super::reader_lock(store, "restore", &opts.cancel, observer)?;
+    let _lock = crate::store::lock::reader_lock(store, "restore", &opts.cancel, observer)?;
     let snapshot = store.snapshot(spec)?;
     let index = store.load_index()?;
     let workers = super::worker_count(opts.workers);

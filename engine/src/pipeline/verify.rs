@@ -4,17 +4,18 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use serde::Serialize;
 
-use super::walk::{OnError, Walk, walk};
-use super::{fill_chunk, has_data, is_zero, worker_count};
+use super::walk::{Item, OnError, Walk, walk};
+use super::{ChunkProbe, worker_count};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{self, BlockSource};
 use crate::io::IoEngine;
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
 use crate::store::format::{Id, PackId, ZERO_ID};
-use crate::store::{RepairReport, Store};
+use crate::store::{ChunkIndex, RepairReport, Store};
 
 /// Problems listed in a report at most (all are counted).
 const MAX_PROBLEMS: usize = 1000;
@@ -82,13 +83,113 @@ impl VerifyReport {
     }
 }
 
+/// A worker's buffers.
 struct State {
     record: Vec<u8>,
     data: Vec<u8>,
-    source_buf: Vec<u8>,
-    maps: Vec<crate::image::Mapping>,
+    probe: ChunkProbe,
     backend: Box<dyn crate::io::ReadBackend>,
-    grains: super::GrainCache,
+}
+
+/// What the workers of one verification share.
+struct Checker<'a> {
+    store: &'a Store,
+    index: ChunkIndex,
+    /// The image to compare with, when it can be.
+    compare: Option<&'a dyn BlockSource>,
+    counters: &'a Counters,
+    /// Stored chunks already checked.
+    verified: Mutex<HashSet<Id>>,
+    chunks_checked: AtomicU64,
+    /// Damaged chunk copies found.
+    bad_copies: Mutex<Vec<(Id, PackId)>>,
+    /// Whether a page of the snapshot cannot be read.
+    bad_page: AtomicBool,
+    /// The first problems, and how many there were.
+    problems: Mutex<(Vec<Problem>, u64)>,
+}
+
+impl Checker<'_> {
+    fn report(&self, offset: Option<u64>, message: String) {
+        let mut p = self.problems.lock().expect("problem list");
+        p.1 += 1;
+        if p.0.len() < MAX_PROBLEMS {
+            p.0.push(Problem { offset, message });
+        }
+    }
+
+    /// Checks one position: its stored chunk (once per chunk) and the image's bytes there.
+    fn check(&self, st: &mut State, item: &Item) -> Result<()> {
+        let seen = |id| self.verified.lock().expect("verified set").contains(id);
+        if item.id != ZERO_ID && !seen(&item.id) {
+            self.store
+                .read_chunk(&self.index, &item.id, &mut st.record, &mut st.data)
+                .map_err(|e| {
+                    if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound)
+                        && let Some((pack, _)) = self.index.get(&item.id)
+                    {
+                        self.bad_copies
+                            .lock()
+                            .expect("bad copies")
+                            .push((item.id, pack));
+                    }
+                    e.at_disk_offset(item.offset)
+                })?;
+            if st.data.len() != item.len {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    "a chunk's length disagrees with its position in the snapshot",
+                )
+                .with_offset(item.offset));
+            }
+            self.chunks_checked.fetch_add(1, Ordering::Relaxed);
+            self.verified.lock().expect("verified set").insert(item.id);
+        }
+        if let Some(src) = self.compare {
+            let (source_id, read) = st.probe.id_at(
+                self.store,
+                src,
+                st.backend.as_mut(),
+                item.offset,
+                item.len as u64,
+            )?;
+            Counters::add(&self.counters.bytes_read, read);
+            if source_id != item.id {
+                return Err(Error::new(
+                    ErrorKind::VerifyMismatch,
+                    "the image differs from the snapshot in this chunk",
+                )
+                .with_offset(item.offset));
+            }
+        }
+        Ok(())
+    }
+
+    /// Records what a repair found: the damaged copies, and the snapshot if a page of it
+    /// cannot be read.
+    fn record_damage(&self, snapshot: &str, repaired: &mut RepairReport) -> Result<()> {
+        let mut copies = std::mem::take(&mut *self.bad_copies.lock().expect("bad copies"));
+        copies.sort_unstable();
+        copies.dedup();
+        let damaged_snapshot = self.bad_page.load(Ordering::Relaxed);
+        let snapshots = if damaged_snapshot {
+            vec![snapshot.to_owned()]
+        } else {
+            Vec::new()
+        };
+        self.store.record_damage(&copies, &snapshots)?;
+        repaired.chunks_recorded = copies.len() as u64;
+        repaired.snapshots_recorded = u64::from(damaged_snapshot);
+        Ok(())
+    }
+}
+
+/// Whether an error stops a verification (rather than being listed as a problem).
+fn fatal(e: &Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Cancelled | ErrorKind::Store | ErrorKind::Io
+    )
 }
 
 /// Checks snapshot `spec`: every chunk it references is present, authentic and matches its
@@ -100,7 +201,7 @@ pub fn verify(
     opts: &VerifyOptions,
     observer: &dyn Observer,
 ) -> Result<VerifyReport> {
-    let _lock = super::reader_lock(store, "verify", &opts.cancel, observer)?;
+    let _lock = crate::store::lock::reader_lock(store, "verify", &opts.cancel, observer)?;
     let mut repaired = RepairReport::default();
     if opts.repair {
         (repaired.index_objects_replaced, repaired.packs_reindexed) = store.rebuild_index()?;
@@ -109,31 +210,11 @@ pub fn verify(
         Ok(s) => s,
         // A manifest that cannot be read: recorded, so that a gc goes on without it.
         Err(e) if opts.repair && e.kind() == ErrorKind::Corrupt => {
-            let id = store.snapshot_id(spec)?;
-            store.record_damage(&[], std::slice::from_ref(&id))?;
-            repaired.snapshots_recorded = 1;
-            return Ok(VerifyReport {
-                snapshot: id,
-                disk: String::new(),
-                virtual_size: 0,
-                chunks_checked: 0,
-                bytes_checked: 0,
-                image_compared: false,
-                problems: vec![Problem {
-                    offset: None,
-                    message: e.to_string(),
-                }],
-                problems_total: 1,
-                repair: Some(repaired),
-                seconds: 0.0,
-            });
+            return unreadable_manifest(store, spec, &e, repaired);
         }
         Err(e) => return Err(e),
     };
     let index = store.load_index()?;
-    // Damaged chunk copies found, and whether a page of the snapshot is unreadable.
-    let bad_copies: Mutex<Vec<(Id, PackId)>> = Mutex::new(Vec::new());
-    let bad_page = std::sync::atomic::AtomicBool::new(false);
     let image_opts = image::OpenOptions {
         ova_disk: opts.ova_disk.clone(),
         allow_outside_folder: opts.allow_outside_folder,
@@ -146,33 +227,32 @@ pub fn verify(
         .transpose()?;
     let size = snapshot.disk.virtual_size;
     let reporter = Reporter::start(observer, Phase::Verifying, size);
-    let problems = Mutex::new((Vec::<Problem>::new(), 0u64));
-    let report = |offset: Option<u64>, message: String| {
-        let mut p = problems.lock().expect("problem list");
-        p.1 += 1;
-        if p.0.len() < MAX_PROBLEMS {
-            p.0.push(Problem { offset, message });
-        }
+    let mut checker = Checker {
+        store,
+        index,
+        compare: source.as_deref(),
+        counters: reporter.counters(),
+        verified: Mutex::new(HashSet::new()),
+        chunks_checked: AtomicU64::new(0),
+        bad_copies: Mutex::new(Vec::new()),
+        bad_page: AtomicBool::new(false),
+        problems: Mutex::new((Vec::new(), 0)),
     };
-    for e in &index.damaged {
-        report(None, e.to_string());
+    for e in &checker.index.damaged {
+        checker.report(None, e.to_string());
     }
-    let mut compare = source.as_deref();
-    if let Some(src) = source.as_deref()
+    if let Some(src) = checker.compare
         && src.info().virtual_size != size
     {
-        report(
+        checker.report(
             None,
             format!(
                 "the image holds {} bytes, the snapshot {size}: not the same disk",
                 src.info().virtual_size
             ),
         );
-        compare = None;
+        checker.compare = None;
     }
-    let verified: Mutex<HashSet<Id>> = Mutex::new(HashSet::new());
-    let chunks_checked = std::sync::atomic::AtomicU64::new(0);
-    let counters = reporter.counters().clone();
     let chunk_cap = snapshot.chunk_size as usize;
     let spec = Walk {
         store,
@@ -180,132 +260,82 @@ pub fn verify(
         workers: worker_count(opts.workers),
         cancel: &opts.cancel,
         reporter: &reporter,
-        include_zero: compare.is_some(),
+        include_zero: checker.compare.is_some(),
     };
-    let fatal = |e: &Error| {
-        matches!(
-            e.kind(),
-            ErrorKind::Cancelled | ErrorKind::Store | ErrorKind::Io
-        )
-    };
-    let check = |st: &mut State, item: &super::walk::Item| -> Result<()> {
-        if item.id != ZERO_ID && !verified.lock().expect("verified set").contains(&item.id) {
-            store
-                .read_chunk(&index, &item.id, &mut st.record, &mut st.data)
-                .map_err(|e| {
-                    if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound)
-                        && let Some((pack, _)) = index.get(&item.id)
-                    {
-                        bad_copies.lock().expect("bad copies").push((item.id, pack));
-                    }
-                    e.at_disk_offset(item.offset)
-                })?;
-            if st.data.len() != item.len {
-                return Err(Error::new(
-                    ErrorKind::Corrupt,
-                    "a chunk's length disagrees with its position in the snapshot",
-                )
-                .with_offset(item.offset));
-            }
-            chunks_checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            verified.lock().expect("verified set").insert(item.id);
-        }
-        if let Some(src) = compare {
-            st.maps.clear();
-            src.map(item.offset, item.len as u64, &mut st.maps)?;
-            let source_id = if has_data(&st.maps) {
-                st.source_buf.resize(item.len, 0);
-                let n = fill_chunk(
-                    src,
-                    st.backend.as_mut(),
-                    &mut st.grains,
-                    &st.maps,
-                    item.offset,
-                    &mut st.source_buf,
-                )?;
-                Counters::add(&counters.bytes_read, n);
-                if is_zero(&st.source_buf) {
-                    ZERO_ID
-                } else {
-                    store.keys().chunk_id(&st.source_buf)
-                }
-            } else {
-                ZERO_ID
-            };
-            if source_id != item.id {
-                return Err(Error::new(
-                    ErrorKind::VerifyMismatch,
-                    "the image differs from the snapshot in this chunk",
-                )
-                .with_offset(item.offset));
-            }
-        }
-        Ok(())
-    };
-    let result = walk(
+    walk(
         &spec,
         &|| State {
             record: Vec::with_capacity(chunk_cap + 64),
             data: Vec::with_capacity(chunk_cap),
-            source_buf: Vec::with_capacity(if compare.is_some() { chunk_cap } else { 0 }),
-            maps: Vec::new(),
+            probe: ChunkProbe::default(),
             backend: opts.io_engine.backend(),
-            grains: super::GrainCache::default(),
         },
-        &|st: &mut State, item| {
-            let checked = check(st, item);
-            match checked {
-                // A problem with this chunk: listed at its disk offset, and the walk goes on.
-                Err(e) if !fatal(&e) => {
-                    report(Some(item.offset), e.to_string());
-                    Ok(())
-                }
-                other => other,
+        &|st: &mut State, item| match checker.check(st, item) {
+            // A problem with this chunk: listed at its disk offset, and the walk goes on.
+            Err(e) if !fatal(&e) => {
+                checker.report(Some(item.offset), e.to_string());
+                Ok(())
             }
+            other => other,
         },
         &|e| {
             if fatal(e) {
-                OnError::Stop
-            } else {
-                // The walk's own problems: a page that cannot be read.
-                if e.object()
-                    .is_some_and(|o| o.starts_with("pages/") || o == "page")
-                {
-                    bad_page.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                report(None, e.to_string());
-                OnError::Continue
+                return OnError::Stop;
             }
+            // The walk's own problems: a page that cannot be read.
+            if e.object()
+                .is_some_and(|o| o.starts_with("pages/") || o == "page")
+            {
+                checker.bad_page.store(true, Ordering::Relaxed);
+            }
+            checker.report(None, e.to_string());
+            OnError::Continue
         },
-    );
-    result?;
+    )?;
     if opts.repair {
-        let mut copies = bad_copies.into_inner().expect("bad copies");
-        copies.sort_unstable();
-        copies.dedup();
-        let damaged_snapshot = bad_page.into_inner();
-        let snapshots = if damaged_snapshot {
-            vec![snapshot.id.clone()]
-        } else {
-            Vec::new()
-        };
-        store.record_damage(&copies, &snapshots)?;
-        repaired.chunks_recorded = copies.len() as u64;
-        repaired.snapshots_recorded = u64::from(damaged_snapshot);
+        checker.record_damage(&snapshot.id, &mut repaired)?;
     }
     let p = reporter.finish();
-    let (mut problems, problems_total) = problems.into_inner().expect("problem list");
+    let (mut problems, problems_total) = checker.problems.into_inner().expect("problem list");
     problems.sort_by_key(|p| p.offset);
     Ok(VerifyReport {
         disk: snapshot.disk.name.clone(),
         snapshot: snapshot.id,
         virtual_size: size,
-        chunks_checked: chunks_checked.into_inner(),
+        chunks_checked: checker.chunks_checked.into_inner(),
         bytes_checked: p.bytes_done,
-        image_compared: compare.is_some(),
+        image_compared: checker.compare.is_some(),
         problems,
         problems_total,
         repair: opts.repair.then_some(repaired),
         seconds: p.elapsed.as_secs_f64(),
+    })
+}
+
+/// The report of a repair that found the snapshot's manifest unreadable: it is recorded as
+/// damaged, so that a gc goes on without it.
+fn unreadable_manifest(
+    store: &Store,
+    spec: &str,
+    e: &Error,
+    mut repaired: RepairReport,
+) -> Result<VerifyReport> {
+    let id = store.snapshot_id(spec)?;
+    store.record_damage(&[], std::slice::from_ref(&id))?;
+    repaired.snapshots_recorded = 1;
+    Ok(VerifyReport {
+        snapshot: id,
+        disk: String::new(),
+        virtual_size: 0,
+        chunks_checked: 0,
+        bytes_checked: 0,
+        image_compared: false,
+        problems: vec![Problem {
+            offset: None,
+            message: e.to_string(),
+        }],
+        problems_total: 1,
+        repair: Some(repaired),
+        seconds: 0.0,
     })
 }

@@ -35,6 +35,8 @@ pub const PACK_FOOTER: usize = 12;
 pub const ENTRY_BYTES: usize = 48;
 /// Most chunk records one pack holds (each pack key seals at most this many records).
 pub const MAX_PACK_CHUNKS: usize = 16 << 10;
+/// Largest pack a replication or a repack writes (before its trailer).
+pub const MAX_PACK_BYTES: usize = 32 << 20;
 /// Longest valid trailer record: every entry of a full pack, sealed.
 pub const MAX_TRAILER_RECORD: usize = MAX_PACK_CHUNKS * ENTRY_BYTES + BLOB_OVERHEAD;
 

@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ObjectStore, PutOutcome, crypto, format::hex, now_unix_ms};
+use super::{ObjectStore, PutOutcome, Store, crypto, format::hex, now_unix_ms};
 use crate::error::{Error, ErrorKind, Result};
+use crate::job::{CancelToken, Event, Observer};
 
 /// How often a holder writes its lock anew.
 pub const LOCK_REFRESH: Duration = Duration::from_secs(5 * 60);
@@ -731,6 +732,88 @@ impl Drop for StoreLock {
                 tracing::warn!(object = key, "could not remove the store lock: {e}");
             }
         }
+    }
+}
+
+// What a replication, a restore or a verify takes, telling the observer what it waits for.
+
+/// Takes the store's shared lock for `operation` (see `store::lock`), telling the observer
+/// when a garbage collection that is deleting makes it wait.
+fn shared_lock(
+    store: &Store,
+    operation: &str,
+    cancel: &CancelToken,
+    observer: &dyn Observer,
+) -> Result<StoreLock> {
+    StoreLock::shared(
+        store.backend(),
+        operation,
+        &|| cancel.is_cancelled(),
+        &mut |gc| {
+            let msg = format!(
+                "waiting for a garbage collection to finish deleting: {}",
+                gc.describe()
+            );
+            tracing::info!(warning = %msg);
+            observer.event(&Event::Warning(msg));
+        },
+    )
+}
+
+/// The shared lock of a replication, which also holds its disk (see
+/// [`StoreLock::shared_disk`]), telling the observer what it waits for.
+pub(crate) fn disk_lock(
+    store: &Store,
+    disk: &str,
+    wait: Duration,
+    cancel: &CancelToken,
+    observer: &dyn Observer,
+) -> Result<StoreLock> {
+    StoreLock::shared_disk(
+        store.backend(),
+        "replicate",
+        &store.disk_hash(disk),
+        wait,
+        &|| cancel.is_cancelled(),
+        &mut |holder| {
+            let msg = if holder.kind == LockKind::Exclusive {
+                format!(
+                    "waiting for a garbage collection to finish deleting: {}",
+                    holder.describe()
+                )
+            } else {
+                format!(
+                    "disk {disk:?} is being replicated by another run ({}); waiting",
+                    holder.describe()
+                )
+            };
+            tracing::info!("{msg}");
+            observer.event(&Event::Warning(msg));
+        },
+    )
+}
+
+/// The shared lock of a run that only reads the store (restore, verify): with read-only
+/// credentials it cannot be written, and the run goes on without it, warned that a garbage
+/// collection running meanwhile could make it fail (never damage anything).
+pub(crate) fn reader_lock(
+    store: &Store,
+    operation: &str,
+    cancel: &CancelToken,
+    observer: &dyn Observer,
+) -> Result<Option<StoreLock>> {
+    match shared_lock(store, operation, cancel, observer) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(e) if e.kind() == ErrorKind::AccessDenied => {
+            let msg = format!(
+                "cannot write a store lock ({e}): going on without one; a garbage collection \
+                 running meanwhile could make this {operation} fail"
+            );
+            tracing::info!(warning = %msg);
+            observer.event(&Event::Warning(msg));
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -17,10 +17,12 @@
 pub mod crypto;
 mod damage;
 pub mod format;
+pub mod gc;
 mod history;
 pub mod local;
 pub mod lock;
 pub mod mem;
+pub mod prune;
 mod repo;
 #[cfg(feature = "s3")]
 pub mod s3;

@@ -383,6 +383,27 @@ impl std::fmt::Debug for ChunkIndex {
 }
 
 impl ChunkIndex {
+    /// Fails if an index object could not be read: one that fails authentication was
+    /// altered or damaged, and writing on would store its chunks again and hide it (or,
+    /// under a swapped config, write them in clear).
+    pub(crate) fn refuse_damage(&self) -> Result<()> {
+        let Some(e) = self.damaged.first() else {
+            return Ok(());
+        };
+        let mut err = Error::new(
+            e.kind(),
+            format!(
+                "{e}; {} index object(s) of the store cannot be read: stopping (`blockferry \
+                 verify --repair` rebuilds them from the packs)",
+                self.damaged.len()
+            ),
+        );
+        if let Some(o) = e.object() {
+            err = err.with_object(o);
+        }
+        Err(err)
+    }
+
     /// Records the entries of one pack.
     pub fn insert_pack(&mut self, pack_id: PackId, entries: &[Entry]) {
         self.insert_pack_except(pack_id, entries, &super::Damage::default());

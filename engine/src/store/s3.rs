@@ -357,9 +357,7 @@ impl S3Store {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let status = e.raw_response().map(|r| r.status().as_u16());
-        let code = e.code().unwrap_or_default();
         let detail = e.message().map(|m| format!(": {m}")).unwrap_or_default();
-        let where_ = format!("s3://{}/{}", self.bucket, self.prefix);
         let why = chain(e);
         let (kind, message) = match e {
             // Before any request went out: no credentials, or an endpoint that is no URL.
@@ -427,81 +425,97 @@ impl S3Store {
                 ErrorKind::Store,
                 format!("{doing}: {} did not answer in time", self.endpoint),
             ),
-            _ => match (code, status) {
-                ("NoSuchBucket", _) => (
-                    ErrorKind::NotFound,
-                    format!(
-                        "{doing}: bucket {:?} does not exist at {}",
-                        self.bucket, self.endpoint
-                    ),
-                ),
-                ("NoSuchKey" | "NotFound", _) | (_, Some(404)) => (
-                    ErrorKind::NotFound,
-                    format!("{doing}: no such object{detail}"),
-                ),
-                ("InvalidAccessKeyId", _) => (
-                    ErrorKind::AccessDenied,
-                    format!(
-                        "{doing}: {} does not know this access key id; check AWS_ACCESS_KEY_ID \
-                         or the AWS profile",
-                        self.endpoint
-                    ),
-                ),
-                ("SignatureDoesNotMatch", _) => (
-                    ErrorKind::AccessDenied,
-                    format!(
-                        "{doing}: {} refused the request signature; check AWS_SECRET_ACCESS_KEY \
-                         or the AWS profile",
-                        self.endpoint
-                    ),
-                ),
-                ("ExpiredToken" | "InvalidToken" | "TokenRefreshRequired", _) => (
-                    ErrorKind::AccessDenied,
-                    format!("{doing}: the AWS session token is expired or invalid; refresh it"),
-                ),
-                ("AccessDenied" | "AllAccessDisabled", _) | (_, Some(403)) => (
-                    ErrorKind::AccessDenied,
-                    format!(
-                        "{doing}: access denied to {where_}; the credentials need \
-                         s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject and the \
-                         multipart permissions on it{detail}"
-                    ),
-                ),
-                _ if matches!(e, SdkError::ConstructionFailure(_))
-                    && chain(e).contains("credentials") =>
-                {
-                    (
-                        ErrorKind::AccessDenied,
-                        format!(
-                            "{doing}: no AWS credentials found; set AWS_ACCESS_KEY_ID and \
-                             AWS_SECRET_ACCESS_KEY, an AWS profile or an instance role ({})",
-                            chain(e)
-                        ),
-                    )
-                }
-                _ => (
-                    ErrorKind::Store,
-                    match status {
-                        Some(status) => format!(
-                            "{doing}: {} answered {status}{}{detail} ({})",
-                            self.endpoint,
-                            if code.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" {code}")
-                            },
-                            chain(e)
-                        ),
-                        None => format!("{doing}: {}", chain(e)),
-                    },
-                ),
-            },
+            _ => self.service_err(doing, e, status, &detail),
         };
         let mut err = Error::new(kind, message);
         if let Some(key) = key {
             err = err.with_object(key);
         }
         err
+    }
+
+    /// The kind and message of an error the service answered (by its code and status).
+    fn service_err<E>(
+        &self,
+        doing: &str,
+        e: &SdkError<E, HttpResponse>,
+        status: Option<u16>,
+        detail: &str,
+    ) -> (ErrorKind, String)
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let code = e.code().unwrap_or_default();
+        let where_ = format!("s3://{}/{}", self.bucket, self.prefix);
+        match (code, status) {
+            ("NoSuchBucket", _) => (
+                ErrorKind::NotFound,
+                format!(
+                    "{doing}: bucket {:?} does not exist at {}",
+                    self.bucket, self.endpoint
+                ),
+            ),
+            ("NoSuchKey" | "NotFound", _) | (_, Some(404)) => (
+                ErrorKind::NotFound,
+                format!("{doing}: no such object{detail}"),
+            ),
+            ("InvalidAccessKeyId", _) => (
+                ErrorKind::AccessDenied,
+                format!(
+                    "{doing}: {} does not know this access key id; check AWS_ACCESS_KEY_ID \
+                 or the AWS profile",
+                    self.endpoint
+                ),
+            ),
+            ("SignatureDoesNotMatch", _) => (
+                ErrorKind::AccessDenied,
+                format!(
+                    "{doing}: {} refused the request signature; check AWS_SECRET_ACCESS_KEY \
+                 or the AWS profile",
+                    self.endpoint
+                ),
+            ),
+            ("ExpiredToken" | "InvalidToken" | "TokenRefreshRequired", _) => (
+                ErrorKind::AccessDenied,
+                format!("{doing}: the AWS session token is expired or invalid; refresh it"),
+            ),
+            ("AccessDenied" | "AllAccessDisabled", _) | (_, Some(403)) => (
+                ErrorKind::AccessDenied,
+                format!(
+                    "{doing}: access denied to {where_}; the credentials need \
+                 s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject and the \
+                 multipart permissions on it{detail}"
+                ),
+            ),
+            _ if matches!(e, SdkError::ConstructionFailure(_))
+                && chain(e).contains("credentials") =>
+            {
+                (
+                    ErrorKind::AccessDenied,
+                    format!(
+                        "{doing}: no AWS credentials found; set AWS_ACCESS_KEY_ID and \
+                     AWS_SECRET_ACCESS_KEY, an AWS profile or an instance role ({})",
+                        chain(e)
+                    ),
+                )
+            }
+            _ => (
+                ErrorKind::Store,
+                match status {
+                    Some(status) => format!(
+                        "{doing}: {} answered {status}{}{detail} ({})",
+                        self.endpoint,
+                        if code.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {code}")
+                        },
+                        chain(e)
+                    ),
+                    None => format!("{doing}: {}", chain(e)),
+                },
+            ),
+        }
     }
 }
 

@@ -10,9 +10,9 @@
 //!   other part was acknowledged, and the upload is completed right after it.
 //!
 //! A run that stops leaves at most the open packs' uploads; the next run of the job completes
-//! them from the parts the job database recorded (see [`finish_open_packs`]).
+//! them from the parts the job database recorded (see [`crate::job::resume`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -24,9 +24,8 @@ use super::{Msg, Shared};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::buf::PooledBuf;
 use crate::job::Counters;
-use crate::job::state::JobDb;
-use crate::store::format::{self, Entry, Id, PackId, RecordBuf, hex};
-use crate::store::{Part, Store, crypto};
+use crate::store::format::{self, Entry, PackId, RecordBuf, hex};
+use crate::store::{Part, crypto};
 
 /// Largest part a pack is cut into.
 pub(super) const MAX_PART_BYTES: usize = 64 << 20;
@@ -478,192 +477,4 @@ impl RateLimit {
         }
         true
     }
-}
-
-/// What finishing a job's open packs found.
-#[derive(Debug, Default)]
-pub(super) struct Finished {
-    /// Chunk ids now durable in complete packs.
-    pub(super) durable: HashSet<Id>,
-    /// Bytes of acknowledged parts that were lost and will be sent again.
-    pub(super) lost_bytes: u64,
-}
-
-/// Adopts a pack of `job` that may be complete in the store although the database does not
-/// say so (the run stopped between the store's answer and the database write): reads its
-/// trailer and records it complete. False if the store has no such (valid) pack.
-fn adopt(store: &Store, db: &JobDb, job: &str, pack: &PackId, whole: bool) -> Result<bool> {
-    match store.read_pack_entries(pack) {
-        Ok((entries, size)) => {
-            tracing::info!(pack = %hex(pack), chunks = entries.len(), "found a pack the last run completed without recording it");
-            db.complete_pack(job, pack, &entries, whole.then_some(size))?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-        Err(e) if e.kind() == ErrorKind::Corrupt => {
-            tracing::warn!(pack = %hex(pack), error = %e, "a pack of the last run is damaged; its chunks will be sent again");
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Brings the packs a stopped run of `job` left unfinished to an end, and returns the chunk
-/// ids of every complete pack of the job:
-/// - a reserved pack id is looked for in the store (a whole pack put just before the stop)
-///   and adopted if there, forgotten if not;
-/// - an open multipart upload is completed from the parts the database recorded and the
-///   store still holds (checked with a paginated ListParts), as its durable parts plus a
-///   trailer part; one the store already completed is adopted; one without its first part
-///   is aborted (nothing of it was durable).
-pub(super) fn finish_open_packs(store: &Store, db: &JobDb, job: &str) -> Result<Finished> {
-    let backend = store.backend();
-    let mut out = Finished::default();
-    for pack in db.reserved_packs(job)? {
-        if !adopt(store, db, job, &pack, true)? {
-            db.drop_pack(job, &pack)?;
-        }
-    }
-    for open in db.open_packs(job)? {
-        let key = crate::store::pack_key(&open.pack);
-        let recorded: u64 = open.parts.iter().map(|(p, _)| p.size).sum();
-        let held = match backend.list_parts(&key, &open.upload_id) {
-            Ok(held) => held,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                // Completed by the last run (its answer lost to the stop), or aborted.
-                if !adopt(store, db, job, &open.pack, false)? {
-                    tracing::warn!(pack = %hex(&open.pack), "an open upload of the job is gone from the store; its chunks will be sent again");
-                    db.drop_pack(job, &open.pack)?;
-                    out.lost_bytes += recorded;
-                }
-                continue;
-            }
-            // The store's list of the upload's parts cannot be had (an answer the client
-            // cannot read, a service that lacks ListParts or refuses it): without it no part
-            // can be trusted, so the pack is given up and its chunks sent again.
-            Err(e) if matches!(e.kind(), ErrorKind::Store | ErrorKind::AccessDenied) => {
-                tracing::warn!(
-                    pack = %hex(&open.pack),
-                    "the parts of an open upload cannot be listed ({e}); its chunks will be \
-                     sent again"
-                );
-                if let Err(a) = backend.abort_upload(&key, &open.upload_id) {
-                    tracing::warn!(pack = %hex(&open.pack), "could not abort the upload: {a}");
-                }
-                db.drop_pack(job, &open.pack)?;
-                out.lost_bytes += recorded;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let held: BTreeMap<u32, Part> = held.into_iter().map(|p| (p.number, p)).collect();
-        let trim = |s: &str| s.trim_matches('"').to_owned();
-        let durable: Vec<&(Part, Vec<Entry>)> = open
-            .parts
-            .iter()
-            .filter(|(p, _)| {
-                held.get(&p.number)
-                    .is_some_and(|h| h.size == p.size && trim(&h.etag) == trim(&p.etag))
-            })
-            .collect();
-        let whole = open.last_part.is_some_and(|n| {
-            durable.len() == open.parts.len() && durable.last().is_some_and(|(p, _)| p.number == n)
-        });
-        // The last part holds a trailer of every record: usable only with every part before
-        // it; otherwise a new trailer follows the parts that are left.
-        let durable: Vec<&(Part, Vec<Entry>)> = if whole {
-            durable
-        } else {
-            durable
-                .into_iter()
-                .filter(|(p, _)| Some(p.number) != open.last_part)
-                .collect()
-        };
-        let durable_bytes: u64 = durable.iter().map(|(p, _)| p.size).sum();
-        out.lost_bytes += recorded - durable_bytes;
-        if durable.first().is_none_or(|(p, _)| p.number != 1) {
-            backend.abort_upload(&key, &open.upload_id)?;
-            db.drop_pack(job, &open.pack)?;
-            continue;
-        }
-        let mut entries = Vec::new();
-        let mut base = 0u64;
-        let mut parts = Vec::new();
-        let mut damaged = false;
-        for (part, chunks) in &durable {
-            for e in chunks {
-                match base.checked_add(e.offset) {
-                    Some(offset) => entries.push(Entry { offset, ..*e }),
-                    None => damaged = true,
-                }
-            }
-            base = base.saturating_add(part.size);
-            parts.push(part.clone());
-        }
-        // A new trailer part follows the last durable part (replacing any later part the
-        // store holds).
-        let number = durable.last().map_or(0, |(p, _)| p.number).checked_add(1);
-        let Some(number) = number.filter(|_| !damaged) else {
-            tracing::warn!(pack = %hex(&open.pack), "damaged part records in the job database; the pack's chunks will be sent again");
-            backend.abort_upload(&key, &open.upload_id)?;
-            db.drop_pack(job, &open.pack)?;
-            out.lost_bytes += durable_bytes;
-            continue;
-        };
-        let completed = if whole {
-            // Every part, the last with its trailer, is in the store: complete it as it is.
-            backend.complete_upload(&key, &open.upload_id, &parts)
-        } else {
-            let sealer = store.keys().pack_sealer(&open.pack);
-            let mut last = Vec::new();
-            format::append_trailer(
-                &sealer,
-                &format::pack_header(&open.pack),
-                &entries,
-                &mut last,
-            )?;
-            backend
-                .upload_part(&key, &open.upload_id, number, Bytes::from(last))
-                .and_then(|trailer| {
-                    parts.push(trailer);
-                    backend.complete_upload(&key, &open.upload_id, &parts)
-                })
-        };
-        if let Err(e) = completed {
-            // A pack that cannot be completed must not block the job for ever: give it up
-            // (if the store can be told) and send its chunks again.
-            // (Completed after all, its answer lost? A failed look counts as not found.)
-            if adopt(store, db, job, &open.pack, false).unwrap_or(false) {
-                continue;
-            }
-            if backend.abort_upload(&key, &open.upload_id).is_err() {
-                return Err(e);
-            }
-            tracing::warn!(pack = %hex(&open.pack), error = %e, "an open pack of the last run could not be completed; its chunks will be sent again");
-            db.drop_pack(job, &open.pack)?;
-            out.lost_bytes += durable_bytes;
-            continue;
-        }
-        tracing::info!(
-            pack = %hex(&open.pack),
-            parts = parts.len(),
-            chunks = entries.len(),
-            "completed a pack the last run left open"
-        );
-        db.complete_pack(job, &open.pack, &entries, None)?;
-    }
-    for (pack, entries) in db.complete_packs(job, false)? {
-        // A garbage collection that ran while the job was stopped deletes the packs no
-        // snapshot references, which a stopped job's packs are: their chunks are sent again.
-        match backend.size(&crate::store::pack_key(&pack)) {
-            Ok(_) => out.durable.extend(entries.iter().map(|e| e.id)),
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                tracing::warn!(pack = %hex(&pack), "a pack of the job is gone from the store (garbage collected while the job was stopped); its chunks will be sent again");
-                db.drop_pack(job, &pack)?;
-                out.lost_bytes += entries.iter().map(|e| u64::from(e.stored_len)).sum::<u64>();
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(out)
 }

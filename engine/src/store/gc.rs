@@ -24,10 +24,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::MAX_PACK_BYTES;
 use crate::error::{Error, ErrorKind, Result};
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
-use crate::store::format::{self, Entry, Id, PackId, ZERO_ID, hex, unhex};
+use crate::store::format::{self, Entry, Id, MAX_PACK_BYTES, PackId, ZERO_ID, hex, unhex};
 use crate::store::lock::{LockInfo, StoreLock};
 use crate::store::{IdHash, Snapshot, Store, pack_key};
 
@@ -189,6 +188,48 @@ fn all_snapshots(store: &Store, damage: &crate::store::Damage) -> Result<Vec<Sna
     Ok(snaps)
 }
 
+/// An object listed with its size.
+type Listed = (String, u64);
+
+/// What a gc found: the marks of the snapshots, the packs of the store, and where each live
+/// chunk lives.
+struct Plan {
+    marks: Marks,
+    packs: Vec<Pack>,
+    /// Live chunk → index of its pack in `packs`.
+    home: HashMap<Id, usize, IdHash>,
+}
+
+/// Reads the store's packs and chooses each live chunk's home; counts in `report` the live
+/// chunks no pack holds (missing, or recorded as damaged).
+fn plan(
+    store: &Store,
+    damage: &crate::store::Damage,
+    marks: Marks,
+    (index_keys, pack_list): (&[Listed], &[Listed]),
+    report: &mut GcReport,
+) -> Result<Plan> {
+    let mut packs = read_packs(store, index_keys, pack_list, report)?;
+    // Damaged copies are no chunk's home (nor listed in the new index).
+    let damaged_ids: HashSet<Id> = damage.chunks.iter().map(|(id, _)| *id).collect();
+    for p in &mut packs {
+        let pack = p.id;
+        p.entries.retain(|e| !damage.chunk(&e.id, &pack));
+    }
+    let home = choose_homes(&mut packs, &marks.chunks);
+    // Chunks the snapshots reference that no pack of the store holds: damage. Unless it is
+    // recorded (then the snapshots that need them are known to be damaged), a gc changes
+    // nothing (a dry run reports it).
+    let (recorded_missing, missing): (Vec<&Id>, Vec<&Id>) = marks
+        .chunks
+        .iter()
+        .filter(|id| !home.contains_key(*id))
+        .partition(|id| damaged_ids.contains(*id));
+    report.chunks_missing = missing.len() as u64;
+    report.chunks_damaged = recorded_missing.len() as u64;
+    Ok(Plan { marks, packs, home })
+}
+
 /// Deletes what no snapshot of `store` references; see the module documentation.
 pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<GcReport> {
     if !(0.0..=1.0).contains(&opts.max_unused) {
@@ -218,24 +259,13 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
         .sum();
     report.packs_before = pack_list.len() as u64;
 
-    let mut packs = read_packs(store, &index_keys, &pack_list, &mut report)?;
-    // Damaged copies are no chunk's home (nor listed in the new index).
-    let damaged_ids: HashSet<Id> = damage.chunks.iter().map(|(id, _)| *id).collect();
-    for p in &mut packs {
-        let pack = p.id;
-        p.entries.retain(|e| !damage.chunk(&e.id, &pack));
-    }
-    let mut home = choose_homes(&mut packs, &marks.chunks);
-    // Chunks the snapshots reference that no pack of the store holds: damage. Unless it is
-    // recorded (then the snapshots that need them are known to be damaged), a gc changes
-    // nothing (a dry run reports it).
-    let (recorded_missing, missing): (Vec<&Id>, Vec<&Id>) = marks
-        .chunks
-        .iter()
-        .filter(|id| !home.contains_key(*id))
-        .partition(|id| damaged_ids.contains(*id));
-    report.chunks_missing = missing.len() as u64;
-    report.chunks_damaged = recorded_missing.len() as u64;
+    let mut plan = plan(
+        store,
+        &damage,
+        marks,
+        (&index_keys, &pack_list),
+        &mut report,
+    )?;
     if report.chunks_missing > 0 && !opts.dry_run {
         return Err(Error::new(
             ErrorKind::Corrupt,
@@ -247,39 +277,21 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
             ),
         ));
     }
-    plan_repack(&mut packs, opts.max_unused);
+    plan_repack(&mut plan.packs, opts.max_unused);
 
-    let repack_bytes: u64 = packs
+    let repack_bytes: u64 = plan
+        .packs
         .iter()
         .filter(|p| p.fate == Fate::Repack)
         .map(|p| p.live_bytes)
         .sum();
     let reporter = Reporter::start(observer, Phase::Collecting, repack_bytes);
     if !opts.dry_run {
-        let prepared = (|| -> Result<()> {
-            repack(store, &mut packs, &mut home, &opts.cancel, &reporter)?;
-            if opts.cancel.is_cancelled() {
-                return Err(cancelled());
-            }
-            let started = Instant::now();
-            lock.exclusive(opts.wait, &|| opts.cancel.is_cancelled(), &mut |others| {
-                let list: Vec<String> = others.iter().map(LockInfo::describe).collect();
-                reporter.warn(format!(
-                    "waiting for {} other users of the store to finish: {}",
-                    others.len(),
-                    list.join("; ")
-                ));
-            })?;
-            report.waited_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            keep_what_new_snapshots_need(store, &mut marks, &mut packs, &mut home, &index_keys)?;
-            if opts.cancel.is_cancelled() {
-                return Err(cancelled());
-            }
-            Ok(())
-        })();
+        let prepared = prepare(store, &lock, opts, &mut plan, &index_keys, &reporter)
+            .map(|waited| report.waited_ms = waited);
         if let Err(e) = prepared {
             // The packs this gc wrote are in no index: nothing can reference them.
-            for p in packs.iter().filter(|p| p.fate == Fate::New) {
+            for p in plan.packs.iter().filter(|p| p.fate == Fate::New) {
                 if let Err(d) = backend.delete(&pack_key(&p.id)) {
                     tracing::warn!("could not remove a pack this gc wrote: {d}");
                 }
@@ -291,15 +303,104 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
     // The plan's (or the result's) figures.
     let deleted_pages: Vec<&String> = page_list
         .iter()
-        .filter(|(key, _)| page_of_key(key).is_some_and(|id| !marks.pages.contains(&id)))
+        .filter(|(key, _)| page_of_key(key).is_some_and(|id| !plan.marks.pages.contains(&id)))
         .map(|(key, _)| key)
         .collect();
-    report.chunks_live = marks.chunks.len() as u64;
-    report.snapshots = marks.snapshots.len();
+    let kept_pages: u64 = page_list
+        .iter()
+        .filter(|(key, _)| page_of_key(key).is_some_and(|id| plan.marks.pages.contains(&id)))
+        .map(|(_, n)| n)
+        .sum();
     report.pages_deleted = deleted_pages.len() as u64;
     report.index_objects_replaced = index_keys.len() as u64;
+    tally(&mut report, &plan, kept_pages, opts.dry_run);
+    if report.chunks_missing > 0 {
+        reporter.warn(format!(
+            "{} chunks that snapshots reference are in no pack of the store: it is damaged; \
+             run `blockferry verify` on each snapshot",
+            report.chunks_missing
+        ));
+    }
+    if opts.dry_run {
+        drop(lock);
+        return Ok(report);
+    }
+
+    let doomed: Vec<String> = index_keys
+        .iter()
+        .map(|(key, _)| key.clone())
+        .chain(
+            plan.packs
+                .iter()
+                .filter(|p| matches!(p.fate, Fate::Delete | Fate::Repack))
+                .map(|p| pack_key(&p.id)),
+        )
+        .chain(deleted_pages.iter().map(|k| (*k).clone()))
+        .collect();
+    commit(store, &lock, &plan.packs, &doomed)?;
+    let fresh_index = backend.list_sized("index/")?;
+    report.bytes_after = plan
+        .packs
+        .iter()
+        .filter(|p| matches!(p.fate, Fate::Keep | Fate::New))
+        .map(|p| p.size)
+        .sum::<u64>()
+        + kept_pages
+        + fresh_index.iter().map(|(_, n)| n).sum::<u64>();
+    reporter.finish();
+    drop(lock);
+    Ok(report)
+}
+
+/// Repacks, then takes the lock exclusive and keeps what snapshots written meanwhile need.
+/// Returns how long it waited for the lock, in milliseconds.
+fn prepare(
+    store: &Store,
+    lock: &StoreLock,
+    opts: &GcOptions,
+    plan: &mut Plan,
+    index_keys: &[(String, u64)],
+    reporter: &Reporter<'_>,
+) -> Result<u64> {
+    repack(
+        store,
+        &mut plan.packs,
+        &mut plan.home,
+        &opts.cancel,
+        reporter,
+    )?;
+    if opts.cancel.is_cancelled() {
+        return Err(cancelled());
+    }
+    let started = Instant::now();
+    lock.exclusive(opts.wait, &|| opts.cancel.is_cancelled(), &mut |others| {
+        let list: Vec<String> = others.iter().map(LockInfo::describe).collect();
+        reporter.warn(format!(
+            "waiting for {} other users of the store to finish: {}",
+            others.len(),
+            list.join("; ")
+        ));
+    })?;
+    let waited = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    keep_what_new_snapshots_need(
+        store,
+        &mut plan.marks,
+        &mut plan.packs,
+        &mut plan.home,
+        index_keys,
+    )?;
+    if opts.cancel.is_cancelled() {
+        return Err(cancelled());
+    }
+    Ok(waited)
+}
+
+/// The report's figures of what `plan` keeps, deletes and writes.
+fn tally(report: &mut GcReport, plan: &Plan, kept_pages: u64, dry_run: bool) {
+    report.chunks_live = plan.marks.chunks.len() as u64;
+    report.snapshots = plan.marks.snapshots.len();
     let mut after = 0u64;
-    for p in &packs {
+    for p in &plan.packs {
         match p.fate {
             Fate::Delete => report.packs_deleted += 1,
             Fate::Repack => {
@@ -314,35 +415,24 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
                 after += p.size;
                 report.bytes_unused_left += p.size.saturating_sub(p.live_bytes + overhead(p));
             }
-            Fate::Repack if opts.dry_run => after += p.live_bytes + overhead(p),
+            Fate::Repack if dry_run => after += p.live_bytes + overhead(p),
             _ => {}
         }
     }
-    let kept_pages: u64 = page_list
-        .iter()
-        .filter(|(key, _)| page_of_key(key).is_some_and(|id| marks.pages.contains(&id)))
-        .map(|(_, n)| n)
-        .sum();
-    let index_entries: u64 = packs
+    let index_entries: u64 = plan
+        .packs
         .iter()
         .filter(|p| matches!(p.fate, Fate::Keep | Fate::New))
         .map(|p| p.entries.len() as u64)
         .sum();
     report.bytes_after = after + kept_pages + index_entries * format::ENTRY_BYTES as u64;
-    if report.chunks_missing > 0 {
-        reporter.warn(format!(
-            "{} chunks that snapshots reference are in no pack of the store: it is damaged; \
-             run `blockferry verify` on each snapshot",
-            report.chunks_missing
-        ));
-    }
-    if opts.dry_run {
-        drop(lock);
-        return Ok(report);
-    }
+}
 
-    // Commit: the new index first (every pack kept or written), then deletions, so a reader
-    // never finds a chunk only in an index that names a deleted pack.
+/// Commits a gc: the new index first (every pack kept or written), then the deletions, so a
+/// reader never finds a chunk only in an index that names a deleted pack. Deletions go in
+/// batches, each after checking the lock is still ours (one taken for stale by another gc,
+/// or lost while deleting, lets others in: stop at once).
+fn commit(store: &Store, lock: &StoreLock, packs: &[Pack], doomed: &[String]) -> Result<()> {
     let keep: Vec<&Pack> = packs
         .iter()
         .filter(|p| matches!(p.fate, Fate::Keep | Fate::New))
@@ -355,36 +445,13 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
             .collect();
         store.write_index(&batch)?;
     }
-    // Deletions in batches, each after checking the lock is still ours (one taken for
-    // stale by another gc, or lost while deleting, lets others in: stop at once).
-    let doomed: Vec<String> = index_keys
-        .iter()
-        .map(|(key, _)| key.clone())
-        .chain(
-            packs
-                .iter()
-                .filter(|p| matches!(p.fate, Fate::Delete | Fate::Repack))
-                .map(|p| pack_key(&p.id)),
-        )
-        .chain(deleted_pages.iter().map(|k| (*k).clone()))
-        .collect();
     for batch in doomed.chunks(DELETE_BATCH) {
         lock.check()?;
         for key in batch {
-            backend.delete(key)?;
+            store.backend().delete(key)?;
         }
     }
-    let fresh_index = backend.list_sized("index/")?;
-    report.bytes_after = packs
-        .iter()
-        .filter(|p| matches!(p.fate, Fate::Keep | Fate::New))
-        .map(|p| p.size)
-        .sum::<u64>()
-        + kept_pages
-        + fresh_index.iter().map(|(_, n)| n).sum::<u64>();
-    reporter.finish();
-    drop(lock);
-    Ok(report)
+    Ok(())
 }
 
 /// Objects a gc deletes between two checks of its lock.
