@@ -70,7 +70,7 @@ pub struct ReplicateOptions {
     /// of it): take the name even though another source had it.
     pub same_disk: bool,
     /// How long to wait for another run replicating the same disk (here or on another host)
-    /// before failing with [`ErrorKind::Busy`].
+    /// before failing with [`ErrorKind::Busy`](crate::ErrorKind::Busy).
     pub wait: Duration,
     /// Warn when the store has acknowledged nothing for this long while parts are in
     /// flight (the run goes on: the requests are retried).
