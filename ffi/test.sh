@@ -26,7 +26,7 @@ run() { # NAME ARGS...: prints and runs a test program in a fresh folder
   "$@"
 }
 
-for t in roundtrip errors cancel; do
+for t in roundtrip errors cancel sync; do
   # Static library, AddressSanitizer (leaks included) and UBSan on the C side.
   $cc $warn -g -fsanitize=address,undefined -fno-omit-frame-pointer -Iffi/include \
     -o "$out/$t-asan" "ffi/tests/c/$t.c" "$lib/libblockferry_ffi.a" $libs
@@ -41,10 +41,11 @@ s3_args=()
 if [ -n "${BF_S3_ENDPOINT:-}" ]; then
   s3_args=("$BF_S3_ENDPOINT" "$BF_S3_BUCKET" "$BF_S3_ACCESS_KEY" "$BF_S3_SECRET_KEY")
 fi
-for t in roundtrip errors cancel; do mkdir -p "$out/run-$t"; done
+for t in roundtrip errors cancel sync; do mkdir -p "$out/run-$t"; done
 run roundtrip "$out/roundtrip-asan" "$out/run-roundtrip" 24 "${s3_args[@]}"
 run errors "$out/errors-asan" "$out/run-errors"
 run cancel "$out/cancel-asan" "$out/run-cancel"
+run sync "$out/sync-asan" "$out/run-sync"
 
 # valgrind: invalid reads/writes and definite leaks fail the run (Rust's thread-locals and
 # the S3 runtime stay reachable at exit, which is not a leak).

@@ -6,7 +6,7 @@
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// What kind of failure an [`Error`] is. Small and stable: bindings map it exhaustively.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,10 +70,13 @@ impl ErrorKind {
 pub struct Error {
     kind: ErrorKind,
     message: String,
-    path: Option<PathBuf>,
-    object: Option<String>,
+    // Boxed (not `PathBuf`, `String`): an error stays within 128 bytes, so a `Result` of one
+    // is cheap to return.
+    path: Option<Box<Path>>,
+    object: Option<Box<str>>,
     offset: Option<u64>,
     part: Option<u32>,
+    setting: Option<&'static str>,
     source: Option<Box<dyn StdError + Send + Sync + 'static>>,
 }
 
@@ -90,6 +93,7 @@ impl Error {
             object: None,
             offset: None,
             part: None,
+            setting: None,
             source: None,
         }
     }
@@ -120,14 +124,14 @@ impl Error {
     /// Attaches the file the error is about.
     #[must_use]
     pub fn with_path(mut self, path: &Path) -> Error {
-        self.path = Some(path.to_path_buf());
+        self.path = Some(path.into());
         self
     }
 
     /// Attaches the store object (key) the error is about.
     #[must_use]
     pub fn with_object(mut self, object: &str) -> Error {
-        self.object = Some(object.to_owned());
+        self.object = Some(object.into());
         self
     }
 
@@ -156,6 +160,16 @@ impl Error {
         } else {
             self.with_offset(disk_offset)
         }
+    }
+
+    /// Names the setting of the request that the error is about (`changes`, `base`,
+    /// `verify_sample`, `restart`, …: the field names of the engine's request types). The
+    /// message stays in the engine's terms; each front end names the setting its own way
+    /// (a CLI flag, a keyword argument, a C option field).
+    #[must_use]
+    pub fn with_setting(mut self, setting: &'static str) -> Error {
+        self.setting = Some(setting);
+        self
     }
 
     /// Attaches the underlying cause.
@@ -193,6 +207,11 @@ impl Error {
     /// The byte offset the error is about, if any.
     pub fn offset(&self) -> Option<u64> {
         self.offset
+    }
+
+    /// The request setting the error is about, if any (see [`Error::with_setting`]).
+    pub fn setting(&self) -> Option<&'static str> {
+        self.setting
     }
 }
 
@@ -232,6 +251,7 @@ impl fmt::Debug for Error {
             .field("object", &self.object)
             .field("offset", &self.offset)
             .field("part", &self.part)
+            .field("setting", &self.setting)
             .field("source", &self.source)
             .finish()
     }

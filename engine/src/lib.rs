@@ -51,8 +51,10 @@ pub use pipeline::{
 pub use store::{InitOptions, Snapshot, Store, StoreConfig};
 // The rest of the facade the front ends use: the read engine's choice, the client's job
 // database, retention and garbage collection.
+pub use changes::ChangeFormat;
 pub use io::IoEngine;
 pub use job::state::{JobDb, default_state_dir};
-pub use pipeline::DEFAULT_VERIFY_SAMPLE;
+pub use pipeline::{BaseRef, ChangeSource, DEFAULT_VERIFY_SAMPLE, DeltaRequest};
+pub use pipeline::{CycleBase, Sync, SyncChanges, SyncCycle, SyncRequest, SyncStatus};
 pub use store::gc::{GcOptions, gc};
 pub use store::prune::{KeepPolicy, prune};

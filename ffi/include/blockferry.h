@@ -183,6 +183,19 @@ typedef struct bf_cancel bf_cancel;
 typedef struct bf_store bf_store;
 
 /**
+ * A continuous replication of one disk (opaque): made by `bf_sync_new`, a cycle per
+ * `bf_sync_cycle`, released by `bf_sync_free`. One cycle at a time.
+ */
+typedef struct bf_sync bf_sync;
+
+/**
+ * Settings of a continuous replication (opaque): made by `bf_sync_builder_new`, changed by
+ * the `bf_sync_builder_set_*` functions, turned into a `bf_sync` by `bf_sync_new`, released
+ * by `bf_sync_builder_free`.
+ */
+typedef struct bf_sync_builder bf_sync_builder;
+
+/**
  * How to reach S3 (ignored for local stores). Zeroed fields (NULL, 0, -1 for `path_style`)
  * take the defaults: the standard AWS chain for credentials and region, `AWS_ENDPOINT_URL`.
  * Over HTTPS, only the authorities in the PEM file `AWS_CA_BUNDLE` names are trusted when it
@@ -808,6 +821,137 @@ bf_result bf_jobs_json(const char *state_dir, char *buf, size_t len, size_t *out
  * `job` NUL-terminated; `state_dir` NULL or NUL-terminated; `s3` NULL or valid.
  */
 bf_result bf_abandon_job(const char *job, const char *state_dir, const bf_s3_options *s3);
+
+/**
+ * Makes a builder with the defaults: no change source yet (one must be set), the default
+ * job folder, a 1% verify sample, the default memory budget.
+ *
+ * # Safety
+ * `out` is writable.
+ */
+bf_result bf_sync_builder_new(bf_sync_builder **out);
+
+/**
+ * Releases a builder (NULL is ignored).
+ *
+ * # Safety
+ * `builder` is NULL or from `bf_sync_builder_new`, freed once.
+ */
+void bf_sync_builder_free(bf_sync_builder *builder);
+
+/**
+ * Where each cycle's changes come from: `"hash"` (compare every chunk), `"chain"` (the
+ * image is a snapshot-chain child), `"dir"` (lists dropped in the folder `arg`; a cycle takes
+ * those waiting and moves them to `arg/done/` once its snapshot is written) or `"given"`
+ * (each `bf_sync_cycle` gets its list). `format` (NULL: detected) names the lists' format:
+ * `vmware-cbt`, `hyperv-rct` or `extents`.
+ *
+ * # Safety
+ * `builder` live; `source` NUL-terminated; `arg` and `format` NULL or NUL-terminated.
+ */
+bf_result bf_sync_builder_set_changes(bf_sync_builder *builder,
+                                      const char *source,
+                                      const char *arg,
+                                      const char *format);
+
+/**
+ * The disk's name in the store (NULL: as a replication of the image names it).
+ *
+ * # Safety
+ * `builder` live; `name` NULL or NUL-terminated.
+ */
+bf_result bf_sync_builder_set_name(bf_sync_builder *builder, const char *name);
+
+/**
+ * The job folder, where each cycle records what a killed cycle's successor resumes (NULL:
+ * the default); `no_state` records nothing.
+ *
+ * # Safety
+ * `builder` live; `dir` NULL or NUL-terminated.
+ */
+bf_result bf_sync_builder_set_state_dir(bf_sync_builder *builder, const char *dir, bool no_state);
+
+/**
+ * The share (0 to 1) of the chunks a list calls unchanged that each cycle reads to check it.
+ *
+ * # Safety
+ * `builder` live.
+ */
+bf_result bf_sync_builder_set_verify_sample(bf_sync_builder *builder, double share);
+
+/**
+ * The memory budget of each cycle in bytes (0: the default).
+ *
+ * # Safety
+ * `builder` live.
+ */
+bf_result bf_sync_builder_set_memory_budget(bf_sync_builder *builder, uint64_t bytes);
+
+/**
+ * Starts a continuous replication of `image` into `store` with the builder's settings (the
+ * builder stays the caller's, to free or to build again).
+ *
+ * # Safety
+ * `store` and `builder` live; `image` NUL-terminated; `out` writable.
+ */
+bf_result bf_sync_new(const bf_store *store,
+                      const char *image,
+                      const bf_sync_builder *builder,
+                      bf_sync **out);
+
+/**
+ * Releases a sync (NULL is ignored).
+ *
+ * # Safety
+ * `sync` is NULL or from `bf_sync_new`, freed once, with no cycle running.
+ */
+void bf_sync_free(bf_sync *sync);
+
+/**
+ * Runs one cycle: a delta on the disk's newest snapshot (a full copy when it has none)
+ * from the sync's change source; with the source `"given"`, `(changes, len)` is the cycle's
+ * list (taken against the base `bf_sync_base_json` tells), else NULL and 0. A cycle with no
+ * list dropped does nothing and succeeds. Blocks; `progress` and `cancel` as for
+ * `bf_replicate`. `bf_sync_cycle_json` then tells what it did; a failed cycle still counts
+ * (the next one tries again).
+ *
+ * # Safety
+ * `sync` and `store` live (the store the sync was made with); `changes` NULL or readable
+ * for `len` bytes; `progress` callable with `userdata` as for `bf_replicate`; `cancel` NULL
+ * or live.
+ */
+bf_result bf_sync_cycle(bf_sync *sync,
+                        const bf_store *store,
+                        const uint8_t *changes,
+                        size_t len,
+                        bf_progress_cb progress,
+                        void *userdata,
+                        const bf_cancel *cancel);
+
+/**
+ * What the last successful cycle did, as a JSON object (`cycle`, `lag_seconds`,
+ * `last_success_unix_ms`, and `report`: the replication's report, or null when there was
+ * no list); after a failed cycle, where the sync stands (the same without `report`). See
+ * `bf_store_snapshots_json` for the buffer rules.
+ *
+ * # Safety
+ * `sync` live; buffer as for `bf_store_snapshots_json`.
+ */
+bf_result bf_sync_cycle_json(const bf_sync *sync, char *buf, size_t len, size_t *out_n);
+
+/**
+ * The base of the next cycle as a JSON object (`snapshot`, `change_id`: null before the
+ * first; `disk_size`): what a change list given to `bf_sync_cycle` is taken against. See
+ * `bf_store_snapshots_json` for the buffer rules.
+ *
+ * # Safety
+ * `sync` and `store` live; buffer as for `bf_store_snapshots_json`.
+ */
+bf_result bf_sync_base_json(const bf_sync *sync,
+                            const bf_store *store,
+                            char *buf,
+                            size_t len,
+                            size_t *out_n);
 
 #ifdef __cplusplus
 }  // extern "C"

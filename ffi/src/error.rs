@@ -176,6 +176,10 @@ pub(crate) fn record(fail: Fail) -> bf_result {
                 message.push_str(&c.to_string());
                 cause = c.source();
             }
+            // The engine names the setting an error is about; here it is an option field.
+            if let Some(setting) = e.setting() {
+                message = format!("{message} [option {setting}]");
+            }
             set_last(LastError {
                 message,
                 path: e.path().map(|p| p.to_string_lossy().into_owned()),

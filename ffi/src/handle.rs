@@ -61,6 +61,15 @@ pub(crate) unsafe fn ref_arg<'a, T>(p: *const T, what: &str) -> FfiResult<&'a T>
     unsafe { p.as_ref() }.ok_or_else(|| null(what))
 }
 
+/// A required mutable reference argument.
+///
+/// # Safety
+/// `p` is NULL or points to a valid `T` that nothing else reads or writes during `'a`.
+pub(crate) unsafe fn mut_arg<'a, T>(p: *mut T, what: &str) -> FfiResult<&'a mut T> {
+    // SAFETY: per the caller's contract, a non-NULL `p` points to a valid T used by no one else.
+    unsafe { p.as_mut() }.ok_or_else(|| null(what))
+}
+
 /// An optional reference argument (NULL: none).
 ///
 /// # Safety

@@ -20,15 +20,15 @@
 
 mod error;
 mod handle;
+pub mod sync;
 
 use std::ffi::{CStr, c_char, c_void};
 use std::path::Path;
 use std::sync::Mutex;
 
-use blockferry::changes::{ChangeFormat, ChangeList};
 use blockferry::image::{self, OpenOptions, Target};
-use blockferry::pipeline::{Changes, DeltaOptions};
 use blockferry::store::S3Options;
+use blockferry::{BaseRef, ChangeFormat, ChangeSource, DeltaRequest};
 use blockferry::{
     CancelToken, ConvertOptions, Event, InitOptions, Observer, Phase, ReplicateOptions,
     RestoreOptions, VerifyOptions,
@@ -751,45 +751,26 @@ pub unsafe extern "C" fn bf_replicate(
             2 => blockferry::IoEngine::Uring,
             v => return Err(invalid(format!("opts.io_engine {v}: give 0, 1 or 2"))),
         };
-        if !(0.0..=1.0).contains(&o.verify_sample) {
-            return Err(invalid("opts.verify_sample is a share from 0 to 1"));
-        }
         let open = OpenOptions {
             allow_outside_folder: o.allow_outside_folder,
             ova_disk: disk.map(str::to_owned),
             ..OpenOptions::default()
         };
         let source = image::open_with(Path::new(image), &open)?;
-        let delta = match (base, changes) {
-            (None, None) => None,
-            (None, Some(_)) => {
-                return Err(Fail::Engine(blockferry::Error::config(
-                    "opts.changes needs opts.base",
-                )));
-            }
-            (Some(_), None) => {
-                return Err(Fail::Engine(blockferry::Error::config(
-                    "a delta (opts.base) needs opts.changes: a list file, \"hash\" or \"chain\"",
-                )));
-            }
-            (Some(base), Some(changes)) => {
-                let size = source.info().virtual_size;
-                let changes = match changes {
-                    "hash" => Changes::Hash,
-                    "chain" => Changes::List(ChangeList::from_chain(source.as_ref())?),
-                    path => {
-                        let format = changes_format.map(ChangeFormat::from_name).transpose()?;
-                        Changes::List(ChangeList::read(Path::new(path), format, size)?)
-                    }
-                };
-                Some(DeltaOptions {
-                    base: base.to_owned(),
-                    changes,
-                    verify_sample: o.verify_sample,
-                    change_id: change_id.map(str::to_owned),
+        let request = DeltaRequest {
+            base: base.map(BaseRef::parse),
+            changes: changes
+                .map(|c| {
+                    changes_format
+                        .map(ChangeFormat::from_name)
+                        .transpose()
+                        .map(|format| ChangeSource::from_name(c, format))
                 })
-            }
+                .transpose()?,
+            verify_sample: o.verify_sample,
+            change_id: change_id.map(str::to_owned),
         };
+        let delta = request.resolve(source.as_ref())?;
         let job_state = if o.no_state {
             None
         } else {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import (
     Any,
     Callable,
@@ -20,7 +21,9 @@ from typing import (
 )
 
 from . import _native
-from ._errors import ConfigError
+from ._native import Store as _NativeStore
+from ._native import SyncRun as _NativeSyncRun
+from ._errors import CancelledError, ConfigError, Error
 from ._types import (
     ChangeList,
     CleanupReport,
@@ -37,6 +40,7 @@ from ._types import (
     RestoreReport,
     Snapshot,
     StoreConfig,
+    SyncCycle,
     VerifyReport,
     _build,
     _event,
@@ -189,6 +193,16 @@ def _s3(
     }
 
 
+def _counts(**values: Optional[int]) -> None:
+    """Refuses a count or size that is not a non-negative integer, naming it (the native
+    module would raise a bare ``OverflowError``)."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} is a count or size from 0 up, not {value!r}")
+
+
 def _path(p: Optional[PathLike]) -> Optional[str]:
     return None if p is None else os.fspath(p)
 
@@ -202,10 +216,41 @@ class Store:
     ``str`` or ``bytes``; when None it comes from ``BLOCKFERRY_PASSPHRASE``, as for the CLI.
 
     A store is safe to share between threads; several replications may run into it at once.
+    It is a context manager: ``with Store.open(...) as store:`` closes it at the end (an
+    operation still running keeps what it needs until it ends).
     """
 
-    def __init__(self, native: _native.Store) -> None:
-        self._native = native
+    def __init__(self, native: _NativeStore) -> None:
+        self._open: Optional[_NativeStore] = native
+
+    @property
+    def _native(self) -> _NativeStore:
+        if self._open is None:
+            raise ConfigError("this store was closed")
+        return self._open
+
+    def close(self) -> None:
+        """Lets the store go (idempotent); later calls on it raise ``ConfigError``."""
+        self._open = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._open is None
+
+    def __enter__(self) -> "Store":
+        self._native  # refuses a closed store
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a Store holds an open connection to its storage and cannot be pickled: send "
+            "its location (and settings) to the other process and open it there with "
+            "Store.open"
+        )
 
     @classmethod
     def create(
@@ -298,6 +343,92 @@ class Store:
         when it holds several)."""
         return Snapshot._from(self._native.snapshot(spec))
 
+    def sync(
+        self,
+        image: PathLike,
+        *,
+        changes: Optional[str] = None,
+        changes_dir: Optional[PathLike] = None,
+        changes_source: Optional[Callable[[Dict[str, Any]], Union[bytes, str]]] = None,
+        changes_format: Optional[str] = None,
+        every: float = 300.0,
+        cycles: Optional[int] = None,
+        name: Optional[str] = None,
+        disk: Optional[str] = None,
+        allow_outside_folder: bool = False,
+        verify_sample: float = 0.01,
+        workers: int = 0,
+        memory_budget: int = 0,
+        bwlimit: Optional[int] = None,
+        state_dir: Optional[PathLike] = None,
+        job_state: bool = True,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> Iterator[SyncCycle]:
+        """Continuous replication of ``image``, as ``blockferry sync`` runs it: a cycle every
+        ``every`` seconds (from the start of one to the next), each a delta on the disk's
+        newest snapshot, the first a full copy when the disk has none; yields each cycle's
+        :class:`SyncCycle` (a failed cycle carries its ``error`` and the next tries again).
+        Stops after ``cycles`` cycles, or when the caller stops iterating; a cycle killed or
+        cancelled (Ctrl-C) resumes in the next.
+
+        Changes come from one of: ``changes="hash"`` (compare every chunk), ``"chain"`` (the
+        image is a snapshot-chain child), ``changes_dir`` (a folder where lists are dropped:
+        each cycle takes those waiting and moves them to ``done/`` once its snapshot is
+        written; no list, no cycle), or ``changes_source``, called before each cycle with
+        the base (``snapshot``, ``change_id``, ``disk_size``) and returning the list's text.
+        """
+        _counts(workers=workers, memory_budget=memory_budget, bwlimit=bwlimit, cycles=cycles)
+        run = self._native.start_sync(
+            os.fspath(image),
+            changes=changes,
+            changes_dir=_path(changes_dir),
+            changes_given=changes_source is not None,
+            changes_format=changes_format,
+            name=name,
+            disk=disk,
+            allow_outside_folder=allow_outside_folder,
+            verify_sample=verify_sample,
+            workers=workers,
+            memory_budget=memory_budget,
+            bwlimit=bwlimit,
+            state_dir=_path(state_dir),
+            no_state=not job_state,
+        )
+        done = 0
+        while cycles is None or done < cycles:
+            started = time.monotonic()
+            yield self._sync_cycle(run, changes_source, progress, progress_interval)
+            done += 1
+            if cycles is not None and done >= cycles:
+                return
+            time.sleep(max(0.0, every - (time.monotonic() - started)))
+
+    @staticmethod
+    def _sync_cycle(
+        run: _NativeSyncRun,
+        changes_source: Optional[Callable[[Dict[str, Any]], Union[bytes, str]]],
+        progress: Optional[ProgressCallback],
+        progress_interval: float,
+    ) -> SyncCycle:
+        data: Optional[bytes] = None
+        if changes_source is not None:
+            try:
+                text = changes_source(run.base())
+            except Exception as e:  # the caller's source failed: this cycle fails
+                return SyncCycle._from(run.fail_cycle(), error=e)
+            data = text.encode() if isinstance(text, str) else bytes(text)
+        op = Operation(
+            run.start_cycle(data, progress=_deliver(progress), progress_interval=progress_interval),
+            SyncCycle._from,
+        )
+        try:
+            return op.result()
+        except CancelledError:
+            raise
+        except Error as e:
+            return SyncCycle._from(run.status(), error=e)
+
     def start_replicate(
         self,
         image: PathLike,
@@ -310,6 +441,7 @@ class Store:
         changes: Optional[Changes] = None,
         changes_format: Optional[str] = None,
         change_id: Optional[str] = None,
+        base_change_id: Optional[str] = None,
         verify_sample: float = 0.01,
         workers: int = 0,
         compression: bool = True,
@@ -329,13 +461,19 @@ class Store:
     ) -> Operation[ReplicateReport]:
         """Starts copying ``image`` into the store as a new snapshot; the options are those
         of :meth:`replicate`."""
+        _counts(
+            workers=workers,
+            memory_budget=memory_budget,
+            io_depth=io_depth,
+            upload_jobs=upload_jobs,
+            part_size=part_size,
+            bwlimit=bwlimit,
+        )
         kw: Dict[str, Any] = {}
-        if changes is not None and base is None:
-            raise ConfigError("changes need a base snapshot (base=...) to make a delta on")
         if isinstance(changes, ChangeList):
             # As an extents document that keeps the list's change ids, so that the engine
             # still checks it against the base snapshot's.
-            doc = {
+            doc: Dict[str, Any] = {
                 "changeId": changes.base_change_id,
                 "newChangeId": changes.new_change_id,
                 "extents": changes.extents,
@@ -352,11 +490,31 @@ class Store:
                 kw["changes"] = c
                 kw["changes_format"] = changes_format
         elif changes is not None:
-            kw["changes_data"] = json.dumps([[int(o), int(n)] for o, n in changes]).encode()
+            # As an extents document naming the change id the ranges were taken against, so
+            # that the engine checks it against the base snapshot's.
+            ranges = []
+            for i, r in enumerate(changes):
+                if len(r) != 2 or any(
+                    isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in r
+                ):
+                    raise ConfigError(
+                        f"changes[{i}] is {r!r}: give (offset, length) pairs of integers "
+                        "from 0 up"
+                    )
+                ranges.append([r[0], r[1]])
+            doc = {
+                "changeId": base_change_id,
+                "newChangeId": change_id,
+                "extents": ranges,
+            }
+            kw["changes_data"] = json.dumps(doc).encode()
             kw["changes_format"] = "extents"
-        elif base is not None:
+        if base_change_id is not None and (
+            changes is None or isinstance(changes, (str, os.PathLike, ChangeList))
+        ):
             raise ConfigError(
-                'a delta needs changes: a change list, ranges, "hash" or "chain"'
+                "base_change_id names what (offset, length) ranges were taken against; a "
+                "change list carries its own"
             )
         task = self._native.start_replicate(
             os.fspath(image),
@@ -398,6 +556,7 @@ class Store:
         changes: Optional[Changes] = None,
         changes_format: Optional[str] = None,
         change_id: Optional[str] = None,
+        base_change_id: Optional[str] = None,
         verify_sample: float = 0.01,
         workers: int = 0,
         compression: bool = True,
@@ -423,7 +582,10 @@ class Store:
         ``latest``) and ``changes`` (see :data:`Changes`; ``changes_format`` to name a
         list's format) it is a delta that reads only what changed, checking a
         ``verify_sample`` share of what the list calls unchanged; ``change_id`` is the
-        source's change-tracking id now, recorded for the next delta.
+        source's change-tracking id now, recorded for the next delta. Ranges given as
+        ``(offset, length)`` pairs name the change id they were taken against with
+        ``base_change_id`` (pyVmomi's ``changeId`` argument), which is checked against the
+        base snapshot's as a list file's would be.
 
         The run is a job (state in ``state_dir``, default :func:`default_state_dir`): if it
         is killed or cancelled, the next call with the same image and store resumes it
@@ -450,6 +612,7 @@ class Store:
             changes=changes,
             changes_format=changes_format,
             change_id=change_id,
+            base_change_id=base_change_id,
             verify_sample=verify_sample,
             workers=workers,
             compression=compression,
@@ -480,6 +643,7 @@ class Store:
         progress_interval: float = 0.5,
     ) -> Operation[RestoreReport]:
         """Starts writing a snapshot out; see :meth:`restore`."""
+        _counts(workers=workers)
         task = self._native.start_restore(
             snapshot,
             os.fspath(out),
@@ -529,6 +693,7 @@ class Store:
         progress_interval: float = 0.5,
     ) -> Operation[VerifyReport]:
         """Starts a verification; see :meth:`verify`."""
+        _counts(workers=workers)
         task = self._native.start_verify(
             snapshot,
             image=_path(image),
@@ -740,6 +905,7 @@ def start_convert(
     progress_interval: float = 0.5,
 ) -> Operation[ConvertReport]:
     """Starts a conversion; see :func:`convert`."""
+    _counts(workers=workers)
     task = _native.start_convert(
         os.fspath(image),
         os.fspath(out),

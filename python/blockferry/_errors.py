@@ -12,11 +12,13 @@ This module must not import the native module (which imports it).
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
     "Error",
     "SourceIOError",
+    "SourceNotFoundError",
+    "SourcePermissionError",
     "InvalidImageError",
     "UnsupportedImageError",
     "InvalidChangeListError",
@@ -45,7 +47,11 @@ class Error(Exception):
         object: the store object concerned (``packs/…``, ``snapshots/…``), if any.
         offset: the byte offset concerned (in the file, or on the virtual disk), if any.
         part: the part of a multipart upload concerned, if any.
+        setting: the argument the error is about (``changes``, ``base``, …), if any.
         causes: the underlying errors, outermost first.
+
+    Errors pickle with all of these (and ``errno``, ``strerror``, ``filename`` for the
+    ``OSError`` ones), so they survive a process pool.
     """
 
     kind: str = "internal"
@@ -54,6 +60,7 @@ class Error(Exception):
     object: Optional[str] = None
     offset: Optional[int] = None
     part: Optional[int] = None
+    setting: Optional[str] = None
     causes: List[str] = []
 
     def __str__(self) -> str:
@@ -61,9 +68,28 @@ class Error(Exception):
         # ("[Errno 2] …: 'file'") would hide it.
         return str(self.args[0]) if self.args else super().__str__()
 
+    def __reduce__(self) -> Tuple[Any, ...]:
+        state: Dict[str, Any] = dict(self.__dict__)
+        if isinstance(self, OSError):
+            # Not in __dict__: OSError keeps them in its own slots.
+            state.update(errno=self.errno, strerror=self.strerror, filename=self.filename)
+        return (type(self), self.args, state)
+
+    def __setstate__(self, state: Optional[Dict[str, Any]]) -> None:
+        for key, value in (state or {}).items():
+            setattr(self, key, value)
+
 
 class SourceIOError(Error, OSError):
     """Reading or writing a local file or device failed (``errno`` and ``filename`` set)."""
+
+
+class SourceNotFoundError(SourceIOError, FileNotFoundError):
+    """A local file (an image, a change list) does not exist (``errno`` ``ENOENT``)."""
+
+
+class SourcePermissionError(SourceIOError, PermissionError):
+    """A local file may not be read or written (``errno`` ``EACCES`` or ``EPERM``)."""
 
 
 class InvalidImageError(Error, ValueError):

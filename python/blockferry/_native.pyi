@@ -15,6 +15,7 @@ __all__ = [
     "abandon_job",
     "start_convert",
     "Store",
+    "SyncRun",
     "Task",
 ]
 
@@ -63,6 +64,20 @@ class Task:
     def result(self) -> Any: ...
 
 @final
+class SyncRun:
+    @property
+    def disk(self) -> str: ...
+    def status(self) -> Dict[str, Any]: ...
+    def base(self) -> Dict[str, Any]: ...
+    def fail_cycle(self) -> Dict[str, Any]: ...
+    def start_cycle(
+        self,
+        changes_data: Optional[bytes] = ...,
+        progress: Optional[Callable[[Any], Any]] = ...,
+        progress_interval: float = ...,
+    ) -> Task: ...
+
+@final
 class Store:
     @staticmethod
     def init(
@@ -83,6 +98,24 @@ class Store:
     ) -> Store: ...
     def config(self) -> Dict[str, Any]: ...
     def snapshots(self) -> Tuple[List[Dict[str, Any]], List[BaseException]]: ...
+    def start_sync(
+        self,
+        image: str,
+        *,
+        changes: Optional[str] = ...,
+        changes_dir: Optional[str] = ...,
+        changes_given: bool = ...,
+        changes_format: Optional[str] = ...,
+        name: Optional[str] = ...,
+        disk: Optional[str] = ...,
+        allow_outside_folder: bool = ...,
+        verify_sample: float = ...,
+        workers: int = ...,
+        memory_budget: int = ...,
+        bwlimit: Optional[int] = ...,
+        state_dir: Optional[str] = ...,
+        no_state: bool = ...,
+    ) -> SyncRun: ...
     def snapshot(self, spec: str) -> Dict[str, Any]: ...
     def prune(
         self,

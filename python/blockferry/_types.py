@@ -203,6 +203,28 @@ class ReplicateReport:
 
 
 @dataclass(frozen=True)
+class SyncCycle:
+    """One cycle of a continuous replication (:meth:`blockferry.Store.sync`)."""
+
+    #: Cycles run so far, this one included.
+    cycle: int
+    #: The replication lag (RPO): seconds since the view of the disk the newest snapshot
+    #: holds was taken (None before the first).
+    lag_seconds: Optional[float]
+    #: When that view was taken, ms since the Unix epoch.
+    last_success_unix_ms: Optional[int]
+    #: The cycle's replication; None when it had nothing to do (no list dropped) or failed.
+    report: Optional[ReplicateReport] = None
+    #: Why the cycle failed (the next one tries again), or None.
+    error: Optional[BaseException] = None
+
+    @classmethod
+    def _from(cls, d: Mapping[str, Any], error: Optional[BaseException] = None) -> "SyncCycle":
+        r = d.get("report")
+        return _build(cls, d, report=ReplicateReport._from(r) if r else None, error=error)
+
+
+@dataclass(frozen=True)
 class RestoreReport:
     """What a restore wrote."""
 

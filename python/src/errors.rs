@@ -10,6 +10,8 @@ use pyo3::{PyErr, Python};
 mod classes {
     #![allow(missing_debug_implementations)] // types the macro declares
     pyo3::import_exception!(blockferry._errors, SourceIOError);
+    pyo3::import_exception!(blockferry._errors, SourceNotFoundError);
+    pyo3::import_exception!(blockferry._errors, SourcePermissionError);
     pyo3::import_exception!(blockferry._errors, InvalidImageError);
     pyo3::import_exception!(blockferry._errors, UnsupportedImageError);
     pyo3::import_exception!(blockferry._errors, InvalidChangeListError);
@@ -28,7 +30,8 @@ mod classes {
 use classes::{
     AccessDeniedError, BusyError, CancelledError, ConfigError, CorruptError, CredentialsError,
     InternalError, InvalidChangeListError, InvalidImageError, NotFoundError, SourceIOError,
-    StoreError, UnsupportedImageError, UnsupportedVersionError, VerifyMismatchError,
+    SourceNotFoundError, SourcePermissionError, StoreError, UnsupportedImageError,
+    UnsupportedVersionError, VerifyMismatchError,
 };
 
 /// The name of the kind, as the exceptions' `kind` attribute and the C result codes say it.
@@ -55,9 +58,22 @@ pub(crate) fn kind_name(kind: ErrorKind) -> &'static str {
 /// The Python exception for an engine error, with `kind`, `message`, `path`, `object`,
 /// `offset`, `part` and `causes` set (and `errno`/`filename` for the `OSError` kinds).
 pub(crate) fn to_py(py: Python<'_>, e: &Error) -> PyErr {
-    let text = e.to_string();
+    let mut text = e.to_string();
+    // An I/O error says what the system said ("No such file or directory").
+    if let Some(reason) = os_error(e) {
+        text = format!("{text}: {reason}");
+    }
+    // The engine names the setting an error is about; here it is a keyword argument.
+    if let Some(setting) = e.setting() {
+        text = format!("{text} [argument {setting}]");
+    }
     let err = match e.kind() {
-        ErrorKind::Io => SourceIOError::new_err(text),
+        // As the builtin `open` would raise, for the errors callers catch by class.
+        ErrorKind::Io => match os_errno(e) {
+            Some(ENOENT) => SourceNotFoundError::new_err(text),
+            Some(EACCES | EPERM) => SourcePermissionError::new_err(text),
+            _ => SourceIOError::new_err(text),
+        },
         ErrorKind::InvalidImage => InvalidImageError::new_err(text),
         ErrorKind::UnsupportedImage => UnsupportedImageError::new_err(text),
         ErrorKind::InvalidChangeList => InvalidChangeListError::new_err(text),
@@ -88,6 +104,7 @@ fn annotate(py: Python<'_>, err: &PyErr, e: &Error) -> PyResult<()> {
     value.setattr("object", e.object())?;
     value.setattr("offset", e.offset())?;
     value.setattr("part", e.part())?;
+    value.setattr("setting", e.setting())?;
     let detail: Vec<String> = causes(e);
     value.setattr("causes", detail)?;
     if value.is_instance_of::<pyo3::exceptions::PyOSError>() {
@@ -96,7 +113,10 @@ fn annotate(py: Python<'_>, err: &PyErr, e: &Error) -> PyResult<()> {
         }
         if let Some(errno) = os_errno(e) {
             value.setattr("errno", errno)?;
-            value.setattr("strerror", e.message())?;
+            // As Python words it: the system's reason, without Rust's "(os error N)".
+            let reason = os_error(e).unwrap_or_default();
+            let reason = reason.split(" (os error").next().unwrap_or_default();
+            value.setattr("strerror", reason)?;
         }
     }
     Ok(())
@@ -111,6 +131,23 @@ fn causes(e: &Error) -> Vec<String> {
         cur = c.source();
     }
     out
+}
+
+// The errno values the classes above follow (the same on every Unix this builds for).
+const ENOENT: i32 = 2;
+const EPERM: i32 = 1;
+const EACCES: i32 = 13;
+
+/// The OS error in the error's cause chain, if there is one, as the system words it.
+fn os_error(e: &Error) -> Option<String> {
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io.to_string());
+        }
+        cur = c.source();
+    }
+    None
 }
 
 /// The OS error number in the error's cause chain, if there is one.

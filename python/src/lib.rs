@@ -19,7 +19,7 @@ use blockferry::GcOptions;
 use blockferry::KeepPolicy;
 use blockferry::changes::{ChangeFormat, ChangeList};
 use blockferry::image::{self, OpenOptions, Target};
-use blockferry::pipeline::{Changes, DeltaOptions};
+use blockferry::{BaseRef, ChangeSource, DeltaRequest, SyncChanges, SyncRequest};
 use blockferry::{
     CancelToken, ConvertOptions, InitOptions, Phase, ReplicateOptions, RestoreOptions,
     VerifyOptions,
@@ -268,6 +268,85 @@ fn start_convert(
     )
 }
 
+/// A continuous replication of one disk: the engine's `Sync`.
+#[pyclass(frozen, module = "blockferry._native")]
+struct SyncRun {
+    store: Arc<blockferry::Store>,
+    sync: Arc<std::sync::Mutex<blockferry::Sync>>,
+}
+
+impl std::fmt::Debug for SyncRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncRun").finish_non_exhaustive()
+    }
+}
+
+impl SyncRun {
+    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, blockferry::Sync>> {
+        self.sync
+            .try_lock()
+            .map_err(|_| config_error("a cycle of this sync is running"))
+    }
+}
+
+#[pymethods]
+impl SyncRun {
+    /// The disk's name in the store.
+    #[getter]
+    fn disk(&self) -> PyResult<String> {
+        Ok(self.lock()?.disk().to_owned())
+    }
+
+    /// Where the replication stands: `cycle`, `lag_seconds`, `last_success_unix_ms`.
+    fn status(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let status = self.lock()?.status();
+        to_py(py, &status)
+    }
+
+    /// The base of the next cycle: `snapshot`, `change_id`, `disk_size`.
+    fn base(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let sync = self.lock()?;
+        let store = &self.store;
+        let base = py.detach(|| sync.base(store)).py_err(py)?;
+        to_py(py, &base)
+    }
+
+    /// Counts a cycle that failed before it ran (its change source failed).
+    fn fail_cycle(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let status = self.lock()?.fail_cycle();
+        to_py(py, &status)
+    }
+
+    /// Starts the next cycle; `changes_data` is its list when the sync's lists are given.
+    #[pyo3(signature = (changes_data=None, progress=None, progress_interval=0.5))]
+    fn start_cycle(
+        &self,
+        changes_data: Option<Vec<u8>>,
+        progress: Option<Py<PyAny>>,
+        progress_interval: f64,
+    ) -> PyResult<Task> {
+        let interval = seconds("progress_interval", progress_interval)?;
+        drop(self.lock()?); // Refused at once while another cycle runs.
+        let cancel = CancelToken::new();
+        let (store, sync) = (Arc::clone(&self.store), Arc::clone(&self.sync));
+        let token = cancel.clone();
+        Task::start(
+            "sync",
+            Phase::Replicating,
+            cancel,
+            progress,
+            interval,
+            move |obs| {
+                let mut sync = sync
+                    .lock()
+                    .map_err(|_| blockferry::Error::internal("a cycle panicked"))?;
+                let cycle = sync.cycle(&store, changes_data.as_deref(), &token, obs)?;
+                Ok(serde_json::to_value(&cycle).unwrap_or_default())
+            },
+        )
+    }
+}
+
 /// An open store.
 #[pyclass(frozen, module = "blockferry._native")]
 struct Store {
@@ -295,43 +374,32 @@ fn store_config(store: &blockferry::Store) -> serde_json::Value {
 }
 
 /// How a replication finds what changed since its base.
-fn delta(
-    source: &dyn image::BlockSource,
+/// The delta a replication asks for, as the engine takes it.
+fn delta_request(
     base: Option<String>,
-    changes: &ChangesArg,
+    changes: ChangesArg,
     verify_sample: f64,
     change_id: Option<String>,
-) -> blockferry::Result<Option<DeltaOptions>> {
-    let Some(base) = base else {
-        return match changes {
-            ChangesArg::None => Ok(None),
-            _ => Err(blockferry::Error::config(
-                "changes need a base snapshot to make a delta on",
-            )),
-        };
-    };
-    let size = source.info().virtual_size;
+) -> blockferry::Result<DeltaRequest> {
     let changes = match changes {
-        ChangesArg::None => {
-            return Err(blockferry::Error::config(
-                "a delta needs changes: a change list, \"hash\", or from the chain",
-            ));
-        }
-        ChangesArg::Hash => Changes::Hash,
-        ChangesArg::Chain => Changes::List(ChangeList::from_chain(source)?),
-        ChangesArg::Path(p, f) => {
-            Changes::List(ChangeList::read(p, change_format(f.as_deref())?, size)?)
-        }
-        ChangesArg::Data(d, f) => {
-            Changes::List(ChangeList::parse(d, change_format(f.as_deref())?, size)?)
-        }
+        ChangesArg::None => None,
+        ChangesArg::Hash => Some(ChangeSource::Hash),
+        ChangesArg::Chain => Some(ChangeSource::Chain),
+        ChangesArg::Path(path, f) => Some(ChangeSource::File {
+            path,
+            format: change_format(f.as_deref())?,
+        }),
+        ChangesArg::Data(bytes, f) => Some(ChangeSource::Data {
+            bytes,
+            format: change_format(f.as_deref())?,
+        }),
     };
-    Ok(Some(DeltaOptions {
-        base,
+    Ok(DeltaRequest {
+        base: base.as_deref().map(BaseRef::parse),
         changes,
         verify_sample,
         change_id,
-    }))
+    })
 }
 
 enum ChangesArg {
@@ -405,6 +473,82 @@ impl Store {
     /// The store's configuration.
     fn config(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         convert::json_to_py(py, &store_config(&self.store))
+    }
+
+    /// Starts a continuous replication of `image` (cycles run with `SyncRun.start_cycle`).
+    /// `changes` is `hash` or `chain`; or lists come from `changes_dir`, or are given to each
+    /// cycle (`changes_given`).
+    #[pyo3(signature = (
+        image, *, changes=None, changes_dir=None, changes_given=false, changes_format=None,
+        name=None, disk=None, allow_outside_folder=false, verify_sample=0.01, workers=0,
+        memory_budget=0, bwlimit=None, state_dir=None, no_state=false
+    ))]
+    #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
+    fn start_sync(
+        &self,
+        py: Python<'_>,
+        image: PathBuf,
+        changes: Option<String>,
+        changes_dir: Option<PathBuf>,
+        changes_given: bool,
+        changes_format: Option<String>,
+        name: Option<String>,
+        disk: Option<String>,
+        allow_outside_folder: bool,
+        verify_sample: f64,
+        workers: usize,
+        memory_budget: usize,
+        bwlimit: Option<u64>,
+        state_dir: Option<PathBuf>,
+        no_state: bool,
+    ) -> PyResult<SyncRun> {
+        let format = change_format(changes_format.as_deref()).py_err(py)?;
+        let given = [changes.is_some(), changes_dir.is_some(), changes_given];
+        let changes = match (changes.as_deref(), changes_dir) {
+            _ if given.iter().filter(|g| **g).count() != 1 => {
+                return Err(config_error(
+                    "a sync takes one source of changes: hash, chain, a folder of dropped \
+                     lists, or a list given to each cycle",
+                ));
+            }
+            (Some("hash"), _) => SyncChanges::Hash,
+            (Some("chain"), _) => SyncChanges::Chain,
+            (Some(other), _) => {
+                return Err(config_error(format!(
+                    "changes {other:?}: a sync takes \"hash\" or \"chain\" (lists come from \
+                     a folder or are given to each cycle)"
+                )));
+            }
+            (None, Some(dir)) => SyncChanges::Folder { dir, format },
+            (None, None) => SyncChanges::Given { format },
+        };
+        let job_state = if no_state {
+            None
+        } else {
+            Some(self::state_dir(state_dir).py_err(py)?)
+        };
+        let request = SyncRequest {
+            image,
+            open: open_options(disk, allow_outside_folder),
+            name,
+            changes,
+            verify_sample,
+            replicate: ReplicateOptions {
+                workers,
+                memory_budget,
+                bwlimit,
+                job_state,
+                ..ReplicateOptions::default()
+            },
+        };
+        let store = Arc::clone(&self.store);
+        let sync = py
+            .detach(|| blockferry::Sync::new(&store, request))
+            .py_err(py)?;
+        Ok(SyncRun {
+            store,
+            sync: Arc::new(std::sync::Mutex::new(sync)),
+        })
     }
 
     /// The snapshots (oldest first) and the errors of those that could not be read.
@@ -526,9 +670,6 @@ impl Store {
                 "io_engine {io_engine:?}: give auto, uring or pread"
             ))
         })?;
-        if !(0.0..=1.0).contains(&verify_sample) {
-            return Err(config_error("verify_sample is a share from 0 to 1"));
-        }
         let given = [
             changes.is_some(),
             changes_data.is_some(),
@@ -547,6 +688,8 @@ impl Store {
             (None, None) if changes_from_chain => ChangesArg::Chain,
             (None, None) => ChangesArg::None,
         };
+        let request = delta_request(base, changes_arg, verify_sample, change_id.clone())
+            .map_err(|e| errors::to_py(py, &e))?;
         let cancel = CancelToken::new();
         let job_state = if no_state {
             None
@@ -583,7 +726,7 @@ impl Store {
             interval,
             move |obs| {
                 let src = image::open_with(&image, &open)?;
-                opts.delta = delta(src.as_ref(), base, &changes_arg, verify_sample, change_id)?;
+                opts.delta = request.resolve(src.as_ref())?;
                 let report = blockferry::replicate(&store, src.as_ref(), &opts, obs)?;
                 Ok(serde_json::to_value(&report).unwrap_or_default())
             },
@@ -715,6 +858,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(abandon_job, m)?)?;
     m.add_function(wrap_pyfunction!(start_convert, m)?)?;
     m.add_class::<Store>()?;
+    m.add_class::<SyncRun>()?;
     m.add_class::<Task>()?;
     Ok(())
 }

@@ -109,8 +109,12 @@ def test_several_replications_at_once_from_threads(store: blockferry.Store, tmp_
     disks = [
         make_disk(tmp_path / f"d{i}.raw", 16 * MIB, [(0, os.urandom(16 * MIB))]) for i in range(3)
     ]
-    ops = [store.start_replicate(d, state_dir=state, bwlimit=8 * MIB) for d in disks]
-    # All three under way together: each has read something while none is done (2 s each).
+    # Small packs, so that the cap holds from the first (a pack goes at once): 2 s each.
+    ops = [
+        store.start_replicate(d, state_dir=state, bwlimit=8 * MIB, memory_budget=32 * MIB)
+        for d in disks
+    ]
+    # All three under way together: each has read something while none is done.
     wait_for(lambda: all((op.progress() or blockferry.Progress("", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None, "")).bytes_done > 0 for op in ops))
     assert sum(not op.done() for op in ops) == 3
     reports = [op.result() for op in ops]

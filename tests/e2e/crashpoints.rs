@@ -73,7 +73,7 @@ impl World {
             part_size: CHUNK as usize,
             job_state: Some(self.state.path().to_path_buf()),
             delta: delta.then(|| DeltaOptions {
-                base: "disk.raw@latest".to_owned(),
+                base: blockferry::BaseRef::Snapshot("disk.raw@latest".to_owned()),
                 changes: Changes::Hash,
                 verify_sample: 0.0,
                 change_id: None,

@@ -450,7 +450,7 @@ fn a_chain_of_hundreds_of_deltas_restores_exactly() {
         };
         let opts = ReplicateOptions {
             delta: Some(DeltaOptions {
-                base: last.clone(),
+                base: blockferry::BaseRef::Snapshot(last.clone()),
                 changes: Changes::List(list),
                 verify_sample: 0.0,
                 change_id: None,

@@ -158,7 +158,7 @@ fn hostile_descriptors_are_refused() {
             "past-end",
             "RW 4096 FLAT \"../data.bin\" 0".into(),
             "custom",
-            "--allow-outside-folder",
+            "allow_outside_folder",
         ),
         (
             "unknown-type",

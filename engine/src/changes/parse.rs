@@ -77,6 +77,27 @@ impl ChangeList {
         self.base_change_id.as_deref() == Some("*")
     }
 
+    /// A list of changed byte ranges (offset, length) a caller holds, taken against
+    /// `base_change_id`, checked against the disk like a parsed list.
+    pub fn from_ranges(
+        ranges: &[(u64, u64)],
+        base_change_id: Option<String>,
+        new_change_id: Option<String>,
+        disk_size: u64,
+    ) -> Result<ChangeList> {
+        let mut set = builder(disk_size);
+        for (i, &(offset, len)) in ranges.iter().enumerate() {
+            set.add(offset, len)
+                .map_err(|e| invalid(format!("range {i} ({offset}, {len}): {}", e.message())))?;
+        }
+        Ok(ChangeList {
+            format: ChangeFormat::Extents,
+            base_change_id,
+            new_change_id,
+            extents: finish(set),
+        })
+    }
+
     /// Reads a change list from a file (at most [`MAX_LIST_BYTES`]); `format` `None` detects it.
     /// A regular file is parsed as a stream (read again for each window of a long Hyper-V
     /// list), so memory does not grow with the list's length.
@@ -172,9 +193,10 @@ impl ChangeList {
     pub fn from_chain(source: &dyn BlockSource) -> Result<ChangeList> {
         let Some(top) = source.top_layer() else {
             return Err(invalid(
-                "--changes-from-chain needs a child image (a VMDK snapshot delta or a VHDX/VHD \
-                 differencing disk) joined to its parent",
-            ));
+                "taking the changes from the snapshot chain needs a child image (a VMDK snapshot \
+                 delta or a VHDX/VHD differencing disk) joined to its parent",
+            )
+            .with_setting("changes"));
         };
         let size = source.info().virtual_size;
         let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -534,8 +556,13 @@ fn parse_extents(input: Input<'_>, disk_size: u64) -> Result<ChangeList> {
     let first = input.first()?;
     let mut set = builder(disk_size);
     let add = |v: serde_json::Value, set: &mut ExtentBuilder| {
-        let (o, l) = serde_json::from_value::<JsonExtent>(v)
-            .map_err(|e| e.to_string())?
+        let (o, l) = serde_json::from_value::<JsonExtent>(v.clone())
+            .map_err(|_| {
+                format!(
+                    "{v} is not an extent: [offset, length] or {{\"offset\", \"length\"}}, \
+                     of integers from 0 to 2^64 - 1"
+                )
+            })?
             .pair();
         set.add(o, l).map_err(|e| e.message().to_owned())
     };

@@ -25,11 +25,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use blockferry::changes::{ChangeFormat, ChangeList};
-use blockferry::pipeline::{Changes, DeltaOptions};
+use blockferry::pipeline::DeltaOptions;
 use blockferry::store::{ObjectStore, S3Options};
 use blockferry::{
-    CancelToken, InitOptions, ReplicateOptions, RestoreOptions, Store, VerifyOptions,
+    BaseRef, CancelToken, ChangeFormat, ChangeSource, DeltaRequest, InitOptions, ReplicateOptions,
+    RestoreOptions, Store, VerifyOptions,
 };
 use output::{Bar, human_bytes};
 
@@ -594,19 +594,44 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// How the command line sets what an engine error names (see `blockferry::Error::setting`).
+fn flag_hint(setting: &str) -> Option<&'static str> {
+    Some(match setting {
+        "allow_outside_folder" => "--allow-outside-folder",
+        "base" => "--base",
+        "changes" => "--changes FILE|hash or --changes-from-chain",
+        "change_id" => "--change-id",
+        "force" => "--force",
+        "io_engine" => "--io-engine pread|auto",
+        "keep" => "--keep-last, --keep-daily, --keep-weekly or --keep-monthly",
+        "passphrase" => "BLOCKFERRY_PASSPHRASE or --passphrase-file",
+        "restart" => "--restart",
+        "same_disk" => "--same-disk",
+        "unpin" => "blockferry unpin --store STORE",
+        "verify_sample" => "--verify-sample",
+        _ => return None,
+    })
+}
+
 fn report_error(err: &anyhow::Error, json: bool) {
     let engine = err.downcast_ref::<blockferry::Error>();
+    let hint = engine
+        .and_then(blockferry::Error::setting)
+        .and_then(flag_hint)
+        .map(|h| format!(" [{h}]"))
+        .unwrap_or_default();
     if json {
-        let mut obj = json!({ "error": { "message": format!("{err:#}") } });
+        let mut obj = json!({ "error": { "message": format!("{err:#}{hint}") } });
         if let Some(e) = engine {
             obj["error"]["kind"] = json!(format!("{:?}", e.kind()));
             obj["error"]["path"] = json!(e.path().map(|p| p.display().to_string()));
             obj["error"]["object"] = json!(e.object());
             obj["error"]["offset"] = json!(e.offset());
+            obj["error"]["setting"] = json!(e.setting());
         }
         let _ = print_json(&obj);
     }
-    eprintln!("error: {err}");
+    eprintln!("error: {err}{hint}");
     for cause in err.chain().skip(1) {
         eprintln!("  caused by: {cause}");
     }
@@ -772,30 +797,24 @@ fn delta_options(
     a: &ReplicateArgs,
     source: &dyn blockferry::image::BlockSource,
 ) -> anyhow::Result<Option<DeltaOptions>> {
-    let Some(base) = &a.base else {
-        return Ok(None);
-    };
-    let disk_size = source.info().virtual_size;
-    let changes = if a.changes_from_chain {
-        Changes::List(ChangeList::from_chain(source)?)
-    } else if a.changes.as_deref() == Some("hash") {
-        Changes::Hash
-    } else if let Some(changes) = &a.changes {
-        let format = a
-            .changes_format
-            .as_deref()
-            .map(ChangeFormat::from_name)
-            .transpose()?;
-        Changes::List(ChangeList::read(Path::new(changes), format, disk_size)?)
-    } else {
-        anyhow::bail!("--base needs --changes FILE|hash or --changes-from-chain");
-    };
-    Ok(Some(DeltaOptions {
-        base: base.clone(),
-        changes,
+    let format = a
+        .changes_format
+        .as_deref()
+        .map(ChangeFormat::from_name)
+        .transpose()?;
+    let request = DeltaRequest {
+        base: a.base.as_deref().map(BaseRef::parse),
+        changes: if a.changes_from_chain {
+            Some(ChangeSource::Chain)
+        } else {
+            a.changes
+                .as_deref()
+                .map(|c| ChangeSource::from_name(c, format))
+        },
         verify_sample: a.verify_sample,
         change_id: a.change_id.clone(),
-    }))
+    };
+    Ok(request.resolve(source)?)
 }
 
 fn cmd_prune(a: &PruneArgs) -> anyhow::Result<ExitCode> {

@@ -1,22 +1,25 @@
-//! `sync`: continuous replication. Every interval, a delta on the disk's newest snapshot from
-//! the change source the user names; the first cycle (no snapshot yet) is a full copy. Each
-//! cycle is an ordinary resumable replication, so a killed `sync` picks up where it stopped;
-//! SIGINT/SIGTERM cancel the cycle in flight (no snapshot is written) and end the loop.
+//! `sync`: continuous replication. Every interval, a cycle of the engine's [`Sync`] (a delta on
+//! the disk's newest snapshot from the change source the user names; see
+//! `blockferry::pipeline::sync`). This module keeps the loop, the signals (SIGINT/SIGTERM
+//! cancel the cycle in flight, no snapshot is written, and end the loop), the changes
+//! command and the output.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use blockferry::changes::{ChangeFormat, ChangeList, MAX_LIST_BYTES};
-use blockferry::pipeline::{Changes, DEFAULT_VERIFY_SAMPLE, DeltaOptions};
-use blockferry::{CancelToken, ErrorKind, ReplicateOptions, Silent, Store};
+use blockferry::changes::MAX_LIST_BYTES;
+use blockferry::{
+    CancelToken, ChangeFormat, CycleBase, ErrorKind, ReplicateOptions, Silent, Sync, SyncChanges,
+    SyncCycle, SyncRequest, SyncStatus,
+};
 
 use super::output::{human_bytes, rfc3339};
 use super::{StoreArgs, open_store, parse_percent, parse_size};
@@ -68,32 +71,6 @@ pub(crate) struct SyncArgs {
     memory_budget: Option<u64>,
 }
 
-/// Opens the image as the arguments say.
-fn open_image(a: &SyncArgs) -> blockferry::Result<Box<dyn blockferry::image::BlockSource>> {
-    let opts = blockferry::image::OpenOptions {
-        allow_outside_folder: a.allow_outside_folder,
-        ..blockferry::image::OpenOptions::default()
-    };
-    blockferry::image::open_with(&a.image, &opts)
-}
-
-/// Where this cycle's changes come from.
-enum Source {
-    /// A list, and the dropped files it came from (moved to `done/` after the snapshot).
-    List(ChangeList, Vec<PathBuf>),
-    Hash,
-    /// Nothing to do this cycle (no list dropped).
-    Nothing,
-}
-
-/// When the disk's newest snapshot in the store was written, if it has one.
-fn newest_snapshot(store: &Store, disk: &str) -> Option<(SystemTime, Instant)> {
-    let newest = store.latest_of(disk).ok()??;
-    let at = UNIX_EPOCH + Duration::from_millis(newest.created_unix_ms);
-    let age = SystemTime::now().duration_since(at).unwrap_or_default();
-    Some((at, Instant::now().checked_sub(age)?))
-}
-
 /// A cancel token that SIGINT and SIGTERM set: the command stops cleanly at its next check.
 pub(super) fn cancel_on_signals() -> anyhow::Result<CancelToken> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -104,57 +81,89 @@ pub(super) fn cancel_on_signals() -> anyhow::Result<CancelToken> {
     Ok(CancelToken::from_flag(stop))
 }
 
-pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
-    if a.changes.as_deref().is_some_and(|c| c != "hash") {
+/// The engine's request from the arguments.
+fn request(a: &SyncArgs) -> anyhow::Result<SyncRequest> {
+    let format = a
+        .changes_format
+        .as_deref()
+        .map(ChangeFormat::from_name)
+        .transpose()?;
+    let changes = if a.changes_command.is_some() {
+        SyncChanges::Given { format }
+    } else if let Some(dir) = &a.changes_dir {
+        SyncChanges::Folder {
+            dir: dir.clone(),
+            format,
+        }
+    } else if a.changes_from_chain {
+        SyncChanges::Chain
+    } else if a.changes.as_deref() == Some("hash") {
+        SyncChanges::Hash
+    } else if a.changes.is_some() {
         anyhow::bail!(
             "sync --changes takes only `hash` (use --changes-dir or --changes-command for lists)"
         );
-    }
-    if a.changes_command.is_none()
-        && a.changes_dir.is_none()
-        && a.changes.is_none()
-        && !a.changes_from_chain
-    {
+    } else {
         anyhow::bail!(
             "sync needs a change source: --changes-command CMD, --changes-dir DIR, \
              --changes hash or --changes-from-chain"
         );
-    }
+    };
+    Ok(SyncRequest {
+        image: a.image.clone(),
+        open: blockferry::image::OpenOptions {
+            allow_outside_folder: a.allow_outside_folder,
+            ..blockferry::image::OpenOptions::default()
+        },
+        name: a.name.clone(),
+        changes,
+        verify_sample: a.verify_sample,
+        replicate: ReplicateOptions {
+            memory_budget: a
+                .memory_budget
+                .map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX).max(1)),
+            job_state: Some(a.store.state.dir()?),
+            ..ReplicateOptions::default()
+        },
+    })
+}
+
+pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
+    let request = request(a)?;
     let cancel = cancel_on_signals()?;
     let store = open_store(&a.store)?;
-    // The disk's name as a replication of this image records it (the image's file name,
-    // unless another source has that).
-    let disk = match &a.name {
-        Some(name) => name.clone(),
-        None => blockferry::pipeline::disk_name(&store, open_image(a)?.as_ref(), None)?,
-    };
-    // A restarted sync reports the lag from the disk's newest snapshot until its own first.
-    let mut last_success = newest_snapshot(&store, &disk);
-    let mut cycle = 0u64;
-    while a.cycles.is_none_or(|n| cycle < n) && !cancel.is_cancelled() {
-        cycle += 1;
+    let mut sync = Sync::new(&store, request)?;
+    while a.cycles.is_none_or(|n| sync.status().cycle < n) && !cancel.is_cancelled() {
         let started = Instant::now();
-        let started_at = SystemTime::now();
-        match run_cycle(a, &store, &disk, &cancel) {
-            Ok(Some(report)) => {
-                last_success = Some((started_at, started));
-                print_cycle(a, cycle, Some(&report), None, last_success)?;
-            }
-            Ok(None) => print_cycle(a, cycle, None, None, last_success)?,
+        let given = match &a.changes_command {
+            Some(cmd) => match sync
+                .base(&store)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| run_command(cmd, &b))
+            {
+                Ok(list) => Some(list),
+                Err(e) => {
+                    // The cycle fails before it starts: counted like any failed cycle.
+                    let status = sync.fail_cycle();
+                    print_cycle(a, &status, None, Some(&e))?;
+                    wait(started + a.every, &cancel);
+                    continue;
+                }
+            },
+            None => None,
+        };
+        match sync.cycle(&store, given.as_deref(), &cancel, &Silent) {
+            Ok(c) => print_cycle(a, &c.status, Some(&c), None)?,
             Err(e) if cancel.is_cancelled() => {
                 tracing::debug!("cycle cancelled: {e:#}");
                 break;
             }
-            Err(e) => print_cycle(a, cycle, None, Some(&e), last_success)?,
+            Err(e) => print_cycle(a, &sync.status(), None, Some(&e.into()))?,
         }
-        if a.cycles.is_some_and(|n| cycle >= n) {
+        if a.cycles.is_some_and(|n| sync.status().cycle >= n) {
             break;
         }
-        // Wait for the next tick, waking for a signal.
-        let next = started + a.every;
-        while Instant::now() < next && !cancel.is_cancelled() {
-            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(100)));
-        }
+        wait(started + a.every, &cancel);
     }
     if cancel.is_cancelled() {
         eprintln!("sync stopped by signal; no partial snapshot was written");
@@ -162,121 +171,26 @@ pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One cycle: the change source, then a replication (full if the disk has no snapshot yet).
-fn run_cycle(
-    a: &SyncArgs,
-    store: &Store,
-    disk: &str,
-    cancel: &CancelToken,
-) -> anyhow::Result<Option<blockferry::ReplicateReport>> {
-    let size = open_image(a)?.info().virtual_size;
-    let base = store.latest_of(disk)?;
-    let format = a
-        .changes_format
-        .as_deref()
-        .map(ChangeFormat::from_name)
-        .transpose()?;
-    let changes = if let Some(cmd) = &a.changes_command {
-        let out = run_command(cmd, base.as_ref(), size)?;
-        Source::List(
-            ChangeList::parse(&out, format, size).context("the changes command's output")?,
-            Vec::new(),
-        )
-    } else if let Some(dir) = &a.changes_dir {
-        let files = pending_files(dir)?;
-        if files.is_empty() {
-            Source::Nothing
-        } else {
-            Source::List(merge_lists(&files, format, size)?, files)
-        }
-    } else if a.changes_from_chain {
-        Source::List(ChangeList::from_chain(open_image(a)?.as_ref())?, Vec::new())
-    } else {
-        Source::Hash
-    };
-    // Opened after the change source ran (a command may have just written the disk, or
-    // snapshotted it): the state read is the one the list describes.
-    let source = open_image(a)?;
-    if source.info().virtual_size != size {
-        anyhow::bail!(
-            "{} changed size while its change list was taken",
-            a.image.display()
-        );
+/// Waits until `next`, waking for a signal.
+fn wait(next: Instant, cancel: &CancelToken) {
+    while Instant::now() < next && !cancel.is_cancelled() {
+        std::thread::sleep((next - Instant::now()).min(Duration::from_millis(100)));
     }
-    let mut done_files = Vec::new();
-    let (delta, change_id) = match (changes, &base) {
-        (Source::Nothing, Some(_)) => return Ok(None),
-        // The first copy needs no list.
-        (Source::Nothing | Source::Hash, None) => (None, None),
-        (Source::List(list, file), None) => {
-            done_files = file;
-            (None, list.new_change_id)
-        }
-        (Source::List(list, file), Some(b)) => {
-            done_files = file;
-            let id = list.new_change_id.clone();
-            (
-                Some(DeltaOptions {
-                    base: b.id.clone(),
-                    changes: Changes::List(list),
-                    verify_sample: a.verify_sample,
-                    change_id: None,
-                }),
-                id,
-            )
-        }
-        (Source::Hash, Some(b)) => (
-            Some(DeltaOptions {
-                base: b.id.clone(),
-                changes: Changes::Hash,
-                verify_sample: DEFAULT_VERIFY_SAMPLE,
-                change_id: None,
-            }),
-            None,
-        ),
-    };
-    let opts = ReplicateOptions {
-        memory_budget: a
-            .memory_budget
-            .map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX).max(1)),
-        disk_name: Some(disk.to_owned()),
-        cancel: cancel.clone(),
-        job_state: Some(a.store.state.dir()?),
-        restart_if_changed: true,
-        delta,
-        change_id,
-        ..ReplicateOptions::default()
-    };
-    let report = blockferry::replicate(store, source.as_ref(), &opts, &Silent)?;
-    // Only now, with the snapshot durable. (Stopped before this, the next cycle takes these
-    // lists again with any newer ones: more than needed is read, nothing is missed.)
-    for file in done_files {
-        let done = file.parent().unwrap_or(Path::new(".")).join("done");
-        std::fs::create_dir_all(&done).with_context(|| format!("creating {}", done.display()))?;
-        let to = done.join(file.file_name().unwrap_or_default());
-        std::fs::rename(&file, &to)
-            .with_context(|| format!("moving {} to {}", file.display(), to.display()))?;
-    }
-    Ok(Some(report))
 }
 
 /// Runs the user's changes command; its stdout (at most the list cap) is the list.
-fn run_command(
-    cmd: &str,
-    base: Option<&blockferry::Snapshot>,
-    size: u64,
-) -> anyhow::Result<Vec<u8>> {
+fn run_command(cmd: &str, base: &CycleBase) -> anyhow::Result<Vec<u8>> {
     let mut child = Command::new("sh")
         .args(["-c", cmd])
         .env(
             "BLOCKFERRY_BASE_SNAPSHOT",
-            base.map_or("", |b| b.id.as_str()),
+            base.snapshot.as_deref().unwrap_or(""),
         )
         .env(
             "BLOCKFERRY_BASE_CHANGE_ID",
-            base.and_then(|b| b.change_id.as_deref()).unwrap_or(""),
+            base.change_id.as_deref().unwrap_or(""),
         )
-        .env("BLOCKFERRY_DISK_SIZE", size.to_string())
+        .env("BLOCKFERRY_DISK_SIZE", base.disk_size.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -305,80 +219,19 @@ fn run_command(
     Ok(out)
 }
 
-/// The change lists waiting in `dir`, oldest (by name) first; dot files (lists still being
-/// written: drop a list as a dot file, then rename it) and folders are skipped.
-fn pending_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if entry.file_type()?.is_file() && !name.to_string_lossy().starts_with('.') {
-            files.push(entry.path());
-        }
-    }
-    files.sort();
-    Ok(files)
-}
-
-/// All waiting lists as one: the union of their extents, from the first one's base to the
-/// last one's new change id (each must follow the one before, when they say).
-fn merge_lists(
-    files: &[PathBuf],
-    format: Option<ChangeFormat>,
-    size: u64,
-) -> anyhow::Result<ChangeList> {
-    let mut merged: Option<ChangeList> = None;
-    for file in files {
-        if std::fs::metadata(file).is_ok_and(|m| m.len() == 0) {
-            anyhow::bail!(
-                "{} is empty: drop change lists whole (write a dot file, then rename it)",
-                file.display()
-            );
-        }
-        let list = ChangeList::read(file, format, size)?;
-        merged = Some(match merged {
-            None => list,
-            Some(mut m) => {
-                if let (Some(prev), Some(base)) = (&m.new_change_id, &list.base_change_id)
-                    && prev != base
-                {
-                    anyhow::bail!(
-                        "{} was taken against change id {base:?}, but the list before it \
-                         ends at {prev:?}",
-                        file.display()
-                    );
-                }
-                if m.format != list.format {
-                    m.format = ChangeFormat::Extents;
-                }
-                m.extents = m.extents.union(&list.extents);
-                m.new_change_id = list.new_change_id.or(m.new_change_id);
-                m
-            }
-        });
-    }
-    merged.context("no change list")
-}
-
 fn print_cycle(
     a: &SyncArgs,
-    cycle: u64,
-    report: Option<&blockferry::ReplicateReport>,
+    status: &SyncStatus,
+    cycle: Option<&SyncCycle>,
     error: Option<&anyhow::Error>,
-    last_success: Option<(SystemTime, Instant)>,
 ) -> anyhow::Result<()> {
-    // The replication lag (RPO): how old the newest snapshot's view of the disk is.
-    let lag = last_success.map(|(_, at)| at.elapsed().as_secs_f64());
-    let last = last_success.map(|(t, _)| {
-        rfc3339(
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        )
-    });
+    let report = cycle.and_then(|c| c.report.as_ref());
+    let last = status.last_success_unix_ms.map(rfc3339);
+    let n = status.cycle;
     if a.store.json {
         let mut line = json!({
-            "cycle": cycle,
-            "lag_seconds": lag,
+            "cycle": n,
+            "lag_seconds": status.lag_seconds,
             "last_success": last,
         });
         if let Some(r) = report {
@@ -397,11 +250,13 @@ fn print_cycle(
         outln!("{}", serde_json::to_string(&line)?);
         return Ok(());
     }
-    let lag = lag.map_or_else(|| "-".to_owned(), |s| format!("{s:.0}s"));
+    let lag = status
+        .lag_seconds
+        .map_or_else(|| "-".to_owned(), |s| format!("{s:.0}s"));
     let last = last.unwrap_or_else(|| "never".to_owned());
     match (report, error) {
         (Some(r), _) => eprintln!(
-            "cycle {cycle}: snapshot {}{} read {}, new {}; lag {lag}, last success {last}",
+            "cycle {n}: snapshot {}{} read {}, new {}; lag {lag}, last success {last}",
             r.snapshot,
             r.base
                 .as_deref()
@@ -418,10 +273,10 @@ fn print_cycle(
                 Some(ErrorKind::InvalidChangeList) => " (the list was refused)",
                 _ => "",
             };
-            eprintln!("cycle {cycle}: failed{hint}: {e:#}; lag {lag}, last success {last}");
+            eprintln!("cycle {n}: failed{hint}: {e:#}; lag {lag}, last success {last}");
         }
         (None, None) => {
-            eprintln!("cycle {cycle}: no change list yet; lag {lag}, last success {last}");
+            eprintln!("cycle {n}: no change list yet; lag {lag}, last success {last}");
         }
     }
     Ok(())

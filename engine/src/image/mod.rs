@@ -577,12 +577,12 @@ fn outside_error(recorded: &str, real: &Path, folder: &Path) -> Error {
         ErrorKind::InvalidImage,
         format!(
             "the path {recorded:?} recorded in the image leads to {}, outside the image's \
-             folder {}: follow it only if you trust the image, with the allow-outside-folder \
-             option (--allow-outside-folder)",
+             folder {}: follow it only if you trust the image (allow_outside_folder)",
             real.display(),
             folder.display()
         ),
     )
+    .with_setting("allow_outside_folder")
 }
 
 fn resolve(folder: &Path, recorded: &str, opts: &OpenOptions) -> Result<PathBuf, Refusal> {

@@ -138,8 +138,9 @@ impl IoEngine {
                     Ok(Engine::Pread)
                 }
                 Err(e) => Err(Error::config(format!(
-                    "io_uring is not available here ({e}): use --io-engine pread or auto"
-                ))),
+                    "io_uring is not available here ({e}): read with pread, or auto"
+                ))
+                .with_setting("io_engine")),
             },
             #[cfg(not(target_os = "linux"))]
             IoEngine::Auto => {

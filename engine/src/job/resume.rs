@@ -120,7 +120,7 @@ pub(crate) fn open_job(
     if let Some(old) = found.as_ref().filter(|_| req.restart) {
         db.abandon(&old.id, store.backend().as_ref())?;
         reporter.warn(format!(
-            "--restart: job {} forgotten, starting over",
+            "job {} forgotten on request (restart), starting over",
             old.id
         ));
         found = None;
@@ -145,11 +145,12 @@ pub(crate) fn open_job(
                 ErrorKind::Config,
                 format!(
                     "the source changed since job {} started ({}): resuming would mix two \
-                     states of the disk; run with --restart to start over",
+                     states of the disk: start the job over (restart)",
                     job.id,
                     changed.join(", ")
                 ),
             )
+            .with_setting("restart")
             .with_path(path));
         }
         (job, true)
@@ -271,6 +272,7 @@ fn check_resume_sample(
                 first_differing.unwrap_or_default()
             ),
         )
+        .with_setting("restart")
         .with_path(source.opened_path().unwrap_or(std::path::Path::new(""))));
     }
     reporter.tick();

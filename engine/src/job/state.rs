@@ -701,10 +701,11 @@ impl JobDb {
                     format!(
                         "the store at {location} {why}: refusing it (its config may have been \
                          replaced). If it was re-created on purpose, forget this client's \
-                         record of it (`blockferry unpin --store {location}`)"
+                         record of it (unpin the store)"
                     ),
                 )
-                .with_object("config"))
+                .with_object("config")
+                .with_setting("unpin"))
             };
             if let Some((id, was_encrypted, version)) = known {
                 if id != config.store_id {

@@ -24,12 +24,163 @@ pub enum Changes {
     List(ChangeList),
 }
 
+/// Which snapshot a delta builds on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaseRef {
+    /// The newest snapshot of the disk being replicated (by the name the replication records
+    /// it under), whatever other disks the store holds.
+    LatestOfDisk,
+    /// A snapshot named by its id, a unique prefix of it, or `DISK@latest`.
+    Snapshot(String),
+}
+
+impl BaseRef {
+    /// `latest` (the disk's newest snapshot) or a snapshot's name.
+    pub fn parse(name: &str) -> BaseRef {
+        if name == "latest" {
+            BaseRef::LatestOfDisk
+        } else {
+            BaseRef::Snapshot(name.to_owned())
+        }
+    }
+}
+
+/// Where the changes of a delta come from, as a caller names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeSource {
+    /// Read every chunk and keep what differs from the base by id (no change tracking).
+    Hash,
+    /// The image is a snapshot-chain child (a VMDK delta, a differencing VHDX/VHD) joined to
+    /// its parent: what it holds is what changed since the parent.
+    Chain,
+    /// A change list in a file (VMware CBT JSON, Hyper-V RCT, extents); `format` `None`
+    /// detects it.
+    File {
+        /// The list.
+        path: std::path::PathBuf,
+        /// Its format, if not detected.
+        format: Option<ChangeFormat>,
+    },
+    /// A change list in memory, as a file would hold it.
+    Data {
+        /// The list's bytes.
+        bytes: Vec<u8>,
+        /// Its format, if not detected.
+        format: Option<ChangeFormat>,
+    },
+    /// Changed byte ranges (offset, length) the caller holds (from pyVmomi's
+    /// `QueryChangedDiskAreas`, say), taken against `base_change_id`.
+    Extents {
+        /// The ranges.
+        ranges: Vec<(u64, u64)>,
+        /// The change id the ranges were taken against, checked against the base's; `None`
+        /// trusts them without that check.
+        base_change_id: Option<String>,
+        /// The source's change id now, recorded in the snapshot.
+        new_change_id: Option<String>,
+    },
+}
+
+impl ChangeSource {
+    /// `hash`, `chain`, or the path of a list file.
+    pub fn from_name(name: &str, format: Option<ChangeFormat>) -> ChangeSource {
+        match name {
+            "hash" => ChangeSource::Hash,
+            "chain" => ChangeSource::Chain,
+            path => ChangeSource::File {
+                path: path.into(),
+                format,
+            },
+        }
+    }
+
+    /// Reads the changes for `source`, the image the delta reads.
+    pub fn load(&self, source: &dyn BlockSource) -> Result<Changes> {
+        let size = source.info().virtual_size;
+        Ok(match self {
+            ChangeSource::Hash => Changes::Hash,
+            ChangeSource::Chain => Changes::List(ChangeList::from_chain(source)?),
+            ChangeSource::File { path, format } => {
+                Changes::List(ChangeList::read(path, *format, size)?)
+            }
+            ChangeSource::Data { bytes, format } => {
+                Changes::List(ChangeList::parse(bytes, *format, size)?)
+            }
+            ChangeSource::Extents {
+                ranges,
+                base_change_id,
+                new_change_id,
+            } => Changes::List(ChangeList::from_ranges(
+                ranges,
+                base_change_id.clone(),
+                new_change_id.clone(),
+                size,
+            )?),
+        })
+    }
+}
+
+/// What makes a replication a delta, as a caller asks for it: validated and loaded once by
+/// [`DeltaRequest::resolve`], whichever front end it comes from.
+#[derive(Debug, Clone)]
+pub struct DeltaRequest {
+    /// The snapshot to build on; `None` makes a full copy.
+    pub base: Option<BaseRef>,
+    /// What changed since the base.
+    pub changes: Option<ChangeSource>,
+    /// See [`DeltaOptions::verify_sample`].
+    pub verify_sample: f64,
+    /// See [`DeltaOptions::change_id`].
+    pub change_id: Option<String>,
+}
+
+impl Default for DeltaRequest {
+    fn default() -> Self {
+        DeltaRequest {
+            base: None,
+            changes: None,
+            verify_sample: DEFAULT_VERIFY_SAMPLE,
+            change_id: None,
+        }
+    }
+}
+
+impl DeltaRequest {
+    /// Checks the request and loads its changes for `source`: the delta's options, or `None`
+    /// for a full copy.
+    pub fn resolve(&self, source: &dyn BlockSource) -> Result<Option<DeltaOptions>> {
+        if !(0.0..=1.0).contains(&self.verify_sample) {
+            return Err(
+                Error::config("the verify sample is a share from 0 to 1 (0% to 100%)")
+                    .with_setting("verify_sample"),
+            );
+        }
+        match (&self.base, &self.changes) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(Error::config(
+                "changes need a base snapshot to make a delta on",
+            )
+            .with_setting("base")),
+            (Some(_), None) => Err(Error::config(
+                "a delta needs a source of changes: a change list, hash (compare every chunk), \
+                 or the image's snapshot chain",
+            )
+            .with_setting("changes")),
+            (Some(base), Some(changes)) => Ok(Some(DeltaOptions {
+                base: base.clone(),
+                changes: changes.load(source)?,
+                verify_sample: self.verify_sample,
+                change_id: self.change_id.clone(),
+            })),
+        }
+    }
+}
+
 /// What makes a replication a delta on a base snapshot.
 #[derive(Debug, Clone)]
 pub struct DeltaOptions {
-    /// The base snapshot: an id (or unique prefix), or `latest` for the newest snapshot of
-    /// the same disk.
-    pub base: String,
+    /// The base snapshot.
+    pub base: BaseRef,
     /// What changed since the base.
     pub changes: Changes,
     /// Share of the chunks a list calls unchanged that each delta reads to check the list
@@ -139,7 +290,7 @@ fn distrust(list: &ChangeList, base: &Snapshot) -> Option<String> {
     let Some(recorded) = base.change_id.as_deref() else {
         return Some(format!(
             "the list was taken against {what} {listed:?} but base snapshot {} records none \
-             (give --change-id when replicating so that deltas can be checked)",
+             (record the source's change id when replicating so that deltas can be checked)",
             base.id
         ));
     };
@@ -154,7 +305,7 @@ fn distrust(list: &ChangeList, base: &Snapshot) -> Option<String> {
     if identity(listed) != identity(recorded) {
         return Some(format!(
             "the list was taken against {what} {listed:?} but base snapshot {} records {recorded:?}, \
-             an id of another kind (give --change-id when replicating so that deltas can be checked)",
+             an id of another kind (record the source's change id when replicating so that deltas can be checked)",
             base.id
         ));
     }
@@ -189,10 +340,9 @@ pub(super) fn plan(
     backend: &mut dyn ReadBackend,
     reporter: &Reporter<'_>,
 ) -> Result<DeltaPlan> {
-    let base = if opts.base == "latest" {
-        latest_of(store, disk)?
-    } else {
-        store.snapshot(&opts.base)?
+    let base = match &opts.base {
+        BaseRef::LatestOfDisk => latest_of(store, disk)?,
+        BaseRef::Snapshot(name) => store.snapshot(name)?,
     };
     let size = source.info().virtual_size;
     let chunk = u64::from(store.chunk_size());
@@ -202,7 +352,10 @@ pub(super) fn plan(
         ));
     }
     if !(0.0..=1.0).contains(&opts.verify_sample) {
-        return Err(Error::config("--verify-sample must be between 0% and 100%"));
+        return Err(
+            Error::config("the verify sample is a share from 0 to 1 (0% to 100%)")
+                .with_setting("verify_sample"),
+        );
     }
     let mut record = ChangeRecord {
         source: "hash".to_owned(),
@@ -229,8 +382,9 @@ pub(super) fn plan(
         match (&change_id, &l.new_change_id) {
             (Some(a), Some(b)) if a != b => {
                 return Err(Error::config(format!(
-                    "--change-id {a:?} disagrees with the list's new change id {b:?}"
-                )));
+                    "the change id given ({a:?}) disagrees with the list's new change id {b:?}"
+                ))
+                .with_setting("change_id"));
             }
             (None, Some(b)) => change_id = Some(b.clone()),
             _ => {}

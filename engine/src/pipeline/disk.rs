@@ -80,10 +80,11 @@ pub(crate) fn resolve_name(
             format!(
                 "the store's disk {name:?} is another source's ({owner}), not {}: choose \
                  another name, or, if this is that disk at another path (moved, or a copy or \
-                 export of it), say it is the same disk (--same-disk)",
+                 export of it), say it is the same disk (same_disk)",
                 ours.describe()
             ),
-        ));
+        )
+        .with_setting("same_disk"));
     }
     for name in default_names(&ours) {
         let history = store.disk_history(&name)?;

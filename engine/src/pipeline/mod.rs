@@ -7,18 +7,22 @@ mod disk;
 mod output;
 mod replicate;
 mod restore;
+mod sync;
 mod verify;
 mod walk;
 
 pub use crate::io::chunks::is_zero;
 pub use convert::{ConvertOptions, ConvertReport, convert};
-pub use delta::{Changes, DEFAULT_VERIFY_SAMPLE, DeltaOptions};
+pub use delta::{
+    BaseRef, ChangeSource, Changes, DEFAULT_VERIFY_SAMPLE, DeltaOptions, DeltaRequest,
+};
 pub use replicate::{
     DEFAULT_DIRECT_IO_DEPTH, DEFAULT_IO_DEPTH, DEFAULT_MEMORY_BUDGET, DEFAULT_UPLOAD_JOBS,
     MemoryPlan, ReplicateOptions, ReplicateReport, default_memory_budget, min_memory_budget, plan,
     plan_parts, replicate, worker_count,
 };
 pub use restore::{RestoreOptions, RestoreReport, restore};
+pub use sync::{CycleBase, Sync, SyncChanges, SyncCycle, SyncRequest, SyncStatus};
 pub use verify::{Problem, VerifyOptions, VerifyReport, verify};
 
 use crate::error::Result;

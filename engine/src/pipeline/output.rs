@@ -43,9 +43,10 @@ impl Output {
                 if !force {
                     return Err(Error::config(
                         "the output is a block device: writing the disk onto it destroys what \
-                         it holds; confirm with force (--force on the command line)",
+                         it holds; confirm with force",
                     )
-                    .with_path(path));
+                    .with_path(path)
+                    .with_setting("force"));
                 }
                 // O_EXCL on a block device: refused (EBUSY) while it is mounted or otherwise
                 // held exclusively.
@@ -81,9 +82,10 @@ impl Output {
             )
             .with_path(path)),
             Some(m) if m.len() > 0 && !force => Err(Error::config(
-                "the output file exists; overwrite it with force (--force on the command line)",
+                "the output file exists; overwrite it with force",
             )
-            .with_path(path)),
+            .with_path(path)
+            .with_setting("force")),
             existing => {
                 // A symbolic link is followed: the file it names is the one replaced.
                 let path = match existing {

@@ -110,9 +110,10 @@ pub fn prune(
 ) -> Result<PruneReport> {
     if policy.is_empty() {
         return Err(Error::config(
-            "a prune needs a rule that keeps something (--keep-last, --keep-daily, \
-             --keep-weekly or --keep-monthly)",
-        ));
+            "a prune needs a rule that keeps something: the last, daily, weekly or monthly \
+             snapshots",
+        )
+        .with_setting("keep"));
     }
     let (snaps, unreadable) = store.snapshots()?;
     if let Some(e) = unreadable.into_iter().next() {

@@ -641,9 +641,9 @@ impl Store {
                 let pass = passphrase.ok_or_else(|| {
                     Error::new(
                         ErrorKind::Credentials,
-                        "the store is encrypted: a passphrase is needed (BLOCKFERRY_PASSPHRASE \
-                         or --passphrase-file on the command line)",
+                        "the store is encrypted: a passphrase is needed",
                     )
+                    .with_setting("passphrase")
                 })?;
                 if pass.is_empty() {
                     return Err(Error::new(
