@@ -240,3 +240,49 @@ fn figures_and_messages_a_user_reads() {
     let checked: serde_json::Value = serde_json::from_slice(&checked.stdout).unwrap();
     assert_eq!(checked["problems"][0]["offset"], at, "{checked}");
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_definitions() {
+    let sb = Sandbox::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = sb.run_env(&["generate", "--completions", shell], &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8_lossy(&out.stdout);
+        // Every command and a flag added late are in it.
+        for word in ["replicate", "sync", "gc", "stall-warning"] {
+            assert!(script.contains(word), "{shell} completions lack {word:?}");
+        }
+        if shell == "bash" {
+            let path = sb.path("blockferry.bash");
+            std::fs::write(&path, script.as_bytes()).unwrap();
+            let check = std::process::Command::new("bash")
+                .args(["-n", path.to_str().unwrap()])
+                .status()
+                .unwrap();
+            assert!(check.success(), "the bash completions do not parse");
+        }
+    }
+    let dir = sb.path("man");
+    let out = sb.run_env(&["generate", "--man", dir.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "blockferry.1",
+        "blockferry-replicate.1",
+        "blockferry-sync.1",
+    ] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap();
+        assert!(text.contains(".TH blockferry"), "{page}: {text}");
+    }
+    let replicate = std::fs::read_to_string(dir.join("blockferry-replicate.1")).unwrap();
+    assert!(replicate.contains("changes\\-from\\-chain"), "{replicate}");
+    // Nothing asked for is a usage error.
+    assert_eq!(sb.run_env(&["generate"], &[]).status.code(), Some(2));
+}

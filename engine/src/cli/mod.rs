@@ -87,6 +87,8 @@ enum Command {
     Gc(GcArgs),
     /// Show the whole job on a small sample disk: replicate, change, replicate, verify, restore.
     Demo(DemoArgs),
+    /// Write shell completions or man pages (for packagers).
+    Generate(GenerateArgs),
 }
 
 /// How to reach S3 (ignored for local stores).
@@ -413,6 +415,32 @@ struct ConvertArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("what").required(true).multiple(true))]
+struct GenerateArgs {
+    /// Print the completion script for this shell on stdout.
+    #[arg(long, value_name = "SHELL", group = "what")]
+    completions: Option<clap_complete::Shell>,
+    /// Write a man page for blockferry and each of its commands into this folder.
+    #[arg(long, value_name = "DIR", group = "what")]
+    man: Option<PathBuf>,
+}
+
+/// `blockferry generate`: completions and man pages from the command definitions.
+fn cmd_generate(a: &GenerateArgs) -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    if let Some(shell) = a.completions {
+        clap_complete::generate(shell, &mut cmd, "blockferry", &mut std::io::stdout());
+    }
+    if let Some(dir) = &a.man {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        clap_mangen::generate_to(cmd, dir)
+            .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
 struct DemoArgs {
     /// Folder for the sample disk, store and restored copy (default: a new temporary folder).
     #[arg(long)]
@@ -557,7 +585,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Prune(a) => a.store.json,
         Command::Forget(a) => a.store.json,
         Command::Gc(a) => a.store.json,
-        Command::Demo(_) => false,
+        Command::Demo(_) | Command::Generate(_) => false,
     };
     match run(cli.command) {
         Ok(code) => code,
@@ -656,6 +684,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Prune(a) => cmd_prune(&a),
         Command::Forget(a) => cmd_forget(&a),
         Command::Gc(a) => cmd_gc(&a),
+        Command::Generate(a) => cmd_generate(&a),
         Command::Demo(a) => demo::run(a.dir.as_deref()),
     }
 }
