@@ -103,14 +103,20 @@ struct Ctx {
     state: PathBuf,
     /// Stores made so far (each run gets a new one where it must start empty).
     stores: u32,
+    /// Whether the current store is encrypted: an unencrypted one is opened without a
+    /// passphrase (given one, it is refused, as a config switched to "none" would be).
+    encrypted: bool,
 }
 
 impl Ctx {
     fn bf(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bf);
-        c.args(args)
-            .env("BLOCKFERRY_PASSPHRASE", "bench passphrase")
-            .env("BLOCKFERRY_STATE_DIR", &self.state);
+        c.args(args).env("BLOCKFERRY_STATE_DIR", &self.state);
+        if self.encrypted {
+            c.env("BLOCKFERRY_PASSPHRASE", "bench passphrase");
+        } else {
+            c.env_remove("BLOCKFERRY_PASSPHRASE");
+        }
         c
     }
 
@@ -122,6 +128,7 @@ impl Ctx {
         let path = self.work.join(format!("store-{}", self.stores));
         let _ = std::fs::remove_dir_all(&path);
         let store = p(&path);
+        self.encrypted = encrypted;
         let mut args = vec!["init", "--store", &store];
         if !encrypted {
             args.push("--no-encryption");
@@ -222,6 +229,7 @@ fn main() -> Result<()> {
         state: work.join("state"),
         work: work.clone(),
         stores: 0,
+        encrypted: true,
     };
     let mut rep = Report::default();
     println!("machine: {}", machine());
