@@ -51,10 +51,17 @@ pub use pipeline::{
 pub use store::{InitOptions, Snapshot, Store, StoreConfig};
 // The rest of the facade the front ends use: the read engine's choice, the client's job
 // database, retention and garbage collection.
-pub use changes::ChangeFormat;
+pub use changes::{ChangeFormat, ChangeList};
+// Images and backends as the front ends open, describe and list them.
+pub use image::discover::{Found, discover};
+pub use image::{
+    BlockSource, Description, OpenOptions, Target, describe, for_each_extent, open as open_image,
+    open_with as open_image_with,
+};
 pub use io::IoEngine;
 pub use job::state::{JobDb, default_state_dir};
 pub use pipeline::{BaseRef, ChangeSource, DEFAULT_VERIFY_SAMPLE, DeltaRequest};
 pub use pipeline::{CycleBase, Sync, SyncChanges, SyncCycle, SyncRequest, SyncStatus};
 pub use store::gc::{GcOptions, gc};
 pub use store::prune::{KeepPolicy, prune};
+pub use store::{S3Options, open_backend};

@@ -26,14 +26,14 @@ use std::ffi::{CStr, c_char, c_void};
 use std::path::Path;
 use std::sync::Mutex;
 
-use blockferry::image::{self, OpenOptions, Target};
-use blockferry::store::S3Options;
+use blockferry::S3Options;
 use blockferry::{BaseRef, ChangeFormat, ChangeSource, DeltaRequest};
 use blockferry::{
     CancelToken, ConvertOptions, Event, InitOptions, Observer, Phase, ReplicateOptions,
     RestoreOptions, VerifyOptions,
 };
 use blockferry::{JobDb, default_state_dir};
+use blockferry::{OpenOptions, Target};
 use serde_json::json;
 
 pub use error::bf_result;
@@ -512,7 +512,7 @@ pub unsafe extern "C" fn bf_store_create(
             passphrase: pass.map(<[u8]>::to_vec),
         };
         opts.check()?;
-        let backend = blockferry::store::open_backend(location, true, &s3)?;
+        let backend = blockferry::open_backend(location, true, &s3)?;
         blockferry::Store::init_client(backend.as_ref(), &opts, None)?;
         let store = blockferry::Store::open_client(backend, pass, None)?;
         // SAFETY: forwarded contract.
@@ -543,7 +543,7 @@ pub unsafe extern "C" fn bf_store_open(
         if out.is_null() {
             return Err(error::null("out"));
         }
-        let backend = blockferry::store::open_backend(location, false, &s3)?;
+        let backend = blockferry::open_backend(location, false, &s3)?;
         let store = blockferry::Store::open_client(backend, pass, None)?;
         // SAFETY: forwarded contract.
         unsafe { box_out(out, bf_store { store }, "out") }
@@ -756,7 +756,7 @@ pub unsafe extern "C" fn bf_replicate(
             ova_disk: disk.map(str::to_owned),
             ..OpenOptions::default()
         };
-        let source = image::open_with(Path::new(image), &open)?;
+        let source = blockferry::open_image_with(Path::new(image), &open)?;
         let request = DeltaRequest {
             base: base.map(BaseRef::parse),
             changes: changes
@@ -949,7 +949,7 @@ pub unsafe extern "C" fn bf_convert(
         let image = ffi_arg!(str_arg(image, "image"))?;
         let out = ffi_arg!(str_arg(out, "out"))?;
         let cancel = ffi_arg!(token(cancel));
-        let src = image::open(Path::new(image))?;
+        let src = blockferry::open_image(Path::new(image))?;
         let opts = ConvertOptions {
             force,
             cancel,
@@ -1103,9 +1103,16 @@ pub unsafe extern "C" fn bf_image_info_json(
     boundary(|| {
         // SAFETY: forwarded contract.
         let path = unsafe { str_arg(path, "path")? };
-        let src = image::open(Path::new(path))?;
+        let src = blockferry::open_image(Path::new(path))?;
         // SAFETY: forwarded contract.
-        unsafe { write_json(buf, len, out_n, &to_json(&image::describe(src.as_ref()))?) }
+        unsafe {
+            write_json(
+                buf,
+                len,
+                out_n,
+                &to_json(&blockferry::describe(src.as_ref()))?,
+            )
+        }
     })
 }
 
@@ -1125,9 +1132,9 @@ pub unsafe extern "C" fn bf_image_map_json(
     boundary(|| {
         // SAFETY: forwarded contract.
         let path = unsafe { str_arg(path, "path")? };
-        let src = image::open(Path::new(path))?;
+        let src = blockferry::open_image(Path::new(path))?;
         let mut list = Vec::new();
-        image::for_each_extent(src.as_ref(), |m| -> blockferry::Result<()> {
+        blockferry::for_each_extent(src.as_ref(), |m| -> blockferry::Result<()> {
             let (kind, offset) = match m.target {
                 Target::Data { offset, .. } | Target::Deflate { offset, .. } => {
                     ("data", Some(offset))
@@ -1159,7 +1166,7 @@ pub unsafe extern "C" fn bf_discover_json(
     boundary(|| {
         // SAFETY: forwarded contract.
         let folder = unsafe { str_arg(folder, "folder")? };
-        let found = image::discover::discover(Path::new(folder), &OpenOptions::default())?;
+        let found = blockferry::discover(Path::new(folder), &OpenOptions::default())?;
         let list: Vec<_> = found
             .iter()
             .map(|f| {

@@ -215,7 +215,7 @@ pub unsafe extern "C" fn bf_sync_new(
         };
         let request = SyncRequest {
             image: image.into(),
-            open: blockferry::image::OpenOptions::default(),
+            open: blockferry::OpenOptions::default(),
             name: b.name.clone(),
             changes,
             verify_sample: b.verify_sample,

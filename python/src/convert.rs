@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use blockferry::store::S3Options;
+use blockferry::S3Options;
 use pyo3::IntoPyObjectExt;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};

@@ -17,14 +17,14 @@ use std::sync::Arc;
 
 use blockferry::GcOptions;
 use blockferry::KeepPolicy;
-use blockferry::changes::{ChangeFormat, ChangeList};
-use blockferry::image::{self, OpenOptions, Target};
 use blockferry::{BaseRef, ChangeSource, DeltaRequest, SyncChanges, SyncRequest};
 use blockferry::{
     CancelToken, ConvertOptions, InitOptions, Phase, ReplicateOptions, RestoreOptions,
     VerifyOptions,
 };
+use blockferry::{ChangeFormat, ChangeList};
 use blockferry::{JobDb, default_state_dir};
+use blockferry::{OpenOptions, Target};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use serde_json::json;
@@ -67,8 +67,10 @@ fn image_info(
 ) -> PyResult<Py<PyAny>> {
     let opts = open_options(disk, allow_outside_folder);
     let info = py
-        .detach(|| -> blockferry::Result<image::Description> {
-            Ok(image::describe(image::open_with(&path, &opts)?.as_ref()))
+        .detach(|| -> blockferry::Result<blockferry::Description> {
+            Ok(blockferry::describe(
+                blockferry::open_image_with(&path, &opts)?.as_ref(),
+            ))
         })
         .py_err(py)?;
     let mut info = serde_json::to_value(info).map_err(|e| config_error(e.to_string()))?;
@@ -90,9 +92,9 @@ fn image_map(
     let opts = open_options(disk, allow_outside_folder);
     let rows = py
         .detach(|| -> blockferry::Result<Vec<Row>> {
-            let src = image::open_with(&path, &opts)?;
+            let src = blockferry::open_image_with(&path, &opts)?;
             let mut rows = Vec::new();
-            image::for_each_extent(src.as_ref(), |m| -> blockferry::Result<()> {
+            blockferry::for_each_extent(src.as_ref(), |m| -> blockferry::Result<()> {
                 let file_of = |f: usize| src.file(f).map(|f| f.path().to_string_lossy().into());
                 rows.push(match m.target {
                     Target::Data { file, offset } | Target::Deflate { file, offset, .. } => {
@@ -166,7 +168,7 @@ fn read_changes(
 fn discover(py: Python<'_>, folder: PathBuf, allow_outside_folder: bool) -> PyResult<Py<PyAny>> {
     let opts = open_options(None, allow_outside_folder);
     let found = py
-        .detach(|| image::discover::discover(&folder, &opts))
+        .detach(|| blockferry::discover(&folder, &opts))
         .py_err(py)?;
     let list = PyList::empty(py);
     for f in &found {
@@ -261,7 +263,7 @@ fn start_convert(
         progress,
         interval,
         move |obs| {
-            let src = image::open_with(&image, &open)?;
+            let src = blockferry::open_image_with(&image, &open)?;
             let report = blockferry::convert(src.as_ref(), &out, &opts, obs)?;
             Ok(serde_json::to_value(&report).unwrap_or_default())
         },
@@ -432,7 +434,7 @@ impl Store {
                     passphrase,
                 };
                 opts.check()?;
-                let backend = blockferry::store::open_backend(&location, true, &s3)?;
+                let backend = blockferry::open_backend(&location, true, &s3)?;
                 blockferry::Store::init_client(backend.as_ref(), &opts, state_dir.as_deref())
             })
             .py_err(py)?;
@@ -461,7 +463,7 @@ impl Store {
         let s3 = s3_options(s3)?;
         let store = py
             .detach(|| {
-                let backend = blockferry::store::open_backend(&location, false, &s3)?;
+                let backend = blockferry::open_backend(&location, false, &s3)?;
                 blockferry::Store::open_client(backend, passphrase.as_deref(), state_dir.as_deref())
             })
             .py_err(py)?;
@@ -725,7 +727,7 @@ impl Store {
             progress,
             interval,
             move |obs| {
-                let src = image::open_with(&image, &open)?;
+                let src = blockferry::open_image_with(&image, &open)?;
                 opts.delta = request.resolve(src.as_ref())?;
                 let report = blockferry::replicate(&store, src.as_ref(), &opts, obs)?;
                 Ok(serde_json::to_value(&report).unwrap_or_default())
