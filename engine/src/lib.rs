@@ -61,7 +61,9 @@ pub use image::{
 pub use io::IoEngine;
 pub use job::state::{JobDb, default_state_dir};
 pub use pipeline::{BaseRef, ChangeSource, DEFAULT_VERIFY_SAMPLE, DeltaRequest};
-pub use pipeline::{CycleBase, Sync, SyncChanges, SyncCycle, SyncRequest, SyncStatus};
+pub use pipeline::{
+    ContinuousReplication, CycleBase, SyncChanges, SyncCycle, SyncRequest, SyncStatus,
+};
 pub use store::gc::{GcOptions, gc};
 pub use store::prune::{KeepPolicy, prune};
 pub use store::{S3Options, open_backend};

@@ -5,7 +5,9 @@
 use std::ffi::{c_char, c_void};
 use std::path::PathBuf;
 
-use blockferry::{ChangeFormat, ReplicateOptions, Sync, SyncChanges, SyncCycle, SyncRequest};
+use blockferry::{
+    ChangeFormat, ContinuousReplication, ReplicateOptions, SyncChanges, SyncCycle, SyncRequest,
+};
 
 use crate::error::{FfiResult, boundary, invalid};
 use crate::handle::{box_out, bytes_arg, free_box, mut_arg, opt_str_arg, ref_arg, str_arg};
@@ -28,7 +30,7 @@ pub struct bf_sync_builder {
 /// `bf_sync_cycle`, released by `bf_sync_free`. One cycle at a time.
 #[derive(Debug)]
 pub struct bf_sync {
-    sync: Sync,
+    sync: ContinuousReplication,
     /// What the last cycle did, as JSON.
     last: Option<serde_json::Value>,
 }
@@ -226,7 +228,7 @@ pub unsafe extern "C" fn bf_sync_new(
             },
         };
         let sync = bf_sync {
-            sync: Sync::new(&store.store, request)?,
+            sync: ContinuousReplication::new(&store.store, request)?,
             last: None,
         };
         // SAFETY: forwarded contract.

@@ -270,11 +270,11 @@ fn start_convert(
     )
 }
 
-/// A continuous replication of one disk: the engine's `Sync`.
+/// A continuous replication of one disk: the engine's `ContinuousReplication`.
 #[pyclass(frozen, module = "blockferry._native")]
 struct SyncRun {
     store: Arc<blockferry::Store>,
-    sync: Arc<std::sync::Mutex<blockferry::Sync>>,
+    sync: Arc<std::sync::Mutex<blockferry::ContinuousReplication>>,
 }
 
 impl std::fmt::Debug for SyncRun {
@@ -284,7 +284,7 @@ impl std::fmt::Debug for SyncRun {
 }
 
 impl SyncRun {
-    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, blockferry::Sync>> {
+    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, blockferry::ContinuousReplication>> {
         self.sync
             .try_lock()
             .map_err(|_| config_error("a cycle of this sync is running"))
@@ -545,7 +545,7 @@ impl Store {
         };
         let store = Arc::clone(&self.store);
         let sync = py
-            .detach(|| blockferry::Sync::new(&store, request))
+            .detach(|| blockferry::ContinuousReplication::new(&store, request))
             .py_err(py)?;
         Ok(SyncRun {
             store,

@@ -1,4 +1,4 @@
-//! `sync`: continuous replication. Every interval, a cycle of the engine's [`Sync`] (a delta on
+//! `sync`: continuous replication. Every interval, a cycle of the engine's [`ContinuousReplication`] (a delta on
 //! the disk's newest snapshot from the change source the user names; see
 //! `blockferry::pipeline::sync`). This module keeps the loop, the signals (SIGINT/SIGTERM
 //! cancel the cycle in flight, no snapshot is written, and end the loop), the changes
@@ -17,8 +17,8 @@ use serde_json::json;
 
 use blockferry::changes::MAX_LIST_BYTES;
 use blockferry::{
-    CancelToken, ChangeFormat, CycleBase, ErrorKind, ReplicateOptions, Silent, Sync, SyncChanges,
-    SyncCycle, SyncRequest, SyncStatus,
+    CancelToken, ChangeFormat, ContinuousReplication, CycleBase, ErrorKind, ReplicateOptions,
+    Silent, SyncChanges, SyncCycle, SyncRequest, SyncStatus,
 };
 
 use super::output::{human_bytes, rfc3339};
@@ -132,7 +132,7 @@ pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
     let request = request(a)?;
     let cancel = cancel_on_signals()?;
     let store = open_store(&a.store)?;
-    let mut sync = Sync::new(&store, request)?;
+    let mut sync = ContinuousReplication::new(&store, request)?;
     while a.cycles.is_none_or(|n| sync.status().cycle < n) && !cancel.is_cancelled() {
         let started = Instant::now();
         let given = match &a.changes_command {

@@ -22,7 +22,7 @@ pub use replicate::{
     plan_parts, replicate, worker_count,
 };
 pub use restore::{RestoreOptions, RestoreReport, restore};
-pub use sync::{CycleBase, Sync, SyncChanges, SyncCycle, SyncRequest, SyncStatus};
+pub use sync::{ContinuousReplication, CycleBase, SyncChanges, SyncCycle, SyncRequest, SyncStatus};
 pub use verify::{Problem, VerifyOptions, VerifyReport, verify};
 
 use crate::error::Result;

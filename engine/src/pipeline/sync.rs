@@ -33,7 +33,7 @@ pub enum SyncChanges {
         format: Option<ChangeFormat>,
     },
     /// The caller gives each cycle's list (the output of a command run against
-    /// [`Sync::base`], say) to [`Sync::cycle`].
+    /// [`ContinuousReplication::base`], say) to [`ContinuousReplication::cycle`].
     Given {
         /// The lists' format, if not detected.
         format: Option<ChangeFormat>,
@@ -91,9 +91,9 @@ pub struct SyncCycle {
     pub report: Option<ReplicateReport>,
 }
 
-/// A continuous replication of one disk: call [`Sync::cycle`] as often as wanted.
+/// A continuous replication of one disk: call [`ContinuousReplication::cycle`] as often as wanted.
 #[derive(Debug)]
-pub struct Sync {
+pub struct ContinuousReplication {
     req: SyncRequest,
     disk: String,
     cycle: u64,
@@ -101,10 +101,10 @@ pub struct Sync {
     last_success: Option<(SystemTime, Instant)>,
 }
 
-impl Sync {
+impl ContinuousReplication {
     /// Checks the request and finds the disk's name; the lag starts from the disk's newest
     /// snapshot, if it has one.
-    pub fn new(store: &Store, req: SyncRequest) -> Result<Sync> {
+    pub fn new(store: &Store, req: SyncRequest) -> Result<ContinuousReplication> {
         if !(0.0..=1.0).contains(&req.verify_sample) {
             return Err(
                 Error::config("the verify sample is a share from 0 to 1 (0% to 100%)")
@@ -120,7 +120,7 @@ impl Sync {
             let age = SystemTime::now().duration_since(at).unwrap_or_default();
             Some((at, Instant::now().checked_sub(age)?))
         });
-        Ok(Sync {
+        Ok(ContinuousReplication {
             req,
             disk,
             cycle: 0,
@@ -157,7 +157,7 @@ impl Sync {
 
     /// Runs one cycle: takes the changes, then replicates (a delta on the disk's newest
     /// snapshot, or a full copy when it has none). `given` is the cycle's list with
-    /// [`SyncChanges::Given`] (taken against [`Sync::base`]), and must be `None` otherwise.
+    /// [`SyncChanges::Given`] (taken against [`ContinuousReplication::base`]), and must be `None` otherwise.
     pub fn cycle(
         &mut self,
         store: &Store,
