@@ -18,6 +18,9 @@ from conftest import MIB, make_disk
 
 # A bandwidth cap makes a replication last long enough to act on it mid-way.
 SLOW = 24 * MIB  # bytes per second
+# The cap lets a pack go at once, and with the default budget a pack is a fifth of the
+# 96 MiB disk: a small budget makes small packs, so that the cap holds from the start.
+SMALL_PACKS = 32 * MIB
 
 
 @pytest.fixture
@@ -34,7 +37,7 @@ def wait_for(cond, limit: float = 30.0) -> None:
 
 
 def test_handle_progress_events_and_result(store: blockferry.Store, big: Path, state: Path) -> None:
-    op = store.start_replicate(big, state_dir=state, bwlimit=SLOW, progress_interval=0)
+    op = store.start_replicate(big, state_dir=state, bwlimit=SLOW, memory_budget=SMALL_PACKS, progress_interval=0)
     assert op.kind == "replicate" and not op.done()
     assert op.wait(0.05) is False
     wait_for(lambda: (op.progress() or blockferry.Progress("", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, None, "")).bytes_done > 0)
@@ -64,7 +67,7 @@ def test_callback_is_rate_limited(store: blockferry.Store, big: Path) -> None:
 
 
 def test_cancel_from_another_thread_then_resume(store: blockferry.Store, big: Path, state: Path) -> None:
-    op = store.start_replicate(big, state_dir=state, bwlimit=SLOW)
+    op = store.start_replicate(big, state_dir=state, bwlimit=SLOW, memory_budget=SMALL_PACKS)
     wait_for(lambda: (op.progress() is not None and op.progress().bytes_written >= 32 * MIB))  # type: ignore[union-attr]
     threading.Thread(target=op.cancel).start()
     with pytest.raises(blockferry.CancelledError) as e:
@@ -85,7 +88,7 @@ def test_ctrl_c_cancels_cleanly_and_keeps_resume_state(store: blockferry.Store, 
     timer.start()
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        store.replicate(big, state_dir=state, bwlimit=SLOW)
+        store.replicate(big, state_dir=state, bwlimit=SLOW, memory_budget=SMALL_PACKS)
     timer.join()
     assert time.monotonic() - started < 3.5  # stopped promptly, not after the whole copy
     [job] = blockferry.jobs(state_dir=state)
@@ -99,7 +102,7 @@ def test_callback_exception_stops_the_operation(store: blockferry.Store, big: Pa
         if e.type == "progress":
             raise RuntimeError("observer failed")
 
-    op = store.start_replicate(big, job_state=False, bwlimit=SLOW, progress=boom, progress_interval=0)
+    op = store.start_replicate(big, job_state=False, bwlimit=SLOW, memory_budget=SMALL_PACKS, progress=boom, progress_interval=0)
     with pytest.raises(RuntimeError, match="observer failed"):
         op.result()
     assert op.cancelled()
@@ -172,7 +175,7 @@ def test_asyncio_await_and_cancel(store: blockferry.Store, big: Path, tmp_path: 
     async def main() -> None:
         r = await store.start_replicate(small, job_state=False)
         assert r.bytes_new == 4 * MIB
-        op = store.start_replicate(big, job_state=False, bwlimit=SLOW)
+        op = store.start_replicate(big, job_state=False, bwlimit=SLOW, memory_budget=SMALL_PACKS)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(op, timeout=0.5)
         assert op.cancelled()
@@ -194,7 +197,7 @@ def test_restore_verify_convert_handles(store: blockferry.Store, tmp_path: Path,
     assert (tmp_path / "x.conv").read_bytes() == img.read_bytes()
     g = store.start_gc(dry_run=True)
     assert g.result().dry_run
-    slow = store.start_replicate(big, job_state=False, bwlimit=SLOW)
+    slow = store.start_replicate(big, job_state=False, bwlimit=SLOW, memory_budget=SMALL_PACKS)
     with pytest.raises(TimeoutError):
         slow.result(timeout=0.05)
     slow.cancel()
