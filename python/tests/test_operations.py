@@ -6,6 +6,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +85,17 @@ def test_cancel_from_another_thread_then_resume(store: blockferry.Store, big: Pa
 
 def test_ctrl_c_cancels_cleanly_and_keeps_resume_state(store: blockferry.Store, big: Path, state: Path) -> None:
     assert threading.current_thread() is threading.main_thread()
+    # Python maps SIGINT to KeyboardInterrupt only when SIGINT was not ignored at its start,
+    # and a background job (CI scripts run so) starts with it ignored: then interrupt_main
+    # does nothing. An interactive Python, which this test stands for, has the handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_a_replication(store, big, state)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_a_replication(store: blockferry.Store, big: Path, state: Path) -> None:
     timer = threading.Timer(1.5, _thread.interrupt_main)
     timer.start()
     started = time.monotonic()
