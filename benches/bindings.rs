@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use blockferry_benches::{blockferry_release, machine, make_os_image, run, warm};
 
 const PASSPHRASE: &str = "bench passphrase";
@@ -29,9 +29,10 @@ fn main() -> Result<()> {
 
     // The three front ends, all release builds.
     let cli = blockferry_release()?;
-    cargo(&["build", "--quiet", "--release", "-p", "blockferry-ffi"])?;
+    // The library as a host links it (ffi/dist.sh builds and packs it).
+    run(Command::new(root.join("ffi/dist.sh")).arg("release"))?;
     let c_bin = work.join("replicate-c");
-    let lib = root.join("target/release");
+    let lib = root.join("target/ffi/release/lib");
     run(Command::new("cc")
         .args(["-O2", "-std=c11", "-Wall", "-Werror", "-o"])
         .arg(&c_bin)
@@ -122,18 +123,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(args)
-        .status()
-        .context("running cargo")?;
-    if !status.success() {
-        bail!("cargo {args:?} failed");
-    }
-    Ok(())
 }
 
 /// A venv under `work` with the package installed from `python/` (a release build), as a

@@ -20,10 +20,10 @@ int main(int argc, char **argv) {
   bf_result r = bf_store_open(argv[2], (const unsigned char *)pass, pass ? strlen(pass) : 0,
                               NULL, &store);
   bf_replicate_options opts;
-  if (r == BF_RESULT_OK) r = bf_replicate_options_init(&opts);
+  if (r == BF_RESULT_OK) r = bf_replicate_options_init(&opts, sizeof opts);
   opts.state_dir = argv[3];
   unsigned long events = 0;
-  bf_replicate_report rep;
+  bf_replicate_report rep = {.size = sizeof rep};
   if (r == BF_RESULT_OK) r = bf_replicate(store, argv[1], &opts, progress, &events, NULL, &rep);
   if (r != BF_RESULT_OK) {
     char msg[1024];

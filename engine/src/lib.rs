@@ -48,15 +48,15 @@ pub use pipeline::{
     RestoreOptions, RestoreReport, VerifyOptions, VerifyReport, convert, replicate, restore,
     verify,
 };
-pub use store::{InitOptions, Snapshot, Store, StoreConfig};
+pub use store::{InitOptions, Snapshot, Store, StoreConfig, StoreSummary};
 // The rest of the facade the front ends use: the read engine's choice, the client's job
 // database, retention and garbage collection.
 pub use changes::{ChangeFormat, ChangeList};
 // Images and backends as the front ends open, describe and list them.
 pub use image::discover::{Found, discover};
 pub use image::{
-    BlockSource, Description, OpenOptions, Target, describe, for_each_extent, open as open_image,
-    open_with as open_image_with,
+    BlockSource, Description, MapRow, OpenOptions, Target, describe, for_each_extent,
+    open as open_image, open_with as open_image_with,
 };
 pub use io::IoEngine;
 pub use job::state::{JobDb, default_state_dir};

@@ -38,7 +38,7 @@ inline void check(bf_result r) {
 
 using Progress = std::function<void(const bf_event &)>;
 
-// Calls a std::function from blockferry's threads (one call at a time).
+// Calls a std::function (on the thread that called the operation, one event at a time).
 extern "C" inline void trampoline(void *userdata, const bf_event *event) {
   (*static_cast<Progress *>(userdata))(*event);
 }
@@ -51,8 +51,11 @@ class Store {
     bf_result r = bf_store_open(location.c_str(), passphrase.empty() ? nullptr : p,
                                 passphrase.size(), nullptr, &s);
     if (r == BF_RESULT_NOT_FOUND) {
+      bf_create_options opts;
+      check(bf_create_options_init(&opts, sizeof opts));
+      opts.encrypted = !passphrase.empty();
       check(bf_store_create(location.c_str(), passphrase.empty() ? nullptr : p,
-                            passphrase.size(), !passphrase.empty(), 0, nullptr, &s));
+                            passphrase.size(), &opts, nullptr, &s));
     } else {
       check(r);
     }
@@ -61,22 +64,29 @@ class Store {
 
   bf_replicate_report replicate(const std::string &image, Progress progress) const {
     bf_replicate_options opts;
-    check(bf_replicate_options_init(&opts));
-    bf_replicate_report report;
+    check(bf_replicate_options_init(&opts, sizeof opts));
+    bf_replicate_report report{};
+    report.size = sizeof report;
     check(bf_replicate(handle_.get(), image.c_str(), &opts, trampoline, &progress, nullptr,
                        &report));
     return report;
   }
 
   bf_verify_report verify(const std::string &snapshot, const std::string &image) const {
-    bf_verify_report report;
-    check(bf_verify(handle_.get(), snapshot.c_str(), image.c_str(), 0, nullptr, nullptr,
-                    nullptr, &report));
+    bf_verify_options opts;
+    check(bf_verify_options_init(&opts, sizeof opts));
+    opts.image = image.c_str();
+    bf_verify_report report{};
+    report.size = sizeof report;
+    check(bf_verify(handle_.get(), snapshot.c_str(), &opts, nullptr, nullptr, nullptr, &report));
     return report;
   }
 
   void restore(const std::string &snapshot, const std::string &out) const {
-    check(bf_restore(handle_.get(), snapshot.c_str(), out.c_str(), true, 0, nullptr, nullptr,
+    bf_restore_options opts;
+    check(bf_restore_options_init(&opts, sizeof opts));
+    opts.force = true;
+    check(bf_restore(handle_.get(), snapshot.c_str(), out.c_str(), &opts, nullptr, nullptr,
                      nullptr, nullptr));
   }
 

@@ -52,6 +52,12 @@ pub enum bf_result {
     Internal = 114,
 }
 
+/// A `bf_result` as a C caller passes it back (to `bf_result_text`): any integer, since C
+/// lets an enum variable hold any value of its type. The header calls it `bf_result`
+/// (cbindgen.toml renames it and leaves out its typedef); Rust reads it as the integer it
+/// is, so that no value is undefined behaviour.
+pub type bf_result_code = u32;
+
 /// The code of an engine error kind: the one exhaustive mapping.
 pub(crate) fn code(kind: ErrorKind) -> bf_result {
     match kind {
@@ -138,10 +144,13 @@ impl From<Error> for Fail {
 pub(crate) type FfiResult<T = ()> = Result<T, Fail>;
 
 /// Runs the body of an exported call: a panic becomes `Panic`, a failure sets the thread's
-/// last error and returns its code.
+/// last error and returns its code, a success clears it.
 pub(crate) fn boundary(f: impl FnOnce() -> FfiResult) -> bf_result {
     match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => bf_result::Ok,
+        Ok(Ok(())) => {
+            set_last(LastError::default());
+            bf_result::Ok
+        }
         Ok(Err(fail)) => record(fail),
         Err(p) => {
             let what = p
@@ -225,5 +234,7 @@ mod tests {
         let r = boundary(|| Err(Fail::Engine(Error::config("bad option"))));
         assert_eq!(r, bf_result::Config);
         with_last(|l| assert_eq!(l.message, "bad option"));
+        assert_eq!(boundary(|| Ok(())), bf_result::Ok);
+        with_last(|l| assert!(l.message.is_empty() && l.path.is_none()));
     }
 }

@@ -11,7 +11,10 @@ use blockferry::{
 
 use crate::error::{FfiResult, boundary, invalid};
 use crate::handle::{box_out, bytes_arg, free_box, mut_arg, opt_str_arg, ref_arg, str_arg};
-use crate::{bf_cancel, bf_progress_cb, bf_result, bf_store, observer, to_json, token, write_json};
+use crate::observe::{bf_progress_cb, run};
+use crate::query::{to_json, write_json};
+use crate::store::bf_store;
+use crate::{bf_cancel, bf_result, token};
 
 /// Settings of a continuous replication (opaque): made by `bf_sync_builder_new`, changed by
 /// the `bf_sync_builder_set_*` functions, turned into a `bf_sync` by `bf_sync_new`, released
@@ -276,11 +279,11 @@ pub unsafe extern "C" fn bf_sync_cycle(
         let changes = unsafe { bytes_arg(changes, len, "changes")? };
         // SAFETY: forwarded contract.
         let cancel = unsafe { token(cancel) };
-        let observer = observer(progress, userdata);
         s.last = None;
-        let cycle: SyncCycle = s
-            .sync
-            .cycle(&store.store, changes, &cancel, observer.as_ref())?;
+        let sync = &mut s.sync;
+        let cycle: SyncCycle = run(progress, userdata, |observer| {
+            sync.cycle(&store.store, changes, &cancel, observer)
+        })??;
         s.last = Some(to_json(&cycle)?);
         Ok(())
     })

@@ -6,7 +6,9 @@ import json
 import os
 import time
 from typing import (
+    TYPE_CHECKING,
     Any,
+    AsyncIterator,
     Callable,
     Dict,
     Generator,
@@ -21,6 +23,9 @@ from typing import (
 )
 
 from . import _native
+
+if TYPE_CHECKING:
+    import asyncio
 from ._native import Store as _NativeStore
 from ._native import SyncRun as _NativeSyncRun
 from ._errors import CancelledError, ConfigError, Error
@@ -141,19 +146,71 @@ class Operation(Generic[R]):
         return self._wait_async().__await__()
 
     async def _wait_async(self) -> R:
-        import asyncio  # not at the top: it costs 40 ms of every import of blockferry
-
-        loop = asyncio.get_running_loop()
-        try:
-            while not await loop.run_in_executor(None, self._task.wait, 0.2):
-                pass
-        except asyncio.CancelledError:
-            self._task.cancel()
-            raise
+        # Completed by the engine: the event loop watches the task's waker socket; no
+        # executor thread, no polling. Cancelling the awaiting coroutine cancels the task.
+        async with _Wakeups(self._task) as news:
+            try:
+                while not self._task.done():
+                    await news.next()
+            except BaseException:
+                self._task.cancel()
+                raise
         return self._build(self._task.result())
+
+    async def events_async(self) -> AsyncIterator[Event]:
+        """:meth:`events` for asyncio code: ``async for e in op.events_async()``, woken by
+        the engine as events come (no thread, no polling), until the operation finishes."""
+        async with _Wakeups(self._task) as news:
+            while True:
+                batch = self._task.next_events(0)
+                for e in batch:
+                    yield _event(e)
+                if not batch:
+                    if self._task.done():
+                        return
+                    await news.next()
 
     def __repr__(self) -> str:
         return repr(self._task)
+
+
+class _Wakeups:
+    """An asyncio view of a task's waker: :meth:`next` returns once the task has news (an
+    event, its end) since the last call. The loop watches the waker's socket."""
+
+    def __init__(self, task: _native.Task) -> None:
+        self._task = task
+
+    async def __aenter__(self) -> "_Wakeups":
+        import asyncio  # not at the top: it costs 40 ms of every import of blockferry
+
+        self._loop = asyncio.get_running_loop()
+        self._waker = self._task.waker()
+        self._pending = False
+        self._future: Optional["asyncio.Future[None]"] = None
+        self._loop.add_reader(self._waker.fileno(), self._ready)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._loop.remove_reader(self._waker.fileno())
+        del self._waker  # unregisters it from the task
+
+    def _ready(self) -> None:
+        self._waker.drain()
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+        else:
+            self._pending = True
+
+    async def next(self) -> None:
+        if self._pending:
+            self._pending = False
+            return
+        self._future = self._loop.create_future()
+        try:
+            await self._future
+        finally:
+            self._future = None
 
 
 def _deliver(callback: Optional[ProgressCallback]) -> Optional[Callable[[Any], Any]]:

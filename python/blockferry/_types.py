@@ -51,34 +51,39 @@ def _build(cls: Type[T], d: Mapping[str, Any], **nested: Any) -> T:
 
 @dataclass(frozen=True)
 class Progress:
-    """Counters of a running operation."""
+    """Counters of a running operation.
 
-    #: ``replicating``, ``committing``, ``restoring``, ``verifying`` or ``collecting``.
+    Attributes:
+        phase: ``replicating``, ``committing``, ``restoring``, ``verifying`` or
+            ``collecting``.
+        bytes_total: Virtual bytes the phase covers.
+        bytes_done: Virtual bytes done (read, found zero, skipped as unallocated or
+            unchanged).
+        bytes_read: Bytes read from the source.
+        bytes_zero: Bytes found zero or unallocated.
+        bytes_deduplicated: Bytes the store already held.
+        bytes_written: Bytes written to the store (replicate) or to the output (restore).
+        bytes_skipped: Of ``bytes_done``, bytes counted done without work (durable from an
+            earlier run of the job, or unchanged since a delta's base).
+        parts_in_flight: Parts being uploaded right now.
+        elapsed: Seconds since the phase started.
+        rate: Virtual bytes worked through per second, on average.
+        eta: Seconds left at that rate, if known.
+        io_engine: The read engine (``pread`` or ``io_uring``) of a replication, else empty.
+    """
+
     phase: str
-    #: Virtual bytes the phase covers.
     bytes_total: int
-    #: Virtual bytes done (read, found zero, skipped as unallocated or unchanged).
     bytes_done: int
-    #: Bytes read from the source.
     bytes_read: int
-    #: Bytes found zero or unallocated.
     bytes_zero: int
-    #: Bytes the store already held.
     bytes_deduplicated: int
-    #: Bytes written to the store (replicate) or to the output (restore).
     bytes_written: int
-    #: Of ``bytes_done``, bytes counted done without work (durable from an earlier run of
-    #: the job, or unchanged since a delta's base).
     bytes_skipped: int
-    #: Parts being uploaded right now.
     parts_in_flight: int
-    #: Seconds since the phase started.
     elapsed: float
-    #: Virtual bytes worked through per second, on average.
     rate: float
-    #: Seconds left at that rate, if known.
     eta: Optional[float]
-    #: The read engine (``pread`` or ``io_uring``) of a replication, else empty.
     io_engine: str
 
     @property
@@ -89,7 +94,12 @@ class Progress:
 
 @dataclass(frozen=True)
 class Started:
-    """A phase started."""
+    """A phase started.
+
+    Attributes:
+        phase: The phase (as :attr:`Progress.phase`).
+        bytes_total: Virtual bytes it covers.
+    """
 
     phase: str
     bytes_total: int
@@ -98,7 +108,11 @@ class Started:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """Counters moved (rate-limited)."""
+    """Counters moved (rate-limited).
+
+    Attributes:
+        progress: The counters now.
+    """
 
     progress: Progress
     type: str = "progress"
@@ -106,7 +120,12 @@ class ProgressEvent:
 
 @dataclass(frozen=True)
 class WarningEvent:
-    """Something the user should know that does not stop the operation."""
+    """Something the user should know that does not stop the operation.
+
+    Attributes:
+        phase: The phase it happened in (as :attr:`Progress.phase`).
+        message: What happened.
+    """
 
     phase: str
     message: str
@@ -115,7 +134,11 @@ class WarningEvent:
 
 @dataclass(frozen=True)
 class Finished:
-    """A phase finished (the operation's result says whether it succeeded)."""
+    """A phase finished (the operation's result says whether it succeeded).
+
+    Attributes:
+        progress: The counters at the end of the phase.
+    """
 
     progress: Progress
     type: str = "finished"
@@ -142,26 +165,61 @@ def _event(d: Mapping[str, Any]) -> Event:
 
 @dataclass(frozen=True)
 class ChangeRecord:
-    """How a delta snapshot was made from its base."""
+    """How a delta snapshot was made from its base.
 
-    #: The change list's format (``vmware-cbt``, ``hyperv-rct``, ``extents``, ``chain``,
-    #: ``hash``).
+    Attributes:
+        source: The change list's format (``vmware-cbt``, ``hyperv-rct``, ``extents``,
+            ``chain``, ``hash``).
+        base_change_id: The change id the list was taken against.
+        bytes_listed: Bytes the list named.
+        fallback: Why every chunk was compared instead (the list could not be trusted), if
+            so.
+        sample_chunks: Chunks the list called unchanged that were read to check it.
+        sample_mismatches: Of those, how many had changed.
+    """
+
     source: str
-    #: The change id the list was taken against.
     base_change_id: Optional[str]
-    #: Bytes the list named.
     bytes_listed: int
-    #: Why every chunk was compared instead (the list could not be trusted), if so.
     fallback: Optional[str]
-    #: Chunks the list called unchanged that were read to check it.
     sample_chunks: int
-    #: Of those, how many had changed.
     sample_mismatches: int
 
 
 @dataclass(frozen=True)
 class ReplicateReport:
-    """What a replication did."""
+    """What a replication did.
+
+    Attributes:
+        snapshot: The new snapshot's id.
+        disk: The disk's name in the store.
+        virtual_size: Virtual size of the disk.
+        allocated_bytes: Bytes the source reported allocated.
+        bytes_read: Bytes read from the source.
+        bytes_zero: Bytes recorded as zero (unallocated, or read and found zero).
+        bytes_deduplicated: Bytes of chunks the store already held.
+        bytes_new: Plaintext bytes of new chunks.
+        bytes_stored: Bytes written to the store (packs with their headers).
+        bytes_copied: Chunk bytes copied in user space between the read buffers and the
+            store writer (a debug statistic of the zero-copy path).
+        chunks_total: Chunk positions of the disk.
+        chunks_stored: New chunks stored.
+        packs_written: Packs written.
+        seconds: Wall time in seconds.
+        io_engine: The read engine used (``pread`` or ``io_uring``).
+        workers: Worker threads used.
+        uploads: Threads taking finished packs from the workers (uploaders on a multipart
+            store, the one pack writer on a store that takes packs whole).
+        bytes_unchanged: Bytes a delta took from its base without reading them.
+        base: The base snapshot of a delta.
+        changes: How a delta used its change list, for a delta.
+        memory_budget: Bytes the pipeline's buffers may use (as given, or the default
+            picked).
+        memory_planned: Bytes the pipeline's buffers can reach at most.
+        job: The job id (None when run without job state).
+        resumed: Whether this run resumed an interrupted one.
+        bytes_resumed: Bytes an earlier run had made durable (neither read nor sent again).
+    """
 
     snapshot: str
     disk: str
@@ -170,9 +228,7 @@ class ReplicateReport:
     bytes_read: int
     bytes_zero: int
     bytes_deduplicated: int
-    #: Plaintext bytes of new chunks.
     bytes_new: int
-    #: Bytes written to the store (packs with their headers).
     bytes_stored: int
     bytes_copied: int
     chunks_total: int
@@ -182,18 +238,13 @@ class ReplicateReport:
     io_engine: str
     workers: int
     uploads: int
-    #: Bytes a delta took from its base without reading them.
     bytes_unchanged: int
-    #: The base snapshot of a delta.
     base: Optional[str]
     changes: Optional[ChangeRecord]
     memory_budget: int
     memory_planned: int
-    #: The job id (None when run without job state).
     job: Optional[str]
-    #: Whether this run resumed an interrupted one.
     resumed: bool
-    #: Bytes an earlier run had made durable (neither read nor sent again).
     bytes_resumed: int
 
     @classmethod
@@ -204,18 +255,22 @@ class ReplicateReport:
 
 @dataclass(frozen=True)
 class SyncCycle:
-    """One cycle of a continuous replication (:meth:`blockferry.Store.sync`)."""
+    """One cycle of a continuous replication (:meth:`blockferry.Store.sync`).
 
-    #: Cycles run so far, this one included.
+    Attributes:
+        cycle: Cycles run so far, this one included.
+        lag_seconds: The replication lag (RPO): seconds since the view of the disk the
+            newest snapshot holds was taken (None before the first).
+        last_success_unix_ms: When that view was taken, ms since the Unix epoch.
+        report: The cycle's replication; None when it had nothing to do (no list dropped) or
+            failed.
+        error: Why the cycle failed (the next one tries again), or None.
+    """
+
     cycle: int
-    #: The replication lag (RPO): seconds since the view of the disk the newest snapshot
-    #: holds was taken (None before the first).
     lag_seconds: Optional[float]
-    #: When that view was taken, ms since the Unix epoch.
     last_success_unix_ms: Optional[int]
-    #: The cycle's replication; None when it had nothing to do (no list dropped) or failed.
     report: Optional[ReplicateReport] = None
-    #: Why the cycle failed (the next one tries again), or None.
     error: Optional[BaseException] = None
 
     @classmethod
@@ -226,25 +281,33 @@ class SyncCycle:
 
 @dataclass(frozen=True)
 class RestoreReport:
-    """What a restore wrote."""
+    """What a restore wrote.
+
+    Attributes:
+        snapshot: The id of the snapshot restored.
+        output: Where it was written.
+        virtual_size: Virtual size of the disk.
+        bytes_written: Bytes of data written.
+        bytes_zero: Bytes left as holes (or written as zeros on a device). ``bytes_written +
+            bytes_zero + bytes_unreadable == virtual_size``.
+        block_device: Whether the output is a block device.
+        seconds: Wall time in seconds.
+        disk: The disk of the snapshot restored.
+        bytes_unreadable: Bytes of chunks a salvage could not read (left zero).
+        problems_total: Chunks a salvage could not read, counted.
+        unreadable: The first 1000 of them, by offset.
+    """
 
     snapshot: str
     output: str
     virtual_size: int
-    #: Bytes of data written.
     bytes_written: int
-    #: Bytes left as holes (or written as zeros on a device). ``bytes_written +
-    #: bytes_zero + bytes_unreadable == virtual_size``.
     bytes_zero: int
     block_device: bool
     seconds: float
-    #: The disk of the snapshot restored.
     disk: str = ""
-    #: Bytes of chunks a salvage could not read (left zero).
     bytes_unreadable: int = 0
-    #: Chunks a salvage could not read, counted.
     problems_total: int = 0
-    #: The first 1000 of them, by offset.
     unreadable: List["Problem"] = dataclasses.field(default_factory=list)
 
     @property
@@ -259,7 +322,12 @@ class RestoreReport:
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing a verification found wrong."""
+    """One thing a verification found wrong.
+
+    Attributes:
+        offset: Virtual offset of the chunk (or page) concerned, if known.
+        message: What is wrong, with the object concerned.
+    """
 
     offset: Optional[int]
     message: str
@@ -267,20 +335,30 @@ class Problem:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What a verification found."""
+    """What a verification found.
+
+    Attributes:
+        snapshot: The id of the snapshot checked.
+        virtual_size: Virtual size of the disk.
+        chunks_checked: Distinct stored chunks decrypted and checked against their ids.
+        bytes_checked: Virtual bytes the check covered.
+        image_compared: Whether the source image was compared too.
+        problems: The first 1000 problems (``problems_total`` counts them all).
+        problems_total: Number of problems found.
+        seconds: Wall time in seconds.
+        ok: Whether the snapshot checked out (no problems).
+        disk: The disk of the snapshot checked.
+    """
 
     snapshot: str
     virtual_size: int
     chunks_checked: int
     bytes_checked: int
     image_compared: bool
-    #: The first 1000 problems (``problems_total`` counts them all).
     problems: List[Problem]
     problems_total: int
     seconds: float
-    #: Whether the snapshot checked out (no problems).
     ok: bool
-    #: The disk of the snapshot checked.
     disk: str = ""
 
     @classmethod
@@ -290,20 +368,47 @@ class VerifyReport:
 
 @dataclass(frozen=True)
 class ConvertReport:
-    """What a conversion wrote."""
+    """What a conversion wrote.
+
+    Attributes:
+        virtual_size: Virtual size written.
+        bytes_read: Bytes read from the source.
+        bytes_written: Bytes of data written.
+        seconds: Wall time in seconds.
+        bytes_zero: Bytes left as holes (zeros on a device): ``bytes_written + bytes_zero ==
+            virtual_size``.
+    """
 
     virtual_size: int
     bytes_read: int
     bytes_written: int
     seconds: float
-    #: Bytes left as holes (zeros on a device): ``bytes_written + bytes_zero ==
-    #: virtual_size``.
     bytes_zero: int = 0
 
 
 @dataclass(frozen=True)
 class GcReport:
-    """What a garbage collection did (or would do, on a dry run)."""
+    """What a garbage collection did (or would do, on a dry run).
+
+    Attributes:
+        snapshots: Snapshots whose data was kept.
+        chunks_live: Distinct chunks they reference.
+        chunks_missing: Referenced chunks found in no pack (damage: run verify).
+        packs_before: Packs in the store when the gc started.
+        packs_deleted: Packs deleted because no snapshot needs any of their chunks.
+        packs_repacked: Packs whose live chunks were moved into new packs, then deleted.
+        packs_written: New packs written by the repack.
+        packs_unreadable: Packs left alone because their chunk list could not be read.
+        pages_deleted: Pages (manifest pieces) deleted.
+        index_objects_replaced: Index objects replaced by the new index.
+        bytes_before: Bytes of packs, pages and index objects when the gc started.
+        bytes_after: The same after it (planned, on a dry run).
+        bytes_repacked: Bytes of chunk records moved by the repack.
+        bytes_unused_left: Bytes no snapshot needs that stay in packs (within
+            ``max_unused``).
+        waited_ms: Time spent waiting for the store's other users, in ms.
+        dry_run: Whether nothing was changed.
+    """
 
     snapshots: int
     chunks_live: int
@@ -325,7 +430,13 @@ class GcReport:
 
 @dataclass(frozen=True)
 class PruneReport:
-    """Snapshots a prune kept and forgot."""
+    """Snapshots a prune kept and forgot.
+
+    Attributes:
+        kept: Ids of the snapshots kept.
+        forgotten: Ids of the snapshots forgotten (or to forget, on a dry run).
+        dry_run: Whether nothing was deleted.
+    """
 
     kept: List[str]
     forgotten: List[str]
@@ -334,7 +445,13 @@ class PruneReport:
 
 @dataclass(frozen=True)
 class CleanupReport:
-    """Stale multipart uploads a cleanup aborted."""
+    """Stale multipart uploads a cleanup aborted.
+
+    Attributes:
+        aborted: Keys of the packs whose uploads were aborted (or would be, on a dry run).
+        kept: Uploads left alone: too young, resumable by a job here, or not blockferry's.
+        dry_run: Whether nothing was aborted.
+    """
 
     aborted: List[str]
     kept: int
@@ -343,7 +460,17 @@ class CleanupReport:
 
 @dataclass(frozen=True)
 class SnapshotStats:
-    """Counters of the run that made a snapshot."""
+    """Counters of the run that made a snapshot.
+
+    Attributes:
+        bytes_read: Bytes read from the source.
+        bytes_zero: Bytes recorded as zero (unallocated, or read and found zero).
+        bytes_deduplicated: Bytes of chunks the store already held.
+        bytes_new: Plaintext bytes of chunks stored by the run.
+        bytes_stored: Bytes of packs written to the store by the run (with their headers).
+        chunks_stored: Chunks stored by the run.
+        bytes_unchanged: Bytes a delta took from its parent snapshot without reading them.
+    """
 
     bytes_read: int
     bytes_zero: int
@@ -356,27 +483,39 @@ class SnapshotStats:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A snapshot in a store."""
+    """A snapshot in a store.
+
+    Attributes:
+        id: The snapshot's id (16 hex digits).
+        created_unix_ms: Creation time, ms since the Unix epoch.
+        disk: The disk's name.
+        source: The image it was read from.
+        format: The image's format (``raw``, ``vhdx``, ...).
+        virtual_size: Virtual size of the disk.
+        chunk_size: Chunk size of its chunk map, in bytes.
+        parent: The snapshot it is a delta on, if any.
+        change_id: The source's change-tracking id at this snapshot, if any.
+        changes: How it was made from its parent, for a delta.
+        stats: Counters of the run that made it.
+        member: Which disk of a multi-disk image (an OVA member), if any.
+        seq: Its place in the disk's history (1 for the disk's first; 0 for a format-1
+            snapshot).
+        previous: The disk's snapshot before it, if any.
+    """
 
     id: str
     created_unix_ms: int
-    #: The disk's name.
     disk: str
-    #: The image it was read from.
     source: str
     format: str
     virtual_size: int
     chunk_size: int
-    #: The snapshot it is a delta on, if any.
     parent: Optional[str]
     change_id: Optional[str]
     changes: Optional[ChangeRecord]
     stats: SnapshotStats
-    #: Which disk of a multi-disk image (an OVA member), if any.
     member: Optional[str] = None
-    #: Its place in the disk's history (1 for the disk's first; 0 for a format-1 snapshot).
     seq: int = 0
-    #: The disk's snapshot before it, if any.
     previous: Optional[str] = None
 
     @classmethod
@@ -392,7 +531,16 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """A store's fixed settings."""
+    """A store's fixed settings.
+
+    Attributes:
+        location: Where the store lives (a folder or ``s3://bucket/prefix``).
+        store_id: The store's id, hex.
+        chunk_size: Chunk size in bytes.
+        encrypted: Whether chunks and metadata are encrypted.
+        format_version: Store format version.
+        created_unix_ms: Creation time, ms since the Unix epoch.
+    """
 
     location: str
     store_id: str
@@ -404,7 +552,16 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class Layer:
-    """One file of an image's chain."""
+    """One file of an image's chain.
+
+    Attributes:
+        file: The file's path.
+        format: Its format (``raw``, ``vhdx``, ...).
+        subformat: Its subformat (``fixed``, ``dynamic``, ``differencing``, ...), empty when
+            the format has none.
+        virtual_size: Its virtual size.
+        notes: Anything unusual about it.
+    """
 
     file: str
     format: str
@@ -415,21 +572,33 @@ class Layer:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What a disk image is."""
+    """What a disk image is.
 
-    #: The image file as given.
+    Attributes:
+        file: The image file as given.
+        format: Format of the top file (``raw``, ``vhdx``, ...).
+        subformat: Subformat of the top file (``fixed``, ``dynamic``, ``differencing``,
+            ...), empty when the format has none.
+        virtual_size: Size of the virtual disk.
+        logical_sector_size: Logical sector size in bytes.
+        physical_sector_size: Physical sector size in bytes.
+        allocated_bytes: Bytes that hold (or may hold) data in the image and its parents.
+        notes: Anything unusual a user should know (an unclean-shutdown flag, a repaired
+            header, ...).
+        chain: The chain's files, top first (one when the image has no parent).
+        change_id: The identity a child of this image records (a delta ``--changes-from-
+            chain`` checks it).
+    """
+
     file: str
     format: str
     subformat: str
     virtual_size: int
     logical_sector_size: int
     physical_sector_size: int
-    #: Bytes that hold (or may hold) data in the image and its parents.
     allocated_bytes: int
     notes: List[str]
-    #: The chain's files, top first (one when the image has no parent).
     chain: List[Layer]
-    #: The identity a child of this image records (a delta ``--changes-from-chain`` checks it).
     change_id: Optional[str]
 
     @classmethod
@@ -439,30 +608,40 @@ class ImageInfo:
 
 @dataclass(frozen=True)
 class Extent:
-    """A range of the allocation map."""
+    """A range of the allocation map.
+
+    Attributes:
+        start: First virtual byte.
+        length: Bytes the range covers.
+        kind: ``data``, ``zero`` or ``unallocated``.
+        file: For data: the file holding it and the offset there.
+        offset: For data: the offset in ``file`` (for a compressed grain, the grain's).
+    """
 
     start: int
     length: int
-    #: ``data``, ``zero`` or ``unallocated``.
     kind: str
-    #: For data: the file holding it and the offset there.
     file: Optional[str]
     offset: Optional[int]
 
 
 @dataclass(frozen=True)
 class ChangeList:
-    """A parsed change list, checked against its disk."""
+    """A parsed change list, checked against its disk.
 
-    #: ``vmware-cbt``, ``hyperv-rct`` or ``extents``.
+    Attributes:
+        format: ``vmware-cbt``, ``hyperv-rct`` or ``extents``.
+        base_change_id: The change id the list was taken against (``*``: every allocated
+            area).
+        new_change_id: The source's change id now, if the list carries it.
+        extents: Sorted, disjoint ``(offset, length)`` ranges.
+        bytes: Bytes the ranges cover.
+    """
+
     format: str
-    #: The change id the list was taken against (``*``: every allocated area).
     base_change_id: Optional[str]
-    #: The source's change id now, if the list carries it.
     new_change_id: Optional[str]
-    #: Sorted, disjoint ``(offset, length)`` ranges.
     extents: List[Tuple[int, int]]
-    #: Bytes the ranges cover.
     bytes: int
 
     @classmethod
@@ -472,7 +651,26 @@ class ChangeList:
 
 @dataclass(frozen=True)
 class Job:
-    """A replication job of the job database."""
+    """A replication job of the job database.
+
+    Attributes:
+        id: The job's id (16 hex digits).
+        store: The store's location as given when the job started.
+        store_id: The store's id.
+        source: The source image, as an absolute path.
+        disk: Which disk of a multi-disk source (an OVA), or empty.
+        chunk_size: Chunk size of the store, in bytes.
+        state: ``active`` (running, or stopped and resumable) or ``done``.
+        snapshot: The snapshot a finished job made.
+        runs: Runs so far (the first and every resume).
+        bytes_sent: Bytes of parts and packs the store acknowledged, over all runs.
+        bytes_resent: Bytes sent again because they were in flight when a run stopped.
+        created_unix_ms: When the job started, ms since the Unix epoch.
+        updated_unix_ms: When the job database last recorded a change to it, ms since the
+            Unix epoch.
+        last_error: The error the last run stopped on, if it failed.
+        running: Whether a process is running it now.
+    """
 
     id: str
     store: str
@@ -480,7 +678,6 @@ class Job:
     source: str
     disk: str
     chunk_size: int
-    #: ``active`` (running, or stopped and resumable) or ``done``.
     state: str
     snapshot: Optional[str]
     runs: int
@@ -489,25 +686,32 @@ class Job:
     created_unix_ms: int
     updated_unix_ms: int
     last_error: Optional[str]
-    #: Whether a process is running it now.
     running: bool
 
 
 @dataclass(frozen=True)
 class DiscoveredImage:
-    """An image file found by :func:`blockferry.discover`."""
+    """An image file found by :func:`blockferry.discover`.
+
+    Attributes:
+        path: The file.
+        ova_disk: For an OVA: which of its disks.
+        role: ``disk`` (replicate it), ``parent`` (of another image's chain), ``extent``
+            (data file of a descriptor) or ``unreadable``.
+        format: Format of the top file (``vmdk``, ``vhdx``, ...); empty when unreadable.
+        subformat: Subformat of the top file.
+        virtual_size: Virtual size (0 when unreadable).
+        allocated_bytes: Bytes allocated in the whole chain.
+        chain: The chain's files, top first.
+        error: Why it could not be opened (a :class:`blockferry.Error`), for ``unreadable``.
+    """
 
     path: str
-    #: For an OVA: which of its disks.
     ova_disk: Optional[int]
-    #: ``disk`` (replicate it), ``parent`` (of another image's chain), ``extent`` (data file
-    #: of a descriptor) or ``unreadable``.
     role: str
     format: str
     subformat: str
     virtual_size: int
     allocated_bytes: int
-    #: The chain's files, top first.
     chain: List[str]
-    #: Why it could not be opened (a :class:`blockferry.Error`), for ``unreadable``.
     error: Optional[BaseException] = field(default=None, compare=False)

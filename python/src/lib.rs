@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use blockferry::GcOptions;
 use blockferry::KeepPolicy;
+use blockferry::OpenOptions;
 use blockferry::{BaseRef, ChangeSource, DeltaRequest, SyncChanges, SyncRequest};
 use blockferry::{
     CancelToken, ConvertOptions, InitOptions, Phase, ReplicateOptions, RestoreOptions,
@@ -24,7 +25,6 @@ use blockferry::{
 };
 use blockferry::{ChangeFormat, ChangeList};
 use blockferry::{JobDb, default_state_dir};
-use blockferry::{OpenOptions, Target};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use serde_json::json;
@@ -95,14 +95,8 @@ fn image_map(
             let src = blockferry::open_image_with(&path, &opts)?;
             let mut rows = Vec::new();
             blockferry::for_each_extent(src.as_ref(), |m| -> blockferry::Result<()> {
-                let file_of = |f: usize| src.file(f).map(|f| f.path().to_string_lossy().into());
-                rows.push(match m.target {
-                    Target::Data { file, offset } | Target::Deflate { file, offset, .. } => {
-                        (m.virt, m.len, "data", file_of(file), Some(offset))
-                    }
-                    Target::Zero => (m.virt, m.len, "zero", None, None),
-                    Target::Unallocated => (m.virt, m.len, "unallocated", None, None),
-                });
+                let r = blockferry::MapRow::of(src.as_ref(), m);
+                rows.push((r.start, r.length, r.kind, r.file, r.offset));
                 Ok(())
             })?;
             Ok(rows)
@@ -170,28 +164,15 @@ fn discover(py: Python<'_>, folder: PathBuf, allow_outside_folder: bool) -> PyRe
     let found = py
         .detach(|| blockferry::discover(&folder, &opts))
         .py_err(py)?;
+    // The engine's shape (`blockferry discover --json`), with the error as the exception
+    // it would raise.
     let list = PyList::empty(py);
     for f in &found {
-        let d = PyDict::new(py);
-        d.set_item("path", f.path.to_string_lossy())?;
-        d.set_item("ova_disk", f.ova_disk)?;
-        d.set_item("role", f.role.name())?;
-        d.set_item("format", f.format)?;
-        d.set_item("subformat", &f.subformat)?;
-        d.set_item("virtual_size", f.virtual_size)?;
-        d.set_item("allocated_bytes", f.allocated_bytes)?;
-        let chain: Vec<String> = f
-            .chain
-            .iter()
-            .map(|l| l.path.to_string_lossy().into_owned())
-            .collect();
-        d.set_item("chain", chain)?;
-        d.set_item(
-            "error",
-            f.error
-                .as_ref()
-                .map(|e| errors::to_py(py, e).into_value(py)),
-        )?;
+        let d = convert::to_py(py, f)?;
+        if let Some(e) = &f.error {
+            d.bind(py)
+                .set_item("error", errors::to_py(py, e).into_value(py))?;
+        }
         list.append(d)?;
     }
     Ok(list.into_any().unbind())
@@ -363,18 +344,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn store_config(store: &blockferry::Store) -> serde_json::Value {
-    let c = store.config();
-    json!({
-        "location": store.location(),
-        "store_id": c.store_id,
-        "chunk_size": c.chunk_size,
-        "encrypted": store.encrypted(),
-        "format_version": c.version,
-        "created_unix_ms": c.created_unix_ms,
-    })
-}
-
 /// How a replication finds what changed since its base.
 /// The delta a replication asks for, as the engine takes it.
 fn delta_request(
@@ -438,16 +407,7 @@ impl Store {
                 blockferry::Store::init_client(backend.as_ref(), &opts, state_dir.as_deref())
             })
             .py_err(py)?;
-        convert::json_to_py(
-            py,
-            &json!({
-                "location": location,
-                "store_id": c.store_id,
-                "chunk_size": c.chunk_size,
-                "format_version": c.version,
-                "created_unix_ms": c.created_unix_ms,
-            }),
-        )
+        convert::to_py(py, &blockferry::StoreSummary::new(&location, &c))
     }
 
     /// Opens the store at `location`, unlocking it with `passphrase`.
@@ -474,7 +434,7 @@ impl Store {
 
     /// The store's configuration.
     fn config(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        convert::json_to_py(py, &store_config(&self.store))
+        convert::to_py(py, &self.store.summary())
     }
 
     /// Starts a continuous replication of `image` (cycles run with `SyncRun.start_cycle`).
@@ -862,5 +822,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Store>()?;
     m.add_class::<SyncRun>()?;
     m.add_class::<Task>()?;
+    m.add_class::<task::Waker>()?;
     Ok(())
 }

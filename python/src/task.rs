@@ -7,6 +7,10 @@
 //! attaches to the interpreter only to call it.
 
 use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -49,11 +53,24 @@ pub(crate) struct Shared {
     pub(crate) cancel: CancelToken,
     /// Whether events go to a callback (then `next_events` hands out none).
     callback: bool,
+    /// The writing ends of the wakers of asyncio waiters, by id.
+    wakers: Mutex<Vec<(u64, UnixStream)>>,
+    next_waker: AtomicU64,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells every waiter that something changed: threads blocked on `changed`, and
+    /// asyncio loops through their wakers (a byte each; a full socket is already readable).
+    fn notify(&self) {
+        self.changed.notify_all();
+        let wakers = self.wakers.lock().unwrap_or_else(PoisonError::into_inner);
+        for (_, w) in wakers.iter() {
+            let _ = (&*w).write(&[1]);
+        }
     }
 
     fn finished(&self) -> bool {
@@ -82,7 +99,7 @@ impl Observer for Shared {
         }
         s.events.push_back((phase, event.clone()));
         drop(s);
-        self.changed.notify_all();
+        self.notify();
     }
 }
 
@@ -126,6 +143,8 @@ impl Task {
             changed: Condvar::new(),
             cancel,
             callback: callback.is_some(),
+            wakers: Mutex::new(Vec::new()),
+            next_waker: AtomicU64::new(0),
         });
         let mut threads = Vec::new();
         let runner = Arc::clone(&shared);
@@ -137,7 +156,7 @@ impl Task {
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&runner)))
                             .unwrap_or_else(|p| Err(Error::internal(panic_message(&*p))));
                     runner.lock().outcome = Some(outcome);
-                    runner.changed.notify_all();
+                    runner.notify();
                 })
                 .map_err(|e| errors::config_error(format!("cannot start a thread: {e}")))?,
         );
@@ -326,6 +345,36 @@ impl Task {
         }
     }
 
+    /// A new waker for an asyncio waiter: readable whenever the task has news (an event,
+    /// its end), and at once if it already has some.
+    fn waker(&self) -> PyResult<Waker> {
+        let (read, write) = UnixStream::pair()
+            .and_then(|(r, w)| {
+                r.set_nonblocking(true)?;
+                w.set_nonblocking(true)?;
+                Ok((r, w))
+            })
+            .map_err(|e| errors::config_error(format!("cannot make a waker socket: {e}")))?;
+        let id = self.shared.next_waker.fetch_add(1, Ordering::Relaxed);
+        let news = {
+            let s = self.shared.lock();
+            !s.events.is_empty() || s.outcome.is_some()
+        };
+        if news {
+            let _ = (&write).write(&[1]);
+        }
+        self.shared
+            .wakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((id, write));
+        Ok(Waker {
+            read,
+            id,
+            shared: Arc::clone(&self.shared),
+        })
+    }
+
     fn __repr__(&self) -> String {
         let state = if self.shared.finished() {
             "done"
@@ -335,6 +384,38 @@ impl Task {
             "running"
         };
         format!("<blockferry task {} ({state})>", self.kind)
+    }
+}
+
+/// What an asyncio waiter watches (see the module's documentation).
+#[pyclass(frozen, module = "blockferry._native")]
+pub(crate) struct Waker {
+    read: UnixStream,
+    id: u64,
+    shared: Arc<Shared>,
+}
+
+#[pymethods]
+impl Waker {
+    /// The socket to watch for reading.
+    fn fileno(&self) -> i32 {
+        self.read.as_raw_fd()
+    }
+
+    /// Reads what was written, so that the socket is readable again only on new news.
+    fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while matches!((&self.read).read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+impl Drop for Waker {
+    fn drop(&mut self) {
+        self.shared
+            .wakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|(id, _)| *id != self.id);
     }
 }
 
@@ -387,7 +468,7 @@ fn dispatch(shared: &Shared, cb: &Py<PyAny>, interval: Duration) {
         }
         if finished && shared.lock().events.is_empty() {
             shared.lock().delivered = true;
-            shared.changed.notify_all();
+            shared.notify();
             return;
         }
     }

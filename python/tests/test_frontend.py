@@ -124,3 +124,21 @@ def test_ranges_name_the_change_id_they_were_taken_against(
     assert store.snapshot(good.snapshot).change_id == "52 aa/3"
     with pytest.raises(blockferry.ConfigError, match="base_change_id"):
         store.replicate(img, base="latest", changes="hash", base_change_id="x", job_state=False)
+
+
+def test_report_fields_are_documented_where_help_shows_them() -> None:
+    """help() shows every field of every result type with what it means (they were ``#:``
+    comments, which only Sphinx reads)."""
+    import dataclasses
+    import pydoc
+
+    text = " ".join(pydoc.render_doc(blockferry.ReplicateReport, renderer=pydoc.plaintext).split())
+    assert "bytes_resumed: Bytes an earlier run had made durable" in text
+    classes = [
+        c for c in vars(blockferry).values() if isinstance(c, type) and dataclasses.is_dataclass(c)
+    ]
+    assert len(classes) >= 15
+    for cls in classes:
+        doc = cls.__doc__ or ""
+        missing = [f.name for f in dataclasses.fields(cls) if f.name != "type" and f"{f.name}:" not in doc]
+        assert not missing, (cls.__name__, missing)

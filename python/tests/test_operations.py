@@ -197,6 +197,37 @@ def test_asyncio_await_and_cancel(store: blockferry.Store, big: Path, tmp_path: 
     asyncio.run(main())
 
 
+class _NoExecutor(ThreadPoolExecutor):
+    """A default executor that fails the test if anything is run on it."""
+
+    def submit(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def, override]
+        raise AssertionError("an awaited operation used the event loop's executor")
+
+
+def test_asyncio_completes_from_the_engine_without_an_executor(
+    store: blockferry.Store, tmp_path: Path
+) -> None:
+    """``await op`` and ``async for e in op.events_async()`` are woken by the engine (the
+    loop watches a socket the task writes to): no executor thread, no polling. Before, every
+    await went through the default executor, 0.2 s at a time."""
+    disks = [make_disk(tmp_path / f"s{i}.raw", 4 * MIB, [(0, os.urandom(2 * MIB))]) for i in range(3)]
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_default_executor(_NoExecutor())
+        # Several awaited at once, each by its own coroutine, and one awaited twice.
+        ops = [store.start_replicate(d, job_state=False) for d in disks]
+        reports = await asyncio.gather(*ops, ops[0])
+        assert [r.bytes_new for r in reports] == [2 * MIB] * 4
+        assert reports[0].snapshot == reports[3].snapshot
+        # Events as they come, in order, ending with the end of the operation.
+        op = store.start_verify(reports[1].snapshot, image=disks[1])
+        kinds = [e.type async for e in op.events_async()]
+        assert kinds[0] == "started" and kinds[-1] == "finished", kinds
+        assert (await op).ok
+
+    asyncio.run(main())
+
+
 def test_restore_verify_convert_handles(store: blockferry.Store, tmp_path: Path, big: Path) -> None:
     img = make_disk(tmp_path / "x.raw", 8 * MIB, [(MIB, os.urandom(2 * MIB))])
     snap = store.replicate(img, job_state=False).snapshot

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use blockferry::image::{self, BlockSource, Mapping, OpenOptions, Target};
+use blockferry::image::{self, BlockSource, MapRow, Mapping, OpenOptions};
 use blockferry::{CancelToken, ConvertOptions};
 
 use super::output::{Bar, human_bytes};
@@ -97,27 +97,11 @@ pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut first = true;
-    // An extent as printed: neighbouring mappings that continue each other, merged.
+    // Neighbouring mappings that continue each other come merged.
     let mut emit = |e: &Mapping, out: &mut dyn Write| -> std::io::Result<()> {
-        let (kind, file, offset) = match e.target {
-            Target::Data { file, offset } => (
-                "data",
-                src.file(file).map(|f| f.path().display().to_string()),
-                Some(offset),
-            ),
-            Target::Deflate { file, offset, .. } => (
-                "data",
-                src.file(file).map(|f| f.path().display().to_string()),
-                Some(offset),
-            ),
-            Target::Zero => ("zero", None, None),
-            Target::Unallocated => ("unallocated", None, None),
-        };
+        let row = MapRow::of(src.as_ref(), e);
         if a.json {
-            let v = json!({
-                "start": e.virt, "length": e.len, "data": kind == "data", "zero": kind != "data",
-                "kind": kind, "file": file, "offset": offset,
-            });
+            let v = serde_json::to_string(&row).map_err(std::io::Error::other)?;
             write!(out, "{}{v}", if first { "[\n" } else { ",\n" })?;
         } else {
             if first {
@@ -127,13 +111,14 @@ pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
                     "START", "LENGTH", "KIND", "OFFSET"
                 )?;
             }
-            let offset = offset.map(|o| format!("{o:#x}")).unwrap_or_default();
+            let offset = row.offset.map(|o| format!("{o:#x}")).unwrap_or_default();
             writeln!(
                 out,
-                "{:<#16x} {:<#16x} {kind:<12} {offset:<16} {}",
-                e.virt,
-                e.len,
-                file.unwrap_or_default()
+                "{:<#16x} {:<#16x} {:<12} {offset:<16} {}",
+                row.start,
+                row.length,
+                row.kind,
+                row.file.unwrap_or_default()
             )?;
         }
         first = false;
@@ -184,26 +169,7 @@ pub(crate) fn discover(a: &DiscoverArgs) -> anyhow::Result<ExitCode> {
     };
     let found = image::discover::discover(&a.folder, &opts)?;
     if a.json {
-        let list: Vec<_> = found
-            .iter()
-            .map(|f| {
-                json!({
-                    "path": f.path.display().to_string(),
-                    "ova_disk": f.ova_disk,
-                    "role": f.role.name(),
-                    "format": f.format,
-                    "subformat": f.subformat,
-                    "virtual_size": f.virtual_size,
-                    "allocated_bytes": f.allocated_bytes,
-                    "chain": f.chain.iter().map(|l| l.path.display().to_string()).collect::<Vec<_>>(),
-                    "error": f.error.as_ref().map(|e| json!({
-                        "kind": format!("{:?}", e.kind()),
-                        "message": e.to_string(),
-                    })),
-                })
-            })
-            .collect();
-        print_json(&json!({ "images": list }))?;
+        print_json(&json!({ "images": found }))?;
         return Ok(ExitCode::SUCCESS);
     }
     outln!(

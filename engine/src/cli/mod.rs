@@ -537,7 +537,7 @@ fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
     )?)
 }
 
-fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
     outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
@@ -715,15 +715,9 @@ fn cmd_init(a: &InitArgs) -> anyhow::Result<ExitCode> {
         &opts,
         Some(&a.store.state.dir()?),
     )?;
-    let encrypted = !a.no_encryption;
+    let encrypted = config.encrypted();
     if a.store.json {
-        print_json(&json!({
-            "store": a.store.store,
-            "store_id": config.store_id,
-            "chunk_size": config.chunk_size,
-            "encrypted": encrypted,
-            "format_version": config.version,
-        }))?;
+        print_json(&blockferry::StoreSummary::new(&a.store.store, &config))?;
     } else {
         outln!(
             "created store {} ({} chunks, {})",

@@ -70,6 +70,42 @@ pub struct Found {
     pub error: Option<Error>,
 }
 
+/// The one JSON shape of a discovered image (the CLI's `discover --json` lists these under
+/// `images`; C and Python give the list): paths as text, the role by name, the chain as its
+/// files, an error as its kind and message.
+impl serde::Serialize for Found {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        #[derive(serde::Serialize)]
+        struct ErrorJson {
+            kind: String,
+            message: String,
+        }
+        let mut m = s.serialize_struct("Found", 9)?;
+        m.serialize_field("path", &self.path.display().to_string())?;
+        m.serialize_field("ova_disk", &self.ova_disk)?;
+        m.serialize_field("role", self.role.name())?;
+        m.serialize_field("format", self.format)?;
+        m.serialize_field("subformat", &self.subformat)?;
+        m.serialize_field("virtual_size", &self.virtual_size)?;
+        m.serialize_field("allocated_bytes", &self.allocated_bytes)?;
+        let chain: Vec<String> = self
+            .chain
+            .iter()
+            .map(|l| l.path.display().to_string())
+            .collect();
+        m.serialize_field("chain", &chain)?;
+        m.serialize_field(
+            "error",
+            &self.error.as_ref().map(|e| ErrorJson {
+                kind: format!("{:?}", e.kind()),
+                message: e.to_string(),
+            }),
+        )?;
+        m.end()
+    }
+}
+
 /// Finds the disk images under `folder` (see the module docs), sorted by path.
 ///
 /// Fails only when `folder` itself cannot be listed; unreadable images are entries.

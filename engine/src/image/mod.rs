@@ -422,6 +422,52 @@ pub fn for_each_extent<E: From<Error>>(
     }
 }
 
+/// One row of an image's allocation map as every front end shows it (`blockferry map
+/// --json`, Python's `image_map`, C's `bf_image_map_json`): the shape of `qemu-img map`'s
+/// JSON (`start`, `length`, `data`, `zero`, `offset`) with the kind and the file spelled out.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MapRow {
+    /// First virtual byte.
+    pub start: u64,
+    /// Bytes.
+    pub length: u64,
+    /// Whether the bytes are stored (in `file` at `offset`).
+    pub data: bool,
+    /// Whether they read as zeros (not stored).
+    pub zero: bool,
+    /// `data`, `zero` (the image says zero) or `unallocated` (nothing stored, reads as
+    /// zeros or from a parent outside the chain).
+    pub kind: &'static str,
+    /// The file holding the bytes, for data.
+    pub file: Option<String>,
+    /// Their offset in that file (for compressed grains, the grain's).
+    pub offset: Option<u64>,
+}
+
+impl MapRow {
+    /// The row of a merged mapping of `src` (from [`for_each_extent`]).
+    pub fn of(src: &dyn BlockSource, m: &Mapping) -> MapRow {
+        let (kind, file, offset) = match m.target {
+            Target::Data { file, offset } | Target::Deflate { file, offset, .. } => (
+                "data",
+                src.file(file).map(|f| f.path().display().to_string()),
+                Some(offset),
+            ),
+            Target::Zero => ("zero", None, None),
+            Target::Unallocated => ("unallocated", None, None),
+        };
+        MapRow {
+            start: m.virt,
+            length: m.len,
+            data: kind == "data",
+            zero: kind != "data",
+            kind,
+            file,
+            offset,
+        }
+    }
+}
+
 /// Opens a disk image, detecting its format by content and joining it to its parents.
 pub fn open(path: &Path) -> Result<Box<dyn BlockSource>> {
     open_with(path, &OpenOptions::default())

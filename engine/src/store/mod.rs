@@ -34,7 +34,7 @@ pub use repo::pack_key;
 pub use repo::{
     ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions,
     MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, STORE_VERSION, Snapshot, SnapshotStats, SnapshotSummary,
-    SourceFingerprint, Store, StoreConfig, now_unix_ms, pin_location, read_store_id,
+    SourceFingerprint, Store, StoreConfig, StoreSummary, now_unix_ms, pin_location, read_store_id,
 };
 
 use std::fmt::Debug;

@@ -67,6 +67,38 @@ impl StoreConfig {
     }
 }
 
+/// A store as every front end describes it (`blockferry init --json`, Python's
+/// `Store.config`, `Store.create`'s result).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreSummary {
+    /// Where the store lives (a folder or `s3://bucket/prefix`).
+    pub location: String,
+    /// Its id (the HKDF salt of every derived key), hex.
+    pub store_id: String,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Whether chunks and metadata are encrypted.
+    pub encrypted: bool,
+    /// Store format version.
+    pub format_version: u16,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+}
+
+impl StoreSummary {
+    /// The summary of the store at `location` whose config is `c`.
+    pub fn new(location: &str, c: &StoreConfig) -> StoreSummary {
+        StoreSummary {
+            location: location.to_owned(),
+            store_id: c.store_id.clone(),
+            chunk_size: c.chunk_size,
+            encrypted: c.encrypted(),
+            format_version: c.version,
+            created_unix_ms: c.created_unix_ms,
+        }
+    }
+}
+
 /// How a store keeps its master key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "kebab-case")]
@@ -754,6 +786,11 @@ impl Store {
     /// Whether chunks and metadata are encrypted.
     pub fn encrypted(&self) -> bool {
         self.config.encrypted()
+    }
+
+    /// What the store is, as the front ends show it.
+    pub fn summary(&self) -> StoreSummary {
+        StoreSummary::new(&self.location(), &self.config)
     }
 
     /// Where the store lives.

@@ -15,7 +15,7 @@ static inline void fail_at(const char *file, int line, const char *what, bf_resu
   size_t n = 0;
   bf_last_error(msg, sizeof msg, &n);
   fprintf(stderr, "%s:%d: %s: result %d (%s): %s\n", file, line, what, (int)r,
-          bf_result_text((uint32_t)r), msg);
+          bf_result_text(r), msg);
   exit(1);
 }
 

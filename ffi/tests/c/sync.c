@@ -47,7 +47,7 @@ static void last_snapshot(const bf_sync *sync, char id[33]) {
 
 static void restores_as(const bf_store *store, const char *dir, const char *id, const char *disk) {
   char *out = join(dir, id);
-  OK(bf_restore(store, id, out, false, 0, NULL, NULL, NULL, NULL));
+  OK(bf_restore(store, id, out, NULL, NULL, NULL, NULL, NULL));
   CHECK(same_file(out, disk));
   free(out);
 }
@@ -60,7 +60,10 @@ int main(int argc, char **argv) {
   char *loc = join(dir, "store");
   char *state = join(dir, "state");
   bf_store *store = NULL;
-  OK(bf_store_create(loc, NULL, 0, false, 0, NULL, &store));
+  bf_create_options co;
+  OK(bf_create_options_init(&co, sizeof co));
+  co.encrypted = false;
+  OK(bf_store_create(loc, NULL, 0, &co, NULL, &store));
 
   /* A builder without a source of changes builds nothing. */
   bf_sync_builder *b = NULL;
