@@ -37,10 +37,10 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use blockferry::io::sys::AlignedBuf;
-use blockferry::pipeline::is_zero;
-use blockferry::store::crypto::Keys;
-use blockferry::store::format;
+use blockferry::internals::io::sys::AlignedBuf;
+use blockferry::internals::pipeline::is_zero;
+use blockferry::internals::store::crypto::Keys;
+use blockferry::internals::store::format;
 use blockferry_benches::{
     BOTO3_DOWNLOAD, BOTO3_UPLOAD, Measured, Rng, S3Server, blockferry_release, change_one_percent,
     drop_caches, machine, make_image, make_os_image, measure, os_page, settle, snapshot_id, warm,

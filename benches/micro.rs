@@ -8,13 +8,13 @@
 use std::hint::black_box;
 use std::path::Path;
 
-use blockferry::changes::ExtentSet;
-use blockferry::io::buf::BufferPool;
-use blockferry::io::sys::AlignedBuf;
-use blockferry::io::{Pread, ReadBackend, SourceFile};
-use blockferry::pipeline::is_zero;
-use blockferry::store::crypto::Keys;
-use blockferry::store::format::{self, MetaKind};
+use blockferry::internals::changes::ExtentSet;
+use blockferry::internals::io::buf::BufferPool;
+use blockferry::internals::io::sys::AlignedBuf;
+use blockferry::internals::io::{Pread, ReadBackend, SourceFile};
+use blockferry::internals::pipeline::is_zero;
+use blockferry::internals::store::crypto::Keys;
+use blockferry::internals::store::format::{self, MetaKind};
 use blockferry_benches::{Rng, make_os_image, os_page};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -198,7 +198,7 @@ fn read_engines(c: &mut Criterion) {
     #[cfg(target_os = "linux")]
     for depth in [4usize, 16, 32] {
         use std::os::fd::AsFd;
-        let Ok(mut ring) = blockferry::io::uring::ChunkRing::new(depth) else {
+        let Ok(mut ring) = blockferry::internals::io::uring::ChunkRing::new(depth) else {
             eprintln!("io_uring unavailable: skipped");
             break;
         };
@@ -214,7 +214,7 @@ fn read_engines(c: &mut Criterion) {
                             .get_timeout(std::time::Duration::from_secs(5))
                             .expect("a free buffer");
                         buf.set_len(CHUNK);
-                        let read = blockferry::io::uring::ChunkRead {
+                        let read = blockferry::internals::io::uring::ChunkRead {
                             fd,
                             fallback_fd: fd,
                             file: 0,

@@ -128,16 +128,16 @@ impl S3Env {
 }
 
 /// The engine's S3 backend on `url` of the tests' server, for looking at a store directly.
-pub fn s3_backend(url: &str) -> std::sync::Arc<dyn blockferry::store::ObjectStore> {
+pub fn s3_backend(url: &str) -> std::sync::Arc<dyn blockferry::ObjectStore> {
     let env = s3();
-    blockferry::store::open_backend(
+    blockferry::open_backend(
         url,
         false,
-        &blockferry::store::S3Options {
+        &blockferry::S3Options {
             endpoint: Some(env.endpoint.clone()),
             region: Some("us-east-1".into()),
             static_credentials: Some((env.access_key.clone(), env.secret_key.clone())),
-            ..blockferry::store::S3Options::default()
+            ..blockferry::S3Options::default()
         },
     )
     .expect("opening the S3 store")

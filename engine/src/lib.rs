@@ -3,9 +3,9 @@
 //!
 //! # Brief overview
 //!
-//! - [`image::BlockSource`] is a readable virtual disk; [`image::open`] detects the format.
-//! - [`Store`] is an unlocked repository (store format v1, docs/FORMAT.md) on an
-//!   [`store::ObjectStore`] backend; [`Store::init`] creates one.
+//! - [`BlockSource`] is a readable virtual disk; [`open_image`] detects the format.
+//! - [`Store`] is an unlocked repository (docs/FORMAT.md) on an [`ObjectStore`] backend;
+//!   [`Store::init`] creates one.
 //! - [`replicate`], [`restore`] and [`verify`] are the blocking entry points the CLI and the
 //!   bindings wrap; they report progress as typed [`Event`]s to an [`Observer`] and stop on a
 //!   [`CancelToken`].
@@ -21,7 +21,7 @@
 //!
 //! Store::init(store_path, &InitOptions { chunk_size: 1 << 20, passphrase: Some(b"secret".to_vec()) })?;
 //! let store = Store::open(store_path, Some(b"secret"))?;
-//! let source = blockferry::image::open(&disk)?;
+//! let source = blockferry::open_image(&disk)?;
 //! let report = blockferry::replicate(&store, source.as_ref(), &ReplicateOptions::default(), &Silent)?;
 //! assert_eq!(report.chunks_stored, 1); // three identical chunks, stored once
 //!
@@ -33,37 +33,85 @@
 
 #![deny(missing_docs)]
 
-pub mod changes;
+// The engine's modules are its own: the front ends (the CLI, Python, C) use the facade below,
+// and the project's tests, benches and fuzz targets what `internals` lists.
+pub(crate) mod changes;
 mod error;
-pub mod image;
-pub mod io;
-pub mod job;
-pub mod pipeline;
-pub mod store;
+pub(crate) mod image;
+pub(crate) mod io;
+pub(crate) mod job;
+pub(crate) mod pipeline;
+pub(crate) mod store;
 
 pub use error::{Error, ErrorKind, Result};
-pub use job::{CancelToken, Event, EventStream, Observer, Phase, Progress, Silent};
+pub use job::{
+    CancelToken, Event, EventStream, Observer, PROGRESS_INTERVAL, Phase, Progress, Silent,
+};
 pub use pipeline::{
-    ConvertOptions, ConvertReport, DEFAULT_MEMORY_BUDGET, ReplicateOptions, ReplicateReport,
-    RestoreOptions, RestoreReport, VerifyOptions, VerifyReport, convert, replicate, restore,
+    ConvertOptions, ConvertReport, DEFAULT_DIRECT_IO_DEPTH, DEFAULT_IO_DEPTH,
+    DEFAULT_MEMORY_BUDGET, Problem, ReplicateOptions, ReplicateReport, RestoreOptions,
+    RestoreReport, VerifyOptions, VerifyReport, convert, default_memory_budget, replicate, restore,
     verify,
 };
-pub use store::{InitOptions, Snapshot, Store, StoreConfig, StoreSummary};
-// The rest of the facade the front ends use: the read engine's choice, the client's job
-// database, retention and garbage collection.
-pub use changes::{ChangeFormat, ChangeList};
-// Images and backends as the front ends open, describe and list them.
-pub use image::discover::{Found, discover};
-pub use image::{
-    BlockSource, Description, MapRow, OpenOptions, Target, describe, for_each_extent,
-    open as open_image, open_with as open_image_with,
+pub use store::{
+    ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, Damage, DiskHistory, DiskMeta,
+    Encryption, InitOptions, RepairReport, Snapshot, SnapshotStats, SnapshotSummary,
+    SourceFingerprint, SourceIdentity, Store, StoreConfig, StoreSummary,
 };
-pub use io::IoEngine;
-pub use job::state::{JobDb, default_state_dir};
-pub use pipeline::{BaseRef, ChangeSource, DEFAULT_VERIFY_SAMPLE, DeltaRequest};
+// Deltas and continuous replication.
+pub use changes::{ChangeFormat, ChangeList, Extent as ChangeExtent, MAX_LIST_BYTES};
+pub use pipeline::{BaseRef, ChangeSource, DEFAULT_VERIFY_SAMPLE, DeltaOptions, DeltaRequest};
 pub use pipeline::{
     ContinuousReplication, CycleBase, SyncChanges, SyncCycle, SyncRequest, SyncStatus,
 };
-pub use store::gc::{GcOptions, gc};
-pub use store::prune::{KeepPolicy, prune};
-pub use store::{S3Options, open_backend};
+// Images as the front ends open, describe, map and list them.
+pub use image::discover::{Found, Role, discover};
+pub use image::{
+    BlockSource, Description, Identity as ImageIdentity, ImageInfo, Layer, LayerDescription,
+    MapRow, Mapping, OpenOptions, ParentLink, Target, describe, for_each_extent,
+    open as open_image, open_single as open_image_alone, open_with as open_image_with,
+};
+// Backends, the client's job database, the read engine's choice, retention and garbage
+// collection.
+pub use io::IoEngine;
+pub use job::state::{
+    CleanupReport, JobDb, JobKey, JobLock, JobRecord, JobSource, JobState, OpenPack,
+    SourceFile as JobSourceFile, default_state_dir,
+};
+pub use store::gc::{GcOptions, GcReport, gc};
+pub use store::prune::{KeepPolicy, PruneReport, prune};
+pub use store::{
+    ObjectStore, Part, PartRules, PutMode, PutOutcome, S3Options, Upload, open_backend,
+    pin_location,
+};
+
+/// The engine's insides that blockferry's own tests, benches and fuzz targets drive: each
+/// format's parser and layout, the object format and keys, the in-memory and fault-injecting
+/// stores, the read backends. Not an API: it changes with the code, and neither the CLI nor
+/// the bindings may use it (`.ci/run` checks).
+#[doc(hidden)]
+pub mod internals {
+    /// Change lists.
+    pub mod changes {
+        pub use crate::changes::{ChangeFormat, ChangeList, ExtentSet};
+    }
+    /// Image readers.
+    pub mod image {
+        pub use crate::image::{
+            Descriptor, ExtentLine, MemFile, OpenOptions, ReadAt, SparseLayout, Target, VhdLayout,
+            VhdxLayout, discover, inflate_grain, open, ova,
+        };
+    }
+    /// Read backends and buffers.
+    pub mod io {
+        pub use crate::io::{Engine, Pread, ReadBackend, SourceFile, buf, sys, uring};
+    }
+    /// The replication pipeline's pieces.
+    pub mod pipeline {
+        pub use crate::pipeline::{Changes, DeltaOptions, is_zero};
+    }
+    /// The store format, keys and backends.
+    pub mod store {
+        pub use crate::store::{crypto, format, mem};
+    }
+}

@@ -112,7 +112,7 @@ pub(crate) unsafe fn init<T: Sized>(p: *mut T, size: usize, what: &str) -> FfiRe
         unsafe {
             p.cast::<u8>()
                 .wrapping_add(known)
-                .write_bytes(0, size - known)
+                .write_bytes(0, size - known);
         };
     }
     Ok(())

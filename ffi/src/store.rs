@@ -183,7 +183,7 @@ pub unsafe extern "C" fn bf_store_create(
         }
         let init = InitOptions {
             chunk_size: if o.chunk_size == 0 {
-                1 << 20
+                blockferry::DEFAULT_CHUNK_SIZE
             } else {
                 o.chunk_size
             },

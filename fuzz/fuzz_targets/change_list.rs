@@ -2,7 +2,7 @@
 //! detected, against a disk size taken from the input. Seeds: fuzz/seed.sh.
 #![no_main]
 
-use blockferry::changes::{ChangeFormat, ChangeList};
+use blockferry::internals::changes::{ChangeFormat, ChangeList};
 use libfuzzer_sys::{Corpus, fuzz_target};
 
 fuzz_target!(|data: &[u8]| -> Corpus {

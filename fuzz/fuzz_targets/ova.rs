@@ -2,8 +2,8 @@
 //! descriptor's disk list (XML). Seeds: fuzz/seed.sh (a small OVA, an OVF).
 #![no_main]
 
-use blockferry::image::MemFile;
-use blockferry::image::ova::{parse_ovf, tar_members};
+use blockferry::internals::image::MemFile;
+use blockferry::internals::image::ova::{parse_ovf, tar_members};
 use libfuzzer_sys::{Corpus, fuzz_target};
 
 fuzz_target!(|data: &[u8]| -> Corpus {

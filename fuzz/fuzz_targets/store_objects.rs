@@ -2,8 +2,8 @@
 //! and page payloads, pack trailers, chunk records. The first byte picks the structure.
 #![no_main]
 
-use blockferry::store::crypto::Keys;
-use blockferry::store::format::{self, MetaKind};
+use blockferry::internals::store::crypto::Keys;
+use blockferry::internals::store::format::{self, MetaKind};
 use libfuzzer_sys::{Corpus, fuzz_target};
 
 fuzz_target!(|data: &[u8]| -> Corpus {

@@ -2,7 +2,7 @@
 //! Seeds: fuzz/seed.sh (qemu-img vpc images, the Hyper-V corpus).
 #![no_main]
 
-use blockferry::image::{MemFile, VhdLayout};
+use blockferry::internals::image::{MemFile, VhdLayout};
 use libfuzzer_sys::{Corpus, fuzz_target};
 
 fuzz_target!(|data: &[u8]| -> Corpus {

@@ -2,7 +2,7 @@
 //! Seeds: fuzz/seed.sh (descriptors of qemu-img vmdk images).
 #![no_main]
 
-use blockferry::image::{Descriptor, MemFile};
+use blockferry::internals::image::{Descriptor, MemFile};
 use libfuzzer_sys::{Corpus, fuzz_target};
 
 fuzz_target!(|data: &[u8]| -> Corpus {

@@ -3,7 +3,7 @@
 //! Seeds: fuzz/seed.sh (qemu-img monolithicSparse and streamOptimized images).
 #![no_main]
 
-use blockferry::image::{MemFile, ReadAt, SparseLayout, Target, inflate_grain};
+use blockferry::internals::image::{MemFile, ReadAt, SparseLayout, Target, inflate_grain};
 use libfuzzer_sys::{Corpus, fuzz_target};
 
 fuzz_target!(|data: &[u8]| -> Corpus {

@@ -386,7 +386,7 @@ impl Store {
     /// Creates a store at `location` (a folder or `s3://BUCKET/PREFIX`); encrypted with
     /// `passphrase` unless it is None. Returns the new store's configuration.
     #[staticmethod]
-    #[pyo3(signature = (location, *, passphrase, chunk_size=1_048_576, s3=None, state_dir=None))]
+    #[pyo3(signature = (location, *, passphrase, chunk_size=blockferry::DEFAULT_CHUNK_SIZE, s3=None, state_dir=None))]
     fn init(
         py: Python<'_>,
         location: String,

@@ -7,11 +7,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use blockferry::pipeline::{Changes, DeltaOptions};
-use blockferry::store::mem::{Fault, FaultyStore, MemStore};
-use blockferry::store::{ObjectStore, PartRules};
+use blockferry::internals::pipeline::{Changes, DeltaOptions};
+use blockferry::internals::store::mem::{Fault, FaultyStore, MemStore};
 use blockferry::{GcOptions, KeepPolicy, gc, prune};
 use blockferry::{InitOptions, ReplicateOptions, RestoreOptions, Silent, Store, VerifyOptions};
+use blockferry::{ObjectStore, PartRules};
 use blockferry_tests::{MIB, Rng, make_image};
 
 const CHUNK: u32 = 64 << 10;
@@ -64,7 +64,7 @@ impl World {
     }
 
     fn replicate(&self, store: &Store, image: &Path, delta: bool) -> blockferry::Result<String> {
-        let source = blockferry::image::open(image)?;
+        let source = blockferry::open_image(image)?;
         let opts = ReplicateOptions {
             workers: 1,
             upload_jobs: 1,
@@ -314,7 +314,7 @@ fn a_gc_that_loses_its_lock_while_deleting_stops() {
     let faulty =
         FaultyStore::new(w.inner.clone(), Fault::None).with_hook(Box::new(move |_, op, _| {
             // At the first deletion, another gc takes this one's locks for stale.
-            if op == blockferry::store::mem::Op::Delete
+            if op == blockferry::internals::store::mem::Op::Delete
                 && !taken.swap(true, std::sync::atomic::Ordering::SeqCst)
             {
                 for key in inner.list("locks/").unwrap() {

@@ -411,8 +411,8 @@ fn snapshot_chains_are_their_own_change_lists() {
 /// restore byte for byte, each from its own manifest (no walk up the chain).
 #[test]
 fn a_chain_of_hundreds_of_deltas_restores_exactly() {
-    use blockferry::changes::{ChangeFormat, ChangeList, ExtentSet};
-    use blockferry::pipeline::{Changes, DeltaOptions};
+    use blockferry::internals::changes::{ChangeFormat, ChangeList, ExtentSet};
+    use blockferry::internals::pipeline::{Changes, DeltaOptions};
     use blockferry::{InitOptions, ReplicateOptions, RestoreOptions, Silent, Store};
 
     let mut rng = Rng::seeded("delta_chain_200");
@@ -428,7 +428,7 @@ fn a_chain_of_hundreds_of_deltas_restores_exactly() {
     let size = 8 * MIB;
     make_image(&image, size, &[(0, rng.bytes((6 * MIB) as usize))]);
     let full = {
-        let source = blockferry::image::open(&image).unwrap();
+        let source = blockferry::open_image(&image).unwrap();
         let opts = ReplicateOptions {
             change_id: Some("c/0".to_owned()),
             ..ReplicateOptions::default()
@@ -441,7 +441,7 @@ fn a_chain_of_hundreds_of_deltas_restores_exactly() {
         let len = 1 + rng.below(100_000);
         let offset = rng.below(size - len);
         write_at(&image, offset, &rng.bytes(len as usize));
-        let source = blockferry::image::open(&image).unwrap();
+        let source = blockferry::open_image(&image).unwrap();
         let list = ChangeList {
             format: ChangeFormat::Extents,
             base_change_id: Some(format!("c/{}", n - 1)),

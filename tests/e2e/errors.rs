@@ -325,7 +325,7 @@ fn bad_sources_and_arguments() {
 /// gigabytes).
 #[test]
 fn an_index_entry_claiming_a_huge_record_is_refused_before_reading() {
-    use blockferry::store::format::{Entry, PackId, unhex};
+    use blockferry::internals::store::format::{Entry, PackId, unhex};
     let mut rng = Rng::seeded("huge_record");
     let sb = Sandbox::new();
     sb.init(&[]);

@@ -24,7 +24,7 @@ fn progress_events_stream_in_order() {
     let store = store(&sb);
     let image = sb.path("disk.raw");
     make_image(&image, 96 * MIB, &[(0, rng.bytes(64 << 20))]);
-    let source = blockferry::image::open(&image).unwrap();
+    let source = blockferry::open_image(&image).unwrap();
     let (stream, events) = EventStream::new();
     let opts = ReplicateOptions {
         workers: 1,
@@ -84,7 +84,7 @@ fn cancel_writes_no_snapshot_and_keeps_work() {
     let store = store(&sb);
     let image = sb.path("disk.raw");
     make_image(&image, 256 * MIB, &[(0, rng.bytes(256 << 20))]);
-    let source = blockferry::image::open(&image).unwrap();
+    let source = blockferry::open_image(&image).unwrap();
     let cancel = CancelToken::new();
     let opts = ReplicateOptions {
         workers: 1,
@@ -125,7 +125,7 @@ fn cancel_writes_no_snapshot_and_keeps_work() {
 /// use, and reports what it cannot open instead of failing.
 #[test]
 fn discover_tells_disks_from_parents_and_extents() {
-    use blockferry::image::discover::{Role, discover};
+    use blockferry::{Role, discover};
     use blockferry_tests::vhdx_builder::{VhdxSpec, write_vhdx};
     if !blockferry_tests::have_qemu() {
         return;
@@ -170,7 +170,7 @@ fn discover_tells_disks_from_parents_and_extents() {
     std::fs::write(root.join("broken.vhd"), b"conectix and nothing else").unwrap();
     std::fs::write(root.join("notes.txt"), b"not an image").unwrap();
 
-    let found = discover(&root, &blockferry::image::OpenOptions::default()).unwrap();
+    let found = discover(&root, &blockferry::OpenOptions::default()).unwrap();
     let role = |name: &str| {
         found
             .iter()

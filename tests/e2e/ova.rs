@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use blockferry::image::ova;
+use blockferry::internals::image::ova;
 use blockferry_tests::{MIB, Rng, Sandbox, file_hash, have_qemu, make_image, qemu_from_raw};
 
 /// A ustar archive of `(name, bytes)` members.
@@ -143,7 +143,7 @@ fn damaged_archives_fail_cleanly() {
     }
     // Members are found through long names and prefixes too; sizes in base 256 parse.
     assert_eq!(
-        ova::tar_members(&blockferry::image::MemFile::new("t", good))
+        ova::tar_members(&blockferry::internals::image::MemFile::new("t", good))
             .unwrap()
             .len(),
         2
@@ -224,7 +224,7 @@ fn pax_ovas_with_long_names_and_large_disks() {
     let out = sb.path("py.out");
     sb.ok(&["convert", py.to_str().unwrap(), out.to_str().unwrap()]);
     assert_eq!(file_hash(&out), file_hash(&raw));
-    let r = ova::tar_members(&blockferry::image::MemFile::new(
+    let r = ova::tar_members(&blockferry::internals::image::MemFile::new(
         "vm.ova",
         std::fs::read(&py).unwrap(),
     ))

@@ -28,7 +28,7 @@ fn forged_unencrypted(mut c: Value) -> Value {
             u8::from_str_radix(&c["store_id"].as_str().unwrap()[2 * i..2 * i + 2], 16).unwrap()
         })
         .collect();
-    let keys = blockferry::store::crypto::Keys::derive(&master, &id, false);
+    let keys = blockferry::internals::store::crypto::Keys::derive(&master, &id, false);
     // The canonical bytes: the config without its MAC, in the engine's field order.
     let cfg: blockferry::StoreConfig = serde_json::from_value(c.clone()).unwrap();
     let canonical = serde_json::to_vec(&cfg).unwrap();
@@ -37,7 +37,7 @@ fn forged_unencrypted(mut c: Value) -> Value {
 }
 
 fn hex(b: &[u8]) -> String {
-    blockferry::store::format::hex(b)
+    blockferry::internals::store::format::hex(b)
 }
 
 /// Issue 16.1: replacing `config` with an unencrypted one made the next replicate (passphrase

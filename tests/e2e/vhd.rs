@@ -1,7 +1,7 @@
 //! VHD differencing chains and hostile VHDs, built from the specification.
 
 use blockferry::ErrorKind;
-use blockferry::image::{self, MemFile, OpenOptions, Target, VhdLayout};
+use blockferry::internals::image::{MemFile, OpenOptions, Target, VhdLayout};
 use blockferry_tests::vhd_builder::{ParentSpec, VhdSpec, expected_raw, vhd_bytes, write_vhd};
 use blockferry_tests::{MIB, Rng, Sandbox, file_hash};
 
@@ -204,7 +204,7 @@ fn broken_chains_are_refused_clearly() {
 }
 
 /// Maps a VHD held in memory over its whole virtual size.
-fn map_all(bytes: Vec<u8>) -> blockferry::Result<Vec<image::Mapping>> {
+fn map_all(bytes: Vec<u8>) -> blockferry::Result<Vec<blockferry::Mapping>> {
     let file = MemFile::new("mem.vhd", bytes);
     let layout = VhdLayout::parse(&file)?;
     let mut out = Vec::new();
@@ -284,7 +284,7 @@ fn opening_never_writes_to_sources() {
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
     std::fs::set_permissions(&path, perms).unwrap();
     let before = file_hash(&path);
-    let src = image::open_with(&path, &OpenOptions::default()).unwrap();
+    let src = blockferry::open_image_with(&path, &OpenOptions::default()).unwrap();
     assert_eq!(src.info().format, "vhd");
     drop(src);
     sb.ok(&["map", path.to_str().unwrap()]);

@@ -1,7 +1,7 @@
 //! Hostile VHDX files: a qemu-made image, damaged in memory, must fail cleanly or read.
 
 use blockferry::ErrorKind;
-use blockferry::image::{MemFile, Target, VhdxLayout};
+use blockferry::internals::image::{MemFile, Target, VhdxLayout};
 use blockferry_tests::{
     MIB, Rng, Sandbox, Value, have_qemu, make_image, qemu, qemu_from_raw, qemu_io,
 };

@@ -1,7 +1,7 @@
 //! VMDK: ESXi deltas built from the specification, and hostile descriptors and extents.
 
 use blockferry::ErrorKind;
-use blockferry::image::{self, MemFile, SparseLayout};
+use blockferry::internals::image::{self, MemFile, SparseLayout};
 use blockferry_tests::{MIB, Rng, Sandbox, file_hash, have_qemu, make_image, qemu, qemu_from_raw};
 
 fn open_err(path: &std::path::Path) -> blockferry::Error {
@@ -217,11 +217,11 @@ fn hostile_descriptors_are_refused() {
 fn read_all(bytes: Vec<u8>) -> blockferry::Result<()> {
     let f = MemFile::new("mem.vmdk", bytes);
     let layout = SparseLayout::parse(&f)?;
-    let _ = blockferry::image::ReadAt::size(&f);
+    let _ = blockferry::internals::image::ReadAt::size(&f);
     let mut maps = Vec::new();
     layout.map_extent(&f, 0, layout.capacity, &mut maps)?;
     for m in maps {
-        if let blockferry::image::Target::Deflate {
+        if let blockferry::internals::image::Target::Deflate {
             offset,
             stored_len,
             grain_len,
@@ -229,7 +229,7 @@ fn read_all(bytes: Vec<u8>) -> blockferry::Result<()> {
         } = m.target
         {
             let mut packed = vec![0u8; stored_len as usize];
-            blockferry::image::ReadAt::read_exact_at(&f, &mut packed, offset)?;
+            blockferry::internals::image::ReadAt::read_exact_at(&f, &mut packed, offset)?;
             let mut grain = vec![0u8; grain_len as usize];
             image::inflate_grain(&packed, &mut grain)
                 .map_err(|why| blockferry::Error::new(ErrorKind::InvalidImage, why))?;

@@ -177,7 +177,7 @@ impl ExtentSet {
 
 /// Most extents an [`ExtentBuilder`] keeps (16 MiB of them); a list with more disjoint ranges
 /// is rounded out to coarser boundaries until it fits.
-pub const MAX_LIST_EXTENTS: usize = 1 << 20;
+pub(crate) const MAX_LIST_EXTENTS: usize = 1 << 20;
 /// The first boundary a list is rounded out to when it has too many extents: the smallest
 /// chunk size, so that rounding to it changes no chunk a delta reads.
 const FIRST_GRANULARITY: u64 = 64 << 10;
@@ -187,7 +187,7 @@ const FIRST_GRANULARITY: u64 = 64 << 10;
 /// out to a boundary (64 KiB, then doubling) until it fits. Rounding out only makes a delta
 /// read more (what it reads is compared by chunk id), never miss a change.
 #[derive(Debug)]
-pub struct ExtentBuilder {
+pub(crate) struct ExtentBuilder {
     limit: u64,
     cap: usize,
     extents: Vec<Extent>,
@@ -201,7 +201,7 @@ pub struct ExtentBuilder {
 
 impl ExtentBuilder {
     /// A builder for ranges within `[0, limit)`, keeping at most `cap` extents.
-    pub fn new(limit: u64, cap: usize) -> ExtentBuilder {
+    pub(crate) fn new(limit: u64, cap: usize) -> ExtentBuilder {
         ExtentBuilder {
             limit,
             cap: cap.max(1),
@@ -214,7 +214,7 @@ impl ExtentBuilder {
 
     /// Adds `[offset, offset + len)`; a zero-length range is ignored. A range reaching past
     /// the limit is an error naming it by its position among the ranges added.
-    pub fn add(&mut self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn add(&mut self, offset: u64, len: u64) -> Result<()> {
         let i = self.added;
         self.added += 1;
         if len == 0 {
@@ -290,12 +290,12 @@ impl ExtentBuilder {
     }
 
     /// The boundary ranges were rounded out to, if the list had to be coarsened (else 1).
-    pub fn granularity(&self) -> u64 {
+    pub(crate) fn granularity(&self) -> u64 {
         self.granularity
     }
 
     /// The set.
-    pub fn finish(mut self) -> ExtentSet {
+    pub(crate) fn finish(mut self) -> ExtentSet {
         self.compact();
         ExtentSet {
             extents: self.extents,

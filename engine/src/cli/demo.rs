@@ -149,7 +149,7 @@ pub(crate) fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
     let opts = ReplicateOptions::default();
     let first = blockferry::replicate(
         &store,
-        blockferry::image::open(&disk)?.as_ref(),
+        blockferry::open_image(&disk)?.as_ref(),
         &opts,
         &Silent,
     )?;
@@ -168,7 +168,7 @@ pub(crate) fn run(dir: Option<&Path>) -> anyhow::Result<ExitCode> {
 
     let second = blockferry::replicate(
         &store,
-        blockferry::image::open(&disk)?.as_ref(),
+        blockferry::open_image(&disk)?.as_ref(),
         &opts,
         &Silent,
     )?;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use blockferry::image::{self, BlockSource, MapRow, Mapping, OpenOptions};
+use blockferry::{BlockSource, MapRow, Mapping, OpenOptions};
 use blockferry::{CancelToken, ConvertOptions};
 
 use super::output::{Bar, human_bytes};
@@ -17,7 +17,7 @@ fn open(a: &ImageArgs) -> anyhow::Result<Box<dyn BlockSource>> {
         ova_disk: a.disk.clone(),
         ..OpenOptions::default()
     };
-    Ok(image::open_with(&a.image, &opts)?)
+    Ok(blockferry::open_image_with(&a.image, &opts)?)
 }
 
 pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
@@ -26,7 +26,7 @@ pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
         Ok(src) => (src, None),
         Err(e) => match e.downcast_ref::<blockferry::Error>() {
             Some(be) if be.kind() == blockferry::ErrorKind::NotFound => {
-                let single = image::open_single(&a.image)?;
+                let single = blockferry::open_image_alone(&a.image)?;
                 (single, Some(be.message().to_owned()))
             }
             _ => return Err(e),
@@ -39,7 +39,7 @@ pub(crate) fn info(a: &ImageArgs) -> anyhow::Result<ExitCode> {
         .map(|l| l.candidates.clone())
         .unwrap_or_default();
     if a.json {
-        let mut v = serde_json::to_value(image::describe(src.as_ref()))?;
+        let mut v = serde_json::to_value(blockferry::describe(src.as_ref()))?;
         v["file"] = json!(a.image.display().to_string());
         v["parent_paths"] = json!(parent_named);
         v["parent_missing"] = json!(missing_parent);
@@ -124,7 +124,7 @@ pub(crate) fn map(a: &ImageArgs) -> anyhow::Result<ExitCode> {
         first = false;
         Ok(())
     };
-    image::for_each_extent(src.as_ref(), |e| -> anyhow::Result<()> {
+    blockferry::for_each_extent(src.as_ref(), |e| -> anyhow::Result<()> {
         Ok(emit(e, &mut out)?)
     })?;
     if a.json {
@@ -167,7 +167,7 @@ pub(crate) fn discover(a: &DiscoverArgs) -> anyhow::Result<ExitCode> {
         allow_outside_folder: a.allow_outside_folder,
         ..OpenOptions::default()
     };
-    let found = image::discover::discover(&a.folder, &opts)?;
+    let found = blockferry::discover(&a.folder, &opts)?;
     if a.json {
         print_json(&json!({ "images": found }))?;
         return Ok(ExitCode::SUCCESS);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::json;
 
-use blockferry::job::state::{JobDb, JobState, default_state_dir};
+use blockferry::{JobDb, JobState, default_state_dir};
 
 use super::output::{human_bytes, rfc3339};
 use super::{S3Args, StoreArgs, backend, print_json, s3_options};
@@ -144,7 +144,7 @@ pub(crate) struct UnpinArgs {
 
 pub(crate) fn unpin(a: &UnpinArgs) -> anyhow::Result<ExitCode> {
     let db = JobDb::open(&a.state.dir()?)?;
-    let location = blockferry::store::pin_location(&a.store);
+    let location = blockferry::pin_location(&a.store);
     let known = db.unpin_store(&location)?;
     if a.json {
         print_json(&json!({ "store": location, "forgotten": known }))?;

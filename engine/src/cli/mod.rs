@@ -25,12 +25,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use blockferry::pipeline::DeltaOptions;
-use blockferry::store::{ObjectStore, S3Options};
 use blockferry::{
     BaseRef, CancelToken, ChangeFormat, ChangeSource, DeltaRequest, InitOptions, ReplicateOptions,
     RestoreOptions, Store, VerifyOptions,
 };
+use blockferry::{DeltaOptions, ObjectStore, S3Options};
 use output::{Bar, human_bytes};
 
 /// Moves virtual-machine disks block by block into object storage: deduplicated,
@@ -187,7 +186,7 @@ struct ReplicateArgs {
     /// Read engine: pread (with the kernel's readahead), `io_uring` where the kernel allows it
     /// (auto), or `io_uring` or fail (uring).
     #[arg(long, value_name = "auto|uring|pread", env = "BLOCKFERRY_IO_ENGINE", default_value = "pread", value_parser = parse_io_engine)]
-    io_engine: blockferry::io::IoEngine,
+    io_engine: blockferry::IoEngine,
     /// Chunks in flight with `io_uring` (at most the memory budget's read buffers); 0 picks
     /// 4, or 32 with --direct (which gets no kernel readahead).
     #[arg(long, value_name = "N", default_value_t = 0)]
@@ -496,8 +495,8 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-fn parse_io_engine(s: &str) -> Result<blockferry::io::IoEngine, String> {
-    blockferry::io::IoEngine::from_name(s).ok_or_else(|| format!("{s:?}: auto, uring or pread"))
+fn parse_io_engine(s: &str) -> Result<blockferry::IoEngine, String> {
+    blockferry::IoEngine::from_name(s).ok_or_else(|| format!("{s:?}: auto, uring or pread"))
 }
 
 fn parse_attempt_timeout(s: &str) -> Result<std::time::Duration, String> {
@@ -521,7 +520,7 @@ fn s3_options(args: &S3Args) -> S3Options {
 }
 
 fn backend(args: &StoreArgs, create: bool) -> anyhow::Result<Arc<dyn ObjectStore>> {
-    Ok(blockferry::store::open_backend(
+    Ok(blockferry::open_backend(
         &args.store,
         create,
         &s3_options(&args.s3),
@@ -743,12 +742,12 @@ fn cmd_init(a: &InitArgs) -> anyhow::Result<ExitCode> {
 
 fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&a.store)?;
-    let image_opts = blockferry::image::OpenOptions {
+    let image_opts = blockferry::OpenOptions {
         ova_disk: a.disk.clone(),
         allow_outside_folder: a.allow_outside_folder,
-        ..blockferry::image::OpenOptions::default()
+        ..blockferry::OpenOptions::default()
     };
-    let source = blockferry::image::open_with(&a.image, &image_opts)?;
+    let source = blockferry::open_image_with(&a.image, &image_opts)?;
     let opts = ReplicateOptions {
         memory_budget: a
             .memory_budget
@@ -818,7 +817,7 @@ fn cmd_replicate(a: &ReplicateArgs) -> anyhow::Result<ExitCode> {
 /// The delta a `replicate` asks for, with its change list read and checked.
 fn delta_options(
     a: &ReplicateArgs,
-    source: &dyn blockferry::image::BlockSource,
+    source: &dyn blockferry::BlockSource,
 ) -> anyhow::Result<Option<DeltaOptions>> {
     let format = a
         .changes_format

@@ -15,7 +15,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use blockferry::changes::MAX_LIST_BYTES;
+use blockferry::MAX_LIST_BYTES;
 use blockferry::{
     CancelToken, ChangeFormat, ContinuousReplication, CycleBase, ErrorKind, ReplicateOptions,
     Silent, SyncChanges, SyncCycle, SyncRequest, SyncStatus,
@@ -111,9 +111,9 @@ fn request(a: &SyncArgs) -> anyhow::Result<SyncRequest> {
     };
     Ok(SyncRequest {
         image: a.image.clone(),
-        open: blockferry::image::OpenOptions {
+        open: blockferry::OpenOptions {
             allow_outside_folder: a.allow_outside_folder,
-            ..blockferry::image::OpenOptions::default()
+            ..blockferry::OpenOptions::default()
         },
         name: a.name.clone(),
         changes,

@@ -7,7 +7,7 @@ use crate::store::SourceFingerprint;
 
 /// A child over its parent (which may itself be a chain). Files are numbered child first.
 #[derive(Debug)]
-pub struct Chain {
+pub(crate) struct Chain {
     child: Box<dyn BlockSource>,
     parent: Box<dyn BlockSource>,
     info: ImageInfo,
@@ -18,7 +18,7 @@ const SUM_STEP: u64 = 1 << 30;
 
 impl Chain {
     /// Joins `child` to `parent` (same virtual size, identity already checked by the caller).
-    pub fn new(child: Box<dyn BlockSource>, parent: Box<dyn BlockSource>) -> Result<Chain> {
+    pub(crate) fn new(child: Box<dyn BlockSource>, parent: Box<dyn BlockSource>) -> Result<Chain> {
         let mut chain = Chain {
             info: child.info().clone(),
             child,

@@ -27,12 +27,15 @@ mod vhdx;
 mod vhdx_log;
 mod vmdk;
 
-pub use chain::Chain;
-pub use raw::RawImage;
+pub(crate) use chain::Chain;
+pub(crate) use raw::RawImage;
 pub use util::{MemFile, ReadAt};
-pub use vhd::{Vhd, VhdLayout};
-pub use vhdx::{Vhdx, VhdxLayout};
-pub use vmdk::{Descriptor, ExtentLine, SparseLayout, Vmdk, inflate_grain};
+pub(crate) use vhd::Vhd;
+pub use vhd::VhdLayout;
+pub(crate) use vhdx::Vhdx;
+pub use vhdx::VhdxLayout;
+pub(crate) use vmdk::Vmdk;
+pub use vmdk::{Descriptor, ExtentLine, SparseLayout, inflate_grain};
 
 use std::fmt::Debug;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -110,7 +113,7 @@ impl Target {
 /// Merges neighbouring mappings that continue each other ([`Mapping::continued_by`]), so
 /// that a chunk of 16 grains stored one after the other is one read instead of 16. Mappings
 /// must be in order, as [`BlockSource::map`] gives them.
-pub fn coalesce(maps: &mut Vec<Mapping>) {
+pub(crate) fn coalesce(maps: &mut Vec<Mapping>) {
     let mut out = 0;
     for i in 0..maps.len() {
         let m = maps[i];
@@ -330,7 +333,7 @@ impl Default for OpenOptions {
 
 /// The format a file's content announces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Detected {
+pub(crate) enum Detected {
     /// No known signature: a raw disk.
     Raw,
     /// VHD (footer cookie `conectix`).
@@ -346,7 +349,7 @@ pub enum Detected {
 }
 
 /// Detects a file's format from its first and last sectors.
-pub fn detect(file: &dyn ReadAt) -> Result<Detected> {
+pub(crate) fn detect(file: &dyn ReadAt) -> Result<Detected> {
     let size = file.size();
     let mut head = vec![0u8; usize::try_from(size.min(512)).unwrap_or(512)];
     file.read_exact_at(&mut head, 0)?;
@@ -479,11 +482,6 @@ pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Box<dyn BlockSource>
     open_chain(path, opts, &mut seen)
 }
 
-/// Opens a file or block device as a raw disk, without format detection.
-pub fn open_raw(path: &Path) -> Result<Box<dyn BlockSource>> {
-    Ok(Box::new(RawImage::open(path)?))
-}
-
 /// Opens one image file without joining it to its parents (`info` of a child whose parent is
 /// missing); mapping it shows what the child itself holds.
 pub fn open_single(path: &Path) -> Result<Box<dyn BlockSource>> {
@@ -604,7 +602,7 @@ fn open_chain(
 /// Unless `opts.allow_outside_folder`, the result must lie inside `folder` after following
 /// symlinks: absolute paths are tried by file name in `folder`, and `..` or links leading out
 /// are refused. Only regular files and block devices are accepted.
-pub fn resolve_path(folder: &Path, recorded: &str, opts: &OpenOptions) -> Result<PathBuf> {
+pub(crate) fn resolve_path(folder: &Path, recorded: &str, opts: &OpenOptions) -> Result<PathBuf> {
     resolve(folder, recorded, opts).map_err(|r| match r {
         Refusal::Outside(real) => outside_error(recorded, &real, folder),
         Refusal::Other(e) => e,

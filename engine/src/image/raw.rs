@@ -1,7 +1,6 @@
 //! Raw disk images: regular files (sparse or not) and block devices.
 
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
 
 use super::{BlockSource, ImageInfo, Mapping, util};
 use crate::error::{Error, ErrorKind, Result};
@@ -14,7 +13,7 @@ const MAX_EXTENTS: usize = 1 << 20;
 
 /// A raw image: virtual offset = file offset; allocation from `SEEK_DATA`/`SEEK_HOLE`.
 #[derive(Debug)]
-pub struct RawImage {
+pub(crate) struct RawImage {
     file: SourceFile,
     info: ImageInfo,
     /// Sorted, disjoint data extents `(offset, len)`; everything else is a hole.
@@ -23,13 +22,8 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Opens a regular file or block device read-only.
-    pub fn open(path: &Path) -> Result<RawImage> {
-        RawImage::from_file(SourceFile::open(path)?)
-    }
-
     /// A raw image over an open file.
-    pub fn from_file(file: SourceFile) -> Result<RawImage> {
+    pub(crate) fn from_file(file: SourceFile) -> Result<RawImage> {
         let path = file.path().to_path_buf();
         let meta = file
             .file()

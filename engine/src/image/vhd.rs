@@ -6,8 +6,6 @@
 //! (BAT) of u32 sector numbers, and blocks of `sector bitmap | data`. In a differencing disk
 //! the bitmap says which sectors the child holds; the rest comes from the parent.
 
-use std::path::Path;
-
 use super::util::{self, ReadAt, be32, be64, check_struct, invalid, read_struct};
 use super::{BlockSource, Identity, ImageInfo, Mapping, ParentLink, Target};
 use crate::error::Result;
@@ -465,7 +463,7 @@ fn parse_parent(r: &dyn ReadAt, hdr: &[u8], hdr_at: u64) -> Result<ParentLink> {
 
 /// A VHD image file.
 #[derive(Debug)]
-pub struct Vhd {
+pub(crate) struct Vhd {
     file: SourceFile,
     layout: VhdLayout,
     info: ImageInfo,
@@ -476,7 +474,7 @@ pub struct Vhd {
 
 impl Vhd {
     /// Opens a VHD file read-only.
-    pub fn open(file: SourceFile) -> Result<Vhd> {
+    pub(crate) fn open(file: SourceFile) -> Result<Vhd> {
         let layout = VhdLayout::parse(&file)?;
         let extents = if layout.disk_type == DiskType::Fixed {
             sys::data_extents(file.file(), layout.virtual_size, 1 << 20).map_err(|e| {
@@ -512,11 +510,6 @@ impl Vhd {
             extents,
             fingerprint,
         })
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        self.file.path()
     }
 }
 

@@ -16,8 +16,6 @@
 //! in a differencing disk a partially present block's bitmap says which sectors the child
 //! holds (bit 0 of byte 0 = first sector).
 
-use std::path::Path;
-
 use super::util::{self, ReadAt, invalid, read_struct};
 use super::vhdx_log::{self, Overlay, Replayed};
 use super::{BlockSource, Identity, ImageInfo, Mapping, ParentLink, Target};
@@ -833,7 +831,7 @@ fn parse_parent_locator(r: &dyn ReadAt, item: &[u8], at: u64) -> Result<(Vec<Str
 
 /// A VHDX image file.
 #[derive(Debug)]
-pub struct Vhdx {
+pub(crate) struct Vhdx {
     file: SourceFile,
     layout: VhdxLayout,
     info: ImageInfo,
@@ -842,7 +840,7 @@ pub struct Vhdx {
 
 impl Vhdx {
     /// Opens a VHDX file read-only.
-    pub fn open(file: SourceFile) -> Result<Vhdx> {
+    pub(crate) fn open(file: SourceFile) -> Result<Vhdx> {
         let layout = VhdxLayout::parse(&file)?;
         let fixed = !layout.has_parent && layout.leave_blocks_allocated;
         let info = ImageInfo {
@@ -868,11 +866,6 @@ impl Vhdx {
             info,
             fingerprint,
         })
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        self.file.path()
     }
 }
 

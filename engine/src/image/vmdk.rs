@@ -752,7 +752,7 @@ enum Extent {
 
 /// A VMDK disk: a descriptor and its extents.
 #[derive(Debug)]
-pub struct Vmdk {
+pub(crate) struct Vmdk {
     /// The file it was opened from (its descriptor, or its one sparse file, or an OVA).
     path: PathBuf,
     /// The member of an OVA it is, if it is one.
@@ -769,14 +769,19 @@ pub struct Vmdk {
 impl Vmdk {
     /// Opens a VMDK from its descriptor file or from a sparse extent (embedded descriptor,
     /// or a bare extent without one).
-    pub fn open(file: SourceFile, opts: &OpenOptions) -> Result<Vmdk> {
+    pub(crate) fn open(file: SourceFile, opts: &OpenOptions) -> Result<Vmdk> {
         let len = file.len();
         Vmdk::open_window(file, 0, len, opts)
     }
 
     /// Opens a VMDK stored at `[base, base + len)` of `file` (a disk inside an OVA); such a
     /// disk must be self-contained (one sparse or streamOptimized extent).
-    pub fn open_window(file: SourceFile, base: u64, len: u64, opts: &OpenOptions) -> Result<Vmdk> {
+    pub(crate) fn open_window(
+        file: SourceFile,
+        base: u64,
+        len: u64,
+        opts: &OpenOptions,
+    ) -> Result<Vmdk> {
         let window = Window {
             file: &file,
             base,
@@ -1063,12 +1068,12 @@ fn flat_extent(file: &SourceFile, sector: u64, len: u64) -> Result<(u64, Vec<(u6
 
 impl Vmdk {
     /// Adds a note for `info` (an OVA adds which of its disks this is).
-    pub fn add_note(&mut self, note: String) {
+    pub(crate) fn add_note(&mut self, note: String) {
         self.info.notes.push(note);
     }
 
     /// Records which member of a multi-disk file (an OVA) this disk is.
-    pub fn set_member(&mut self, member: &str) {
+    pub(crate) fn set_member(&mut self, member: &str) {
         self.member = Some(member.to_owned());
     }
 }

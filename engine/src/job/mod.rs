@@ -3,7 +3,7 @@
 //! [`state`]: job records and checkpoints (SQLite) for resume.
 
 pub(crate) mod resume;
-pub mod state;
+pub(crate) mod state;
 
 use std::fmt;
 use std::sync::Arc;

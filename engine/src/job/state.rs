@@ -29,7 +29,7 @@ const SCHEMA_VERSION: i64 = 2;
 const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Rows of positions written per transaction.
-pub const POSITION_BATCH: usize = 4096;
+pub(crate) const POSITION_BATCH: usize = 4096;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -16,10 +16,10 @@ pub use convert::{ConvertOptions, ConvertReport, convert};
 pub use delta::{
     BaseRef, ChangeSource, Changes, DEFAULT_VERIFY_SAMPLE, DeltaOptions, DeltaRequest,
 };
+pub(crate) use replicate::worker_count;
 pub use replicate::{
-    DEFAULT_DIRECT_IO_DEPTH, DEFAULT_IO_DEPTH, DEFAULT_MEMORY_BUDGET, DEFAULT_UPLOAD_JOBS,
-    MemoryPlan, ReplicateOptions, ReplicateReport, default_memory_budget, min_memory_budget, plan,
-    plan_parts, replicate, worker_count,
+    DEFAULT_DIRECT_IO_DEPTH, DEFAULT_IO_DEPTH, DEFAULT_MEMORY_BUDGET, ReplicateOptions,
+    ReplicateReport, default_memory_budget, replicate,
 };
 pub use restore::{RestoreOptions, RestoreReport, restore};
 pub use sync::{ContinuousReplication, CycleBase, SyncChanges, SyncCycle, SyncRequest, SyncStatus};
@@ -34,7 +34,11 @@ use crate::store::format::{Id, ZERO_ID};
 
 /// The name a replication of `source` with `name` (if given) records its disk under (see
 /// [`ReplicateOptions::disk_name`]).
-pub fn disk_name(store: &Store, source: &dyn BlockSource, name: Option<&str>) -> Result<String> {
+pub(crate) fn disk_name(
+    store: &Store,
+    source: &dyn BlockSource,
+    name: Option<&str>,
+) -> Result<String> {
     disk::resolve_name(store, source, name, name.is_some()).map(|(n, _)| n)
 }
 

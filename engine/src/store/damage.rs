@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// One damage record's content.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DamageRecord {
+pub(crate) struct DamageRecord {
     /// Damaged chunk copies: `[chunk id hex, pack id hex]`.
     #[serde(default)]
     pub chunks: Vec<(String, String)>,

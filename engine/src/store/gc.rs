@@ -31,9 +31,9 @@ use crate::store::lock::{LockInfo, StoreLock};
 use crate::store::{IdHash, Snapshot, Store, pack_key};
 
 /// Default share of unused bytes left in packs, of the live bytes.
-pub const DEFAULT_MAX_UNUSED: f64 = 0.05;
+pub(crate) const DEFAULT_MAX_UNUSED: f64 = 0.05;
 /// Default wait for the store's other users before giving up.
-pub const DEFAULT_WAIT: Duration = Duration::from_secs(30 * 60);
+pub(crate) const DEFAULT_WAIT: Duration = Duration::from_secs(30 * 60);
 /// Most entries in one index object the gc writes (48 MiB of entries).
 const INDEX_ENTRIES: usize = 1 << 20;
 /// Largest span read from a pack in one request while repacking.

@@ -60,7 +60,7 @@ fn parse_key(key: &str, prefix: &str) -> Option<SnapKey> {
 
 /// What forgetting a snapshot leaves behind (sealed like a manifest, at `forgotten/…`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Tombstone {
+pub(crate) struct Tombstone {
     /// The snapshot forgotten.
     pub id: String,
     /// Its disk's name (empty if its manifest could not be read).

@@ -20,13 +20,13 @@ const STALE_TMP: Duration = Duration::from_secs(24 * 3600);
 
 /// A store kept in a local folder.
 #[derive(Debug)]
-pub struct LocalStore {
+pub(crate) struct LocalStore {
     root: PathBuf,
 }
 
 impl LocalStore {
     /// Opens (without creating) a store folder.
-    pub fn open(root: &Path) -> Result<LocalStore> {
+    pub(crate) fn open(root: &Path) -> Result<LocalStore> {
         let meta = fs::metadata(root).map_err(|e| {
             let kind = if e.kind() == io::ErrorKind::NotFound {
                 ErrorKind::NotFound
@@ -48,7 +48,7 @@ impl LocalStore {
     }
 
     /// Creates the store folder if needed and opens it.
-    pub fn create(root: &Path) -> Result<LocalStore> {
+    pub(crate) fn create(root: &Path) -> Result<LocalStore> {
         fs::create_dir_all(root).map_err(|e| store_err("creating the store folder", root, e))?;
         LocalStore::open(root)
     }
@@ -63,7 +63,7 @@ impl LocalStore {
     }
 
     /// Removes temporary files that a killed writer left behind more than a day ago.
-    pub fn remove_stale_tmp(&self) {
+    pub(crate) fn remove_stale_tmp(&self) {
         let Ok(entries) = fs::read_dir(self.tmp_dir()) else {
             return;
         };

@@ -29,11 +29,11 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::job::{CancelToken, Event, Observer};
 
 /// How often a holder writes its lock anew.
-pub const LOCK_REFRESH: Duration = Duration::from_secs(5 * 60);
+pub(crate) const LOCK_REFRESH: Duration = Duration::from_secs(5 * 60);
 /// A lock not refreshed for this long is stale: its holder is taken for dead.
-pub const LOCK_STALE: Duration = Duration::from_secs(30 * 60);
+pub(crate) const LOCK_STALE: Duration = Duration::from_secs(30 * 60);
 /// A holder whose last successful refresh is older than this does not commit.
-pub const LOCK_VALID: Duration = Duration::from_secs(20 * 60);
+pub(crate) const LOCK_VALID: Duration = Duration::from_secs(20 * 60);
 /// How often a waiter looks at the locks again.
 const POLL: Duration = Duration::from_millis(500);
 /// Largest lock object read (they are about 200 bytes).
@@ -42,7 +42,7 @@ const MAX_LOCK_BYTES: u64 = 64 << 10;
 /// What a lock allows its holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LockKind {
+pub(crate) enum LockKind {
     /// Reads and writes beside other shared holders and a marking gc.
     Shared,
     /// A garbage collection that marks and repacks; one per store.
@@ -53,7 +53,7 @@ pub enum LockKind {
 
 /// The content of a lock object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockInfo {
+pub(crate) struct LockInfo {
     /// What the lock allows.
     pub kind: LockKind,
     /// What the holder does (`replicate`, `restore`, `verify`, `gc`).
@@ -101,7 +101,7 @@ impl LockInfo {
     /// host, or from a process of this host, boot and PID namespace that is gone. A process
     /// this host cannot judge (another host, another namespace, `/proc` hidden) counts as
     /// alive.
-    pub fn is_stale(&self, age_ms: u64) -> bool {
+    pub(crate) fn is_stale(&self, age_ms: u64) -> bool {
         if u128::from(age_ms) > LOCK_STALE.as_millis() {
             return true;
         }
@@ -119,7 +119,7 @@ impl LockInfo {
     }
 
     /// One line for messages: `replicate (shared) by pid 42 on host, since …`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "{} ({}) by pid {} on {}, started {} s ago",
             self.operation,
@@ -189,7 +189,7 @@ fn pid_alive(pid: u32) -> bool {
 
 /// A lock object as listed: its key and, if readable, its content.
 #[derive(Debug, Clone)]
-pub struct ListedLock {
+pub(crate) struct ListedLock {
     /// The object key.
     pub key: String,
     /// The content; `None` if the object could not be parsed (ignored, never deleted).
@@ -200,7 +200,7 @@ pub struct ListedLock {
 
 /// Every lock object of the store. A lock that vanishes between the listing and its read
 /// may have been replaced by a refresh, so the listing is taken again until it reads whole.
-pub fn list_locks(backend: &dyn ObjectStore) -> Result<Vec<ListedLock>> {
+pub(crate) fn list_locks(backend: &dyn ObjectStore) -> Result<Vec<ListedLock>> {
     let mut attempt = 0;
     'list: loop {
         attempt += 1;
@@ -399,7 +399,7 @@ impl Held {
 }
 
 /// A held store lock; dropping it deletes its objects.
-pub struct StoreLock {
+pub(crate) struct StoreLock {
     held: Arc<Held>,
     stop: Option<Sender<()>>,
     refresher: Option<JoinHandle<()>>,
@@ -472,7 +472,7 @@ impl StoreLock {
 
     /// Takes a shared lock for `operation`. While a garbage collection deletes (holds an
     /// exclusive lock) it waits, telling `waiting` once, and gives up if `cancelled`.
-    pub fn shared(
+    pub(crate) fn shared(
         backend: &Arc<dyn ObjectStore>,
         operation: &str,
         cancelled: &dyn Fn() -> bool,
@@ -584,7 +584,7 @@ impl StoreLock {
     /// holder of the disk makes it wait up to `wait` (telling `busy` once), then fail with
     /// [`ErrorKind::Busy`]; a garbage collection that deletes makes it wait as
     /// [`StoreLock::shared`] does.
-    pub fn shared_disk(
+    pub(crate) fn shared_disk(
         backend: &Arc<dyn ObjectStore>,
         operation: &str,
         disk: &str,
@@ -597,7 +597,7 @@ impl StoreLock {
 
     /// Takes the gc lock: fails with [`ErrorKind::Busy`] if another garbage collection holds
     /// the store.
-    pub fn gc(backend: &Arc<dyn ObjectStore>) -> Result<StoreLock> {
+    pub(crate) fn gc(backend: &Arc<dyn ObjectStore>) -> Result<StoreLock> {
         let info = LockInfo::new(LockKind::Gc, "gc");
         let at = Instant::now();
         let written = Written {
@@ -629,7 +629,7 @@ impl StoreLock {
     /// Adds an exclusive lock to a gc lock and waits, up to `wait`, until no other live lock
     /// (nor any lock object it cannot read) remains, deleting stale ones. New shared holders
     /// wait meanwhile. On failure the exclusive lock is withdrawn.
-    pub fn exclusive(
+    pub(crate) fn exclusive(
         &self,
         wait: Duration,
         cancelled: &dyn Fn() -> bool,
@@ -700,7 +700,7 @@ impl StoreLock {
     /// Fails if the lock may have been taken for stale: its refreshes failed for
     /// [`LOCK_VALID`] or came late, or one of its objects is gone (removed by a gc that judged
     /// it stale). A holder checks this before it commits; a gc before it deletes.
-    pub fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         self.held.check_age();
         let mut lost = self.held.lost.load(Ordering::SeqCst);
         for key in self.held.keys() {

@@ -17,25 +17,26 @@
 pub mod crypto;
 mod damage;
 pub mod format;
-pub mod gc;
+pub(crate) mod gc;
 mod history;
-pub mod local;
-pub mod lock;
+pub(crate) mod local;
+pub(crate) mod lock;
 pub mod mem;
-pub mod prune;
+pub(crate) mod prune;
 mod repo;
 #[cfg(feature = "s3")]
-pub mod s3;
+pub(crate) mod s3;
 
-pub use damage::{Damage, DamageRecord, RepairReport};
-pub use history::{DiskHistory, SourceIdentity, Tombstone};
-pub(crate) use repo::IdHash;
-pub use repo::pack_key;
+pub use damage::{Damage, RepairReport};
+pub use history::{DiskHistory, SourceIdentity};
 pub use repo::{
-    ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, DiskMeta, InitOptions,
-    MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, STORE_VERSION, Snapshot, SnapshotStats, SnapshotSummary,
-    SourceFingerprint, Store, StoreConfig, StoreSummary, now_unix_ms, pin_location, read_store_id,
+    ChangeRecord, ChunkIndex, ChunkLocation, DiskMeta, Encryption, SnapshotStats, SourceFingerprint,
 };
+pub use repo::{
+    DEFAULT_CHUNK_SIZE, InitOptions, Snapshot, SnapshotSummary, Store, StoreConfig, StoreSummary,
+    pin_location,
+};
+pub(crate) use repo::{IdHash, now_unix_ms, pack_key, read_store_id};
 
 use std::fmt::Debug;
 use std::path::Path;
@@ -113,7 +114,7 @@ fn no_multipart(location: &str) -> Error {
 /// A flat namespace of immutable objects: the only thing a store backend provides.
 ///
 /// Contract: `put` is atomic (readers see the whole object or none) and durable when it
-/// returns; keys are `/`-separated lowercase ASCII (see [`check_key`]); all methods may be
+/// returns; keys are `/`-separated lowercase ASCII (`check_key` checks them); all methods may be
 /// called from several threads at once.
 pub trait ObjectStore: Send + Sync + Debug {
     /// Where the store lives, for messages (a path or URL).
@@ -199,7 +200,11 @@ pub trait ObjectStore: Send + Sync + Debug {
 /// Writes a new object with [`PutMode::Create`]. An object already under the key that holds
 /// exactly `data` is our own write, whose answer was lost and which the client retried (the
 /// retry then finds it): that is [`PutOutcome::Written`], not a collision.
-pub fn create_object(backend: &dyn ObjectStore, key: &str, data: &[u8]) -> Result<PutOutcome> {
+pub(crate) fn create_object(
+    backend: &dyn ObjectStore,
+    key: &str,
+    data: &[u8],
+) -> Result<PutOutcome> {
     match backend.put(key, data, PutMode::Create)? {
         PutOutcome::Written => Ok(PutOutcome::Written),
         PutOutcome::AlreadyExists => match backend.get(key, data.len() as u64) {
@@ -218,7 +223,7 @@ pub fn create_object(backend: &dyn ObjectStore, key: &str, data: &[u8]) -> Resul
 }
 
 /// Checks that a key is a relative path of safe components (`[a-z0-9._-]`, no `.`/`..`).
-pub fn check_key(key: &str) -> Result<()> {
+pub(crate) fn check_key(key: &str) -> Result<()> {
     let ok = !key.is_empty()
         && key.len() <= 512
         && key.split('/').all(|c| {

@@ -62,7 +62,7 @@ fn year_month(days: u64) -> (i64, u32) {
 
 /// The ids `policy` keeps among `snapshots` (all of one disk or several: rules apply per
 /// disk name).
-pub fn select(snapshots: &[Snapshot], policy: &KeepPolicy) -> HashSet<String> {
+pub(crate) fn select(snapshots: &[Snapshot], policy: &KeepPolicy) -> HashSet<String> {
     let mut by_disk: BTreeMap<&str, Vec<&Snapshot>> = BTreeMap::new();
     for s in snapshots {
         by_disk.entry(s.disk.name.as_str()).or_default().push(s);

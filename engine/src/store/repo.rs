@@ -15,16 +15,16 @@ use super::{ObjectStore, PutMode, PutOutcome, S3Options, create_object, open_bac
 use crate::error::{Error, ErrorKind, Result};
 
 /// Smallest chunk size a store accepts.
-pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
+pub(crate) const MIN_CHUNK_SIZE: u32 = 64 << 10;
 /// Largest chunk size a store accepts.
-pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+pub(crate) const MAX_CHUNK_SIZE: u32 = 16 << 20;
 /// Chunk size of new stores unless asked otherwise.
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 
 const CONFIG_KEY: &str = "config";
 /// The store format this version writes (the config's `version`): 2 authenticates the config
 /// and keys snapshots by disk and sequence (docs/FORMAT.md).
-pub const STORE_VERSION: u16 = 2;
+pub(crate) const STORE_VERSION: u16 = 2;
 /// Largest config object read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest metadata object read (the envelope caps of format.rs, plus framing and slack for
@@ -489,7 +489,7 @@ impl ChunkIndex {
 }
 
 /// The object key of a pack.
-pub fn pack_key(id: &PackId) -> String {
+pub(crate) fn pack_key(id: &PackId) -> String {
     let h = hex(id);
     format!("packs/{}/{h}", &h[..2])
 }
@@ -500,7 +500,7 @@ fn page_key(id: &Id) -> String {
 }
 
 /// Milliseconds since the Unix epoch, now.
-pub fn now_unix_ms() -> u64 {
+pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -526,7 +526,7 @@ impl std::fmt::Debug for Store {
 }
 
 /// The id of the store on `backend`, read from its config (no passphrase needed).
-pub fn read_store_id(backend: &dyn ObjectStore) -> Result<String> {
+pub(crate) fn read_store_id(backend: &dyn ObjectStore) -> Result<String> {
     let raw = backend.get(CONFIG_KEY, MAX_CONFIG_BYTES)?;
     Ok(parse_config(&raw)?.store_id)
 }

@@ -47,7 +47,7 @@ const PROBE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(8);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A store under `s3://bucket/prefix`.
-pub struct S3Store {
+pub(crate) struct S3Store {
     rt: tokio::runtime::Runtime,
     client: Client,
     bucket: String,
@@ -67,7 +67,7 @@ impl fmt::Debug for S3Store {
 }
 
 /// Splits `s3://bucket/prefix` into a bucket and a prefix (empty or ending in `/`).
-pub fn parse_url(url: &str) -> Result<(String, String)> {
+pub(crate) fn parse_url(url: &str) -> Result<(String, String)> {
     let rest = url
         .strip_prefix("s3://")
         .ok_or_else(|| Error::config(format!("{url:?} is not an s3:// URL")))?;
@@ -105,7 +105,7 @@ pub fn parse_url(url: &str) -> Result<(String, String)> {
 impl S3Store {
     /// Connects to the bucket of `url` and checks that it can be reached, with clear errors
     /// for a missing bucket, refused credentials or an unreachable endpoint.
-    pub fn open(url: &str, opts: &S3Options) -> Result<S3Store> {
+    pub(crate) fn open(url: &str, opts: &S3Options) -> Result<S3Store> {
         let (bucket, prefix) = parse_url(url)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -45,9 +45,9 @@ use plan::Setup;
 use read::Positions;
 use work::{Dedup, Shared, Work};
 
+pub(crate) use plan::worker_count;
 pub use plan::{
-    DEFAULT_DIRECT_IO_DEPTH, DEFAULT_IO_DEPTH, DEFAULT_MEMORY_BUDGET, DEFAULT_UPLOAD_JOBS,
-    MemoryPlan, default_memory_budget, min_memory_budget, plan, plan_parts, worker_count,
+    DEFAULT_DIRECT_IO_DEPTH, DEFAULT_IO_DEPTH, DEFAULT_MEMORY_BUDGET, default_memory_budget,
 };
 
 /// Options of [`replicate`].

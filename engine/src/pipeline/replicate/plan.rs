@@ -12,7 +12,7 @@ use crate::store::format::{self, ENTRY_BYTES};
 /// The smallest memory budget a replication picks for itself (see [`default_memory_budget`]).
 pub const DEFAULT_MEMORY_BUDGET: usize = 256 << 20;
 /// Uploads in flight at once on a multipart store, unless configured.
-pub const DEFAULT_UPLOAD_JOBS: usize = 4;
+pub(crate) const DEFAULT_UPLOAD_JOBS: usize = 4;
 
 /// Default chunks in flight with buffered `io_uring` reads. Measured here (2 GiB, read and
 /// hash only): warm, depth 4 matched `pread` while 32 was 1.4× slower (more fresh buffers,
@@ -25,7 +25,7 @@ pub const DEFAULT_DIRECT_IO_DEPTH: usize = 32;
 
 /// How a replication spends its memory budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryPlan {
+pub(crate) struct MemoryPlan {
     /// Worker threads.
     pub workers: usize,
     /// Pooled read buffers of one chunk each.
@@ -40,7 +40,8 @@ pub struct MemoryPlan {
 
 /// Splits a memory budget between read buffers and pack buffers on a store that takes packs
 /// whole (one pack writer).
-pub fn plan(budget: usize, chunk_size: usize, workers: usize) -> Result<MemoryPlan> {
+#[cfg(test)]
+pub(crate) fn plan(budget: usize, chunk_size: usize, workers: usize) -> Result<MemoryPlan> {
     plan_parts(budget, chunk_size, workers, 1, None, 0)
 }
 
@@ -48,7 +49,7 @@ pub fn plan(budget: usize, chunk_size: usize, workers: usize) -> Result<MemoryPl
 /// plus one per uploader thread (`uploads`: the parts in flight on a multipart store, whose
 /// parts are at least `min_part` bytes, `part_size` if given; or the pack being written by
 /// the pack writer).
-pub fn plan_parts(
+pub(crate) fn plan_parts(
     budget: usize,
     chunk_size: usize,
     workers: usize,
@@ -116,7 +117,7 @@ pub fn default_memory_budget() -> usize {
 
 /// The smallest budget (to 64 KiB) that [`plan_parts`] accepts for these settings. Whether a
 /// budget fits only grows with it, so a bisection finds the edge.
-pub fn min_memory_budget(
+pub(crate) fn min_memory_budget(
     chunk_size: usize,
     workers: usize,
     uploads: usize,
@@ -145,7 +146,7 @@ pub fn min_memory_budget(
 }
 
 /// Worker threads to use: `requested`, or one per core when 0 (at most 64).
-pub fn worker_count(requested: usize) -> usize {
+pub(crate) fn worker_count(requested: usize) -> usize {
     if requested == 0 {
         crate::io::sys::cores()
     } else {
