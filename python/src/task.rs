@@ -356,6 +356,17 @@ impl Task {
             })
             .map_err(|e| errors::config_error(format!("cannot make a waker socket: {e}")))?;
         let id = self.shared.next_waker.fetch_add(1, Ordering::Relaxed);
+        // Registered first, then checked: news that comes in between writes to it too.
+        self.shared
+            .wakers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((
+                id,
+                write.try_clone().map_err(|e| {
+                    errors::config_error(format!("cannot make a waker socket: {e}"))
+                })?,
+            ));
         let news = {
             let s = self.shared.lock();
             !s.events.is_empty() || s.outcome.is_some()
@@ -363,11 +374,6 @@ impl Task {
         if news {
             let _ = (&write).write(&[1]);
         }
-        self.shared
-            .wakers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((id, write));
         Ok(Waker {
             read,
             id,

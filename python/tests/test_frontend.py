@@ -7,6 +7,9 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -31,13 +34,34 @@ def test_a_missing_image_is_a_file_not_found_error_with_the_reason(
 def test_an_unreadable_image_is_a_permission_error(
     store: blockferry.Store, tmp_path: Path
 ) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file")
     img = make_disk(tmp_path / "locked.raw", MIB)
     img.chmod(0)
-    with pytest.raises(PermissionError) as e:
-        store.replicate(img, job_state=False)
-    assert e.value.errno == errno.EACCES
+    if os.geteuid() != 0:
+        with pytest.raises(PermissionError) as e:
+            store.replicate(img, job_state=False)
+        assert e.value.errno == errno.EACCES
+        return
+    # Root reads any file: the same call in a child whose root lacks the capabilities that
+    # override file permissions (setpriv, util-linux), as an unprivileged user is.
+    child = textwrap.dedent(
+        f"""
+        import errno, blockferry
+        store = blockferry.Store.open({store.config.location!r}, passphrase="correct horse")
+        try:
+            store.replicate({str(img)!r}, job_state=False)
+        except PermissionError as e:
+            assert isinstance(e, blockferry.SourcePermissionError), type(e)
+            assert e.errno == errno.EACCES and "Permission denied" in str(e), e
+            print("PermissionError")
+        """
+    )
+    out = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c", child],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "PermissionError", out
 
 
 def test_errors_pickle_with_their_context(store: blockferry.Store, tmp_path: Path) -> None:
