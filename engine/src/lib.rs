@@ -53,6 +53,7 @@ pub use pipeline::{
     RestoreReport, VerifyOptions, VerifyReport, convert, default_memory_budget, replicate, restore,
     verify,
 };
+pub use pipeline::{ExportFormat, ExportOptions, ExportReport, export};
 pub use store::{
     ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, Damage, DiskHistory, DiskMeta,
     Encryption, InitOptions, RepairReport, Snapshot, SnapshotStats, SnapshotSummary,

@@ -50,9 +50,10 @@
  * addition (a field appended to a struct, a new function or constant). A caller built
  * against header version N runs against any library whose `bf_abi_version()` is at least
  * N. An incompatible change would rename the shared library (its SONAME,
- * `libblockferry_ffi.so.1`), never reuse this number.
+ * `libblockferry_ffi.so.1`), never reuse this number. 1: the first; 2:
+ * `bf_replicate_options.stall_warning_secs`; 3: `bf_export`.
  */
-#define BF_ABI_VERSION 2
+#define BF_ABI_VERSION 3
 
 /**
  * The crate version, as numbers (`bf_version()` gives it as text).
@@ -518,6 +519,65 @@ typedef struct {
 } bf_restore_report;
 
 /**
+ * An export's image format (`bf_export_options.format`).
+ */
+typedef uint32_t bf_export_format;
+
+/**
+ * Options of `bf_export` (since ABI version 3). Fill with
+ * `bf_export_options_init(&opts, sizeof opts)`.
+ */
+typedef struct {
+  /**
+   * The struct's size in bytes (set by `bf_export_options_init`).
+   */
+  size_t size;
+  /**
+   * The image format (`BF_EXPORT_FORMAT_*`).
+   */
+  bf_export_format format;
+  /**
+   * Replace an existing file.
+   */
+  bool force;
+  /**
+   * Worker threads (0: one per core).
+   */
+  uint32_t workers;
+} bf_export_options;
+
+/**
+ * What `bf_export` wrote (since ABI version 3). Set `size` to `sizeof(bf_export_report)`
+ * before the call.
+ */
+typedef struct {
+  /**
+   * The struct's size in bytes (set by the caller).
+   */
+  size_t size;
+  /**
+   * The snapshot exported (NUL-terminated hex).
+   */
+  char snapshot[33];
+  /**
+   * The disk's size in the image (a fixed VHD's is rounded up to a whole MiB).
+   */
+  uint64_t virtual_size;
+  /**
+   * The image file's size (sparse: only data and metadata take space).
+   */
+  uint64_t file_size;
+  /**
+   * Bytes of the disk's data written.
+   */
+  uint64_t bytes_written;
+  /**
+   * Wall time in seconds.
+   */
+  double seconds;
+} bf_export_report;
+
+/**
  * Options of `bf_verify`. Fill with `bf_verify_options_init(&opts, sizeof opts)`.
  */
 typedef struct {
@@ -801,6 +861,26 @@ typedef struct {
 #define BF_IO_ENGINE_URING 2
 
 /**
+ * A raw disk, sparse (the default).
+ */
+#define BF_EXPORT_FORMAT_RAW 0
+
+/**
+ * A dynamic VHDX.
+ */
+#define BF_EXPORT_FORMAT_VHDX 1
+
+/**
+ * A dynamic VHD.
+ */
+#define BF_EXPORT_FORMAT_VHD 2
+
+/**
+ * A fixed VHD of a whole number of MiB (what Azure takes).
+ */
+#define BF_EXPORT_FORMAT_VHD_FIXED 3
+
+/**
  * Path-style for a custom endpoint, virtual-hosted for AWS (the default).
  */
 #define BF_PATH_STYLE_AUTO 0
@@ -964,6 +1044,33 @@ bf_result bf_restore(const bf_store *store,
                      void *userdata,
                      const bf_cancel *cancel,
                      bf_restore_report *report);
+
+/**
+ * Fills `opts`, a struct of `size` bytes (give `sizeof *opts`), with the defaults.
+ *
+ * # Safety
+ * `opts` is writable for `size` bytes.
+ */
+bf_result bf_export_options_init(bf_export_options *opts, size_t size);
+
+/**
+ * Writes snapshot `snapshot` (id, unique prefix or "latest") to `out` as an image in
+ * `opts->format` that a platform imports; only data is written, and the file appears under
+ * its name only once whole. `opts` NULL means a raw export; `progress`, `cancel` and
+ * `report` as for `bf_replicate`.
+ *
+ * # Safety
+ * `store` live; `snapshot` and `out` NUL-terminated; `opts` NULL or initialised; the rest
+ * as for `bf_replicate`.
+ */
+bf_result bf_export(const bf_store *store,
+                    const char *snapshot,
+                    const char *out,
+                    const bf_export_options *opts,
+                    bf_progress_cb progress,
+                    void *userdata,
+                    const bf_cancel *cancel,
+                    bf_export_report *report);
 
 /**
  * Fills `opts`, a struct of `size` bytes (give `sizeof *opts`), with the defaults.

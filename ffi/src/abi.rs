@@ -18,8 +18,9 @@ use crate::error::{FfiResult, invalid, null};
 /// addition (a field appended to a struct, a new function or constant). A caller built
 /// against header version N runs against any library whose `bf_abi_version()` is at least
 /// N. An incompatible change would rename the shared library (its SONAME,
-/// `libblockferry_ffi.so.1`), never reuse this number.
-pub const BF_ABI_VERSION: u32 = 2;
+/// `libblockferry_ffi.so.1`), never reuse this number. 1: the first; 2:
+/// `bf_replicate_options.stall_warning_secs`; 3: `bf_export`.
+pub const BF_ABI_VERSION: u32 = 3;
 
 /// The crate version, as numbers (`bf_version()` gives it as text).
 pub const BF_VERSION_MAJOR: u32 = 0;

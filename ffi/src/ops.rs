@@ -6,8 +6,8 @@ use std::mem::offset_of;
 use std::path::Path;
 
 use blockferry::{
-    BaseRef, ChangeFormat, ChangeSource, ConvertOptions, DeltaRequest, IoEngine, OpenOptions,
-    ReplicateOptions, RestoreOptions, VerifyOptions, default_state_dir,
+    BaseRef, ChangeFormat, ChangeSource, ConvertOptions, DeltaRequest, ExportFormat, ExportOptions,
+    IoEngine, OpenOptions, ReplicateOptions, RestoreOptions, VerifyOptions, default_state_dir,
 };
 
 use crate::abi::{self, sized};
@@ -418,6 +418,142 @@ pub unsafe extern "C" fn bf_restore(
             bytes_written: r.bytes_written,
             seconds: r.seconds,
         });
+        Ok(())
+    })
+}
+
+/// An export's image format (`bf_export_options.format`).
+pub type bf_export_format = u32;
+/// A raw disk, sparse (the default).
+pub const BF_EXPORT_FORMAT_RAW: bf_export_format = 0;
+/// A dynamic VHDX.
+pub const BF_EXPORT_FORMAT_VHDX: bf_export_format = 1;
+/// A dynamic VHD.
+pub const BF_EXPORT_FORMAT_VHD: bf_export_format = 2;
+/// A fixed VHD of a whole number of MiB (what Azure takes).
+pub const BF_EXPORT_FORMAT_VHD_FIXED: bf_export_format = 3;
+
+/// Options of `bf_export` (since ABI version 3). Fill with
+/// `bf_export_options_init(&opts, sizeof opts)`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct bf_export_options {
+    /// The struct's size in bytes (set by `bf_export_options_init`).
+    pub size: usize,
+    /// The image format (`BF_EXPORT_FORMAT_*`).
+    pub format: bf_export_format,
+    /// Replace an existing file.
+    pub force: bool,
+    /// Worker threads (0: one per core).
+    pub workers: u32,
+}
+
+sized!(
+    bf_export_options,
+    bf_export_options {
+        size: size_of::<bf_export_options>(),
+        format: BF_EXPORT_FORMAT_RAW,
+        force: false,
+        workers: 0,
+    }
+);
+
+/// Fills `opts`, a struct of `size` bytes (give `sizeof *opts`), with the defaults.
+///
+/// # Safety
+/// `opts` is writable for `size` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bf_export_options_init(
+    opts: *mut bf_export_options,
+    size: usize,
+) -> bf_result {
+    boundary(|| ffi_arg!(abi::init(opts, size, "opts")))
+}
+
+/// What `bf_export` wrote (since ABI version 3). Set `size` to `sizeof(bf_export_report)`
+/// before the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct bf_export_report {
+    /// The struct's size in bytes (set by the caller).
+    pub size: usize,
+    /// The snapshot exported (NUL-terminated hex).
+    pub snapshot: [c_char; 33],
+    /// The disk's size in the image (a fixed VHD's is rounded up to a whole MiB).
+    pub virtual_size: u64,
+    /// The image file's size (sparse: only data and metadata take space).
+    pub file_size: u64,
+    /// Bytes of the disk's data written.
+    pub bytes_written: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+sized!(
+    bf_export_report,
+    bf_export_report {
+        size: size_of::<bf_export_report>(),
+        snapshot: [0; 33],
+        virtual_size: 0,
+        file_size: 0,
+        bytes_written: 0,
+        seconds: 0.0,
+    }
+);
+
+/// Writes snapshot `snapshot` (id, unique prefix or "latest") to `out` as an image in
+/// `opts->format` that a platform imports; only data is written, and the file appears under
+/// its name only once whole. `opts` NULL means a raw export; `progress`, `cancel` and
+/// `report` as for `bf_replicate`.
+///
+/// # Safety
+/// `store` live; `snapshot` and `out` NUL-terminated; `opts` NULL or initialised; the rest
+/// as for `bf_replicate`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bf_export(
+    store: *const bf_store,
+    snapshot: *const c_char,
+    out: *const c_char,
+    opts: *const bf_export_options,
+    progress: bf_progress_cb,
+    userdata: *mut c_void,
+    cancel: *const bf_cancel,
+    report: *mut bf_export_report,
+) -> bf_result {
+    boundary(|| {
+        let store = ffi_arg!(ref_arg(store, "store"))?;
+        let snapshot = ffi_arg!(str_arg(snapshot, "snapshot"))?;
+        let out = ffi_arg!(str_arg(out, "out"))?;
+        let o = ffi_arg!(abi::read(opts, "opts"))?;
+        let report = ffi_arg!(abi::out(report, "report"))?;
+        let format = match o.format {
+            BF_EXPORT_FORMAT_RAW => ExportFormat::Raw,
+            BF_EXPORT_FORMAT_VHDX => ExportFormat::Vhdx,
+            BF_EXPORT_FORMAT_VHD => ExportFormat::Vhd,
+            BF_EXPORT_FORMAT_VHD_FIXED => ExportFormat::VhdFixed,
+            v => {
+                return Err(invalid(format!(
+                    "opts.format {v} is none of BF_EXPORT_FORMAT_RAW (0), _VHDX (1), _VHD (2) \
+                     or _VHD_FIXED (3)"
+                )));
+            }
+        };
+        let opts = ExportOptions {
+            format,
+            workers: o.workers as usize,
+            force: o.force,
+            cancel: ffi_arg!(token(cancel)),
+        };
+        let r = run(progress, userdata, |observer| {
+            blockferry::export(&store.store, snapshot, Path::new(out), &opts, observer)
+        })??;
+        let mut rep = <bf_export_report as abi::Sized>::defaults();
+        copy_id(&mut rep.snapshot, &r.snapshot);
+        rep.virtual_size = r.virtual_size;
+        rep.file_size = r.file_size;
+        rep.bytes_written = r.bytes_written;
+        rep.seconds = r.seconds;
+        report.write(&rep);
         Ok(())
     })
 }

@@ -42,6 +42,7 @@ from ._types import (
     Progress,
     PruneReport,
     ReplicateReport,
+    ExportReport,
     RestoreReport,
     Snapshot,
     StoreConfig,
@@ -99,7 +100,7 @@ class Operation(Generic[R]):
 
     @property
     def kind(self) -> str:
-        """``replicate``, ``restore``, ``verify``, ``convert`` or ``gc``."""
+        """``replicate``, ``restore``, ``export``, ``verify``, ``convert`` or ``gc``."""
         return self._task.kind
 
     def cancel(self) -> None:
@@ -733,6 +734,55 @@ class Store:
             out,
             force=force,
             salvage=salvage,
+            workers=workers,
+            progress=progress,
+            progress_interval=progress_interval,
+        ).result()
+
+    def start_export(
+        self,
+        snapshot: str,
+        out: PathLike,
+        *,
+        format: str,
+        force: bool = False,
+        workers: int = 0,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> Operation[ExportReport]:
+        """Starts writing a snapshot out as an image; see :meth:`export`."""
+        _counts(workers=workers)
+        task = self._native.start_export(
+            snapshot,
+            os.fspath(out),
+            format=format,
+            force=force,
+            workers=workers,
+            progress=_deliver(progress),
+            progress_interval=progress_interval,
+        )
+        return Operation(task, ExportReport._from)
+
+    def export(
+        self,
+        snapshot: str,
+        out: PathLike,
+        *,
+        format: str,
+        force: bool = False,
+        workers: int = 0,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> ExportReport:
+        """Writes snapshot ``snapshot`` (id, prefix or ``latest``) to ``out`` as an image a
+        platform imports: ``format`` is ``raw``, ``vhdx`` (dynamic), ``vhd`` (dynamic) or
+        ``vhd-fixed`` (a whole number of MiB, as Azure takes). Only data is written; the file
+        appears under its name only once whole (``force`` to replace one)."""
+        return self.start_export(
+            snapshot,
+            out,
+            format=format,
+            force=force,
             workers=workers,
             progress=progress,
             progress_interval=progress_interval,

@@ -185,6 +185,17 @@ class Store:
         progress: Optional[Callable[[Any], Any]] = ...,
         progress_interval: float = ...,
     ) -> Task: ...
+    def start_export(
+        self,
+        snapshot: str,
+        out: str,
+        *,
+        format: str,
+        force: bool = ...,
+        workers: int = ...,
+        progress: Optional[Callable[[Any], Any]] = ...,
+        progress_interval: float = ...,
+    ) -> Task: ...
     def start_verify(
         self,
         snapshot: str,

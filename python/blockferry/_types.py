@@ -29,6 +29,7 @@ __all__ = [
     "PruneReport",
     "ReplicateReport",
     "RestoreReport",
+    "ExportReport",
     "Snapshot",
     "SnapshotStats",
     "Started",
@@ -277,6 +278,36 @@ class SyncCycle:
     def _from(cls, d: Mapping[str, Any], error: Optional[BaseException] = None) -> "SyncCycle":
         r = d.get("report")
         return _build(cls, d, report=ReplicateReport._from(r) if r else None, error=error)
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote.
+
+    Attributes:
+        snapshot: The id of the snapshot exported.
+        disk: The disk of the snapshot exported.
+        format: The image format: ``raw``, ``vhdx``, ``vhd`` or ``vhd-fixed``.
+        output: Where it was written.
+        virtual_size: The disk's size in the image (a fixed VHD's is rounded up to a whole
+            MiB).
+        file_size: The image file's size (sparse: only data and metadata take space).
+        bytes_written: Bytes of the disk's data written.
+        seconds: Wall time in seconds.
+    """
+
+    snapshot: str
+    disk: str
+    format: str
+    output: str
+    virtual_size: int
+    file_size: int
+    bytes_written: int
+    seconds: float
+
+    @classmethod
+    def _from(cls, d: Mapping[str, Any]) -> "ExportReport":
+        return _build(cls, d)
 
 
 @dataclass(frozen=True)

@@ -730,6 +730,44 @@ impl Store {
         )
     }
 
+    /// Starts writing snapshot `snapshot` out to `out` as an image in `format`.
+    #[pyo3(signature = (snapshot, out, *, format, force=false, workers=0, progress=None, progress_interval=0.5))]
+    #[allow(clippy::too_many_arguments)] // the keyword arguments of the Python call
+    fn start_export(
+        &self,
+        py: Python<'_>,
+        snapshot: String,
+        out: PathBuf,
+        format: &str,
+        force: bool,
+        workers: usize,
+        progress: Option<Py<PyAny>>,
+        progress_interval: f64,
+    ) -> PyResult<Task> {
+        let interval = seconds("progress_interval", progress_interval)?;
+        let format =
+            blockferry::ExportFormat::from_name(format).map_err(|e| errors::to_py(py, &e))?;
+        let cancel = CancelToken::new();
+        let opts = blockferry::ExportOptions {
+            format,
+            workers,
+            force,
+            cancel: cancel.clone(),
+        };
+        let store = Arc::clone(&self.store);
+        Task::start(
+            "export",
+            Phase::Restoring,
+            cancel,
+            progress,
+            interval,
+            move |obs| {
+                let r = blockferry::export(&store, &snapshot, &out, &opts, obs)?;
+                Ok(serde_json::to_value(&r).unwrap_or_default())
+            },
+        )
+    }
+
     /// Starts checking snapshot `snapshot` (and comparing it with `image`, if given).
     #[pyo3(signature = (snapshot, *, image=None, disk=None, allow_outside_folder=false, workers=0, progress=None, progress_interval=0.5))]
     #[allow(clippy::too_many_arguments)] // the keyword arguments of the Python call

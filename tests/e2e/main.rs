@@ -27,6 +27,8 @@ mod disks;
 mod engines;
 /// Errors: wrong passphrase, damaged or missing objects, newer versions, bad inputs.
 mod errors;
+/// Export to image formats, with qemu-img as the oracle.
+mod export;
 /// Garbage collection: space reclaimed, kept snapshots intact, store locks.
 mod gc;
 /// Jobs: resume, changed sources, jobs/abandon/cleanup.

@@ -54,6 +54,9 @@ enum Command {
     Snapshots(SnapshotsArgs),
     /// Write a snapshot out as a sparse raw file or onto a block device.
     Restore(RestoreArgs),
+    /// Write a snapshot out as an image a platform imports: raw, vhdx, vhd, or vhd-fixed
+    /// (a fixed VHD of a whole number of MiB, as Azure takes). Only data is written.
+    Export(ExportArgs),
     /// Check that every chunk of a snapshot is intact (and, with --image, equals the source).
     Verify(VerifyArgs),
     /// Show what a disk image is: format, size, sectors, allocation, parent chain.
@@ -340,6 +343,29 @@ struct RestoreArgs {
 }
 
 #[derive(Debug, Args)]
+struct ExportArgs {
+    /// Snapshot id, unique id prefix, DISK@latest, or `latest` (of the only disk).
+    snapshot: String,
+    /// Output file (created sparse; it appears under this name only once whole).
+    out: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Image format: raw, vhdx, vhd, vhd-fixed.
+    #[arg(long, value_name = "FORMAT", value_parser = parse_export_format)]
+    format: blockferry::ExportFormat,
+    /// Overwrite an existing output file.
+    #[arg(long)]
+    force: bool,
+    /// Worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+fn parse_export_format(s: &str) -> Result<blockferry::ExportFormat, String> {
+    blockferry::ExportFormat::from_name(s).map_err(|e| e.message().to_owned())
+}
+
+#[derive(Debug, Args)]
 struct VerifyArgs {
     /// Snapshot id, unique id prefix, DISK@latest, or `latest` (of the only disk).
     snapshot: String,
@@ -572,6 +598,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Replicate(a) => a.store.json,
         Command::Snapshots(a) => a.store.json,
         Command::Restore(a) => a.store.json,
+        Command::Export(a) => a.store.json,
         Command::Verify(a) => a.store.json,
         Command::Info(a) | Command::Map(a) => a.json,
         Command::Discover(a) => a.json,
@@ -670,6 +697,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Replicate(a) => cmd_replicate(&a),
         Command::Snapshots(a) => cmd_snapshots(&a),
         Command::Restore(a) => cmd_restore(&a),
+        Command::Export(a) => cmd_export(&a),
         Command::Verify(a) => cmd_verify(&a),
         Command::Info(a) => image_cmds::info(&a),
         Command::Map(a) => image_cmds::map(&a),
@@ -986,6 +1014,39 @@ fn cmd_forget(a: &ForgetArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "forgot {} snapshot(s) (space is reclaimed by a garbage collection)",
             forgotten.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_export(a: &ExportArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&a.store)?;
+    let opts = blockferry::ExportOptions {
+        format: a.format,
+        workers: a.workers,
+        force: a.force,
+        cancel: CancelToken::new(),
+    };
+    let bar = Bar::new(
+        !a.store.json && std::io::stderr().is_terminal(),
+        "exporting",
+    );
+    let report = blockferry::export(&store, &a.snapshot, &a.out, &opts, &bar)?;
+    bar.done();
+    if a.store.json {
+        print_json(&report)?;
+    } else {
+        outln!(
+            "exported snapshot {} of disk {} to {} as {} ({} disk, {} of data, {} file) in \
+             {:.1}s",
+            report.snapshot,
+            report.disk,
+            report.output,
+            report.format.name(),
+            human_bytes(report.virtual_size),
+            human_bytes(report.bytes_written),
+            human_bytes(report.file_size),
+            report.seconds
         );
     }
     Ok(ExitCode::SUCCESS)

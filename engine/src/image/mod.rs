@@ -32,8 +32,8 @@ pub(crate) use raw::RawImage;
 pub use util::{MemFile, ReadAt};
 pub(crate) use vhd::Vhd;
 pub use vhd::VhdLayout;
-pub(crate) use vhdx::Vhdx;
 pub use vhdx::VhdxLayout;
+pub(crate) use vhdx::{Vhdx, guid as vhdx_guid};
 pub(crate) use vmdk::Vmdk;
 pub use vmdk::{Descriptor, ExtentLine, SparseLayout, inflate_grain};
 

@@ -121,10 +121,11 @@ impl VhdLayout {
             u64::from(footer[58]),
             u64::from(footer[59]),
         );
-        // As qemu does: images from Virtual PC (and qemu's own, which match) present their
-        // CHS geometry to the guest; Hyper-V, disk2vhd and others present `current_size`.
+        // As qemu does: images from Virtual PC (and qemu's own before `force_size`, which
+        // match) present their CHS geometry to the guest; every other creator (Hyper-V,
+        // disk2vhd, XenServer, blockferry's exports…) presents `current_size`.
         let creator = &footer[28..32];
-        let use_chs = !matches!(creator, b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0");
+        let use_chs = matches!(creator, b"vpc " | b"qemu");
         let chs_size = cyls * heads * spt * SECTOR;
         let virtual_size = if use_chs && chs_size > 0 && chs_size <= current_size {
             if chs_size != current_size {

@@ -4,6 +4,7 @@
 mod convert;
 mod delta;
 mod disk;
+mod export;
 mod output;
 mod replicate;
 mod restore;
@@ -16,6 +17,7 @@ pub use convert::{ConvertOptions, ConvertReport, convert};
 pub use delta::{
     BaseRef, ChangeSource, Changes, DEFAULT_VERIFY_SAMPLE, DeltaOptions, DeltaRequest,
 };
+pub use export::{ExportFormat, ExportOptions, ExportReport, export};
 pub(crate) use replicate::worker_count;
 pub use replicate::{
     DEFAULT_DIRECT_IO_DEPTH, DEFAULT_IO_DEPTH, DEFAULT_MEMORY_BUDGET, ReplicateOptions,

@@ -74,10 +74,78 @@ pub fn restore(
 ) -> Result<RestoreReport> {
     let _lock = crate::store::lock::reader_lock(store, "restore", &opts.cancel, observer)?;
     let snapshot = store.snapshot(spec)?;
+    write_snapshot(
+        store,
+        &snapshot,
+        out,
+        &Raw(snapshot.disk.virtual_size),
+        opts,
+        observer,
+    )
+}
+
+/// Where a disk's bytes go in an output file, and what else the file holds: the identity for
+/// a raw disk; an image format's blocks and metadata for an export.
+pub(crate) trait Layout: Sync {
+    /// The output file's size.
+    fn file_size(&self) -> u64;
+    /// The disk's size as the file's format records it.
+    fn disk_size(&self) -> u64;
+    /// Calls `f` with the file offset of each piece of the disk's `[virt, virt + len)` that
+    /// the file stores, and that piece as a range of `0..len` (pieces the file does not
+    /// store, in unallocated blocks, read as zeros and are left out).
+    fn place(
+        &self,
+        virt: u64,
+        len: usize,
+        f: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<()>,
+    ) -> Result<()>;
+    /// Writes the metadata the file holds besides the disk's bytes, with `w(offset, bytes)`.
+    fn metadata(&self, w: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()>;
+}
+
+/// A raw disk of this many bytes: the file is the disk.
+pub(crate) struct Raw(pub(crate) u64);
+
+impl Layout for Raw {
+    fn file_size(&self) -> u64 {
+        self.0
+    }
+
+    fn disk_size(&self) -> u64 {
+        self.0
+    }
+
+    fn place(
+        &self,
+        virt: u64,
+        len: usize,
+        f: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        f(virt, 0..len)
+    }
+
+    fn metadata(&self, _: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes `snapshot` to `out` as `layout` places it (the restore of a raw disk, or an
+/// export to an image format), with a restore's guarantees: the output appears under its
+/// name only once whole, chunks are read pack range by pack range, salvage as asked.
+pub(crate) fn write_snapshot(
+    store: &Store,
+    snapshot: &crate::store::Snapshot,
+    out: &Path,
+    layout: &dyn Layout,
+    opts: &RestoreOptions,
+    observer: &dyn Observer,
+) -> Result<RestoreReport> {
+    let snapshot = snapshot.clone();
     let index = store.load_index()?;
     let workers = super::worker_count(opts.workers);
     let size = snapshot.disk.virtual_size;
-    let output = Output::create(out, size, opts.force)?;
+    let output = Output::create(out, layout.file_size(), opts.force)?;
     let device = output.is_device();
     let reporter = Reporter::start(observer, Phase::Restoring, size);
     let zeros = vec![
@@ -94,7 +162,11 @@ pub fn restore(
     let unreadable = Mutex::new((Vec::<Problem>::new(), 0u64, 0u64));
     let write = |bytes: &[u8], offset: u64| -> Result<()> {
         let _serial = write_lock.lock().expect("write lock");
-        let data = output.write_at(bytes, offset)?;
+        let mut data = 0;
+        layout.place(offset, bytes.len(), &mut |at, piece| {
+            data += output.write_at(&bytes[piece], at)?;
+            Ok(())
+        })?;
         Counters::add(&counters.bytes_written, data);
         Counters::add(&counters.bytes_zero, bytes.len() as u64 - data);
         Ok(())
@@ -162,6 +234,7 @@ pub fn restore(
             e
         });
     }
+    layout.metadata(&mut |at, bytes| output.write_at(bytes, at).map(|_| ()))?;
     output.commit()?;
     let p = reporter.finish();
     let (mut listed, problems_total, bytes_unreadable) =

@@ -87,6 +87,24 @@ static void round_trip(const char *dir, const char *location, const bf_s3_option
   CHECK(rr.virtual_size == size && rr.bytes_written == data);
   CHECK(same_file(out, disk));
 
+  /* Export as a VHDX (ABI version 3): blockferry reads it back as the disk. */
+  char *vhdx = join(dir, s3 ? "export-s3.vhdx" : "export.vhdx");
+  bf_export_options eo;
+  OK(bf_export_options_init(&eo, sizeof eo));
+  CHECK(eo.format == BF_EXPORT_FORMAT_RAW);
+  eo.format = BF_EXPORT_FORMAT_VHDX;
+  bf_export_report er = {.size = sizeof er};
+  OK(bf_export(store, rep.snapshot, vhdx, &eo, on_event, &c, NULL, &er));
+  CHECK(!atomic_load(&c.elsewhere));
+  CHECK(er.virtual_size == size && er.bytes_written == data && strcmp(er.snapshot, rep.snapshot) == 0);
+  char info[4096];
+  size_t info_n = 0;
+  OK(bf_image_info_json(vhdx, info, sizeof info, &info_n));
+  CHECK(strstr(info, "\"format\":\"vhdx\"") != NULL);
+  eo.format = 9;
+  EXPECT(bf_export(store, rep.snapshot, vhdx, &eo, NULL, NULL, NULL, NULL), BF_RESULT_INVALID_PARAMETER);
+  free(vhdx);
+
   /* JSON queries: ask for the size first, then read. */
   size_t need = 0;
   EXPECT(bf_store_snapshots_json(store, NULL, 0, &need), BF_RESULT_INSUFFICIENT_SIZE);
