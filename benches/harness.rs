@@ -7,7 +7,7 @@
 //! - `BF_BENCH_MIB`: size of the dense image (default 2048);
 //! - `BF_BENCH_S3=0`: skip the S3 section (which starts the tests' SeaweedFS);
 //! - `BF_BENCH_KEEP=1`: keep `target/bench-harness`;
-//! - `BF_BENCH_ONLY=full,convert,engines,sparse,s3`: run only these sections (the ceiling
+//! - `BF_BENCH_ONLY=full,convert,export,engines,sparse,s3`: run only these sections (the ceiling
 //!   always runs; `full` includes the deltas).
 //!
 //! Needs `qemu-img`, `restic` and `rclone` (`apt-get install qemu-utils restic rclone`); the
@@ -20,6 +20,8 @@
 //!   and against `restic backup`; then 1% of the chunks change, and deltas (by hash, and from
 //!   a VMware CBT list) against restic's incremental backup;
 //! - `convert` against `qemu-img convert -O raw`, VMDK and VHDX, dense and sparse;
+//! - `export` of a snapshot to each image format against `qemu-img convert` of the restored
+//!   raw disk to the same format (streamOptimized VMDK: deflate on both sides);
 //! - the read engines (pread, `io_uring` buffered and `O_DIRECT`), cold and warm: replications
 //!   into a store that already holds every chunk, so a run reads and hashes only;
 //! - a 1 TiB sparse image with 1 GiB allocated against a 1 GiB dense one;
@@ -253,6 +255,9 @@ fn main() -> Result<()> {
     }
     if run("convert") {
         convert_section(&ctx, &os, mib, &mut rep)?;
+    }
+    if run("export") {
+        export_section(&mut ctx, &os, &mut rep)?;
     }
     if run("engines") {
         engines_section(&mut ctx, &os, &mut rep)?;
@@ -569,6 +574,52 @@ fn convert_section(ctx: &Ctx, os: &Path, mib: u64, rep: &mut Report) -> Result<(
     let _ = std::fs::remove_dir_all(&out_dir);
     let _ = std::fs::remove_file(&holes);
     result
+}
+
+fn export_section(ctx: &mut Ctx, os: &Path, rep: &mut Report) -> Result<()> {
+    let store = ctx.new_store(false)?;
+    ctx.replicate(os, &store, &[], rep, "export, first copy")?;
+    // The peer's input: the restored raw disk, warm in the page cache as the store is.
+    let raw = ctx.work.join("restored.raw");
+    measure(&mut ctx.bf(&["restore", "latest", pstr(&raw), "--store", &store, "--force"]))?;
+    warm(&raw)?;
+    let (q_out, b_out) = (ctx.work.join("q.img"), ctx.work.join("b.img"));
+    for (format, qfmt, opts, target) in [
+        ("raw", "raw", "", 1.0),
+        ("vhd", "vpc", "subformat=dynamic", 1.0),
+        ("vhdx", "vhdx", "subformat=dynamic", 1.0),
+        ("vmdk", "vmdk", "subformat=streamOptimized", 1.0 / 1.5),
+    ] {
+        let t = interleaved(&mut [
+            &mut || {
+                let _ = std::fs::remove_file(&q_out);
+                let mut c = Command::new("qemu-img");
+                c.args(["convert", "-f", "raw", "-O", qfmt]);
+                if !opts.is_empty() {
+                    c.args(["-o", opts]);
+                }
+                Ok(measure(c.arg(&raw).arg(&q_out))?.0.secs)
+            },
+            &mut || {
+                let _ = std::fs::remove_file(&b_out);
+                let args = [
+                    "export", "latest", pstr(&b_out), "--store", &store, "--format", format,
+                ];
+                Ok(measure(&mut ctx.bf(&args))?.0.secs)
+            },
+        ])?;
+        rep.row("export", format!("qemu-img convert raw to {format}"), t[0], String::new());
+        rep.row("export", format!("blockferry export {format}"), t[1], String::new());
+        rep.target(
+            format!("qemu-img / blockferry export, {format} >= {target:.2}"),
+            format!("{:.2}x", t[0] / t[1]),
+            t[0] / t[1] >= target,
+        );
+    }
+    for f in [&raw, &q_out, &b_out] {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(())
 }
 
 fn engines_section(ctx: &mut Ctx, os: &Path, rep: &mut Report) -> Result<()> {

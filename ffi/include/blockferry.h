@@ -881,6 +881,11 @@ typedef struct {
 #define BF_EXPORT_FORMAT_VHD_FIXED 3
 
 /**
+ * A streamOptimized VMDK (what AWS VM Import and vSphere's OVF deployment take).
+ */
+#define BF_EXPORT_FORMAT_VMDK 4
+
+/**
  * Path-style for a custom endpoint, virtual-hosted for AWS (the default).
  */
 #define BF_PATH_STYLE_AUTO 0

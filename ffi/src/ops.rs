@@ -432,6 +432,8 @@ pub const BF_EXPORT_FORMAT_VHDX: bf_export_format = 1;
 pub const BF_EXPORT_FORMAT_VHD: bf_export_format = 2;
 /// A fixed VHD of a whole number of MiB (what Azure takes).
 pub const BF_EXPORT_FORMAT_VHD_FIXED: bf_export_format = 3;
+/// A streamOptimized VMDK (what AWS VM Import and vSphere's OVF deployment take).
+pub const BF_EXPORT_FORMAT_VMDK: bf_export_format = 4;
 
 /// Options of `bf_export` (since ABI version 3). Fill with
 /// `bf_export_options_init(&opts, sizeof opts)`.
@@ -531,10 +533,11 @@ pub unsafe extern "C" fn bf_export(
             BF_EXPORT_FORMAT_VHDX => ExportFormat::Vhdx,
             BF_EXPORT_FORMAT_VHD => ExportFormat::Vhd,
             BF_EXPORT_FORMAT_VHD_FIXED => ExportFormat::VhdFixed,
+            BF_EXPORT_FORMAT_VMDK => ExportFormat::Vmdk,
             v => {
                 return Err(invalid(format!(
-                    "opts.format {v} is none of BF_EXPORT_FORMAT_RAW (0), _VHDX (1), _VHD (2) \
-                     or _VHD_FIXED (3)"
+                    "opts.format {v} is none of BF_EXPORT_FORMAT_RAW (0), _VHDX (1), _VHD (2), \
+                     _VHD_FIXED (3) or _VMDK (4)"
                 )));
             }
         };

@@ -775,8 +775,9 @@ class Store:
         progress_interval: float = 0.5,
     ) -> ExportReport:
         """Writes snapshot ``snapshot`` (id, prefix or ``latest``) to ``out`` as an image a
-        platform imports: ``format`` is ``raw``, ``vhdx`` (dynamic), ``vhd`` (dynamic) or
-        ``vhd-fixed`` (a whole number of MiB, as Azure takes). Only data is written; the file
+        platform imports: ``format`` is ``raw``, ``vmdk`` (streamOptimized, as AWS VM Import
+        and vSphere take), ``vhdx`` (dynamic), ``vhd`` (dynamic) or ``vhd-fixed`` (a whole
+        number of MiB, as Azure takes). Only data is written; the file
         appears under its name only once whole (``force`` to replace one)."""
         return self.start_export(
             snapshot,

@@ -287,7 +287,7 @@ class ExportReport:
     Attributes:
         snapshot: The id of the snapshot exported.
         disk: The disk of the snapshot exported.
-        format: The image format: ``raw``, ``vhdx``, ``vhd`` or ``vhd-fixed``.
+        format: The image format: ``raw``, ``vmdk``, ``vhdx``, ``vhd`` or ``vhd-fixed``.
         output: Where it was written.
         virtual_size: The disk's size in the image (a fixed VHD's is rounded up to a whole
             MiB).

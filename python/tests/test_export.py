@@ -12,7 +12,9 @@ import blockferry
 from conftest import MIB, have, make_disk
 
 
-@pytest.mark.parametrize("fmt,qemu_fmt", [("vhdx", "vhdx"), ("vhd", "vpc"), ("vhd-fixed", "vpc")])
+@pytest.mark.parametrize(
+    "fmt,qemu_fmt", [("vmdk", "vmdk"), ("vhdx", "vhdx"), ("vhd", "vpc"), ("vhd-fixed", "vpc")]
+)
 def test_export_reads_back_as_the_disk(
     store: blockferry.Store, tmp_path: Path, fmt: str, qemu_fmt: str
 ) -> None:

@@ -6,8 +6,9 @@ use std::path::Path;
 use blockferry_tests::{MIB, Rng, Sandbox, Value, have_qemu, make_image, qemu, qemu_from_raw};
 
 /// qemu's name of each export format, and whether `qemu-img check` knows the format.
-const FORMATS: [(&str, &str, bool); 4] = [
+const FORMATS: [(&str, &str, bool); 5] = [
     ("raw", "raw", false),
+    ("vmdk", "vmdk", true),
     ("vhd-fixed", "vpc", false),
     ("vhd", "vpc", false),
     ("vhdx", "vhdx", true),
@@ -115,6 +116,12 @@ fn every_format_converts_back_to_the_restored_bytes() {
                 }
                 if checkable {
                     qemu(&["check", "-f", qfmt, out.to_str().unwrap()]);
+                }
+                if format == "vmdk" {
+                    assert_eq!(
+                        info["format-specific"]["data"]["create-type"], "streamOptimized",
+                        "{input} as vmdk: {info}"
+                    );
                 }
                 let got = qemu_raw(&out, qfmt);
                 assert_eq!(got.len() as u64, virtual_size);

@@ -54,8 +54,9 @@ enum Command {
     Snapshots(SnapshotsArgs),
     /// Write a snapshot out as a sparse raw file or onto a block device.
     Restore(RestoreArgs),
-    /// Write a snapshot out as an image a platform imports: raw, vhdx, vhd, or vhd-fixed
-    /// (a fixed VHD of a whole number of MiB, as Azure takes). Only data is written.
+    /// Write a snapshot out as an image a platform imports: raw, vmdk (streamOptimized, as
+    /// AWS VM Import and vSphere take), vhdx, vhd, or vhd-fixed (a fixed VHD of a whole
+    /// number of MiB, as Azure takes). Only data is written.
     Export(ExportArgs),
     /// Check that every chunk of a snapshot is intact (and, with --image, equals the source).
     Verify(VerifyArgs),
@@ -350,7 +351,7 @@ struct ExportArgs {
     out: PathBuf,
     #[command(flatten)]
     store: StoreArgs,
-    /// Image format: raw, vhdx, vhd, vhd-fixed.
+    /// Image format: raw, vmdk, vhdx, vhd, vhd-fixed.
     #[arg(long, value_name = "FORMAT", value_parser = parse_export_format)]
     format: blockferry::ExportFormat,
     /// Overwrite an existing output file.

@@ -161,6 +161,16 @@ impl Output {
         Ok(written)
     }
 
+    /// Sets a file's length (a device keeps its own).
+    pub(crate) fn set_len(&self, size: u64) -> Result<()> {
+        if self.device {
+            return Ok(());
+        }
+        self.file
+            .set_len(size)
+            .map_err(|e| Error::io("sizing the output file", self.written_path(), e))
+    }
+
     /// Makes the output durable and, for a file, gives it its name (replacing any file there).
     pub(crate) fn commit(mut self) -> Result<()> {
         self.file

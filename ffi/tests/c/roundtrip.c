@@ -101,8 +101,14 @@ static void round_trip(const char *dir, const char *location, const bf_s3_option
   size_t info_n = 0;
   OK(bf_image_info_json(vhdx, info, sizeof info, &info_n));
   CHECK(strstr(info, "\"format\":\"vhdx\"") != NULL);
+  char *vmdk = join(dir, s3 ? "export-s3.vmdk" : "export.vmdk");
+  eo.format = BF_EXPORT_FORMAT_VMDK;
+  OK(bf_export(store, rep.snapshot, vmdk, &eo, NULL, NULL, NULL, &er));
+  OK(bf_image_info_json(vmdk, info, sizeof info, &info_n));
+  CHECK(strstr(info, "\"subformat\":\"streamOptimized\"") != NULL);
   eo.format = 9;
   EXPECT(bf_export(store, rep.snapshot, vhdx, &eo, NULL, NULL, NULL, NULL), BF_RESULT_INVALID_PARAMETER);
+  free(vmdk);
   free(vhdx);
 
   /* JSON queries: ask for the size first, then read. */

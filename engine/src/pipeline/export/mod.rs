@@ -1,6 +1,6 @@
 //! Export: a snapshot written out as an image a target platform imports.
 //!
-//! Every format here but streamOptimized VMDK is a layout of the disk's bytes in the file
+//! Every format but streamOptimized VMDK (`vmdk`, written in order) is a layout of the disk's bytes in the file
 //! (blocks at offsets fixed before any data is written) plus metadata around them: the
 //! export is a restore through that [`Layout`], with a restore's guarantees (pack ranges
 //! read in order, the output under its name only once whole). Only allocated data is
@@ -9,6 +9,7 @@
 
 mod vhd;
 mod vhdx;
+mod vmdk;
 
 use std::path::Path;
 
@@ -26,6 +27,8 @@ use crate::store::{Snapshot, Store};
 pub enum ExportFormat {
     /// A raw disk, sparse.
     Raw,
+    /// A streamOptimized VMDK (what AWS VM Import and vSphere's OVF deployment take).
+    Vmdk,
     /// A dynamic VHDX (what Hyper-V takes).
     Vhdx,
     /// A dynamic VHD.
@@ -36,8 +39,9 @@ pub enum ExportFormat {
 
 impl ExportFormat {
     /// Every format, by name.
-    pub const ALL: [ExportFormat; 4] = [
+    pub const ALL: [ExportFormat; 5] = [
         ExportFormat::Raw,
+        ExportFormat::Vmdk,
         ExportFormat::Vhdx,
         ExportFormat::Vhd,
         ExportFormat::VhdFixed,
@@ -47,6 +51,7 @@ impl ExportFormat {
     pub fn name(self) -> &'static str {
         match self {
             ExportFormat::Raw => "raw",
+            ExportFormat::Vmdk => "vmdk",
             ExportFormat::Vhdx => "vhdx",
             ExportFormat::Vhd => "vhd",
             ExportFormat::VhdFixed => "vhd-fixed",
@@ -115,6 +120,7 @@ pub fn export(
     let snapshot = store.snapshot(spec)?;
     let size = snapshot.disk.virtual_size;
     let layout: Box<dyn Layout> = match opts.format {
+        ExportFormat::Vmdk => return vmdk::export(store, &snapshot, out, opts, observer),
         ExportFormat::Raw => Box::new(Raw(size)),
         ExportFormat::VhdFixed => Box::new(vhd::Fixed::new(size)?),
         ExportFormat::Vhd => {
