@@ -581,7 +581,14 @@ fn export_section(ctx: &mut Ctx, os: &Path, rep: &mut Report) -> Result<()> {
     ctx.replicate(os, &store, &[], rep, "export, first copy")?;
     // The peer's input: the restored raw disk, warm in the page cache as the store is.
     let raw = ctx.work.join("restored.raw");
-    measure(&mut ctx.bf(&["restore", "latest", pstr(&raw), "--store", &store, "--force"]))?;
+    measure(&mut ctx.bf(&[
+        "restore",
+        "latest",
+        pstr(&raw),
+        "--store",
+        &store,
+        "--force",
+    ]))?;
     warm(&raw)?;
     let (q_out, b_out) = (ctx.work.join("q.img"), ctx.work.join("b.img"));
     for (format, qfmt, opts, target) in [
@@ -603,13 +610,29 @@ fn export_section(ctx: &mut Ctx, os: &Path, rep: &mut Report) -> Result<()> {
             &mut || {
                 let _ = std::fs::remove_file(&b_out);
                 let args = [
-                    "export", "latest", pstr(&b_out), "--store", &store, "--format", format,
+                    "export",
+                    "latest",
+                    pstr(&b_out),
+                    "--store",
+                    &store,
+                    "--format",
+                    format,
                 ];
                 Ok(measure(&mut ctx.bf(&args))?.0.secs)
             },
         ])?;
-        rep.row("export", format!("qemu-img convert raw to {format}"), t[0], String::new());
-        rep.row("export", format!("blockferry export {format}"), t[1], String::new());
+        rep.row(
+            "export",
+            format!("qemu-img convert raw to {format}"),
+            t[0],
+            String::new(),
+        );
+        rep.row(
+            "export",
+            format!("blockferry export {format}"),
+            t[1],
+            String::new(),
+        );
         rep.target(
             format!("qemu-img / blockferry export, {format} >= {target:.2}"),
             format!("{:.2}x", t[0] / t[1]),
