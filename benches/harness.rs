@@ -20,8 +20,9 @@
 //!   and against `restic backup`; then 1% of the chunks change, and deltas (by hash, and from
 //!   a VMware CBT list) against restic's incremental backup;
 //! - `convert` against `qemu-img convert -O raw`, VMDK and VHDX, dense and sparse;
-//! - `export` of a snapshot to each image format against `qemu-img convert` of the restored
-//!   raw disk to the same format (streamOptimized VMDK: deflate on both sides);
+//! - `export` of a snapshot to each image format against `qemu-img convert -t writeback` (its
+//!   output flushed, as blockferry's is) of the restored raw disk to the same format
+//!   (streamOptimized VMDK: deflate on both sides);
 //! - the read engines (pread, `io_uring` buffered and `O_DIRECT`), cold and warm: replications
 //!   into a store that already holds every chunk, so a run reads and hashes only;
 //! - a 1 TiB sparse image with 1 GiB allocated against a 1 GiB dense one;
@@ -600,8 +601,11 @@ fn export_section(ctx: &mut Ctx, os: &Path, rep: &mut Report) -> Result<()> {
         let t = interleaved(&mut [
             &mut || {
                 let _ = std::fs::remove_file(&q_out);
+                // Writeback with the flush at the end: blockferry makes its output durable
+                // before it gives it its name; qemu-img convert's default cache mode
+                // ("unsafe") never flushes, which would time the page cache, not the disk.
                 let mut c = Command::new("qemu-img");
-                c.args(["convert", "-f", "raw", "-O", qfmt]);
+                c.args(["convert", "-t", "writeback", "-f", "raw", "-O", qfmt]);
                 if !opts.is_empty() {
                     c.args(["-o", opts]);
                 }
