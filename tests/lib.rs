@@ -508,6 +508,24 @@ impl Rng {
 /// Data to write into an image: `(offset, bytes)` pairs.
 pub type Regions = Vec<(u64, Vec<u8>)>;
 
+/// A raw disk with random data, explicit zero runs and holes at random places.
+pub fn random_disk(rng: &mut Rng, path: &Path, size: u64) {
+    let mut regions = Vec::new();
+    for i in 0..(8 + rng.below(12)) {
+        let len = 1 + rng.below(3 * MIB);
+        let off = rng.below(size - len);
+        let data = match i % 4 {
+            0 => vec![0; len as usize],
+            1 => rng.texty(len as usize),
+            _ => rng.bytes(len as usize),
+        };
+        regions.push((off, data));
+    }
+    // Data at the very end too, where rounding bugs live.
+    regions.push((size - 4096, rng.bytes(4096)));
+    make_image(path, size, &regions);
+}
+
 /// Creates a sparse image of `size` bytes with `data` written at each offset.
 pub fn make_image(path: &Path, size: u64, data: &[(u64, Vec<u8>)]) {
     let f = File::create(path).expect("creating image");

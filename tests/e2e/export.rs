@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use blockferry_tests::{MIB, Rng, Sandbox, Value, have_qemu, make_image, qemu, qemu_from_raw};
+use blockferry_tests::{
+    MIB, Rng, Sandbox, Value, have_qemu, make_image, qemu, qemu_from_raw, random_disk,
+};
 
 /// qemu's name of each export format, and whether `qemu-img check` knows the format.
 const FORMATS: [(&str, &str, bool); 5] = [
@@ -13,23 +15,6 @@ const FORMATS: [(&str, &str, bool); 5] = [
     ("vhd", "vpc", false),
     ("vhdx", "vhdx", true),
 ];
-
-/// A raw disk with random data, zero runs and holes at random places, and data at the end.
-fn random_disk(rng: &mut Rng, path: &Path, size: u64) {
-    let mut regions = Vec::new();
-    for i in 0..(6 + rng.below(10)) {
-        let len = 1 + rng.below(3 * MIB);
-        let off = rng.below(size - len);
-        let data = match i % 3 {
-            0 => vec![0; len as usize],
-            1 => rng.texty(len as usize),
-            _ => rng.bytes(len as usize),
-        };
-        regions.push((off, data));
-    }
-    regions.push((size - 4096, rng.bytes(4096)));
-    make_image(path, size, &regions);
-}
 
 /// The bytes qemu reads from `image` in `fmt`, as a raw file beside it.
 fn qemu_raw(image: &Path, fmt: &str) -> Vec<u8> {

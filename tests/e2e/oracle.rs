@@ -4,26 +4,8 @@
 use std::path::Path;
 
 use blockferry_tests::{
-    MIB, Rng, Sandbox, Value, file_hash, have_qemu, make_image, qemu, qemu_from_raw,
+    MIB, Rng, Sandbox, Value, file_hash, have_qemu, qemu, qemu_from_raw, random_disk,
 };
-
-/// A raw disk with random data, explicit zero runs and holes at random places.
-fn random_disk(rng: &mut Rng, path: &Path, size: u64) {
-    let mut regions = Vec::new();
-    for i in 0..(8 + rng.below(12)) {
-        let len = 1 + rng.below(3 * MIB);
-        let off = rng.below(size - len);
-        let data = match i % 4 {
-            0 => vec![0; len as usize],
-            1 => rng.texty(len as usize),
-            _ => rng.bytes(len as usize),
-        };
-        regions.push((off, data));
-    }
-    // Data at the very end too, where rounding bugs live.
-    regions.push((size - 4096, rng.bytes(4096)));
-    make_image(path, size, &regions);
-}
 
 /// Data extents of a qemu-img map, merged.
 fn qemu_data(path: &Path, fmt: &str) -> Vec<(u64, u64)> {

@@ -181,6 +181,34 @@ fn allocated_blocks(store: &Store, snapshot: &Snapshot, block_size: u64) -> Resu
     Ok(allocated)
 }
 
+/// [`Layout::place`] for a format of fixed-size blocks: `at[b]` is the file offset of block
+/// `b`'s data, `None` for a block the file does not store.
+fn place_in_blocks(
+    at: &[Option<u64>],
+    block: u64,
+    virt: u64,
+    len: usize,
+    f: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let pos = virt + done as u64;
+        let within = pos % block;
+        let n = usize::try_from((block - within).min((len - done) as u64))
+            .map_err(|_| Error::internal("a piece larger than memory"))?;
+        let stored = usize::try_from(pos / block)
+            .ok()
+            .and_then(|b| at.get(b))
+            .copied()
+            .flatten();
+        if let Some(offset) = stored {
+            f(offset + within, done..done + n)?;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 fn too_large() -> Error {
     Error::config("the disk is too large for this machine's address space")
 }

@@ -154,8 +154,8 @@ pub(super) struct Dynamic {
     footer: [u8; 512],
     header: [u8; 1024],
     bat: Vec<u8>,
-    /// For each block, its index among the stored blocks.
-    rank: Vec<Option<u64>>,
+    /// For each block, the file offset of its data if stored.
+    at: Vec<Option<u64>>,
     data_start: u64,
     stored: u64,
 }
@@ -170,18 +170,19 @@ impl Dynamic {
         let bat_bytes = (blocks * 4).div_ceil(SECTOR) * SECTOR;
         let data_start = bat_at + bat_bytes;
         let mut bat = vec![0xFF; usize::try_from(bat_bytes).map_err(|_| super::too_large())?];
-        let mut rank = Vec::with_capacity(allocated.len());
+        let mut at = Vec::with_capacity(allocated.len());
         let mut stored = 0u64;
         for (i, a) in allocated.into_iter().enumerate() {
             if !a {
-                rank.push(None);
+                at.push(None);
                 continue;
             }
-            let sector = (data_start + stored * (BITMAP + BLOCK_SIZE)) / SECTOR;
+            let block_at = data_start + stored * (BITMAP + BLOCK_SIZE);
+            let sector = block_at / SECTOR;
             let sector = u32::try_from(sector)
                 .map_err(|_| Error::config("the VHD's block table cannot address the disk"))?;
             bat[i * 4..i * 4 + 4].copy_from_slice(&sector.to_be_bytes());
-            rank.push(Some(stored));
+            at.push(Some(block_at + BITMAP));
             stored += 1;
         }
         let mut header = [0u8; 1024];
@@ -202,7 +203,7 @@ impl Dynamic {
             footer: footer(size, DYNAMIC, FOOTER)?,
             header,
             bat,
-            rank,
+            at,
             data_start,
             stored,
         })
@@ -228,24 +229,7 @@ impl Layout for Dynamic {
         len: usize,
         f: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<()>,
     ) -> Result<()> {
-        let mut done = 0usize;
-        while done < len {
-            let at = virt + done as u64;
-            let block = at / BLOCK_SIZE;
-            let within = at % BLOCK_SIZE;
-            let n = usize::try_from((BLOCK_SIZE - within).min((len - done) as u64))
-                .map_err(|_| Error::internal("a piece larger than memory"))?;
-            let rank = usize::try_from(block)
-                .ok()
-                .and_then(|b| self.rank.get(b))
-                .copied()
-                .flatten();
-            if let Some(r) = rank {
-                f(self.block_at(r) + BITMAP + within, done..done + n)?;
-            }
-            done += n;
-        }
-        Ok(())
+        super::place_in_blocks(&self.at, BLOCK_SIZE, virt, len, f)
     }
 
     fn metadata(&self, w: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {

@@ -227,23 +227,7 @@ impl Layout for Dynamic {
         len: usize,
         f: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<()>,
     ) -> Result<()> {
-        let mut done = 0usize;
-        while done < len {
-            let pos = virt + done as u64;
-            let within = pos % self.block;
-            let n = usize::try_from((self.block - within).min((len - done) as u64))
-                .map_err(|_| Error::internal("a piece larger than memory"))?;
-            let at = usize::try_from(pos / self.block)
-                .ok()
-                .and_then(|b| self.at.get(b))
-                .copied()
-                .flatten();
-            if let Some(at) = at {
-                f(at + within, done..done + n)?;
-            }
-            done += n;
-        }
-        Ok(())
+        super::place_in_blocks(&self.at, self.block, virt, len, f)
     }
 
     fn metadata(&self, w: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
