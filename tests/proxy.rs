@@ -35,6 +35,8 @@ pub enum Action {
     /// Take the whole request, then answer nothing for this long and close (a stalled
     /// server).
     Stall(std::time::Duration),
+    /// Forward after this long (a slow link).
+    Delay(std::time::Duration),
 }
 
 /// A request as the rule sees it.
@@ -312,6 +314,7 @@ fn serve(
                 let _ = writer.shutdown(Shutdown::Both);
                 return Ok(());
             }
+            Action::Delay(d) => std::thread::sleep(d),
             _ => {}
         }
         if req.is_upload_part() {

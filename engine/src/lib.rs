@@ -76,7 +76,7 @@ pub use image::{
 // collection.
 pub use io::IoEngine;
 pub use job::state::{
-    CleanupReport, JobDb, JobKey, JobLock, JobRecord, JobSource, JobState, OpenPack,
+    CleanupReport, JobDb, JobKey, JobKind, JobLock, JobRecord, JobSource, JobState, OpenPack,
     SourceFile as JobSourceFile, default_state_dir,
 };
 pub use store::gc::{GcOptions, GcReport, gc};

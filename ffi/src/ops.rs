@@ -546,6 +546,7 @@ pub unsafe extern "C" fn bf_export(
             workers: o.workers as usize,
             force: o.force,
             cancel: ffi_arg!(token(cancel)),
+            ..ExportOptions::default()
         };
         let r = run(progress, userdata, |observer| {
             blockferry::export(&store.store, snapshot, Path::new(out), &opts, observer)

@@ -747,17 +747,27 @@ class Store:
         format: str,
         force: bool = False,
         workers: int = 0,
+        memory_budget: int = 0,
+        jobs: int = 0,
+        part_size: int = 0,
+        base_export: Optional[str] = None,
+        incremental: bool = False,
         progress: Optional[ProgressCallback] = None,
         progress_interval: float = 0.5,
     ) -> Operation[ExportReport]:
         """Starts writing a snapshot out as an image; see :meth:`export`."""
-        _counts(workers=workers)
+        _counts(workers=workers, memory_budget=memory_budget, jobs=jobs, part_size=part_size)
         task = self._native.start_export(
             snapshot,
             os.fspath(out),
             format=format,
             force=force,
             workers=workers,
+            memory_budget=memory_budget,
+            jobs=jobs,
+            part_size=part_size,
+            base_export=base_export,
+            incremental=incremental,
             progress=_deliver(progress),
             progress_interval=progress_interval,
         )
@@ -771,6 +781,11 @@ class Store:
         format: str,
         force: bool = False,
         workers: int = 0,
+        memory_budget: int = 0,
+        jobs: int = 0,
+        part_size: int = 0,
+        base_export: Optional[str] = None,
+        incremental: bool = False,
         progress: Optional[ProgressCallback] = None,
         progress_interval: float = 0.5,
     ) -> ExportReport:
@@ -778,13 +793,26 @@ class Store:
         platform imports: ``format`` is ``raw``, ``vmdk`` (streamOptimized, as AWS VM Import
         and vSphere take), ``vhdx`` (dynamic), ``vhd`` (dynamic) or ``vhd-fixed`` (a whole
         number of MiB, as Azure takes). Only data is written; the file
-        appears under its name only once whole (``force`` to replace one)."""
+        appears under its name only once whole (``force`` to replace one).
+
+        ``out`` may be an object, ``s3://BUCKET/KEY`` (reached as the store is, when it is
+        on S3): one multipart upload of ``jobs`` parts at once of ``part_size`` bytes within
+        ``memory_budget``, which a later call continues if this one stops. For ``raw`` and
+        ``vhd-fixed``, ``base_export`` (``s3://BUCKET/KEY@SNAPSHOT``) or ``incremental`` (the
+        object replaced is the base, if it is an export of an earlier snapshot) make a delta:
+        unchanged parts are copied by the store, only changed ones sent; a base that cannot
+        be trusted means a full upload, with a warning."""
         return self.start_export(
             snapshot,
             out,
             format=format,
             force=force,
             workers=workers,
+            memory_budget=memory_budget,
+            jobs=jobs,
+            part_size=part_size,
+            base_export=base_export,
+            incremental=incremental,
             progress=progress,
             progress_interval=progress_interval,
         ).result()

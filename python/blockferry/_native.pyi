@@ -193,6 +193,11 @@ class Store:
         format: str,
         force: bool = ...,
         workers: int = ...,
+        memory_budget: int = ...,
+        jobs: int = ...,
+        part_size: int = ...,
+        base_export: Optional[str] = ...,
+        incremental: bool = ...,
         progress: Optional[Callable[[Any], Any]] = ...,
         progress_interval: float = ...,
     ) -> Task: ...

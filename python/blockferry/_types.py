@@ -294,6 +294,14 @@ class ExportReport:
         file_size: The image file's size (sparse: only data and metadata take space).
         bytes_written: Bytes of the disk's data written.
         seconds: Wall time in seconds.
+        bytes_sent: To an object: bytes uploaded by this call.
+        bytes_copied: To an object: bytes the store copied from the base export.
+        bytes_resumed: To an object: bytes of parts an earlier, stopped call had sent.
+        parts: To an object: the upload's parts (0 for a file).
+        base: To an object: the snapshot of the base export of a delta, if any.
+        job: To an object: the job that records the upload until it is done.
+        resumed: To an object: whether this call continued a stopped one.
+        etag: To an object: the object's ETag.
     """
 
     snapshot: str
@@ -304,6 +312,14 @@ class ExportReport:
     file_size: int
     bytes_written: int
     seconds: float
+    bytes_sent: int = 0
+    bytes_copied: int = 0
+    bytes_resumed: int = 0
+    parts: int = 0
+    base: Optional[str] = None
+    job: Optional[str] = None
+    resumed: bool = False
+    etag: Optional[str] = None
 
     @classmethod
     def _from(cls, d: Mapping[str, Any]) -> "ExportReport":

@@ -731,7 +731,7 @@ impl Store {
     }
 
     /// Starts writing snapshot `snapshot` out to `out` as an image in `format`.
-    #[pyo3(signature = (snapshot, out, *, format, force=false, workers=0, progress=None, progress_interval=0.5))]
+    #[pyo3(signature = (snapshot, out, *, format, force=false, workers=0, memory_budget=0, jobs=0, part_size=0, base_export=None, incremental=false, progress=None, progress_interval=0.5))]
     #[allow(clippy::too_many_arguments)] // the keyword arguments of the Python call
     fn start_export(
         &self,
@@ -741,6 +741,11 @@ impl Store {
         format: &str,
         force: bool,
         workers: usize,
+        memory_budget: usize,
+        jobs: usize,
+        part_size: usize,
+        base_export: Option<String>,
+        incremental: bool,
         progress: Option<Py<PyAny>>,
         progress_interval: f64,
     ) -> PyResult<Task> {
@@ -753,6 +758,12 @@ impl Store {
             workers,
             force,
             cancel: cancel.clone(),
+            memory_budget,
+            upload_jobs: jobs,
+            part_size,
+            base_export,
+            incremental,
+            ..blockferry::ExportOptions::default()
         };
         let store = Arc::clone(&self.store);
         Task::start(

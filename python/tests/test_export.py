@@ -45,3 +45,38 @@ def test_an_unknown_format_names_the_argument(store: blockferry.Store, tmp_path:
         store.export(snap, tmp_path / "d.qcow2", format="qcow2")
     assert e.value.setting == "format" and "vhd-fixed" in str(e.value)
     assert not (tmp_path / "d.qcow2").exists()
+
+
+def test_export_to_s3_and_a_delta_on_it(s3: dict, tmp_path: Path, state: Path) -> None:
+    """An object as the output: reached with the store's S3 settings; a second export of a
+    snapshot with one changed chunk copies the rest from the first."""
+    import uuid
+
+    from conftest import s3_kwargs
+
+    prefix = f"py-export-{uuid.uuid4().hex[:12]}"
+    url = f"s3://{s3['BF_S3_BUCKET']}/{prefix}"
+    store = blockferry.Store.create(url + "/store", passphrase="pw", state_dir=state, **s3_kwargs(s3))
+    disk = make_disk(tmp_path / "d.raw", 24 * MIB, [(0, os.urandom(24 * MIB))])
+    first = store.replicate(disk, state_dir=state).snapshot
+    target = f"{url}/vm.raw"
+    full = store.export(first, target, format="raw")
+    assert full.output == target and full.parts >= 2 and full.bytes_sent == 24 * MIB
+    assert full.bytes_copied == 0 and full.base is None and full.job and full.etag
+    with open(disk, "r+b") as f:
+        f.seek(20 * MIB)
+        f.write(os.urandom(MIB))
+    second = store.replicate(disk, state_dir=state).snapshot
+    delta = store.export(second, target, format="raw", incremental=True)
+    assert delta.base == first
+    assert delta.bytes_sent == 5 * MIB and delta.bytes_copied == 19 * MIB
+    back = tmp_path / "back.raw"
+    store.export(second, back, format="raw")
+    # The object holds the second snapshot's export: one elsewhere on it copies everything.
+    again = blockferry.Store.open(url + "/store", passphrase="pw", state_dir=state, **s3_kwargs(s3))
+    copy = again.export(second, f"{url}/copy.raw", format="raw", base_export=f"{target}@{second}")
+    assert copy.bytes_sent == 0 and copy.bytes_copied == 24 * MIB
+    with pytest.raises(blockferry.ConfigError) as e:
+        store.export(second, tmp_path / "x.raw", format="raw", incremental=True)
+    assert e.value.setting == "base_export"
+    assert back.read_bytes() == disk.read_bytes()

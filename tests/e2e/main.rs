@@ -29,6 +29,8 @@ mod engines;
 mod errors;
 /// Export to image formats, with qemu-img as the oracle.
 mod export;
+/// Export to S3: downloads as the local export, resumes, delta exports by part copies.
+mod export_s3;
 /// Garbage collection: space reclaimed, kept snapshots intact, store locks.
 mod gc;
 /// Jobs: resume, changed sources, jobs/abandon/cleanup.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use serde_json::json;
 
-use blockferry::{JobDb, JobState, default_state_dir};
+use blockferry::{JobDb, JobKind, JobState, default_state_dir};
 
 use super::output::{human_bytes, rfc3339};
 use super::{S3Args, StoreArgs, backend, print_json, s3_options};
@@ -82,7 +82,7 @@ pub(crate) fn list(a: &JobsArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
-        "{:<16}  {:<8}  {:<20}  {:>4}  {:>10}  {:>10}  SOURCE → STORE",
+        "{:<16}  {:<8}  {:<20}  {:>4}  {:>10}  {:>10}  FROM → TO",
         "JOB",
         "STATE",
         "UPDATED",
@@ -104,8 +104,16 @@ pub(crate) fn list(a: &JobsArgs) -> anyhow::Result<ExitCode> {
             j.runs,
             human_bytes(j.bytes_sent),
             human_bytes(j.bytes_resent),
-            j.source,
-            j.store,
+            if j.kind == JobKind::Export {
+                &j.store
+            } else {
+                &j.source
+            },
+            if j.kind == JobKind::Export {
+                &j.source
+            } else {
+                &j.store
+            },
             j.snapshot
                 .as_ref()
                 .map(|s| format!(" (snapshot {s})"))

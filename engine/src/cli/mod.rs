@@ -347,7 +347,8 @@ struct RestoreArgs {
 struct ExportArgs {
     /// Snapshot id, unique id prefix, DISK@latest, or `latest` (of the only disk).
     snapshot: String,
-    /// Output file (created sparse; it appears under this name only once whole).
+    /// Output file (created sparse; it appears under this name only once whole), or an
+    /// object, s3://BUCKET/KEY (one multipart upload, resumed if a run stops).
     out: PathBuf,
     #[command(flatten)]
     store: StoreArgs,
@@ -360,6 +361,23 @@ struct ExportArgs {
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// To S3: memory for parts in flight (default as replicate's).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory_budget: Option<u64>,
+    /// To S3: parts uploaded at once (default 4).
+    #[arg(long, default_value_t = 0)]
+    jobs: usize,
+    /// To S3: part size (default 16M, more for images over 160 GB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    part_size: Option<u64>,
+    /// To S3, raw or vhd-fixed: a delta on this earlier export, s3://BUCKET/KEY@SNAPSHOT
+    /// (parts unchanged since that snapshot are copied by the store, not sent).
+    #[arg(long, value_name = "URL@SNAPSHOT", conflicts_with = "incremental")]
+    base_export: Option<String>,
+    /// To S3, raw or vhd-fixed: a delta on the object being replaced, when it is an export
+    /// of an earlier snapshot of this disk (else the whole image is sent, with a warning).
+    #[arg(long)]
+    incremental: bool,
 }
 
 fn parse_export_format(s: &str) -> Result<blockferry::ExportFormat, String> {
@@ -1027,6 +1045,16 @@ fn cmd_export(a: &ExportArgs) -> anyhow::Result<ExitCode> {
         workers: a.workers,
         force: a.force,
         cancel: CancelToken::new(),
+        memory_budget: a
+            .memory_budget
+            .map_or(0, |b| usize::try_from(b).unwrap_or(usize::MAX).max(1)),
+        upload_jobs: a.jobs,
+        part_size: a
+            .part_size
+            .map_or(0, |p| usize::try_from(p).unwrap_or(usize::MAX)),
+        s3: Some(s3_options(&a.store.s3)),
+        base_export: a.base_export.clone(),
+        incremental: a.incremental,
     };
     let bar = Bar::new(
         !a.store.json && std::io::stderr().is_terminal(),
@@ -1049,6 +1077,27 @@ fn cmd_export(a: &ExportArgs) -> anyhow::Result<ExitCode> {
             human_bytes(report.file_size),
             report.seconds
         );
+        if report.parts > 0 {
+            outln!(
+                "{} parts: {} sent, {} copied by the store{}{}",
+                report.parts,
+                human_bytes(report.bytes_sent),
+                human_bytes(report.bytes_copied),
+                report
+                    .base
+                    .as_ref()
+                    .map(|b| format!(" from the export of snapshot {b}"))
+                    .unwrap_or_default(),
+                if report.resumed {
+                    format!(
+                        ", {} sent by an earlier run",
+                        human_bytes(report.bytes_resumed)
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

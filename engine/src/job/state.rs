@@ -22,8 +22,9 @@ use crate::store::format::{self, Entry, Id, PackId, hex};
 use crate::store::{ObjectStore, Part, SourceFingerprint, StoreConfig, now_unix_ms};
 
 /// Schema version of the database; a newer one is refused, an older one brought up to date
-/// (2: `parts.last`, a pack's last part, trailer included, is recorded too).
-const SCHEMA_VERSION: i64 = 2;
+/// (2: `parts.last`, a pack's last part, trailer included, is recorded too; 3: `jobs.kind`,
+/// and the tables of exports).
+const SCHEMA_VERSION: i64 = 3;
 
 /// How long taking a job's lock waits for a process that holds it.
 const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -48,7 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     bytes_resent INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL,
     updated_ms INTEGER NOT NULL,
-    last_error TEXT
+    last_error TEXT,
+    kind TEXT NOT NULL DEFAULT 'replicate'
 );
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs (store_id, source, disk, chunk_size, state);
 CREATE TABLE IF NOT EXISTS packs (
@@ -91,6 +93,24 @@ CREATE TABLE IF NOT EXISTS positions (
     id BLOB NOT NULL,
     PRIMARY KEY (job, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS exports (
+    job TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+    target TEXT NOT NULL,
+    format TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    upload_id TEXT,
+    etag TEXT,
+    size INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS export_parts (
+    job TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    number INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    crc32c TEXT NOT NULL,
+    PRIMARY KEY (job, number)
+);
 ";
 
 /// What [`JobDb::cleanup_uploads`] did.
@@ -246,6 +266,18 @@ pub struct JobRecord {
     pub last_error: Option<String>,
     /// Whether a process is running it now (its lock is held).
     pub running: bool,
+    /// What the job does.
+    pub kind: JobKind,
+}
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// A replication of a source into a store (`source` is the source's path).
+    Replicate,
+    /// An export of a snapshot to an object (`source` is the target's URL).
+    Export,
 }
 
 /// A pack of a job whose multipart upload is still open.
@@ -271,7 +303,7 @@ pub struct JobLock {
 /// The job database.
 #[derive(Debug)]
 pub struct JobDb {
-    conn: Connection,
+    pub(super) conn: Connection,
     dir: PathBuf,
 }
 
@@ -292,15 +324,15 @@ pub fn default_state_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/state/blockferry"))
 }
 
-fn db_err(what: &str, e: rusqlite::Error) -> Error {
+pub(super) fn db_err(what: &str, e: rusqlite::Error) -> Error {
     Error::new(ErrorKind::Io, format!("job database: {what}")).with_source(e)
 }
 
-fn i64_of(v: u64) -> i64 {
+pub(super) fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn u64_of(v: i64) -> u64 {
+pub(super) fn u64_of(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -338,12 +370,18 @@ impl JobDb {
                 .map_err(|e| db_err("writing the schema version", e))?;
             }
             Some(Ok(v)) if v == SCHEMA_VERSION => {}
-            Some(Ok(1)) => {
+            Some(Ok(v)) if (1..SCHEMA_VERSION).contains(&v) => {
+                if v < 2 {
+                    conn.execute_batch(
+                        "ALTER TABLE parts ADD COLUMN last INTEGER NOT NULL DEFAULT 0;",
+                    )
+                    .map_err(|e| db_err("updating the database to schema 2", e).with_path(&path))?;
+                }
                 conn.execute_batch(
-                    "ALTER TABLE parts ADD COLUMN last INTEGER NOT NULL DEFAULT 0;
-                     UPDATE meta SET value = '2' WHERE key = 'schema';",
+                    "ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'replicate';
+                     UPDATE meta SET value = '3' WHERE key = 'schema';",
                 )
-                .map_err(|e| db_err("updating the database to schema 2", e).with_path(&path))?;
+                .map_err(|e| db_err("updating the database to schema 3", e).with_path(&path))?;
             }
             Some(_) => {
                 return Err(Error::new(
@@ -410,7 +448,7 @@ impl JobDb {
             .is_ok_and(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
     }
 
-    fn record(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+    pub(super) fn record(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         let id: String = row.get(0)?;
         let fingerprint: String = row.get(6)?;
         let state: String = row.get(7)?;
@@ -432,11 +470,16 @@ impl JobDb {
             created_unix_ms: u64_of(row.get(12)?),
             updated_unix_ms: u64_of(row.get(13)?),
             last_error: row.get(14)?,
+            kind: if row.get::<_, String>(15)? == "export" {
+                JobKind::Export
+            } else {
+                JobKind::Replicate
+            },
         })
     }
 
-    const COLUMNS: &'static str = "id, store, store_id, source, disk, chunk_size, fingerprint, \
-        state, snapshot, runs, bytes_sent, bytes_resent, created_ms, updated_ms, last_error";
+    pub(super) const COLUMNS: &'static str = "id, store, store_id, source, disk, chunk_size, fingerprint, \
+        state, snapshot, runs, bytes_sent, bytes_resent, created_ms, updated_ms, last_error, kind";
 
     /// Every job, newest first.
     pub fn list(&self) -> Result<Vec<JobRecord>> {
@@ -476,7 +519,7 @@ impl JobDb {
             .conn
             .prepare(&format!(
                 "SELECT {} FROM jobs WHERE store_id = ?1 AND source = ?2 AND disk = ?3 \
-                 AND chunk_size = ?4 AND state = 'active' ORDER BY created_ms DESC LIMIT 1",
+                 AND chunk_size = ?4 AND state = 'active' AND kind = 'replicate' ORDER BY created_ms DESC LIMIT 1",
                 Self::COLUMNS
             ))
             .map_err(|e| db_err("finding the job", e))?;

@@ -102,6 +102,37 @@ pub(crate) trait Layout: Sync {
     ) -> Result<()>;
     /// Writes the metadata the file holds besides the disk's bytes, with `w(offset, bytes)`.
     fn metadata(&self, w: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()>;
+    /// The part of the metadata within the file's `range`, clipped to it (an export written
+    /// part by part).
+    fn metadata_in(
+        &self,
+        range: std::ops::Range<u64>,
+        w: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.metadata(&mut |at, bytes| clipped(&range, at, bytes, w))
+    }
+    /// The smallest range of the disk whose pieces [`place`](Layout::place) puts in the
+    /// file's `range` (empty if it puts none there). Layouts place the disk in order.
+    fn disk_span(&self, range: std::ops::Range<u64>) -> std::ops::Range<u64>;
+}
+
+/// Calls `w` with the part of `bytes` at file offset `at` that lies in `range`, if any.
+pub(crate) fn clipped(
+    range: &std::ops::Range<u64>,
+    at: u64,
+    bytes: &[u8],
+    w: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    let start = at.max(range.start);
+    let end = (at + bytes.len() as u64).min(range.end);
+    if start >= end {
+        return Ok(());
+    }
+    let (from, to) = (
+        usize::try_from(start - at).map_err(|_| Error::internal("metadata past memory"))?,
+        usize::try_from(end - at).map_err(|_| Error::internal("metadata past memory"))?,
+    );
+    w(start, &bytes[from..to])
 }
 
 /// A raw disk of this many bytes: the file is the disk.
@@ -127,6 +158,10 @@ impl Layout for Raw {
 
     fn metadata(&self, _: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
         Ok(())
+    }
+
+    fn disk_span(&self, range: std::ops::Range<u64>) -> std::ops::Range<u64> {
+        range.start.min(self.0)..range.end.min(self.0)
     }
 }
 
@@ -271,17 +306,17 @@ const MAX_RANGE: u64 = 8 << 20;
 const MAX_GAP: u64 = 256 << 10;
 
 /// Where a chunk goes on the disk: offset and length.
-type Place = (u64, usize);
+pub(super) type Place = (u64, usize);
 
 /// Writes bytes at a disk offset.
-type Write<'a> = dyn Fn(&[u8], u64) -> Result<()> + Sync + 'a;
+pub(super) type Write<'a> = dyn Fn(&[u8], u64) -> Result<()> + Sync + 'a;
 
 /// Deals with a chunk that cannot be read, given its places.
-type Lost<'a> = dyn Fn(Error, &[Place]) -> Result<()> + Sync + 'a;
+pub(super) type Lost<'a> = dyn Fn(Error, &[Place]) -> Result<()> + Sync + 'a;
 
 /// A worker's buffers: a range as read, and a chunk decoded.
 #[derive(Default)]
-struct Buffers {
+pub(super) struct Buffers {
     raw: Vec<u8>,
     data: Vec<u8>,
 }
@@ -294,7 +329,7 @@ struct Wanted {
 }
 
 /// What a restore worker does.
-enum Job {
+pub(super) enum Job {
     /// Zeros onto a device.
     Zero { offset: u64, len: usize },
     /// Records of one pack read with one ranged GET.
@@ -304,7 +339,7 @@ enum Job {
 }
 
 /// Neighbouring records of one pack, and where each chunk goes on the disk.
-struct Range {
+pub(super) struct Range {
     pack: PackId,
     start: u64,
     len: u64,
@@ -314,7 +349,7 @@ struct Range {
 impl Range {
     /// Reads the range and writes each chunk where it goes; a range that cannot be read
     /// whole (a damaged or short pack) is read chunk by chunk, so that the damage is placed.
-    fn restore(
+    pub(super) fn restore(
         &self,
         store: &Store,
         bufs: &mut Buffers,
@@ -485,78 +520,93 @@ impl Plan<'_> {
                     Counters::add(&counters.bytes_done, len as u64);
                 }
             }
-            // By pack, in record order, cut into ranges.
-            let mut by_pack: HashMap<PackId, Vec<Wanted>> = HashMap::new();
-            let mut missing = Vec::new();
-            for (id, places) in wanted {
-                match self.index.get(&id) {
-                    Some((pack, loc)) => {
-                        by_pack
-                            .entry(pack)
-                            .or_default()
-                            .push(Wanted { id, loc, places });
-                    }
-                    None => missing.push((id, places)),
-                }
-            }
-            for (id, places) in missing {
-                let bytes = places.iter().map(|p| p.1 as u64).sum();
-                let error = Error::new(
-                    ErrorKind::NotFound,
-                    format!("chunk {} is in no index of the store", hex(&id)),
-                );
-                if !send(Job::Missing { error, places }, bytes) {
-                    return Ok(());
-                }
-            }
-            let mut packs: Vec<_> = by_pack.into_iter().collect();
-            packs.sort_by_key(|(pack, _)| *pack);
-            for (pack, mut chunks) in packs {
-                chunks.sort_by_key(|c| c.loc.offset);
-                let mut range: Option<Range> = None;
-                for c in chunks {
-                    // Checked before it sizes a read: an index entry must not make one huge.
-                    if let Err(error) = self.store.check_location(&pack, &c.loc) {
-                        let bytes = c.places.iter().map(|p| p.1 as u64).sum();
-                        let places = c.places;
-                        if !send(Job::Missing { error, places }, bytes) {
-                            return Ok(());
-                        }
-                        continue;
-                    }
-                    let (start, end) = (
-                        c.loc.offset,
-                        c.loc.offset.saturating_add(u64::from(c.loc.stored_len)),
-                    );
-                    if let Some(r) = range.as_mut()
-                        && start <= r.start + r.len + MAX_GAP
-                        && end - r.start <= MAX_RANGE
-                    {
-                        r.len = r.len.max(end - r.start);
-                        r.chunks.push(c);
-                        continue;
-                    }
-                    if let Some(r) = range.take()
-                        && !send_range(&send, r)
-                    {
-                        return Ok(());
-                    }
-                    range = Some(Range {
-                        pack,
-                        start,
-                        len: end - start,
-                        chunks: vec![c],
-                    });
-                }
-                if let Some(r) = range
-                    && !send_range(&send, r)
-                {
-                    return Ok(());
-                }
+            if !send_reads(self.store, self.index, wanted, &send) {
+                return Ok(());
             }
         }
         Ok(())
     }
+}
+
+/// The chunks `wanted` (each distinct chunk and its places on the disk) as reads: by pack, in
+/// record order, cut into ranges read with one GET each; chunks the index does not know, or
+/// records impossibly, as missing. Sends each job with the disk bytes it covers; false if
+/// the workers are gone.
+pub(super) fn send_reads(
+    store: &Store,
+    index: &ChunkIndex,
+    wanted: HashMap<Id, Vec<Place>, crate::store::IdHash>,
+    send: &dyn Fn(Job, u64) -> bool,
+) -> bool {
+    let mut by_pack: HashMap<PackId, Vec<Wanted>> = HashMap::new();
+    let mut missing = Vec::new();
+    for (id, places) in wanted {
+        match index.get(&id) {
+            Some((pack, loc)) => {
+                by_pack
+                    .entry(pack)
+                    .or_default()
+                    .push(Wanted { id, loc, places });
+            }
+            None => missing.push((id, places)),
+        }
+    }
+    for (id, places) in missing {
+        let bytes = places.iter().map(|p| p.1 as u64).sum();
+        let error = Error::new(
+            ErrorKind::NotFound,
+            format!("chunk {} is in no index of the store", hex(&id)),
+        );
+        if !send(Job::Missing { error, places }, bytes) {
+            return false;
+        }
+    }
+    let mut packs: Vec<_> = by_pack.into_iter().collect();
+    packs.sort_by_key(|(pack, _)| *pack);
+    for (pack, mut chunks) in packs {
+        chunks.sort_by_key(|c| c.loc.offset);
+        let mut range: Option<Range> = None;
+        for c in chunks {
+            // Checked before it sizes a read: an index entry must not make one huge.
+            if let Err(error) = store.check_location(&pack, &c.loc) {
+                let bytes = c.places.iter().map(|p| p.1 as u64).sum();
+                let places = c.places;
+                if !send(Job::Missing { error, places }, bytes) {
+                    return false;
+                }
+                continue;
+            }
+            let (start, end) = (
+                c.loc.offset,
+                c.loc.offset.saturating_add(u64::from(c.loc.stored_len)),
+            );
+            if let Some(r) = range.as_mut()
+                && start <= r.start + r.len + MAX_GAP
+                && end - r.start <= MAX_RANGE
+            {
+                r.len = r.len.max(end - r.start);
+                r.chunks.push(c);
+                continue;
+            }
+            if let Some(r) = range.take()
+                && !send_range(send, r)
+            {
+                return false;
+            }
+            range = Some(Range {
+                pack,
+                start,
+                len: end - start,
+                chunks: vec![c],
+            });
+        }
+        if let Some(r) = range
+            && !send_range(send, r)
+        {
+            return false;
+        }
+    }
+    true
 }
 
 /// Sends a range with the virtual bytes it covers; false if the workers are gone.

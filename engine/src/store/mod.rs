@@ -195,6 +195,10 @@ pub trait ObjectStore: Send + Sync + Debug {
     fn list_uploads(&self) -> Result<Vec<Upload>> {
         Ok(Vec::new())
     }
+    /// How an S3 backend was opened (other objects on S3 are reached the same way).
+    fn s3_options(&self) -> Option<&S3Options> {
+        None
+    }
 }
 
 /// Writes a new object with [`PutMode::Create`]. An object already under the key that holds

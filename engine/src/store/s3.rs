@@ -55,6 +55,10 @@ pub(crate) struct S3Store {
     prefix: String,
     endpoint: String,
     part_rules: PartRules,
+    /// Keys are any S3 takes (an export's target object), not only a store's own.
+    any_keys: bool,
+    /// The options it was opened with.
+    opts: S3Options,
 }
 
 impl fmt::Debug for S3Store {
@@ -107,6 +111,33 @@ impl S3Store {
     /// for a missing bucket, refused credentials or an unreachable endpoint.
     pub(crate) fn open(url: &str, opts: &S3Options) -> Result<S3Store> {
         let (bucket, prefix) = parse_url(url)?;
+        S3Store::connect(bucket, prefix, false, opts)
+    }
+
+    /// Connects to the bucket of `s3://bucket/key` to write or read the one object `key`,
+    /// which may be any key S3 takes (an export's target), and returns the key.
+    pub(crate) fn open_object(url: &str, opts: &S3Options) -> Result<(S3Store, String)> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| Error::config(format!("{url:?} is not an s3:// URL")))?;
+        let (bucket, key) = rest.split_once('/').unwrap_or((rest, ""));
+        let (bucket, _) = parse_url(&format!("s3://{bucket}"))?;
+        check_object_key(key).map_err(|_| {
+            Error::config(format!(
+                "{url:?}: name an object, s3://BUCKET/KEY (a key of at most 1024 bytes, no \
+                 control characters, not ending in `/`)"
+            ))
+        })?;
+        let store = S3Store::connect(bucket, String::new(), true, opts)?;
+        Ok((store, key.to_owned()))
+    }
+
+    fn connect(
+        bucket: String,
+        prefix: String,
+        any_keys: bool,
+        opts: &S3Options,
+    ) -> Result<S3Store> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("blockferry-s3")
@@ -204,6 +235,8 @@ impl S3Store {
                 min_part: opts.min_part_size.unwrap_or(PartRules::S3.min_part),
                 ..PartRules::S3
             },
+            any_keys,
+            opts: opts.clone(),
         };
         store.probe()?;
         Ok(store)
@@ -291,8 +324,141 @@ impl S3Store {
     }
 
     fn full_key(&self, key: &str) -> Result<String> {
-        check_key(key)?;
+        if self.any_keys {
+            check_object_key(key)?;
+        } else {
+            check_key(key)?;
+        }
         Ok(format!("{}{key}", self.prefix))
+    }
+
+    /// The object's size, ETag and user metadata; `None` if there is no such object.
+    pub(crate) fn head(&self, key: &str) -> Result<Option<ObjectHead>> {
+        let full = self.full_key(key)?;
+        match self.block(
+            self.client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send(),
+        ) {
+            Ok(resp) => Ok(Some(ObjectHead {
+                size: resp
+                    .content_length()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .unwrap_or(0),
+                etag: resp.e_tag().unwrap_or_default().to_owned(),
+                metadata: resp.metadata().cloned().unwrap_or_default(),
+            })),
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => Ok(None),
+            Err(e) => Err(self.sdk_err("reading an object's description", Some(key), &e)),
+        }
+    }
+
+    /// Starts a multipart upload of `key` whose object will carry `metadata` (user metadata,
+    /// `x-amz-meta-*`).
+    pub(crate) fn create_upload_with(
+        &self,
+        key: &str,
+        metadata: &std::collections::HashMap<String, String>,
+    ) -> Result<String> {
+        let full = self.full_key(key)?;
+        let resp = self
+            .block(
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .set_metadata(Some(metadata.clone()))
+                    .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32C)
+                    .send(),
+            )
+            .map_err(|e| self.sdk_err("starting a multipart upload", Some(key), &e))?;
+        resp.upload_id().map(str::to_owned).ok_or_else(|| {
+            Error::new(ErrorKind::Store, "the store gave no upload id").with_object(key)
+        })
+    }
+
+    /// Makes part `number` of an upload of `key` a copy, made by the store, of the bytes
+    /// `range` of the object `source` of the same bucket, provided that object's ETag is
+    /// still `if_match`; `None` if the source changed (or vanished).
+    pub(crate) fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        source: &str,
+        range: std::ops::Range<u64>,
+        if_match: &str,
+    ) -> Result<Option<Part>> {
+        let full = self.full_key(key)?;
+        let source_full = self.full_key(source)?;
+        if range.is_empty() {
+            return Err(Error::internal("an empty part copy"));
+        }
+        let sent =
+            self.block(
+                self.client
+                    .upload_part_copy()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .upload_id(upload_id)
+                    .part_number(i32::try_from(number).map_err(|_| {
+                        Error::internal("part number out of range").with_object(key)
+                    })?)
+                    .copy_source(format!("{}/{}", self.bucket, encode_key(&source_full)))
+                    .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
+                    .copy_source_if_match(if_match)
+                    .send(),
+            );
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(e)
+                if e.code() == Some("PreconditionFailed")
+                    || e.code() == Some("NoSuchKey")
+                    || matches!(
+                        e.raw_response().map(|r| r.status().as_u16()),
+                        Some(412 | 404)
+                    ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(self
+                    .sdk_err(&format!("copying part {number}"), Some(key), &e)
+                    .with_part(number));
+            }
+        };
+        let result = resp.copy_part_result();
+        let etag = result
+            .and_then(|r| r.e_tag())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Store,
+                    format!("part {number}: the store gave no ETag for a copied part"),
+                )
+                .with_object(key)
+                .with_part(number)
+            })?;
+        Ok(Some(Part {
+            number,
+            size: range.end - range.start,
+            etag,
+            crc32c: result
+                .and_then(|r| r.checksum_crc32_c())
+                .unwrap_or_default()
+                .to_owned(),
+        }))
+    }
+
+    /// The multipart uploads open for exactly `key`.
+    pub(crate) fn uploads_of(&self, key: &str) -> Result<Vec<Upload>> {
+        Ok(self
+            .list_uploads()?
+            .into_iter()
+            .filter(|u| u.key == key)
+            .collect())
     }
 
     /// GETs an object or an inclusive byte range of it, refusing more than `max_len` bytes.
@@ -649,6 +815,10 @@ impl ObjectStore for S3Store {
         Some(self.part_rules)
     }
 
+    fn s3_options(&self) -> Option<&S3Options> {
+        Some(&self.opts)
+    }
+
     fn create_upload(&self, key: &str) -> Result<String> {
         let full = self.full_key(key)?;
         let resp = self
@@ -675,7 +845,7 @@ impl ObjectStore for S3Store {
     ) -> Result<Part> {
         let full = self.full_key(key)?;
         let size = data.len() as u64;
-        let crc = aws_smithy_types::base64::encode(crc32c::crc32c(&data).to_be_bytes());
+        let crc = part_checksum(&data);
         let resp = self
             .block(
                 self.client
@@ -764,10 +934,11 @@ impl ObjectStore for S3Store {
                 parts
                     .iter()
                     .map(|p| {
+                        // A part copied by a store that gave no checksum has none.
                         CompletedPart::builder()
                             .part_number(i32::try_from(p.number).unwrap_or(i32::MAX))
                             .e_tag(&p.etag)
-                            .checksum_crc32_c(&p.crc32c)
+                            .set_checksum_crc32_c((!p.crc32c.is_empty()).then(|| p.crc32c.clone()))
                             .build()
                     })
                     .collect(),
@@ -890,6 +1061,50 @@ impl ObjectStore for S3Store {
         }
         Ok(out)
     }
+}
+
+/// An object as a HEAD request describes it.
+#[derive(Debug, Clone)]
+pub(crate) struct ObjectHead {
+    /// Size in bytes.
+    pub(crate) size: u64,
+    /// Its ETag, quotes included.
+    pub(crate) etag: String,
+    /// User metadata (`x-amz-meta-*`, without the prefix).
+    pub(crate) metadata: std::collections::HashMap<String, String>,
+}
+
+/// A part's CRC-32C as S3 gives it: big-endian, base64.
+pub(crate) fn part_checksum(data: &[u8]) -> String {
+    aws_smithy_types::base64::encode(crc32c::crc32c(data).to_be_bytes())
+}
+
+/// Checks an object key as S3 takes it: 1 to 1024 bytes, no control characters, no leading
+/// or trailing `/`.
+pub(crate) fn check_object_key(key: &str) -> Result<()> {
+    if key.is_empty()
+        || key.len() > 1024
+        || key.starts_with('/')
+        || key.ends_with('/')
+        || key.chars().any(char::is_control)
+    {
+        return Err(Error::config(format!("invalid object key {key:?}")));
+    }
+    Ok(())
+}
+
+/// A key as `x-amz-copy-source` takes it: percent-encoded but for `/` and unreserved bytes.
+fn encode_key(key: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 /// Why a GET failed: a body that broke off (worth fetching again) or anything else.

@@ -7,6 +7,8 @@
 //! written: blocks whose chunks are all zero stay unallocated (VHD, VHDX) or holes (raw,
 //! fixed VHD), and zero runs inside allocated blocks stay holes of the sparse file.
 
+#[cfg(feature = "s3")]
+mod object;
 mod vhd;
 mod vhdx;
 mod vmdk;
@@ -83,8 +85,43 @@ pub struct ExportOptions {
     pub workers: usize,
     /// Replace an existing file, or write onto a block device (destroying what it holds).
     pub force: bool,
-    /// Cancels the export (the output is then deleted).
+    /// Cancels the export (a file output is then deleted; an upload is left to resume).
     pub cancel: CancelToken,
+    /// To an object: memory the export may use for parts in flight (0: the default
+    /// replication's, [`default_memory_budget`](crate::default_memory_budget)).
+    pub memory_budget: usize,
+    /// To an object: parts uploaded at once (0: 4).
+    pub upload_jobs: usize,
+    /// To an object: the part size in bytes (0: chosen from the image's size).
+    pub part_size: usize,
+    /// To an object: how to reach S3 (the target may be another bucket than the store's);
+    /// `None`: as the store was reached when it is on S3, else the standard AWS chain.
+    pub s3: Option<crate::store::S3Options>,
+    /// To an object, raw or vhd-fixed: a previous export to copy unchanged parts from, by
+    /// the store (`s3://bucket/key@SNAPSHOT`, the object holding that snapshot's export in
+    /// this format, in the target's bucket).
+    pub base_export: Option<String>,
+    /// To an object, raw or vhd-fixed: take the object the export replaces as its base when
+    /// it is an export of an earlier snapshot of the disk in this format (its metadata says
+    /// so, and its ETag is the one recorded when it was written).
+    pub incremental: bool,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            format: ExportFormat::Raw,
+            workers: 0,
+            force: false,
+            cancel: CancelToken::new(),
+            memory_budget: 0,
+            upload_jobs: 0,
+            part_size: 0,
+            s3: None,
+            base_export: None,
+            incremental: false,
+        }
+    }
 }
 
 /// What an export wrote.
@@ -106,9 +143,52 @@ pub struct ExportReport {
     pub bytes_written: u64,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// To an object: bytes sent in this run (parts uploaded, zeros included).
+    pub bytes_sent: u64,
+    /// To an object: bytes the store copied from the base export instead.
+    pub bytes_copied: u64,
+    /// To an object: bytes of parts an earlier, stopped run had sent (not sent again).
+    pub bytes_resumed: u64,
+    /// To an object: the multipart upload's parts.
+    pub parts: u32,
+    /// To an object: the snapshot of the base export parts were copied from, if any.
+    pub base: Option<String>,
+    /// To an object: the job in the job database (resumable until done).
+    pub job: Option<String>,
+    /// To an object: whether this run continued a stopped one.
+    pub resumed: bool,
+    /// To an object: the object's ETag.
+    pub etag: Option<String>,
 }
 
-/// Exports snapshot `spec` (id, unique prefix, `DISK@latest`, or `latest`) to `out`.
+impl ExportReport {
+    /// A report of nothing written yet.
+    fn new(snapshot: &Snapshot, format: ExportFormat, virtual_size: u64) -> ExportReport {
+        ExportReport {
+            snapshot: snapshot.id.clone(),
+            disk: snapshot.disk.name.clone(),
+            format,
+            output: String::new(),
+            virtual_size,
+            file_size: 0,
+            bytes_written: 0,
+            seconds: 0.0,
+            bytes_sent: 0,
+            bytes_copied: 0,
+            bytes_resumed: 0,
+            parts: 0,
+            base: None,
+            job: None,
+            resumed: false,
+            etag: None,
+        }
+    }
+}
+
+/// Exports snapshot `spec` (id, unique prefix, `DISK@latest`, or `latest`) to `out`: a file
+/// or device, or, when `out` reads `s3://bucket/key`, an object written as one multipart
+/// upload (resumable while the store is opened with a state folder; see [`ExportOptions`]
+/// for delta exports).
 pub fn export(
     store: &Store,
     spec: &str,
@@ -118,20 +198,22 @@ pub fn export(
 ) -> Result<ExportReport> {
     let _lock = crate::store::lock::reader_lock(store, "export", &opts.cancel, observer)?;
     let snapshot = store.snapshot(spec)?;
-    let size = snapshot.disk.virtual_size;
-    let layout: Box<dyn Layout> = match opts.format {
-        ExportFormat::Vmdk => return vmdk::export(store, &snapshot, out, opts, observer),
-        ExportFormat::Raw => Box::new(Raw(size)),
-        ExportFormat::VhdFixed => Box::new(vhd::Fixed::new(size)?),
-        ExportFormat::Vhd => {
-            let allocated = allocated_blocks(store, &snapshot, vhd::BLOCK_SIZE)?;
-            Box::new(vhd::Dynamic::new(size, allocated)?)
-        }
-        ExportFormat::Vhdx => {
-            let block = vhdx::block_size(snapshot.chunk_size);
-            let allocated = allocated_blocks(store, &snapshot, block)?;
-            Box::new(vhdx::Dynamic::new(size, block, allocated)?)
-        }
+    if let Some(url) = out.to_str().filter(|o| o.starts_with("s3://")) {
+        #[cfg(feature = "s3")]
+        return object::export(store, &snapshot, url, opts, observer);
+        #[cfg(not(feature = "s3"))]
+        return Err(Error::config(format!(
+            "{url}: this build of blockferry has no S3 support"
+        )));
+    }
+    if opts.base_export.is_some() || opts.incremental {
+        return Err(Error::config(
+            "a delta export (a base export, or incremental) writes to an object, s3://BUCKET/KEY",
+        )
+        .with_setting("base_export"));
+    }
+    let Some(layout) = layout(store, &snapshot, opts.format)? else {
+        return vmdk::export(store, &snapshot, out, opts, observer);
     };
     let restore = RestoreOptions {
         workers: opts.workers,
@@ -141,15 +223,36 @@ pub fn export(
     };
     let r = write_snapshot(store, &snapshot, out, layout.as_ref(), &restore, observer)?;
     Ok(ExportReport {
-        snapshot: r.snapshot,
-        disk: r.disk,
-        format: opts.format,
         output: r.output,
-        virtual_size: layout.disk_size(),
         file_size: layout.file_size(),
         bytes_written: r.bytes_written,
         seconds: r.seconds,
+        ..ExportReport::new(&snapshot, opts.format, layout.disk_size())
     })
+}
+
+/// The layout of `format`'s file: its blocks with data at offsets fixed before writing;
+/// `None` for streamOptimized VMDK, written in order.
+fn layout(
+    store: &Store,
+    snapshot: &Snapshot,
+    format: ExportFormat,
+) -> Result<Option<Box<dyn Layout>>> {
+    let size = snapshot.disk.virtual_size;
+    Ok(Some(match format {
+        ExportFormat::Vmdk => return Ok(None),
+        ExportFormat::Raw => Box::new(Raw(size)),
+        ExportFormat::VhdFixed => Box::new(vhd::Fixed::new(size)?),
+        ExportFormat::Vhd => {
+            let allocated = allocated_blocks(store, snapshot, vhd::BLOCK_SIZE)?;
+            Box::new(vhd::Dynamic::new(size, allocated)?)
+        }
+        ExportFormat::Vhdx => {
+            let block = vhdx::block_size(snapshot.chunk_size);
+            let allocated = allocated_blocks(store, snapshot, block)?;
+            Box::new(vhdx::Dynamic::new(size, block, allocated)?)
+        }
+    }))
 }
 
 /// Which blocks of `block_size` bytes hold a chunk with data (the others read as zeros and
@@ -181,32 +284,85 @@ fn allocated_blocks(store: &Store, snapshot: &Snapshot, block_size: u64) -> Resu
     Ok(allocated)
 }
 
-/// [`Layout::place`] for a format of fixed-size blocks: `at[b]` is the file offset of block
-/// `b`'s data, `None` for a block the file does not store.
-fn place_in_blocks(
-    at: &[Option<u64>],
+/// The blocks of a format of fixed-size blocks stored in disk order: where each block's
+/// data is in the file, if stored.
+struct Blocks {
     block: u64,
-    virt: u64,
-    len: usize,
-    f: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<()>,
-) -> Result<()> {
-    let mut done = 0usize;
-    while done < len {
-        let pos = virt + done as u64;
-        let within = pos % block;
-        let n = usize::try_from((block - within).min((len - done) as u64))
-            .map_err(|_| Error::internal("a piece larger than memory"))?;
-        let stored = usize::try_from(pos / block)
-            .ok()
-            .and_then(|b| at.get(b))
-            .copied()
-            .flatten();
-        if let Some(offset) = stored {
-            f(offset + within, done..done + n)?;
-        }
-        done += n;
+    /// For each block, the file offset of its data if stored.
+    at: Vec<Option<u64>>,
+    /// The stored blocks, in disk (and file) order.
+    stored: Vec<u64>,
+}
+
+impl Blocks {
+    /// `at[b]` is the file offset of block `b`'s data, `None` for a block the file does not
+    /// store; offsets grow with `b`.
+    fn new(block: u64, at: Vec<Option<u64>>) -> Blocks {
+        let stored = at
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.is_some())
+            .map(|(b, _)| b as u64)
+            .collect();
+        Blocks { block, at, stored }
     }
-    Ok(())
+
+    fn at(&self, b: u64) -> Option<u64> {
+        usize::try_from(b)
+            .ok()
+            .and_then(|b| self.at.get(b))
+            .copied()
+            .flatten()
+    }
+
+    /// [`Layout::place`].
+    fn place(
+        &self,
+        virt: u64,
+        len: usize,
+        f: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<()>,
+    ) -> Result<()> {
+        let block = self.block;
+        let mut done = 0usize;
+        while done < len {
+            let pos = virt + done as u64;
+            let within = pos % block;
+            let n = usize::try_from((block - within).min((len - done) as u64))
+                .map_err(|_| Error::internal("a piece larger than memory"))?;
+            if let Some(offset) = self.at(pos / block) {
+                f(offset + within, done..done + n)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// [`Layout::disk_span`] (not clipped to the disk's size).
+    fn span(&self, range: std::ops::Range<u64>) -> std::ops::Range<u64> {
+        // Stored blocks' data offsets grow with their rank: the first whose data ends past
+        // the range's start, and the first that starts at or past its end.
+        let data = |rank: usize| self.at(self.stored[rank]).unwrap_or(0);
+        let first = partition_point(self.stored.len(), |r| data(r) + self.block <= range.start);
+        let end = partition_point(self.stored.len(), |r| data(r) < range.end);
+        if first >= end {
+            return 0..0;
+        }
+        self.stored[first] * self.block..(self.stored[end - 1] + 1) * self.block
+    }
+}
+
+/// The first of `0..n` for which `pred` is false (`pred` true then false over `0..n`).
+fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 fn too_large() -> Error {

@@ -146,6 +146,10 @@ impl Layout for Fixed {
     fn metadata(&self, w: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
         w(self.disk, &self.footer)
     }
+
+    fn disk_span(&self, range: std::ops::Range<u64>) -> std::ops::Range<u64> {
+        range.start.min(self.disk)..range.end.min(self.disk)
+    }
 }
 
 /// A dynamic VHD whose blocks with data are stored in disk order after the BAT.
@@ -154,8 +158,8 @@ pub(super) struct Dynamic {
     footer: [u8; 512],
     header: [u8; 1024],
     bat: Vec<u8>,
-    /// For each block, the file offset of its data if stored.
-    at: Vec<Option<u64>>,
+    /// Where each block's data is, if stored.
+    blocks: super::Blocks,
     data_start: u64,
     stored: u64,
 }
@@ -203,7 +207,7 @@ impl Dynamic {
             footer: footer(size, DYNAMIC, FOOTER)?,
             header,
             bat,
-            at,
+            blocks: super::Blocks::new(BLOCK_SIZE, at),
             data_start,
             stored,
         })
@@ -229,18 +233,36 @@ impl Layout for Dynamic {
         len: usize,
         f: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<()>,
     ) -> Result<()> {
-        super::place_in_blocks(&self.at, BLOCK_SIZE, virt, len, f)
+        self.blocks.place(virt, len, f)
     }
 
     fn metadata(&self, w: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
-        w(0, &self.footer)?;
-        w(FOOTER, &self.header)?;
-        w(FOOTER + DYN_HEADER, &self.bat)?;
-        // Every sector of a stored block is present (zeros included).
+        self.metadata_in(0..u64::MAX, w)
+    }
+
+    fn metadata_in(
+        &self,
+        range: std::ops::Range<u64>,
+        w: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        use crate::pipeline::restore::clipped;
+        clipped(&range, 0, &self.footer, w)?;
+        clipped(&range, FOOTER, &self.header, w)?;
+        clipped(&range, FOOTER + DYN_HEADER, &self.bat, w)?;
+        // Every sector of a stored block is present (zeros included): the bitmaps of the
+        // blocks in the range only.
         let bitmap = [0xFFu8; BITMAP_LEN];
-        for r in 0..self.stored {
-            w(self.block_at(r), &bitmap)?;
+        let stride = BITMAP + BLOCK_SIZE;
+        let first = range.start.saturating_sub(self.data_start) / stride;
+        let last = range.end.saturating_sub(self.data_start).div_ceil(stride);
+        for r in first..last.min(self.stored) {
+            clipped(&range, self.block_at(r), &bitmap, w)?;
         }
-        w(self.block_at(self.stored), &self.footer)
+        clipped(&range, self.block_at(self.stored), &self.footer, w)
+    }
+
+    fn disk_span(&self, range: std::ops::Range<u64>) -> std::ops::Range<u64> {
+        let span = self.blocks.span(range);
+        span.start.min(self.size)..span.end.min(self.size)
     }
 }

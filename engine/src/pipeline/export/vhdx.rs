@@ -61,9 +61,8 @@ fn seal(buf: &mut [u8], field: usize) {
 /// A dynamic VHDX whose blocks with data are stored in disk order after the BAT.
 pub(super) struct Dynamic {
     size: u64,
-    block: u64,
-    /// For each block, its file offset if stored.
-    at: Vec<Option<u64>>,
+    /// Where each block is, if stored.
+    blocks: super::Blocks,
     end: u64,
     /// Everything before the blocks: identifier, headers, region tables, metadata, BAT.
     meta: Vec<(u64, Vec<u8>)>,
@@ -115,8 +114,7 @@ impl Dynamic {
         meta.push((METADATA_AT, metadata(size, block32, &random_id()?)));
         Ok(Dynamic {
             size,
-            block,
-            at,
+            blocks: super::Blocks::new(block, at),
             end: next,
             meta,
         })
@@ -227,7 +225,12 @@ impl Layout for Dynamic {
         len: usize,
         f: &mut dyn FnMut(u64, std::ops::Range<usize>) -> Result<()>,
     ) -> Result<()> {
-        super::place_in_blocks(&self.at, self.block, virt, len, f)
+        self.blocks.place(virt, len, f)
+    }
+
+    fn disk_span(&self, range: std::ops::Range<u64>) -> std::ops::Range<u64> {
+        let span = self.blocks.span(range);
+        span.start.min(self.size)..span.end.min(self.size)
     }
 
     fn metadata(&self, w: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {

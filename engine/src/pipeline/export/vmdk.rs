@@ -14,7 +14,7 @@ use std::path::Path;
 use flate2::Compression;
 use flate2::write::ZlibEncoder;
 
-use super::{ExportFormat, ExportOptions, ExportReport, random_id};
+use super::{ExportFormat, ExportOptions, ExportReport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::job::{Counters, Observer, Phase, Reporter};
 use crate::pipeline::output::Output;
@@ -59,8 +59,11 @@ fn header(capacity: u64, gd_offset: u64) -> [u8; 512] {
     h
 }
 
-fn descriptor(capacity: u64, name: &str) -> Result<Vec<u8>> {
-    let cid = u32::from_le_bytes(random_id()?[..4].try_into().expect("4 bytes"));
+/// The descriptor. Its content id is derived from the snapshot's: an export made again (a
+/// resumed upload) is the same bytes.
+fn descriptor(capacity: u64, name: &str, snapshot: &str) -> Result<Vec<u8>> {
+    let digest = blake3::hash(format!("blockferry vmdk cid {snapshot}").as_bytes());
+    let cid = u32::from_le_bytes(digest.as_bytes()[..4].try_into().expect("4 bytes"));
     // The geometry VMware gives large disks: 255 heads, 63 sectors per track.
     let cylinders = (capacity / (255 * 63)).clamp(1, 65535);
     let text = format!(
@@ -87,10 +90,22 @@ fn marker(sectors: u64, kind: u32) -> [u8; 512] {
     m
 }
 
-/// The stream being written: the output, where the next sector goes, and the grain table
+/// Where a stream goes: bytes written at growing offsets (a gap reads as zeros).
+pub(super) trait Sink {
+    /// Writes `bytes` at `offset`, at or past the end of what was written.
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> Result<()>;
+}
+
+impl Sink for Output {
+    fn write_at(&mut self, bytes: &[u8], offset: u64) -> Result<()> {
+        Output::write_at(self, bytes, offset).map(drop)
+    }
+}
+
+/// The stream being written: the sink, where the next sector goes, and the grain table
 /// being filled.
-struct Stream {
-    output: Output,
+struct Stream<'a> {
+    sink: &'a mut dyn Sink,
     /// The next free sector.
     at: u64,
     /// The grain directory: each table's sector (0: none).
@@ -100,9 +115,9 @@ struct Stream {
     gt_index: Option<u64>,
 }
 
-impl Stream {
+impl Stream<'_> {
     fn put(&mut self, bytes: &[u8]) -> Result<()> {
-        self.output.write_at(bytes, self.at * SECTOR)?;
+        self.sink.write_at(bytes, self.at * SECTOR)?;
         self.at += (bytes.len() as u64).div_ceil(SECTOR);
         Ok(())
     }
@@ -172,13 +187,7 @@ pub(super) fn export(
     opts: &ExportOptions,
     observer: &dyn Observer,
 ) -> Result<ExportReport> {
-    let size = snapshot.disk.virtual_size;
-    let capacity = size.div_ceil(SECTOR);
-    let index = store.load_index()?;
-    let workers = crate::pipeline::worker_count(opts.workers);
-    let reporter = Reporter::start(observer, Phase::Restoring, size);
-    let counters = reporter.counters().clone();
-    let output = Output::create(out, 0, opts.force)?;
+    let mut output = Output::create(out, 0, opts.force)?;
     if output.is_device() {
         return Err(Error::config(
             "a streamOptimized VMDK is a file; it cannot be written onto a device",
@@ -189,16 +198,59 @@ pub(super) fn export(
         || "disk.vmdk".to_owned(),
         |n| n.to_string_lossy().into_owned(),
     );
+    let reporter = Reporter::start(observer, Phase::Restoring, snapshot.disk.virtual_size);
+    let file_size = write(store, snapshot, &name, &mut output, opts, &reporter)
+        .map_err(|e| e.with_path(out))?;
+    output.set_len(file_size)?;
+    output.commit()?;
+    let p = reporter.finish();
+    Ok(ExportReport {
+        output: out.display().to_string(),
+        file_size,
+        bytes_written: p.bytes_written,
+        seconds: p.elapsed.as_secs_f64(),
+        ..ExportReport::new(snapshot, ExportFormat::Vmdk, capacity_bytes(snapshot))
+    })
+}
+
+/// The disk's size in the image: whole sectors.
+pub(super) fn capacity_bytes(snapshot: &Snapshot) -> u64 {
+    snapshot.disk.virtual_size.div_ceil(SECTOR) * SECTOR
+}
+
+/// The largest file a streamOptimized VMDK of `snapshot` can be: every grain stored, deflate
+/// at its worst (a few bytes per block over the input), markers and tables.
+pub(super) fn max_file_size(snapshot: &Snapshot) -> u64 {
+    let grains = snapshot.disk.virtual_size.div_ceil(GRAIN);
+    let per_grain = GRAIN + GRAIN / 1000 + 64 + SECTOR;
+    (OVERHEAD_SECTORS + 8) * SECTOR + grains * per_grain + grains.div_ceil(GT_ENTRIES) * 5 * SECTOR
+}
+
+/// Writes `snapshot` as a streamOptimized VMDK whose descriptor names the extent `name` to
+/// `sink`, in order; returns the file's size.
+pub(super) fn write(
+    store: &Store,
+    snapshot: &Snapshot,
+    name: &str,
+    sink: &mut dyn Sink,
+    opts: &ExportOptions,
+    reporter: &Reporter<'_>,
+) -> Result<u64> {
+    let size = snapshot.disk.virtual_size;
+    let capacity = size.div_ceil(SECTOR);
+    let index = store.load_index()?;
+    let workers = crate::pipeline::worker_count(opts.workers);
+    let counters = reporter.counters().clone();
     let tables = capacity.div_ceil(GRAIN_SECTORS).div_ceil(GT_ENTRIES);
     let mut s = Stream {
-        output,
+        sink,
         at: 0,
         gd: vec![0; usize::try_from(tables).map_err(|_| super::too_large())?],
         gt: vec![0; GT_LEN],
         gt_index: None,
     };
     s.put(&header(capacity, GD_AT_END))?;
-    s.put(&descriptor(capacity, &name)?)?;
+    s.put(&descriptor(capacity, name, &snapshot.id)?)?;
     s.at = OVERHEAD_SECTORS;
     let chunk = u64::from(snapshot.chunk_size);
     let per_page = u64::from(snapshot.page_entries);
@@ -212,7 +264,7 @@ pub(super) fn export(
         let in_page = (snapshot.n_chunks() - first).min(per_page);
         for i in 0..in_page {
             if opts.cancel.is_cancelled() {
-                return Err(Error::new(ErrorKind::Cancelled, "export cancelled").with_path(out));
+                return Err(Error::new(ErrorKind::Cancelled, "export cancelled"));
             }
             let offset = (first + i) * chunk;
             let len = chunk.min(size - offset);
@@ -248,26 +300,13 @@ pub(super) fn export(
     s.put(&marker(1, MARKER_FOOTER))?;
     s.put(&header(capacity, gd_at))?;
     s.put(&marker(0, MARKER_EOS))?;
-    let file_size = s.at * SECTOR;
-    s.output.set_len(file_size)?;
-    s.output.commit()?;
-    let p = reporter.finish();
-    Ok(ExportReport {
-        snapshot: snapshot.id.clone(),
-        disk: snapshot.disk.name.clone(),
-        format: ExportFormat::Vmdk,
-        output: out.display().to_string(),
-        virtual_size: capacity * SECTOR,
-        file_size,
-        bytes_written: p.bytes_written,
-        seconds: p.elapsed.as_secs_f64(),
-    })
+    Ok(s.at * SECTOR)
 }
 
 /// Writes the grains of a chunk at disk `offset` that are not all zero, deflated on up to
 /// `workers` threads.
 fn write_chunk(
-    s: &mut Stream,
+    s: &mut Stream<'_>,
     data: &[u8],
     offset: u64,
     workers: usize,
