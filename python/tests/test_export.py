@@ -64,7 +64,7 @@ def test_export_to_s3_and_a_delta_on_it(s3: dict, tmp_path: Path, state: Path) -
     assert full.output == target and full.parts >= 2 and full.bytes_sent == 24 * MIB
     assert full.bytes_copied == 0 and full.base is None and full.job and full.etag
     with open(disk, "r+b") as f:
-        f.seek(20 * MIB)
+        f.seek(10 * MIB)
         f.write(os.urandom(MIB))
     second = store.replicate(disk, state_dir=state).snapshot
     delta = store.export(second, target, format="raw", incremental=True)
