@@ -920,6 +920,9 @@ fn s3_section(ctx: &Ctx, root: &Path, os: &Path, rep: &mut Report) -> Result<()>
             timed(c)
         },
     ])?;
+    let restore_t = t;
+    export_to_s3(ctx, os, &store, &server.bucket, &with_env, &delete, rep)?;
+    let t = restore_t;
     purge(&prefix)?;
     delete(&key)?;
     for (name, secs) in [
@@ -940,6 +943,152 @@ fn s3_section(ctx: &Ctx, root: &Path, os: &Path, rep: &mut Report) -> Result<()>
         true,
     );
     Ok(())
+}
+
+/// Export of the store's snapshot to an object, against rclone uploading the same bytes (the
+/// restored raw disk) to S3; then, after 1% of the disk changed in random 1 MiB chunks, a
+/// delta export (unchanged parts copied by the server) against the full one.
+fn export_to_s3(
+    ctx: &Ctx,
+    os: &Path,
+    store: &str,
+    bucket: &str,
+    with_env: &dyn Fn(Command) -> Command,
+    delete: &dyn Fn(&str) -> Result<()>,
+    rep: &mut Report,
+) -> Result<()> {
+    const MIB: u64 = 1 << 20;
+    let tag = std::process::id();
+    let raw = ctx.work.join("export-src.raw");
+    measure(&mut with_env(ctx.bf(&[
+        "restore",
+        "--store",
+        store,
+        "latest",
+        pstr(&raw),
+        "--force",
+    ])))?;
+    let bytes = std::fs::metadata(&raw)?.len();
+    let target = format!("s3://{bucket}/harness-{tag}-export.raw");
+    let key = format!("harness-{tag}-export.raw");
+    let peer_key = format!("harness-{tag}-export-rclone.raw");
+    let t = interleaved(&mut [
+        &mut || {
+            let args = [
+                "export", "latest", &target, "--store", store, "--format", "raw",
+            ];
+            let secs = measure(&mut with_env(ctx.bf(&args)))?.0.secs;
+            delete(&key)?;
+            Ok(secs)
+        },
+        &mut || {
+            warm(&raw)?;
+            let mut c = with_env(Command::new("rclone"));
+            c.arg("copyto")
+                .arg(&raw)
+                .arg(format!("bf:{bucket}/{peer_key}"));
+            let secs = measure(&mut c)?.0.secs;
+            delete(&peer_key)?;
+            Ok(secs)
+        },
+    ])?;
+    rep.row("s3", "blockferry export raw to S3", t[0], gb_s(bytes, t[0]));
+    rep.row(
+        "s3",
+        "rclone copyto of the restored raw",
+        t[1],
+        gb_s(bytes, t[1]),
+    );
+    rep.target(
+        "rclone / blockferry export to S3 (info)",
+        format!("{:.2}x", t[1] / t[0]),
+        true,
+    );
+
+    // The delta: a full export as the base, 1% of the disk rewritten, a delta replicate.
+    let full_run = measure(&mut with_env(ctx.bf(&[
+        "export", "latest", &target, "--store", store, "--format", "raw", "--json",
+    ])))?;
+    let changed = std::fs::OpenOptions::new().write(true).open(os)?;
+    let chunks = bytes / MIB;
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let mut noise = vec![0u8; 1 << 20];
+    for _ in 0..chunks.div_ceil(100) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        for (j, word) in noise.chunks_exact_mut(8).enumerate() {
+            let j = u64::try_from(j).unwrap_or(0);
+            word.copy_from_slice(&(x ^ j).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+        }
+        std::os::unix::fs::FileExt::write_all_at(&changed, &noise, (x % chunks) * MIB)?;
+    }
+    drop(changed);
+    measure(&mut with_env(ctx.bf(&[
+        "replicate",
+        pstr(os),
+        "--store",
+        store,
+    ])))?;
+    let delta_run = measure(&mut with_env(ctx.bf(&[
+        "export",
+        "latest",
+        &target,
+        "--store",
+        store,
+        "--format",
+        "raw",
+        "--incremental",
+        "--json",
+    ])))?;
+    delete(&key)?;
+    let (full, delta) = (&full_run.1, &delta_run.1);
+    let sent = |report: &str| json_u64(report, "bytes_sent");
+    rep.row(
+        "s3",
+        "blockferry export raw to S3, full",
+        full_run.0.secs,
+        format!("{} MiB sent", sent(full) >> 20),
+    );
+    rep.row(
+        "s3",
+        "blockferry export raw to S3, delta (1% changed)",
+        delta_run.0.secs,
+        format!(
+            "{} MiB sent, {} MiB copied by S3",
+            sent(delta) >> 20,
+            json_u64(delta, "bytes_copied") >> 20
+        ),
+    );
+    let share = sent(delta) as f64 / sent(full).max(1) as f64;
+    rep.target(
+        "delta export bytes sent / full export's <= 5%",
+        format!("{:.1}%", share * 100.0),
+        share <= 0.05,
+    );
+    rep.target(
+        "full / delta export time (info)",
+        format!("{:.2}x", full_run.0.secs / delta_run.0.secs),
+        true,
+    );
+    let _ = std::fs::remove_file(&raw);
+    Ok(())
+}
+
+/// The number a JSON report gives `field` (0 if none).
+fn json_u64(report: &str, field: &str) -> u64 {
+    report
+        .split(&format!("\"{field}\":"))
+        .nth(1)
+        .and_then(|rest| {
+            let digits: String = rest
+                .trim_start()
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 fn print_report(rep: &Report) {

@@ -2,6 +2,7 @@
 //!
 //! [`state`]: job records and checkpoints (SQLite) for resume.
 
+#[cfg(feature = "s3")]
 pub(crate) mod export_state;
 pub(crate) mod resume;
 pub(crate) mod state;

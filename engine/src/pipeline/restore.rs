@@ -113,6 +113,10 @@ pub(crate) trait Layout: Sync {
     }
     /// The smallest range of the disk whose pieces [`place`](Layout::place) puts in the
     /// file's `range` (empty if it puts none there). Layouts place the disk in order.
+    #[cfg_attr(
+        not(feature = "s3"),
+        allow(dead_code, reason = "used by exports to S3")
+    )]
     fn disk_span(&self, range: std::ops::Range<u64>) -> std::ops::Range<u64>;
 }
 

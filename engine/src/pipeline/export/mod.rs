@@ -291,6 +291,10 @@ struct Blocks {
     /// For each block, the file offset of its data if stored.
     at: Vec<Option<u64>>,
     /// The stored blocks, in disk (and file) order.
+    #[cfg_attr(
+        not(feature = "s3"),
+        allow(dead_code, reason = "used by exports to S3")
+    )]
     stored: Vec<u64>,
 }
 
@@ -338,6 +342,10 @@ impl Blocks {
     }
 
     /// [`Layout::disk_span`] (not clipped to the disk's size).
+    #[cfg_attr(
+        not(feature = "s3"),
+        allow(dead_code, reason = "used by exports to S3")
+    )]
     fn span(&self, range: std::ops::Range<u64>) -> std::ops::Range<u64> {
         // Stored blocks' data offsets grow with their rank: the first whose data ends past
         // the range's start, and the first that starts at or past its end.
@@ -352,6 +360,10 @@ impl Blocks {
 }
 
 /// The first of `0..n` for which `pred` is false (`pred` true then false over `0..n`).
+#[cfg_attr(
+    not(feature = "s3"),
+    allow(dead_code, reason = "used by exports to S3")
+)]
 fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
     let (mut lo, mut hi) = (0, n);
     while lo < hi {

@@ -352,8 +352,10 @@ impl ObjectExport<'_> {
             self.db(|db| db.finish_export(job, &head.etag, head.size))?;
             self.sweep(job, None)?;
         }
-        let virtual_size =
-            layout.map_or_else(|| vmdk::capacity_bytes(self.snapshot), <dyn Layout>::disk_size);
+        let virtual_size = layout.map_or_else(
+            || vmdk::capacity_bytes(self.snapshot),
+            <dyn Layout>::disk_size,
+        );
         Ok(Outcome::Done(Box::new(ExportReport {
             output: self.url.to_owned(),
             file_size,
@@ -579,7 +581,13 @@ impl ObjectExport<'_> {
     }
 
     /// Records a part the store acknowledged.
-    fn record(&self, upload: &Upload, part: &Part, sent_bytes: u64, sent: &Progressed) -> Result<()> {
+    fn record(
+        &self,
+        upload: &Upload,
+        part: &Part,
+        sent_bytes: u64,
+        sent: &Progressed,
+    ) -> Result<()> {
         if let Some(job) = &upload.job {
             self.db(|db| db.record_export_part(job, part, sent_bytes))?;
         }

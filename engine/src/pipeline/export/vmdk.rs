@@ -220,6 +220,10 @@ pub(super) fn capacity_bytes(snapshot: &Snapshot) -> u64 {
 
 /// The largest file a streamOptimized VMDK of `snapshot` can be: every grain stored, deflate
 /// at its worst (a few bytes per block over the input), markers and tables.
+#[cfg_attr(
+    not(feature = "s3"),
+    allow(dead_code, reason = "used by exports to S3")
+)]
 pub(super) fn max_file_size(snapshot: &Snapshot) -> u64 {
     let grains = snapshot.disk.virtual_size.div_ceil(GRAIN);
     let per_grain = GRAIN + GRAIN / 1000 + 64 + SECTOR;

@@ -73,7 +73,10 @@ fn delta_parts_send_the_changes_and_copy_the_rest() {
     check(&plan, file);
     assert!(plan.iter().all(|p| p.copy));
     // Everything changed: sent in parts, nothing copied.
-    let everything = vec![Range { start: 0, end: file }];
+    let everything = vec![Range {
+        start: 0,
+        end: file,
+    }];
     let plan = delta_parts(file, &everything, RULES);
     check(&plan, file);
     assert!(plan.iter().all(|p| !p.copy));
