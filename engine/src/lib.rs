@@ -40,6 +40,7 @@ mod error;
 pub(crate) mod image;
 pub(crate) mod io;
 pub(crate) mod job;
+pub(crate) mod nbd;
 pub(crate) mod pipeline;
 pub(crate) mod store;
 
@@ -54,6 +55,8 @@ pub use pipeline::{
     verify,
 };
 pub use pipeline::{ExportFormat, ExportOptions, ExportReport, export};
+// Snapshots served over NBD.
+pub use nbd::{DEFAULT_NBD_CACHE, NbdListen, NbdOptions, NbdServer, NbdStats, serve_nbd};
 pub use store::{
     ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, Damage, DiskHistory, DiskMeta,
     Encryption, InitOptions, RepairReport, Snapshot, SnapshotStats, SnapshotSummary,

@@ -1061,7 +1061,7 @@ bf_result bf_export_options_init(bf_export_options *opts, size_t size);
 /**
  * Writes snapshot `snapshot` (id, unique prefix or "latest") to `out` as an image in
  * `opts->format` that a platform imports; only data is written, and the file appears under
- * its name only once whole. `out` may be an object, "s3://BUCKET/KEY", reached as the store
+ * its name only once whole. `out` may be an object, `s3://BUCKET/KEY`, reached as the store
  * is when it is on S3: one multipart upload that a later call continues if this one stops
  * (the store opened with a state folder records it). `opts` NULL means a raw export;
  * `progress`, `cancel` and `report` as for `bf_replicate`.

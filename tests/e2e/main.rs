@@ -37,8 +37,10 @@ mod gc;
 mod jobs;
 /// The library facade: progress streams and cancellation.
 mod library;
-/// Peak memory stays within the budget.
 mod memory;
+/// Peak memory stays within the budget.
+/// Snapshots served over NBD to independent clients.
+mod nbd;
 /// qemu-img as an independent oracle for every format it can create.
 mod oracle;
 /// Restore and convert outputs: whole or absent, salvage, sparse.

@@ -58,6 +58,9 @@ enum Command {
     /// AWS VM Import and vSphere take), vhdx, vhd, or vhd-fixed (a fixed VHD of a whole
     /// number of MiB, as Azure takes). Only data is written.
     Export(ExportArgs),
+    /// Serve a snapshot read-only over NBD (qemu, qemu-img, nbdcopy read it without a restore)
+    /// until interrupted.
+    Serve(ServeArgs),
     /// Check that every chunk of a snapshot is intact (and, with --image, equals the source).
     Verify(VerifyArgs),
     /// Show what a disk image is: format, size, sectors, allocation, parent chain.
@@ -380,6 +383,43 @@ struct ExportArgs {
     incremental: bool,
 }
 
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Snapshot id, unique id prefix, DISK@latest, or `latest` (of the only disk).
+    snapshot: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Where to listen: unix:PATH, or HOST:PORT (a non-loopback address needs --tls-cert and
+    /// --tls-key, or --insecure).
+    #[arg(
+        long,
+        value_name = "unix:PATH|HOST:PORT",
+        default_value = "127.0.0.1:10809"
+    )]
+    nbd: String,
+    /// The export's name (default: the snapshot id; the empty name works too).
+    #[arg(long, value_name = "NAME", default_value = "")]
+    name: String,
+    /// Memory for cached chunks.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256M")]
+    cache: u64,
+    /// Chunks read ahead of a client reading in order.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    readahead: usize,
+    /// Clients served at once.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_connections: usize,
+    /// TLS: the server's certificate chain (PEM); clients must use TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the server's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Serve a non-loopback address without TLS (anyone who reaches it reads the disk).
+    #[arg(long)]
+    insecure: bool,
+}
+
 fn parse_export_format(s: &str) -> Result<blockferry::ExportFormat, String> {
     blockferry::ExportFormat::from_name(s).map_err(|e| e.message().to_owned())
 }
@@ -618,6 +658,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Snapshots(a) => a.store.json,
         Command::Restore(a) => a.store.json,
         Command::Export(a) => a.store.json,
+        Command::Serve(a) => a.store.json,
         Command::Verify(a) => a.store.json,
         Command::Info(a) | Command::Map(a) => a.json,
         Command::Discover(a) => a.json,
@@ -717,6 +758,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Snapshots(a) => cmd_snapshots(&a),
         Command::Restore(a) => cmd_restore(&a),
         Command::Export(a) => cmd_export(&a),
+        Command::Serve(a) => cmd_serve(&a),
         Command::Verify(a) => cmd_verify(&a),
         Command::Info(a) => image_cmds::info(&a),
         Command::Map(a) => image_cmds::map(&a),
@@ -1098,6 +1140,55 @@ fn cmd_export(a: &ExportArgs) -> anyhow::Result<ExitCode> {
                 }
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let store = Arc::new(open_store(&a.store)?);
+    let opts = blockferry::NbdOptions {
+        listen: blockferry::NbdListen::parse(&a.nbd)?,
+        export_name: a.name.clone(),
+        cache_bytes: a.cache,
+        readahead: a.readahead,
+        max_connections: a.max_connections,
+        insecure: a.insecure,
+        tls: a.tls_cert.clone().zip(a.tls_key.clone()),
+    };
+    let stop = sync::cancel_on_signals()?;
+    let server = blockferry::serve_nbd(store, &a.snapshot, &opts, &blockferry::Silent)?;
+    if a.store.json {
+        outln!(
+            "{}",
+            serde_json::json!({
+                "address": server.address(),
+                "uri": server.uri(),
+                "export": server.export_name(),
+            })
+        );
+    } else {
+        outln!("{}", server.uri());
+        eprintln!(
+            "serving {} read-only on {} (Ctrl-C stops)",
+            server.export_name(),
+            server.address()
+        );
+    }
+    while !stop.is_cancelled() {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let stats = server.stats();
+    server.stop();
+    if a.store.json {
+        outln!("{}", serde_json::json!({ "stopped": stats }));
+    } else {
+        eprintln!(
+            "stopped: {} connections, {} reads, {} answered, {} chunks fetched",
+            stats.connections,
+            stats.reads,
+            human_bytes(stats.bytes_read),
+            stats.chunks_fetched
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
