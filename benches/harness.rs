@@ -643,9 +643,68 @@ fn export_section(ctx: &mut Ctx, os: &Path, rep: &mut Report) -> Result<()> {
             t[0] / t[1] >= target,
         );
     }
+    nbd_read(ctx, &store, &raw, rep)?;
     for f in [&raw, &q_out, &b_out] {
         let _ = std::fs::remove_file(f);
     }
+    Ok(())
+}
+
+/// A snapshot read sequentially over NBD (`qemu-img convert` from `blockferry serve`, a new
+/// server each run: its chunk cache cold, the store's files in the page cache) against the
+/// same `qemu-img convert` of the restored raw file.
+fn nbd_read(ctx: &Ctx, store: &str, raw: &Path, rep: &mut Report) -> Result<()> {
+    use std::io::BufRead;
+    let out = ctx.work.join("nbd-out.raw");
+    let socket = ctx.work.join("nbd.sock");
+    let convert = |from: &str| -> Result<f64> {
+        let _ = std::fs::remove_file(&out);
+        let mut c = Command::new("qemu-img");
+        c.args(["convert", "-t", "writeback", "-f", "raw", "-O", "raw", from])
+            .arg(&out);
+        Ok(measure(&mut c)?.0.secs)
+    };
+    let t = interleaved(&mut [
+        &mut || {
+            warm(raw)?;
+            convert(pstr(raw))
+        },
+        &mut || {
+            let _ = std::fs::remove_file(&socket);
+            let mut server = ctx
+                .bf(&["serve", "latest", "--store", store, "--nbd"])
+                .arg(format!("unix:{}", socket.display()))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let mut uri = String::new();
+            std::io::BufReader::new(server.stdout.take().context("no stdout")?)
+                .read_line(&mut uri)?;
+            let secs = convert(uri.trim());
+            server.kill()?;
+            server.wait()?;
+            secs
+        },
+    ])?;
+    let bytes = std::fs::metadata(raw)?.len();
+    rep.row(
+        "export",
+        "qemu-img convert of the restored raw",
+        t[0],
+        gb_s(bytes, t[0]),
+    );
+    rep.row(
+        "export",
+        "qemu-img convert from blockferry serve --nbd",
+        t[1],
+        gb_s(bytes, t[1]),
+    );
+    rep.target(
+        "NBD read / raw file read (qemu-img convert) >= 0.50",
+        format!("{:.2}x", t[0] / t[1]),
+        t[0] / t[1] >= 0.5,
+    );
+    let _ = std::fs::remove_file(&out);
     Ok(())
 }
 
