@@ -35,6 +35,7 @@
 
 // The engine's modules are its own: the front ends (the CLI, Python, C) use the facade below,
 // and the project's tests, benches and fuzz targets what `internals` lists.
+pub(crate) mod boot;
 pub(crate) mod changes;
 mod error;
 pub(crate) mod image;
@@ -55,8 +56,10 @@ pub use pipeline::{
     verify,
 };
 pub use pipeline::{ExportFormat, ExportOptions, ExportReport, export};
-// Snapshots served over NBD.
+// Getting the VM out: snapshots served over NBD, booted, and the cutover.
+pub use boot::{BootReport, BootTestOptions, DEFAULT_BOOT_EXPECT, Firmware, boot_test};
 pub use nbd::{DEFAULT_NBD_CACHE, NbdListen, NbdOptions, NbdServer, NbdStats, serve_nbd};
+pub use pipeline::{CutoverReport, CutoverRequest, CutoverStep, cutover};
 pub use store::{
     ChangeRecord, ChunkIndex, ChunkLocation, DEFAULT_CHUNK_SIZE, Damage, DiskHistory, DiskMeta,
     Encryption, InitOptions, RepairReport, Snapshot, SnapshotStats, SnapshotSummary,

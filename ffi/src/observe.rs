@@ -142,7 +142,7 @@ impl Converter {
                 ev.elapsed_seconds = p.elapsed.as_secs_f64();
                 ev.rate = p.rate();
             }
-            Event::Warning(w) => {
+            Event::Warning(w) | Event::Note(w) => {
                 ev.kind = bf_event_kind::Warning;
                 text = Some(CString::new(w.replace('\0', " ")).unwrap_or_default());
             }
@@ -179,6 +179,10 @@ pub(crate) fn run<R: Send>(
         };
         // Ends when the operation returns and drops the stream.
         for e in &events {
+            // Notes come from operations the C API does not run (a cutover's steps).
+            if matches!(e, Event::Note(_)) {
+                continue;
+            }
             let (mut ev, text) = converter.convert(&e);
             if let Some(t) = &text {
                 ev.message = t.as_ptr();

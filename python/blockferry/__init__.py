@@ -80,6 +80,7 @@ from ._types import (
     StoreConfig,
     SyncCycle,
     VerifyReport,
+    NoteEvent,
     WarningEvent,
 )
 
@@ -133,6 +134,7 @@ __all__ = [
     "UnsupportedVersionError",
     "VerifyMismatchError",
     "VerifyReport",
+    "NoteEvent",
     "WarningEvent",
     "abandon_job",
     "convert",

@@ -134,6 +134,20 @@ class WarningEvent:
 
 
 @dataclass(frozen=True)
+class NoteEvent:
+    """What the operation is doing, worth telling (a cutover's steps and predictions).
+
+    Attributes:
+        phase: The phase it happened in (as :attr:`Progress.phase`).
+        message: What it did.
+    """
+
+    phase: str
+    message: str
+    type: str = "note"
+
+
+@dataclass(frozen=True)
 class Finished:
     """A phase finished (the operation's result says whether it succeeded).
 
@@ -146,7 +160,7 @@ class Finished:
 
 
 #: What an operation reports while it runs.
-Event = Union[Started, ProgressEvent, WarningEvent, Finished]
+Event = Union[Started, ProgressEvent, WarningEvent, NoteEvent, Finished]
 
 
 def _progress(d: Mapping[str, Any]) -> Progress:
@@ -161,6 +175,8 @@ def _event(d: Mapping[str, Any]) -> Event:
         return ProgressEvent(progress=_progress(d))
     if kind == "warning":
         return WarningEvent(phase=d["phase"], message=d["message"])
+    if kind == "note":
+        return NoteEvent(phase=d["phase"], message=d["message"])
     return Finished(progress=_progress(d))
 
 

@@ -498,7 +498,7 @@ fn progress_dict<'py>(py: Python<'py>, phase: Phase, p: &Progress) -> PyResult<B
     Ok(d)
 }
 
-/// An event as a dict with a `type` (`started`, `progress`, `warning`, `finished`).
+/// An event as a dict with a `type` (`started`, `progress`, `warning`, `note`, `finished`).
 fn event_dict<'py>(py: Python<'py>, phase: Phase, e: &Event) -> PyResult<Bound<'py, PyDict>> {
     let d = match e {
         Event::Started { bytes_total, .. } => {
@@ -508,7 +508,7 @@ fn event_dict<'py>(py: Python<'py>, phase: Phase, e: &Event) -> PyResult<Bound<'
             d
         }
         Event::Progress(p) | Event::Finished(p) => progress_dict(py, phase, p)?,
-        Event::Warning(w) => {
+        Event::Warning(w) | Event::Note(w) => {
             let d = PyDict::new(py);
             d.set_item("phase", phase.name())?;
             d.set_item("message", w)?;
@@ -519,6 +519,7 @@ fn event_dict<'py>(py: Python<'py>, phase: Phase, e: &Event) -> PyResult<Bound<'
         Event::Started { .. } => "started",
         Event::Progress(_) => "progress",
         Event::Warning(_) => "warning",
+        Event::Note(_) => "note",
         Event::Finished(_) => "finished",
     };
     d.set_item("type", kind)?;

@@ -9,6 +9,8 @@
 
 /// Restore to and replicate from block devices (loop devices).
 mod blockdev;
+/// Boot tests of disks that really boot.
+mod boot;
 /// The demo and the `--json` contract.
 mod cli;
 /// Real-world images from Hyper-V and ESXi read to their known hashes.
@@ -17,6 +19,8 @@ mod corpus;
 mod crash;
 /// Every crash point of a replication, a delta, a prune and a gc, enumerated in process.
 mod crashpoints;
+/// Cutover against a live source: rollback on failure, completion when run again.
+mod cutover;
 /// Replicate twice, shared content, holes and zero runs.
 mod dedup;
 /// Delta snapshots from change lists, and what happens when a list cannot be trusted.

@@ -10,6 +10,7 @@ macro_rules! outln {
     };
 }
 
+mod cutover;
 mod demo;
 mod image_cmds;
 mod jobs;
@@ -61,6 +62,13 @@ enum Command {
     /// Serve a snapshot read-only over NBD (qemu, qemu-img, nbdcopy read it without a restore)
     /// until interrupted.
     Serve(ServeArgs),
+    /// Boot a snapshot in qemu (served over NBD under a throwaway overlay: the store is never
+    /// written) and check that its console shows the expected text; exit 3 if not.
+    BootTest(BootTestArgs),
+    /// The end of a migration: sync until the predicted downtime is within --max-downtime,
+    /// then stop the source (--pre-hook), take the final delta, verify it, bring the target
+    /// up to date and start it (--post-hook); on failure, --rollback-hook.
+    Cutover(cutover::CutoverArgs),
     /// Check that every chunk of a snapshot is intact (and, with --image, equals the source).
     Verify(VerifyArgs),
     /// Show what a disk image is: format, size, sectors, allocation, parent chain.
@@ -420,6 +428,34 @@ struct ServeArgs {
     insecure: bool,
 }
 
+#[derive(Debug, Args)]
+struct BootTestArgs {
+    /// Snapshot id, unique id prefix, DISK@latest, or `latest` (of the only disk).
+    snapshot: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// A regular expression the console must show (default: a login prompt, or the kernel
+    /// starting init).
+    #[arg(long, value_name = "REGEX")]
+    expect: Option<String>,
+    /// How long the guest has.
+    #[arg(long, value_name = "DURATION", default_value = "3m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Firmware: bios, uefi, or auto (UEFI when the disk has an EFI system partition).
+    #[arg(long, value_name = "bios|uefi|auto", default_value = "auto")]
+    firmware: String,
+    /// Where the console log and the screenshot go (default: a new folder in the temporary
+    /// folder).
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    memory: u32,
+    /// Accelerator: kvm, tcg, or auto (KVM when /dev/kvm runs a probe guest).
+    #[arg(long, value_name = "kvm|tcg|auto", default_value = "auto")]
+    accel: String,
+}
+
 fn parse_export_format(s: &str) -> Result<blockferry::ExportFormat, String> {
     blockferry::ExportFormat::from_name(s).map_err(|e| e.message().to_owned())
 }
@@ -659,6 +695,8 @@ pub(crate) fn main() -> ExitCode {
         Command::Restore(a) => a.store.json,
         Command::Export(a) => a.store.json,
         Command::Serve(a) => a.store.json,
+        Command::BootTest(a) => a.store.json,
+        Command::Cutover(a) => a.store.json,
         Command::Verify(a) => a.store.json,
         Command::Info(a) | Command::Map(a) => a.json,
         Command::Discover(a) => a.json,
@@ -759,6 +797,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Restore(a) => cmd_restore(&a),
         Command::Export(a) => cmd_export(&a),
         Command::Serve(a) => cmd_serve(&a),
+        Command::BootTest(a) => cmd_boot_test(&a),
+        Command::Cutover(a) => cutover::run(&a),
         Command::Verify(a) => cmd_verify(&a),
         Command::Info(a) => image_cmds::info(&a),
         Command::Map(a) => image_cmds::map(&a),
@@ -1191,6 +1231,47 @@ fn cmd_serve(a: &ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_boot_test(a: &BootTestArgs) -> anyhow::Result<ExitCode> {
+    let store = Arc::new(open_store(&a.store)?);
+    let opts = blockferry::BootTestOptions {
+        expect: a.expect.clone(),
+        timeout: a.timeout,
+        firmware: blockferry::Firmware::from_name(&a.firmware)?,
+        output_dir: a.output_dir.clone(),
+        memory_mib: a.memory,
+        accel: a.accel.clone(),
+        cancel: sync::cancel_on_signals()?,
+    };
+    let report = blockferry::boot_test(&store, &a.snapshot, &opts, &blockferry::Silent)?;
+    if a.store.json {
+        print_json(&report)?;
+    } else {
+        outln!(
+            "{}: snapshot {} of disk {} ({}, {}) in {:.1}s: {}",
+            if report.passed { "passed" } else { "FAILED" },
+            report.snapshot,
+            report.disk,
+            if report.firmware == blockferry::Firmware::Uefi {
+                "UEFI"
+            } else {
+                "BIOS"
+            },
+            report.accelerator,
+            report.seconds,
+            report.reason
+        );
+        outln!("console: {}", report.console_log.display());
+        if let Some(shot) = &report.screenshot {
+            outln!("screen: {}", shot.display());
+        }
+    }
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
 }
 
 fn cmd_restore(a: &RestoreArgs) -> anyhow::Result<ExitCode> {

@@ -138,6 +138,7 @@ impl Observer for Bar {
                 });
             }
             Event::Warning(w) => bar.suspend(|| eprintln!("warning: {w}")),
+            Event::Note(n) => bar.suspend(|| eprintln!("{n}")),
         }
     }
 }

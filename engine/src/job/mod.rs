@@ -143,6 +143,8 @@ pub enum Event {
     Progress(Progress),
     /// Something the user should know that does not stop the operation.
     Warning(String),
+    /// What the operation is doing, worth telling (a cutover's steps and predictions).
+    Note(String),
     /// The phase finished (successfully or not; the operation's result says which).
     Finished(Progress),
 }

@@ -533,7 +533,7 @@ fn sample(
     clippy::cast_sign_loss,
     clippy::cast_precision_loss
 )] // checked range; a share needs no exactness
-fn sample_size(n: u64, share: f64) -> u64 {
+pub(super) fn sample_size(n: u64, share: f64) -> u64 {
     ((n as f64 * share.clamp(0.0, 1.0)).ceil() as u64).min(n)
 }
 

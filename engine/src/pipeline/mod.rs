@@ -2,9 +2,10 @@
 //! compress → encrypt → pack → store), restore, verify and convert.
 
 mod convert;
+mod cutover;
 mod delta;
 mod disk;
-mod export;
+pub(crate) mod export;
 mod output;
 mod replicate;
 mod restore;
@@ -14,6 +15,7 @@ mod walk;
 
 pub use crate::io::chunks::is_zero;
 pub use convert::{ConvertOptions, ConvertReport, convert};
+pub use cutover::{CutoverReport, CutoverRequest, CutoverStep, cutover};
 pub use delta::{
     BaseRef, ChangeSource, Changes, DEFAULT_VERIFY_SAMPLE, DeltaOptions, DeltaRequest,
 };

@@ -377,6 +377,47 @@ fn partition_point(n: usize, pred: impl Fn(usize) -> bool) -> usize {
     lo
 }
 
+/// The disk ranges whose chunks differ between two snapshots of one disk (pages that are the
+/// same object are not read).
+pub(crate) fn changed_ranges(
+    store: &Store,
+    old: &Snapshot,
+    new: &Snapshot,
+) -> Result<Vec<std::ops::Range<u64>>> {
+    let chunk = u64::from(new.chunk_size);
+    let size = new.disk.virtual_size;
+    let per_page = u64::from(new.page_entries);
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    let read = |s: &Snapshot, page: usize| -> Result<Vec<crate::store::format::Id>> {
+        match s.page_id(page)? {
+            Some(id) => store.read_page(&id),
+            None => Ok(Vec::new()),
+        }
+    };
+    for page in 0..new.pages.len() {
+        if old.pages.get(page) == new.pages.get(page) {
+            continue;
+        }
+        let (a, b) = (read(old, page)?, read(new, page)?);
+        let first = page as u64 * per_page;
+        let in_page = (new.n_chunks() - first).min(per_page);
+        for i in 0..usize::try_from(in_page).unwrap_or(usize::MAX) {
+            let x = a.get(i).copied().unwrap_or(ZERO_ID);
+            let y = b.get(i).copied().unwrap_or(ZERO_ID);
+            if x == y {
+                continue;
+            }
+            let start = (first + i as u64) * chunk;
+            let end = (start + chunk).min(size);
+            match out.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ => out.push(start..end),
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn too_large() -> Error {
     Error::config("the disk is too large for this machine's address space")
 }
