@@ -424,6 +424,21 @@ pub fn qemu_io(image: &Path, command: &str) {
 }
 
 /// Makes `dst` in qemu format `fmt` (with `-o` options, if any) from the raw disk `raw`.
+/// The bytes qemu reads from `image` in `fmt`, through a raw file beside it.
+pub fn qemu_raw(image: &Path, fmt: &str) -> Vec<u8> {
+    let out = image.with_extension("qemu.raw");
+    qemu(&[
+        "convert",
+        "-f",
+        fmt,
+        "-O",
+        "raw",
+        image.to_str().expect("utf-8 path"),
+        out.to_str().expect("utf-8 path"),
+    ]);
+    std::fs::read(out).expect("reading qemu's output")
+}
+
 pub fn qemu_from_raw(raw: &Path, dst: &Path, fmt: &str, opts: &str) {
     let mut args = vec!["convert", "-f", "raw", "-O", fmt];
     if !opts.is_empty() {

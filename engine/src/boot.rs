@@ -566,21 +566,12 @@ fn read_disk(store: &Store, snapshot: &Snapshot, offset: u64, len: u64) -> Resul
         return Ok(Vec::new());
     }
     let chunk = u64::from(snapshot.chunk_size);
-    let per_page = u64::from(snapshot.page_entries);
     let index = store.load_index()?;
+    let mut pages = crate::pipeline::PageCache::new(store, snapshot);
     let mut out = Vec::with_capacity(usize::try_from(end - offset).unwrap_or(0));
     let (mut record, mut data) = (Vec::new(), Vec::new());
     for c in offset / chunk..end.div_ceil(chunk) {
-        let page = usize::try_from(c / per_page).map_err(|_| Error::internal("page index"))?;
-        let ids = match snapshot.page_id(page)? {
-            Some(id) => store.read_page(&id)?,
-            None => Vec::new(),
-        };
-        let id = usize::try_from(c % per_page)
-            .ok()
-            .and_then(|i| ids.get(i))
-            .copied()
-            .unwrap_or(ZERO_ID);
+        let id = pages.id(c)?;
         let start = c * chunk;
         let clen = chunk.min(size - start);
         if id == ZERO_ID {

@@ -42,6 +42,7 @@ from ._types import (
     Progress,
     PruneReport,
     ReplicateReport,
+    CutoverReport,
     ExportReport,
     RestoreReport,
     Snapshot,
@@ -100,7 +101,8 @@ class Operation(Generic[R]):
 
     @property
     def kind(self) -> str:
-        """``replicate``, ``restore``, ``export``, ``verify``, ``convert`` or ``gc``."""
+        """``replicate``, ``restore``, ``export``, ``cutover``, ``verify``, ``convert`` or
+        ``gc``."""
         return self._task.kind
 
     def cancel(self) -> None:
@@ -813,6 +815,100 @@ class Store:
             part_size=part_size,
             base_export=base_export,
             incremental=incremental,
+            progress=progress,
+            progress_interval=progress_interval,
+        ).result()
+
+    def start_cutover(
+        self,
+        image: PathLike,
+        *,
+        to: str,
+        max_downtime: float,
+        format: str = "raw",
+        now: bool = False,
+        interval: float = 5.0,
+        max_cycles: int = 100,
+        pre_hook: Optional[str] = None,
+        post_hook: Optional[str] = None,
+        rollback_hook: Optional[str] = None,
+        hook_timeout: float = 120.0,
+        changes: str = "hash",
+        name: Optional[str] = None,
+        verify_sample: float = 0.01,
+        state_dir: Optional[PathLike] = None,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> Operation[CutoverReport]:
+        """Starts a cutover; see :meth:`cutover`."""
+        _counts(max_cycles=max_cycles)
+        task = self._native.start_cutover(
+            os.fspath(image),
+            to=to,
+            max_downtime=max_downtime,
+            format=format,
+            now=now,
+            interval=interval,
+            max_cycles=max_cycles,
+            pre_hook=pre_hook,
+            post_hook=post_hook,
+            rollback_hook=rollback_hook,
+            hook_timeout=hook_timeout,
+            changes=changes,
+            name=name,
+            verify_sample=verify_sample,
+            state_dir=_path(state_dir),
+            progress=_deliver(progress),
+            progress_interval=progress_interval,
+        )
+        return Operation(task, CutoverReport._from)
+
+    def cutover(
+        self,
+        image: PathLike,
+        *,
+        to: str,
+        max_downtime: float,
+        format: str = "raw",
+        now: bool = False,
+        interval: float = 5.0,
+        max_cycles: int = 100,
+        pre_hook: Optional[str] = None,
+        post_hook: Optional[str] = None,
+        rollback_hook: Optional[str] = None,
+        hook_timeout: float = 120.0,
+        changes: str = "hash",
+        name: Optional[str] = None,
+        verify_sample: float = 0.01,
+        state_dir: Optional[PathLike] = None,
+        progress: Optional[ProgressCallback] = None,
+        progress_interval: float = 0.5,
+    ) -> CutoverReport:
+        """The end of a migration: syncs ``image`` (a live source, its changes found by
+        ``changes``: ``hash`` or ``chain``) until the downtime predicted is within
+        ``max_downtime`` seconds (or at once with ``now``), then runs ``pre_hook`` (a shell
+        command that stops the source), takes the final delta, reads back what it wrote,
+        brings ``to`` (a raw file, or ``s3://BUCKET/KEY``) up to date and runs ``post_hook``
+        (with ``BLOCKFERRY_SNAPSHOT``, ``BLOCKFERRY_TARGET`` … in its environment). A failure
+        after the pre-hook runs ``rollback_hook``; the report's ``outcome`` says which
+        (``completed``, ``rolled-back``, ``failed``). Each step arrives as a
+        :class:`NoteEvent` while it runs."""
+        return self.start_cutover(
+            image,
+            to=to,
+            max_downtime=max_downtime,
+            format=format,
+            now=now,
+            interval=interval,
+            max_cycles=max_cycles,
+            pre_hook=pre_hook,
+            post_hook=post_hook,
+            rollback_hook=rollback_hook,
+            hook_timeout=hook_timeout,
+            changes=changes,
+            name=name,
+            verify_sample=verify_sample,
+            state_dir=state_dir,
             progress=progress,
             progress_interval=progress_interval,
         ).result()

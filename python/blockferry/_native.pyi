@@ -201,6 +201,27 @@ class Store:
         progress: Optional[Callable[[Any], Any]] = ...,
         progress_interval: float = ...,
     ) -> Task: ...
+    def start_cutover(
+        self,
+        image: str,
+        *,
+        to: str,
+        max_downtime: float,
+        format: str = ...,
+        now: bool = ...,
+        interval: float = ...,
+        max_cycles: int = ...,
+        pre_hook: Optional[str] = ...,
+        post_hook: Optional[str] = ...,
+        rollback_hook: Optional[str] = ...,
+        hook_timeout: float = ...,
+        changes: str = ...,
+        name: Optional[str] = ...,
+        verify_sample: float = ...,
+        state_dir: Optional[str] = ...,
+        progress: Optional[Callable[[Any], Any]] = ...,
+        progress_interval: float = ...,
+    ) -> Task: ...
     def start_verify(
         self,
         snapshot: str,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 __all__ = [
     "ChangeList",
@@ -339,6 +339,45 @@ class ExportReport:
 
     @classmethod
     def _from(cls, d: Mapping[str, Any]) -> "ExportReport":
+        return _build(cls, d)
+
+
+@dataclass(frozen=True)
+class CutoverReport:
+    """What a cutover did.
+
+    Attributes:
+        outcome: ``completed``, ``rolled-back`` (failed after the pre-hook; the rollback
+            hook ran) or ``failed`` (before it; nothing was stopped).
+        steps: Every step in order: dicts of ``name``, ``started_unix_ms``,
+            ``ended_unix_ms``, ``seconds``, ``ok``, ``detail``.
+        cycles: Sync cycles run before the cutover.
+        predicted_downtime_seconds: The downtime predicted when it started.
+        measured_downtime_seconds: Pre-hook start to post-hook end (or to the failure).
+        rpo_seconds: The newest snapshot's age when the cutover started.
+        snapshot: The final snapshot.
+        final_delta_bytes: Bytes the final delta stored.
+        verified_chunks: Chunks read back after the final delta.
+        verified: Whether they all were intact.
+        target: Where the target is.
+        error: Why it failed, if it did.
+    """
+
+    outcome: str
+    steps: List[Dict[str, Any]]
+    cycles: int
+    predicted_downtime_seconds: Optional[float]
+    measured_downtime_seconds: Optional[float]
+    rpo_seconds: Optional[float]
+    snapshot: Optional[str]
+    final_delta_bytes: int
+    verified_chunks: int
+    verified: bool
+    target: str
+    error: Optional[str]
+
+    @classmethod
+    def _from(cls, d: Mapping[str, Any]) -> "CutoverReport":
         return _build(cls, d)
 
 

@@ -779,6 +779,85 @@ impl Store {
         )
     }
 
+    /// Starts a cutover of the live source `image` to `to` (see `blockferry cutover`).
+    #[pyo3(signature = (image, *, to, max_downtime, format="raw", now=false, interval=5.0, max_cycles=100, pre_hook=None, post_hook=None, rollback_hook=None, hook_timeout=120.0, changes="hash", name=None, verify_sample=0.01, state_dir=None, progress=None, progress_interval=0.5))]
+    #[allow(clippy::too_many_arguments)] // the keyword arguments of the Python call
+    fn start_cutover(
+        &self,
+        py: Python<'_>,
+        image: PathBuf,
+        to: String,
+        max_downtime: f64,
+        format: &str,
+        now: bool,
+        interval: f64,
+        max_cycles: u64,
+        pre_hook: Option<String>,
+        post_hook: Option<String>,
+        rollback_hook: Option<String>,
+        hook_timeout: f64,
+        changes: &str,
+        name: Option<String>,
+        verify_sample: f64,
+        state_dir: Option<PathBuf>,
+        progress: Option<Py<PyAny>>,
+        progress_interval: f64,
+    ) -> PyResult<Task> {
+        let interval_events = seconds("progress_interval", progress_interval)?;
+        let changes = match changes {
+            "hash" => blockferry::SyncChanges::Hash,
+            "chain" => blockferry::SyncChanges::Chain,
+            other => {
+                let e = blockferry::Error::config(format!("changes {other:?}: hash or chain"))
+                    .with_setting("changes");
+                return Err(errors::to_py(py, &e));
+            }
+        };
+        let format =
+            blockferry::ExportFormat::from_name(format).map_err(|e| errors::to_py(py, &e))?;
+        let cancel = CancelToken::new();
+        let request = blockferry::CutoverRequest {
+            sync: blockferry::SyncRequest {
+                image,
+                open: blockferry::OpenOptions::default(),
+                name,
+                changes,
+                verify_sample: 0.0,
+                replicate: ReplicateOptions {
+                    job_state: Some(self::state_dir(state_dir).py_err(py)?),
+                    cancel: cancel.clone(),
+                    ..ReplicateOptions::default()
+                },
+            },
+            max_downtime: seconds("max_downtime", max_downtime)?,
+            now,
+            interval: seconds("interval", interval)?,
+            max_cycles: max_cycles.max(1),
+            pre_hook,
+            post_hook,
+            rollback_hook,
+            hook_timeout: seconds("hook_timeout", hook_timeout)?,
+            to,
+            format,
+            export: blockferry::ExportOptions::default(),
+            boot_test: None,
+            verify_sample,
+            cancel: cancel.clone(),
+        };
+        let store = Arc::clone(&self.store);
+        Task::start(
+            "cutover",
+            Phase::Replicating,
+            cancel,
+            progress,
+            interval_events,
+            move |obs| {
+                let report = blockferry::cutover(&store, &request, obs)?;
+                Ok(serde_json::to_value(&report).unwrap_or_default())
+            },
+        )
+    }
+
     /// Starts checking snapshot `snapshot` (and comparing it with `image`, if given).
     #[pyo3(signature = (snapshot, *, image=None, disk=None, allow_outside_folder=false, workers=0, progress=None, progress_interval=0.5))]
     #[allow(clippy::too_many_arguments)] // the keyword arguments of the Python call

@@ -80,3 +80,44 @@ def test_export_to_s3_and_a_delta_on_it(s3: dict, tmp_path: Path, state: Path) -
         store.export(second, tmp_path / "x.raw", format="raw", incremental=True)
     assert e.value.setting == "base_export"
     assert back.read_bytes() == disk.read_bytes()
+
+
+def test_a_cutover_from_python_with_its_steps_as_events(
+    store: blockferry.Store, tmp_path: Path, state: Path
+) -> None:
+    """A source that is not written to, cut over at once to a raw file: every step arrives
+    as a note while it runs, and the target is the source."""
+    disk = make_disk(tmp_path / "src.raw", 12 * MIB, [(0, os.urandom(5 * MIB)), (9 * MIB, os.urandom(MIB))])
+    target = tmp_path / "target.raw"
+    marker = tmp_path / "post.txt"
+    events: list = []
+    r = store.cutover(
+        disk,
+        to=str(target),
+        max_downtime=30,
+        now=True,
+        pre_hook="true",
+        post_hook=f'echo "$BLOCKFERRY_SNAPSHOT" > {marker}',
+        state_dir=state,
+        progress=events.append,
+    )
+    assert isinstance(r, blockferry.CutoverReport)
+    assert r.outcome == "completed" and r.verified and r.snapshot
+    assert [s["name"] for s in r.steps if s["name"] != "sync"] == [
+        "pre-hook",
+        "final-delta",
+        "verify",
+        "export",
+        "post-hook",
+    ]
+    assert target.read_bytes() == disk.read_bytes()
+    assert marker.read_text().strip() == r.snapshot
+    notes = [e.message for e in events if isinstance(e, blockferry.NoteEvent)]
+    assert any("post-hook" in n for n in notes), notes
+    # A pre-hook that fails rolls back.
+    failed = store.cutover(
+        disk, to=str(target), max_downtime=30, now=True, pre_hook="false",
+        rollback_hook=f"touch {tmp_path / 'rolled'}", state_dir=state,
+    )
+    assert failed.outcome == "rolled-back" and failed.error
+    assert (tmp_path / "rolled").exists()

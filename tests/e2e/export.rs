@@ -1,10 +1,8 @@
 //! Export, checked with qemu-img as the oracle: every format converts back to the bytes a
 //! restore writes, qemu's checks pass, and blockferry's own readers read the images too.
 
-use std::path::Path;
-
 use blockferry_tests::{
-    MIB, Rng, Sandbox, Value, have_qemu, make_image, qemu, qemu_from_raw, random_disk,
+    MIB, Rng, Sandbox, Value, have_qemu, make_image, qemu, qemu_from_raw, qemu_raw, random_disk,
 };
 
 /// qemu's name of each export format, and whether `qemu-img check` knows the format.
@@ -15,21 +13,6 @@ const FORMATS: [(&str, &str, bool); 5] = [
     ("vhd", "vpc", false),
     ("vhdx", "vhdx", true),
 ];
-
-/// The bytes qemu reads from `image` in `fmt`, as a raw file beside it.
-fn qemu_raw(image: &Path, fmt: &str) -> Vec<u8> {
-    let out = image.with_extension("qemu.raw");
-    qemu(&[
-        "convert",
-        "-f",
-        fmt,
-        "-O",
-        "raw",
-        image.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
-    std::fs::read(out).unwrap()
-}
 
 #[test]
 fn every_format_converts_back_to_the_restored_bytes() {

@@ -2,14 +2,13 @@
 //! a killed export continues; a delta export sends only changed parts and copies the rest
 //! from the previous export, and sends everything when that export cannot be trusted.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blockferry_tests::proxy::{Action, Proxy};
 use blockferry_tests::{
-    MIB, PASSPHRASE, Rng, Sandbox, Value, bin, have_qemu, qemu, random_disk, s3, s3_backend,
-    write_at,
+    MIB, PASSPHRASE, Rng, Sandbox, Value, bin, have_qemu, qemu, qemu_raw, random_disk, s3,
+    s3_backend, write_at,
 };
 
 /// A fresh folder of the tests' bucket for exports: its URL and the backend to look in it.
@@ -24,21 +23,6 @@ fn export(sb: &Sandbox, snap: &str, out: &str, format: &str, extra: &[&str]) -> 
     let mut args = vec!["export", snap, out, "--store", &store, "--format", format];
     args.extend_from_slice(extra);
     sb.json(&args)
-}
-
-/// The bytes qemu reads from an image file.
-fn qemu_raw(image: &Path, fmt: &str) -> Vec<u8> {
-    let out = image.with_extension("qemu.raw");
-    qemu(&[
-        "convert",
-        "-f",
-        fmt,
-        "-O",
-        "raw",
-        image.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
-    std::fs::read(out).unwrap()
 }
 
 #[test]

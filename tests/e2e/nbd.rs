@@ -393,3 +393,78 @@ fn serving_the_network_needs_tls_or_insecure() {
         &["not a loopback address", "TLS"],
     );
 }
+
+#[test]
+fn a_tls_server_serves_tls_clients_only() {
+    if !have_libnbd() {
+        return;
+    }
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let raw = sb.path("disk.raw");
+    let mut rng = Rng::seeded("nbd_tls");
+    random_disk(&mut rng, &raw, 8 * MIB);
+    let snap = sb.replicate(&raw, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A self-signed certificate for 127.0.0.1, which libnbd trusts as its CA.
+    let pki = sb.path("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(pki.join("server-key.pem"))
+        .arg("-out")
+        .arg(pki.join("server-cert.pem")));
+    std::fs::copy(pki.join("server-cert.pem"), pki.join("ca-cert.pem")).unwrap();
+    let mut child = Command::new(bin())
+        .args([
+            "serve",
+            &snap,
+            "--store",
+            &sb.store(),
+            "--nbd",
+            "127.0.0.1:0",
+        ])
+        .arg("--tls-cert")
+        .arg(pki.join("server-cert.pem"))
+        .arg("--tls-key")
+        .arg(pki.join("server-key.pem"))
+        .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
+        .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut uri = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut uri)
+        .unwrap();
+    let uri = uri.trim().to_owned();
+    assert!(uri.starts_with("nbds://127.0.0.1:"), "{uri}");
+    let tls = format!("{uri}?tls-certificates={}", pki.display());
+    let size = run(Command::new("nbdinfo").args(["--size", &tls]));
+    assert_eq!(size.trim(), (8 * MIB).to_string());
+    let out = sb.path("copy.raw");
+    run(Command::new("nbdcopy").arg(&tls).arg(&out));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&raw).unwrap());
+    // Without TLS: refused.
+    let plain = uri.replacen("nbds://", "nbd://", 1);
+    let refused = Command::new("nbdinfo")
+        .args(["--size", &plain])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a client without TLS was served");
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
+    let _ = child.wait();
+}

@@ -477,7 +477,7 @@ fn update_file(store: &Store, snapshot: &Snapshot, target: &Path) -> Result<Stri
     }
     let index = store.load_index()?;
     let chunk = u64::from(snapshot.chunk_size);
-    let per_page = u64::from(snapshot.page_entries);
+    let mut pages = super::PageCache::new(store, snapshot);
     let (mut record, mut data) = (Vec::new(), Vec::new());
     let zeros = vec![0u8; usize::try_from(chunk).unwrap_or(0)];
     let mut written = 0u64;
@@ -487,16 +487,7 @@ fn update_file(store: &Store, snapshot: &Snapshot, target: &Path) -> Result<Stri
             if !done.insert(c) {
                 continue;
             }
-            let page = usize::try_from(c / per_page).map_err(|_| Error::internal("page index"))?;
-            let ids = match snapshot.page_id(page)? {
-                Some(id) => store.read_page(&id)?,
-                None => Vec::new(),
-            };
-            let id = usize::try_from(c % per_page)
-                .ok()
-                .and_then(|i| ids.get(i))
-                .copied()
-                .unwrap_or(ZERO_ID);
+            let id = pages.id(c)?;
             let at = c * chunk;
             let len = usize::try_from(chunk.min(snapshot.disk.virtual_size - at)).unwrap_or(0);
             let bytes: &[u8] = if id == ZERO_ID {

@@ -537,15 +537,16 @@ pub(super) fn sample_size(n: u64, share: f64) -> u64 {
     ((n as f64 * share.clamp(0.0, 1.0)).ceil() as u64).min(n)
 }
 
-/// The base's pages, one loaded at a time.
-struct PageCache<'a> {
+/// A snapshot's pages of chunk ids, one loaded at a time (checked against the snapshot's
+/// size).
+pub(crate) struct PageCache<'a> {
     store: &'a Store,
     base: &'a Snapshot,
     loaded: Option<(usize, Vec<Id>)>,
 }
 
 impl<'a> PageCache<'a> {
-    fn new(store: &'a Store, base: &'a Snapshot) -> PageCache<'a> {
+    pub(crate) fn new(store: &'a Store, base: &'a Snapshot) -> PageCache<'a> {
         PageCache {
             store,
             base,
@@ -553,8 +554,8 @@ impl<'a> PageCache<'a> {
         }
     }
 
-    /// The base's chunk id at position `idx`.
-    fn id(&mut self, idx: u64) -> Result<Id> {
+    /// The chunk id at position `idx`.
+    pub(crate) fn id(&mut self, idx: u64) -> Result<Id> {
         let page = usize::try_from(idx / PAGE_ENTRIES as u64).expect("page fits");
         let slot = usize::try_from(idx % PAGE_ENTRIES as u64).expect("slot fits");
         if self.loaded.as_ref().is_none_or(|(p, _)| *p != page) {

@@ -16,6 +16,7 @@ mod walk;
 pub use crate::io::chunks::is_zero;
 pub use convert::{ConvertOptions, ConvertReport, convert};
 pub use cutover::{CutoverReport, CutoverRequest, CutoverStep, cutover};
+pub(crate) use delta::PageCache;
 pub use delta::{
     BaseRef, ChangeSource, Changes, DEFAULT_VERIFY_SAMPLE, DeltaOptions, DeltaRequest,
 };

@@ -156,9 +156,10 @@ struct Progressed {
 }
 
 impl Progressed {
+    /// Records the first error, then stops the others (which then fail as stopped).
     fn fail(&self, e: Error) {
-        self.stop.store(true, Ordering::SeqCst);
         self.error.lock().expect("error slot").get_or_insert(e);
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
