@@ -219,6 +219,29 @@ fn a_killed_export_to_s3_resumes_and_leaves_nothing_behind() {
             "{done}"
         );
     }
+    // An export abandoned half-way leaves no upload behind either.
+    let out = format!("{url}/abandoned.raw");
+    kill_after_parts(
+        &sb,
+        spawn_export(&sb, &proxy.url, &snap, &out, "raw", &slow),
+        2,
+    );
+    let jobs = sb.json(&["jobs"]);
+    let job = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["source"] == out.as_str())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!backend.list_uploads().unwrap().is_empty());
+    sb.ok(&["abandon", &job]);
+    assert!(
+        backend.list_uploads().unwrap().is_empty(),
+        "abandoning the export aborted its upload"
+    );
     sb.ok(&["cleanup", "--store", &sb.store(), "--older-than", "0s"]);
     assert!(
         backend.list_uploads().unwrap().is_empty(),

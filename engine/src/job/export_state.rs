@@ -200,6 +200,20 @@ impl JobDb {
             .map_err(|e| db_err("reading parts", e))
     }
 
+    /// Abandons an unfinished export: aborts its upload of the target object (reached with
+    /// `s3`) and forgets it. Fails if a process is running it.
+    pub(crate) fn abandon_export(&self, job: &str, s3: &crate::store::S3Options) -> Result<()> {
+        let lock = self.lock(job)?;
+        let export = self.export(job)?;
+        if let Some(upload) = export.upload_id.as_deref().filter(|u| !u.is_empty()) {
+            let (target, key) = crate::store::s3::S3Store::open_object(&export.target, s3)?;
+            crate::store::ObjectStore::abort_upload(&target, &key, upload)?;
+        }
+        self.delete(job)?;
+        drop(lock);
+        Ok(())
+    }
+
     /// Marks an export done: its object now has `etag` and `size` bytes.
     pub(crate) fn finish_export(&self, job: &str, etag: &str, size: u64) -> Result<()> {
         let tx = self

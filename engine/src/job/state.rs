@@ -626,10 +626,15 @@ impl JobDb {
 
     /// Abandons the job `id` (or a unique prefix of it): a finished job is just forgotten, an
     /// unfinished one has its open uploads aborted in its store (reached with `s3` when it is
-    /// on S3) first. Returns the job as it was.
+    /// on S3), or, for an export, its upload of the target object, first. Returns the job as it was.
     pub fn abandon_job(&self, id: &str, s3: &crate::store::S3Options) -> Result<JobRecord> {
         let job = self.get(id)?;
         if job.state == JobState::Done {
+            self.delete(&job.id)?;
+        } else if job.kind == JobKind::Export {
+            #[cfg(feature = "s3")]
+            self.abandon_export(&job.id, s3)?;
+            #[cfg(not(feature = "s3"))]
             self.delete(&job.id)?;
         } else {
             let backend = crate::store::open_backend(&job.store, false, s3)?;

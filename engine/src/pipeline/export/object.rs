@@ -291,7 +291,7 @@ impl ObjectExport<'_> {
             0 => DEFAULT_UPLOADS,
             n => n.clamp(1, 64),
         };
-        let (plan, part, uploads) = if let Some(layout) = layout {
+        let (plan, part, uploads, base) = if let Some(layout) = layout {
             let file = layout.file_size();
             let part = self.part_size(file)?;
             let uploads = self.fit(part, uploads, false)?;
@@ -299,14 +299,14 @@ impl ObjectExport<'_> {
                 Some(base) => self.delta_plan(layout, base)?,
                 None => None,
             };
-            let plan = match delta {
-                Some(plan) => plan,
-                None => uniform_plan(file, part)?,
-            };
-            (plan, part, uploads)
+            // A delta that could not be planned sends everything: no base then.
+            match delta {
+                Some(plan) => (plan, part, uploads, base),
+                None => (uniform_plan(file, part)?, part, uploads, None),
+            }
         } else {
             let part = self.part_size(vmdk::max_file_size(self.snapshot))?;
-            (Vec::new(), part, self.fit(part, uploads, true)?)
+            (Vec::new(), part, self.fit(part, uploads, true)?, None)
         };
         let plan_text = self.plan_text(&plan, part, base);
         let upload = self.open_upload(&plan_text)?;
