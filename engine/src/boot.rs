@@ -20,6 +20,21 @@ use crate::nbd::{NbdListen, NbdOptions, serve_nbd};
 use crate::store::format::ZERO_ID;
 use crate::store::{Snapshot, Store};
 
+/// qemu without a window, monitor, network or reboot (the guest's serial console and
+/// screen are captured otherwise).
+const HEADLESS: [&str; 10] = [
+    "-nographic",
+    "-no-reboot",
+    "-nic",
+    "none",
+    "-monitor",
+    "none",
+    "-display",
+    "none",
+    "-vga",
+    "std",
+];
+
 /// What a console shows once a system is up, unless told otherwise: a login prompt, or the
 /// kernel starting init.
 pub const DEFAULT_BOOT_EXPECT: &str = r"login:|Run /init as init process|Reached target|Welcome to";
@@ -192,29 +207,21 @@ pub fn boot_test(
         }
     };
     let mut cmd = Command::new(&qemu);
-    cmd.args([
-        "-nographic",
-        "-no-reboot",
-        "-nic",
-        "none",
-        "-monitor",
-        "none",
-    ])
-    .args(["-display", "none", "-vga", "std"])
-    .args(["-accel", accelerator])
-    .args(["-m", &opts.memory_mib.to_string()])
-    .arg("-drive")
-    .arg(format!("file={},format=qcow2", overlay.display()))
-    .arg("-serial")
-    .arg(format!("file:{}", console.display()))
-    .arg("-qmp")
-    .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(
-        std::fs::File::create(&qemu_log)
-            .map_err(|e| Error::io("creating qemu's log", &qemu_log, e))?,
-    );
+    cmd.args(HEADLESS)
+        .args(["-accel", accelerator])
+        .args(["-m", &opts.memory_mib.to_string()])
+        .arg("-drive")
+        .arg(format!("file={},format=qcow2", overlay.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(&qemu_log)
+                .map_err(|e| Error::io("creating qemu's log", &qemu_log, e))?,
+        );
     if let Some((code, vars)) = &ovmf {
         cmd.arg("-drive")
             .arg(format!(
@@ -463,17 +470,8 @@ fn kvm_works(qemu: &Path, work: &Path) -> bool {
         return false;
     }
     let child = Command::new(qemu)
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-nic",
-            "none",
-            "-monitor",
-            "none",
-        ])
-        .args([
-            "-display", "none", "-serial", "none", "-accel", "kvm", "-m", "64",
-        ])
+        .args(HEADLESS)
+        .args(["-serial", "none", "-accel", "kvm", "-m", "64"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .arg("-drive")
         .arg(format!("file={},format=raw", probe.display()))
@@ -533,7 +531,8 @@ fn detect_firmware(store: &Store, snapshot: &Snapshot) -> Result<Firmware> {
         0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e, 0xc9,
         0x3b,
     ];
-    let head = read_disk(store, snapshot, 0, 1024)?;
+    let index = store.load_index()?;
+    let head = read_disk(store, &index, snapshot, 0, 1024)?;
     // An MBR partition of type 0xEF (EFI system).
     if head.len() >= 512 && head[510..512] == [0x55, 0xaa] {
         let efi_mbr = (0..4).any(|i| head[446 + i * 16 + 4] == 0xef);
@@ -552,21 +551,26 @@ fn detect_firmware(store: &Store, snapshot: &Snapshot) -> Result<Firmware> {
     if !(128..=4096).contains(&size) || entries_lba.checked_mul(512).is_none() {
         return Ok(Firmware::Bios);
     }
-    let table = read_disk(store, snapshot, entries_lba * 512, count * size)?;
+    let table = read_disk(store, &index, snapshot, entries_lba * 512, count * size)?;
     let step = usize::try_from(size).unwrap_or(128);
     let esp = table.chunks(step).any(|e| e.len() >= 16 && e[..16] == ESP);
     Ok(if esp { Firmware::Uefi } else { Firmware::Bios })
 }
 
 /// `len` bytes of the snapshot's disk at `offset` (clipped to the disk).
-fn read_disk(store: &Store, snapshot: &Snapshot, offset: u64, len: u64) -> Result<Vec<u8>> {
+fn read_disk(
+    store: &Store,
+    index: &crate::store::ChunkIndex,
+    snapshot: &Snapshot,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
     let size = snapshot.disk.virtual_size;
     let end = offset.saturating_add(len).min(size);
     if offset >= end {
         return Ok(Vec::new());
     }
     let chunk = u64::from(snapshot.chunk_size);
-    let index = store.load_index()?;
     let mut pages = crate::pipeline::PageCache::new(store, snapshot);
     let mut out = Vec::with_capacity(usize::try_from(end - offset).unwrap_or(0));
     let (mut record, mut data) = (Vec::new(), Vec::new());
@@ -578,7 +582,7 @@ fn read_disk(store: &Store, snapshot: &Snapshot, offset: u64, len: u64) -> Resul
             data.clear();
             data.resize(usize::try_from(clen).unwrap_or(0), 0);
         } else {
-            store.read_chunk(&index, &id, &mut record, &mut data)?;
+            store.read_chunk(index, &id, &mut record, &mut data)?;
         }
         let from = usize::try_from(offset.max(start) - start).unwrap_or(0);
         let to = usize::try_from(end.min(start + clen) - start).unwrap_or(0);

@@ -31,6 +31,17 @@ fn pid_alive(pidfile: &std::path::Path) -> bool {
         .is_ok_and(|stat| stat.split(' ').nth(2) != Some("Z"))
 }
 
+/// The names of a report's steps but the sync cycles.
+fn steps_after_sync(report: &Value) -> Vec<String> {
+    report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["name"] != "sync")
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 #[test]
 fn a_cutover_rolls_back_on_failure_and_completes_when_run_again() {
     let mut rng = Rng::seeded("a_cutover_rolls_back");
@@ -109,13 +120,7 @@ fn a_cutover_rolls_back_on_failure_and_completes_when_run_again() {
     );
     assert!(!ok, "{report}");
     assert_eq!(report["outcome"], "rolled-back", "{report}");
-    let steps: Vec<&str> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["name"] != "sync")
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let steps = steps_after_sync(&report);
     assert_eq!(
         steps,
         ["pre-hook", "final-delta", "rollback-hook"],
@@ -153,13 +158,7 @@ fn a_cutover_rolls_back_on_failure_and_completes_when_run_again() {
         measured <= 2.0 * predicted + 0.5 && predicted <= 2.0 * measured + 0.5,
         "predicted {predicted:.2}s, measured {measured:.2}s: {report:#}"
     );
-    let steps: Vec<&str> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["name"] != "sync")
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let steps = steps_after_sync(&report);
     assert_eq!(
         steps,
         ["pre-hook", "final-delta", "verify", "export", "post-hook"],

@@ -250,6 +250,25 @@ fn a_killed_export_to_s3_resumes_and_leaves_nothing_behind() {
     );
 }
 
+/// An incremental raw export of `snap` to `out`: its report, and what it said on stderr.
+fn incremental(sb: &Sandbox, snap: &str, out: &str) -> (Value, String) {
+    let store = sb.store();
+    let run = sb.run(&[
+        "export",
+        snap,
+        out,
+        "--store",
+        &store,
+        "--format",
+        "raw",
+        "--incremental",
+        "--json",
+    ]);
+    assert!(run.status.success(), "{run:?}");
+    let report = serde_json::from_slice(&run.stdout).unwrap();
+    (report, String::from_utf8_lossy(&run.stderr).into_owned())
+}
+
 #[test]
 fn a_delta_export_copies_what_did_not_change() {
     let mut rng = Rng::seeded("a_delta_export_copies_what_did_not_change");
@@ -347,24 +366,11 @@ fn a_delta_export_copies_what_did_not_change() {
         if round == "deleted" {
             backend.delete("vm.raw").unwrap();
         }
-        let run = sb.run(&[
-            "export",
-            &third,
-            &format!("{url}/vm.raw"),
-            "--store",
-            &store,
-            "--format",
-            "raw",
-            "--incremental",
-            "--json",
-        ]);
-        assert!(run.status.success(), "{run:?}");
-        let err = String::from_utf8_lossy(&run.stderr);
+        let (report, err) = incremental(&sb, &third, &format!("{url}/vm.raw"));
         assert!(
             err.contains("cannot serve as the base export"),
             "{round}: {err}"
         );
-        let report: Value = serde_json::from_slice(&run.stdout).unwrap();
         assert_eq!(report["bytes_copied"], 0, "{round}: {report}");
         assert!(report["base"].is_null());
         assert_eq!(
@@ -398,20 +404,9 @@ fn a_delta_export_copies_what_did_not_change() {
         .as_str()
         .unwrap()
         .to_owned();
-    let run = sb.run(&[
-        "export",
-        &fourth,
-        &format!("{url}/vm.raw"),
-        "--store",
-        &store,
-        "--format",
-        "raw",
-        "--incremental",
-        "--json",
-    ]);
-    assert!(run.status.success(), "{run:?}");
-    let err = String::from_utf8_lossy(&run.stderr);
+    let (report, err) = incremental(&sb, &fourth, &format!("{url}/vm.raw"));
     assert!(err.contains("overwritten"), "{err}");
+    assert_eq!(report["bytes_copied"], 0, "{report}");
     // And from then on, deltas again.
     write_at(&raw, 70 * MIB, &rng.bytes(MIB as usize));
     let fifth = sb.replicate(&raw, &[])["snapshot"]

@@ -5,9 +5,10 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::state::{JobDb, JobKey, JobRecord, JobSource, db_err, i64_of, u64_of};
+use super::state::{
+    JobDb, JobKey, JobKind, JobRecord, JobSource, db_err, i64_of, insert_job, u64_of,
+};
 use crate::error::Result;
-use crate::store::format::hex;
 use crate::store::{Part, now_unix_ms};
 
 /// An export job's own record.
@@ -32,30 +33,11 @@ pub(crate) struct ExportJob {
 impl JobDb {
     /// Records a new export job of `key` (its `source` is the target's URL).
     pub(crate) fn create_export(&self, key: &JobKey, export: &ExportJob) -> Result<JobRecord> {
-        let id = hex(&crate::store::crypto::random::<8>()?);
-        let now = i64_of(now_unix_ms());
-        let fp = serde_json::to_string(&JobSource::default())
-            .map_err(|e| crate::error::Error::internal("encoding a fingerprint").with_source(e))?;
         let tx = self
             .conn
             .unchecked_transaction()
             .map_err(|e| db_err("recording the export", e))?;
-        tx.execute(
-            "INSERT INTO jobs (id, store, store_id, source, disk, chunk_size, fingerprint, \
-             state, created_ms, updated_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', \
-             ?8, ?8, 'export')",
-            params![
-                id,
-                key.store,
-                key.store_id,
-                key.source,
-                key.disk,
-                key.chunk_size,
-                fp,
-                now
-            ],
-        )
-        .map_err(|e| db_err("recording the export", e))?;
+        let id = insert_job(&tx, key, &JobSource::default(), JobKind::Export)?;
         tx.execute(
             "INSERT INTO exports (job, target, format, snapshot, plan) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![

@@ -324,6 +324,40 @@ pub fn default_state_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/state/blockferry"))
 }
 
+/// Inserts an active job of `kind` (in `conn`, or a transaction of it); returns its new id.
+pub(super) fn insert_job(
+    conn: &Connection,
+    key: &JobKey,
+    fingerprint: &JobSource,
+    kind: JobKind,
+) -> Result<String> {
+    let id = hex(&crate::store::crypto::random::<8>()?);
+    let now = i64_of(now_unix_ms());
+    let fp = serde_json::to_string(fingerprint)
+        .map_err(|e| Error::internal("encoding a fingerprint").with_source(e))?;
+    let kind = match kind {
+        JobKind::Replicate => "replicate",
+        JobKind::Export => "export",
+    };
+    conn.execute(
+        "INSERT INTO jobs (id, store, store_id, source, disk, chunk_size, fingerprint, state, \
+         created_ms, updated_ms, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', ?8, ?8, ?9)",
+        params![
+            id,
+            key.store,
+            key.store_id,
+            key.source,
+            key.disk,
+            key.chunk_size,
+            fp,
+            now,
+            kind
+        ],
+    )
+    .map_err(|e| db_err("recording the job", e))?;
+    Ok(id)
+}
+
 pub(super) fn db_err(what: &str, e: rusqlite::Error) -> Error {
     Error::new(ErrorKind::Io, format!("job database: {what}")).with_source(e)
 }
@@ -533,27 +567,7 @@ impl JobDb {
 
     /// Records a new job.
     pub fn create(&self, key: &JobKey, fingerprint: &JobSource) -> Result<JobRecord> {
-        let id = hex(&crate::store::crypto::random::<8>()?);
-        let now = i64_of(now_unix_ms());
-        let fp = serde_json::to_string(fingerprint)
-            .map_err(|e| Error::internal("encoding a fingerprint").with_source(e))?;
-        self.conn
-            .execute(
-                "INSERT INTO jobs (id, store, store_id, source, disk, chunk_size, fingerprint, \
-                 state, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'active', \
-                 ?8, ?8)",
-                params![
-                    id,
-                    key.store,
-                    key.store_id,
-                    key.source,
-                    key.disk,
-                    key.chunk_size,
-                    fp,
-                    now
-                ],
-            )
-            .map_err(|e| db_err("recording the job", e))?;
+        let id = insert_job(&self.conn, key, fingerprint, JobKind::Replicate)?;
         self.get(&id)
     }
 
