@@ -187,10 +187,14 @@ impl JobDb {
     pub(crate) fn abandon_export(&self, job: &str, s3: &crate::store::S3Options) -> Result<()> {
         let lock = self.lock(job)?;
         let export = self.export(job)?;
+        let (target, key) = crate::store::s3::S3Store::open_object(&export.target, s3)?;
         if let Some(upload) = export.upload_id.as_deref().filter(|u| !u.is_empty()) {
-            let (target, key) = crate::store::s3::S3Store::open_object(&export.target, s3)?;
             crate::store::ObjectStore::abort_upload(&target, &key, upload)?;
         }
+        // Staging objects of a delta export's parts, and their uploads (a minute's slack for
+        // clocks that differ).
+        let since = self.get(job)?.created_unix_ms.saturating_sub(60_000);
+        crate::pipeline::export::sweep_staging(&target, &key, since)?;
         self.delete(job)?;
         drop(lock);
         Ok(())

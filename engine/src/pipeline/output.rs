@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::store::format::hex;
 
+/// A run of bytes to write: its offset in the output, and where it is in the data.
+pub(crate) type Run = (u64, std::ops::Range<usize>);
+
 /// Granularity of the holes a sparse write leaves (a file system block).
 const HOLE_BLOCK: usize = 4096;
 
@@ -20,6 +23,10 @@ const HOLE_BLOCK: usize = 4096;
 #[derive(Debug)]
 pub(crate) struct Output {
     file: File,
+    /// The same file opened for direct I/O (`O_DIRECT`), where the file system allows it:
+    /// aligned runs of data go to the disk without a copy through the page cache, which is
+    /// then neither filled with the whole disk nor left to flush it all at the commit.
+    direct: Option<File>,
     device: bool,
     /// The name the output gets.
     path: PathBuf,
@@ -72,6 +79,7 @@ impl Output {
                 }
                 Ok(Output {
                     file: f,
+                    direct: None,
                     device: true,
                     path: path.to_path_buf(),
                     tmp: None,
@@ -106,8 +114,16 @@ impl Output {
                     .create_new(true)
                     .open(&tmp)
                     .map_err(|e| Error::io("creating the output file", &tmp, e))?;
+                // Direct writes where the file system takes them (not tmpfs before Linux
+                // 6.6, for one); else every write goes through the page cache.
+                let direct = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&tmp)
+                    .ok();
                 let out = Output {
                     file: f,
+                    direct,
                     device: false,
                     path,
                     tmp: Some(tmp),
@@ -133,10 +149,19 @@ impl Output {
     /// Writes `data` at `offset`. On a file (created sparse), blocks of zeros are skipped so
     /// they stay holes; a device gets every byte. Returns the bytes of data written.
     pub(crate) fn write_at(&self, data: &[u8], offset: u64) -> Result<u64> {
-        let fail = |e| Error::io("writing the output", self.written_path(), e).with_offset(offset);
+        let mut runs = Vec::new();
+        let written = self.runs(data, offset, &mut runs);
+        self.write_runs(data, &runs)?;
+        Ok(written)
+    }
+
+    /// Appends to `runs` what writing `data` at `offset` writes: the runs of blocks with
+    /// data (a file's zero blocks stay holes), or all of it (a device). Returns their bytes.
+    /// The scan is apart from the write so that a thread other than the writer can do it.
+    pub(crate) fn runs(&self, data: &[u8], offset: u64, runs: &mut Vec<Run>) -> u64 {
         if self.device {
-            self.file.write_all_at(data, offset).map_err(fail)?;
-            return Ok(data.len() as u64);
+            runs.push((offset, 0..data.len()));
+            return data.len() as u64;
         }
         let mut written = 0;
         let mut at = 0;
@@ -152,13 +177,47 @@ impl Output {
             }
             let end = at.min(data.len());
             if end > start {
-                self.file
-                    .write_all_at(&data[start..end], offset + start as u64)
-                    .map_err(fail)?;
+                runs.push((offset + start as u64, start..end));
                 written += (end - start) as u64;
             }
         }
-        Ok(written)
+        written
+    }
+
+    /// Writes the `runs` of `data` (made by [`runs`](Output::runs)).
+    pub(crate) fn write_runs(&self, data: &[u8], runs: &[Run]) -> Result<()> {
+        for (at, run) in runs {
+            let bytes = data
+                .get(run.clone())
+                .ok_or_else(|| Error::internal("a write run outside its data"))?;
+            let done = if self.device {
+                self.file.write_all_at(bytes, *at)
+            } else {
+                self.write_run(bytes, *at)
+            };
+            done.map_err(|e| {
+                Error::io("writing the output", self.written_path(), e).with_offset(*at)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes one run of data to a file: directly when its memory, offset and length are
+    /// aligned for it, else (or when the file system refuses it) through the page cache.
+    fn write_run(&self, run: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(direct) = &self.direct {
+            let align = crate::io::sys::DIRECT_ALIGN;
+            if run.as_ptr().addr().is_multiple_of(align)
+                && run.len().is_multiple_of(align)
+                && offset.is_multiple_of(align as u64)
+            {
+                match direct.write_all_at(run, offset) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    done => return done,
+                }
+            }
+        }
+        self.file.write_all_at(run, offset)
     }
 
     /// Sets a file's length (a device keeps its own).

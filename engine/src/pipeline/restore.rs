@@ -3,12 +3,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
-use super::output::Output;
+use super::output::{Output, Run};
 use super::verify::Problem;
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::sys::AlignedBuf;
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
 use crate::store::format::{Id, PAGE_ENTRIES, PackId, ZERO_ID, hex};
 use crate::store::{ChunkIndex, ChunkLocation, Store};
@@ -196,19 +198,28 @@ pub(crate) fn write_snapshot(
         }
     ];
     let counters = reporter.counters().clone();
-    // One writer at a time (see convert): waiters sleep instead of spinning in the kernel.
-    let write_lock = Mutex::new(());
     let unreadable = Mutex::new((Vec::<Problem>::new(), 0u64, 0u64));
+    // One thread writes (see convert: concurrent writers spin in the kernel), from buffers
+    // the workers fill: a worker goes on decoding while its chunk is written, and finds
+    // the runs to write (not the zero blocks that stay holes) itself.
+    let writer = Writer::new(workers);
     let write = |bytes: &[u8], offset: u64| -> Result<()> {
-        let _serial = write_lock.lock().expect("write lock");
+        let mut runs = Vec::new();
         let mut data = 0;
         layout.place(offset, bytes.len(), &mut |at, piece| {
-            data += output.write_at(&bytes[piece], at)?;
+            let from = runs.len();
+            data += output.runs(&bytes[piece.clone()], at, &mut runs);
+            for (_, r) in &mut runs[from..] {
+                *r = r.start + piece.start..r.end + piece.start;
+            }
             Ok(())
         })?;
         Counters::add(&counters.bytes_written, data);
         Counters::add(&counters.bytes_zero, bytes.len() as u64 - data);
-        Ok(())
+        if runs.is_empty() {
+            return Ok(());
+        }
+        writer.queue(bytes, runs)
     };
     // A chunk that cannot be read: fatal, or (salvage) zeros in its place and a listed
     // problem (a device must not keep what it held there).
@@ -242,10 +253,12 @@ pub(crate) fn write_snapshot(
         cancel: &opts.cancel,
         reporter: &reporter,
     };
-    let result = plan.run(workers, device, &|job, bufs| match job {
-        Job::Zero { offset, len } => write(&zeros[..len], offset),
-        Job::Range(range) => range.restore(store, bufs, &write, &lost),
-        Job::Missing { error, places } => lost(error, &places),
+    let result = writer.run(&|bytes, runs| output.write_runs(bytes, runs), || {
+        plan.run(workers, device, &|job, bufs| match job {
+            Job::Zero { offset, len } => write(&zeros[..len], offset),
+            Job::Range(range) => range.restore(store, bufs, &write, &lost),
+            Job::Missing { error, places } => lost(error, &places),
+        })
     });
     if let Err(e) = result {
         return Err(if e.kind() == ErrorKind::Cancelled {
@@ -294,6 +307,79 @@ pub(crate) fn write_snapshot(
     })
 }
 
+/// Writes runs of a buffer to the output.
+type WriteRuns<'a> = dyn Fn(&[u8], &[Run]) -> Result<()> + Sync + 'a;
+
+/// The thread that writes a restore's output, and the buffers queued for it: twice as many
+/// as there are workers, so memory stays bounded.
+struct Writer {
+    queued: crossbeam_channel::Sender<Option<(AlignedBuf, Vec<Run>)>>,
+    pending: crossbeam_channel::Receiver<Option<(AlignedBuf, Vec<Run>)>>,
+    free: crossbeam_channel::Receiver<AlignedBuf>,
+    recycle: crossbeam_channel::Sender<AlignedBuf>,
+    failed: AtomicBool,
+}
+
+impl Writer {
+    fn new(workers: usize) -> Writer {
+        let n = 2 * workers.max(1);
+        // The queue has room for every buffer and the end mark: sends never wait.
+        let (queued, pending) = crossbeam_channel::bounded(n + 1);
+        let (recycle, free) = crossbeam_channel::bounded(n);
+        for _ in 0..n {
+            // Allocated on first use.
+            let _ = recycle.send(AlignedBuf::empty());
+        }
+        Writer {
+            queued,
+            pending,
+            free,
+            recycle,
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Queues the `runs` of `bytes` to be written, waiting for a free buffer.
+    fn queue(&self, bytes: &[u8], runs: Vec<Run>) -> Result<()> {
+        let stopped = || Error::new(ErrorKind::Cancelled, "the output writer stopped");
+        let mut buf = self.free.recv().map_err(|_| stopped())?;
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(stopped());
+        }
+        crate::store::format::PlainBuf::reset(&mut buf, bytes.len()).copy_from_slice(bytes);
+        self.queued.send(Some((buf, runs))).map_err(|_| stopped())
+    }
+
+    /// Runs `work` (which queues writes) while a thread writes what is queued with `write`.
+    /// The writer's error comes first (a worker only saw it stop); after one, the writer
+    /// still takes what is queued, writing nothing, so that no worker waits for a buffer.
+    fn run(&self, write: &WriteRuns<'_>, work: impl FnOnce() -> Result<()>) -> Result<()> {
+        std::thread::scope(|s| {
+            let written = s.spawn(|| -> Result<()> {
+                let mut error = None;
+                while let Ok(Some((buf, runs))) = self.pending.recv() {
+                    if error.is_none()
+                        && let Err(e) = write(&buf, &runs)
+                    {
+                        error = Some(e);
+                        self.failed.store(true, Ordering::SeqCst);
+                    }
+                    // There is room for every buffer.
+                    let _ = self.recycle.try_send(buf);
+                }
+                error.map_or(Ok(()), Err)
+            });
+            let worked = work();
+            // The queue has room for the end mark.
+            let _ = self.queued.send(None);
+            let wrote = written
+                .join()
+                .unwrap_or_else(|_| Err(Error::internal("the output writer panicked")));
+            wrote.and(worked)
+        })
+    }
+}
+
 /// Problems listed in a salvage report at most (all are counted).
 const MAX_LISTED: usize = 1000;
 
@@ -318,11 +404,19 @@ pub(super) type Write<'a> = dyn Fn(&[u8], u64) -> Result<()> + Sync + 'a;
 /// Deals with a chunk that cannot be read, given its places.
 pub(super) type Lost<'a> = dyn Fn(Error, &[Place]) -> Result<()> + Sync + 'a;
 
-/// A worker's buffers: a range as read, and a chunk decoded.
-#[derive(Default)]
+/// A worker's buffers: a range as read, and a chunk decoded (aligned, for direct writes).
 pub(super) struct Buffers {
     raw: Vec<u8>,
-    data: Vec<u8>,
+    data: AlignedBuf,
+}
+
+impl Default for Buffers {
+    fn default() -> Self {
+        Buffers {
+            raw: Vec::new(),
+            data: AlignedBuf::empty(),
+        }
+    }
 }
 
 /// One chunk of a range: its id, its record, and its places.

@@ -296,7 +296,34 @@ fn blob_header(
     Ok(header)
 }
 
-/// Opens a blob in place and writes the chunk's plaintext to `out` (cleared first).
+/// A buffer a chunk's plaintext is decoded into: a `Vec`, or an [`AlignedBuf`] that a
+/// direct (`O_DIRECT`) write can take as it is.
+pub trait PlainBuf: AsRef<[u8]> {
+    /// Makes the buffer `len` bytes long (what it holds before is unspecified) and returns
+    /// those bytes.
+    fn reset(&mut self, len: usize) -> &mut [u8];
+}
+
+impl PlainBuf for Vec<u8> {
+    fn reset(&mut self, len: usize) -> &mut [u8] {
+        // Only bytes beyond the old length are zero-filled: they are all overwritten.
+        self.resize(len, 0);
+        self
+    }
+}
+
+impl PlainBuf for AlignedBuf {
+    fn reset(&mut self, len: usize) -> &mut [u8] {
+        if self.capacity() < len {
+            *self = AlignedBuf::new(len);
+        }
+        self.set_len(len);
+        self
+    }
+}
+
+/// Opens a blob in place and writes the chunk's plaintext to `out` (its length set to the
+/// plaintext's).
 ///
 /// `max_raw` caps the plaintext length (the store's chunk size): a hostile header cannot make
 /// us allocate more. The caller checks the plaintext against `id`.
@@ -307,7 +334,7 @@ pub fn decode_blob(
     max_raw: usize,
     object: &str,
     offset: u64,
-    out: &mut Vec<u8>,
+    out: &mut (impl PlainBuf + ?Sized),
 ) -> Result<()> {
     let corrupt = |msg: &str| Error::corrupt(object, msg.to_owned()).with_offset(offset);
     let header = blob_header(record, max_raw, object, offset)?;
@@ -317,15 +344,13 @@ pub fn decode_blob(
     let payload = sealer
         .open(&aad, record, BLOB_HEADER)
         .map_err(|_| corrupt("chunk record failed authentication (damaged, or not this chunk)"))?;
-    out.clear();
     if flags & FLAG_LZ4 == 0 {
         if payload.len() != raw_len {
             return Err(corrupt("raw chunk record length disagrees with its header"));
         }
-        out.extend_from_slice(payload);
+        out.reset(raw_len).copy_from_slice(payload);
     } else {
-        out.resize(raw_len, 0);
-        match lz4_flex::block::decompress_into(payload, out) {
+        match lz4_flex::block::decompress_into(payload, out.reset(raw_len)) {
             Ok(n) if n == raw_len => {}
             _ => {
                 return Err(corrupt(

@@ -978,7 +978,7 @@ impl Store {
         loc: &ChunkLocation,
         id: &Id,
         record: &mut [u8],
-        out: &mut Vec<u8>,
+        out: &mut (impl format::PlainBuf + ?Sized),
     ) -> Result<()> {
         let key = pack_key(pack);
         let sealer = self.keys.pack_sealer(pack);
@@ -991,7 +991,8 @@ impl Store {
             loc.offset,
             out,
         )?;
-        if out.len() != loc.raw_len as usize || self.keys.chunk_id(out) != *id {
+        let plain = (*out).as_ref();
+        if plain.len() != loc.raw_len as usize || self.keys.chunk_id(plain) != *id {
             return Err(
                 Error::corrupt(&key, "chunk content does not match its id").with_offset(loc.offset)
             );

@@ -461,6 +461,15 @@ impl S3Store {
             .collect())
     }
 
+    /// The multipart uploads open for keys that start with `prefix`.
+    pub(crate) fn uploads_under(&self, prefix: &str) -> Result<Vec<Upload>> {
+        Ok(self
+            .list_uploads()?
+            .into_iter()
+            .filter(|u| u.key.starts_with(prefix))
+            .collect())
+    }
+
     /// GETs an object or an inclusive byte range of it, refusing more than `max_len` bytes.
     /// A body that breaks off mid-transfer is fetched again (the SDK retries a request only
     /// until its answer's headers arrive).

@@ -9,6 +9,8 @@
 
 #[cfg(feature = "s3")]
 mod object;
+#[cfg(feature = "s3")]
+pub(crate) use object::sweep_staging;
 mod vhd;
 mod vhdx;
 mod vmdk;

@@ -53,6 +53,10 @@ struct PartPlan {
     number: u32,
     range: Range<u64>,
     copy: bool,
+    /// A sent part's first bytes that are instead copied from the base export into a
+    /// staging object, with the rest sent as its last part; the part is then a copy of that
+    /// object (see [`delta_parts`]). 0: the part is sent whole.
+    staged: u64,
 }
 
 /// A previous export whose unchanged parts are copied.
@@ -455,12 +459,13 @@ impl ObjectExport<'_> {
             h.update(&p.range.start.to_le_bytes());
             h.update(&p.range.end.to_le_bytes());
             h.update(&[u8::from(p.copy)]);
+            h.update(&p.staged.to_le_bytes());
         }
         if let Some(b) = base {
             h.update(b.key.as_bytes());
             h.update(b.etag.as_bytes());
         }
-        format!("v1 {}", h.finalize().to_hex())
+        format!("v2 {}", h.finalize().to_hex())
     }
 
     /// The upload to write to: a stopped run's of the same export and plan (with the parts
@@ -578,7 +583,7 @@ impl ObjectExport<'_> {
                 self.target.abort_upload(self.key, &u.upload_id)?;
             }
         }
-        Ok(())
+        sweep_staging(self.target, self.key, since)
     }
 
     /// Records a part the store acknowledged.
@@ -641,6 +646,11 @@ impl ObjectExport<'_> {
                         }
                         let done = if p.copy {
                             self.copy_part(p, upload, base, sent)
+                        } else if p.staged > 0 {
+                            self.stage_part(p, upload, base, sent, |range| {
+                                self.fill(layout, range, &mut buf, &mut bufs, &pages)?;
+                                Ok(bytes::Bytes::from(std::mem::take(&mut buf)))
+                            })
                         } else {
                             self.fill(layout, p.range.clone(), &mut buf, &mut bufs, &pages)
                                 .and_then(|()| {
@@ -690,6 +700,86 @@ impl ObjectExport<'_> {
             sent.base_changed.store(true, Ordering::SeqCst);
             sent.stop.store(true, Ordering::SeqCst);
         }
+        Ok(())
+    }
+
+    /// Makes a staged part (see [`delta_parts`]): a staging object beside the target holds
+    /// the part's unchanged first bytes, copied from the base export, then its changed bytes,
+    /// sent (`fill` makes them); the part is a copy of that object, which is then deleted. A
+    /// base that changed stops the run as for a copied part.
+    fn stage_part(
+        &self,
+        p: &PartPlan,
+        upload: &Upload,
+        base: Option<&Base>,
+        sent: &Progressed,
+        fill: impl FnOnce(Range<u64>) -> Result<bytes::Bytes>,
+    ) -> Result<()> {
+        let base = base.ok_or_else(|| Error::internal("a staged part without a base"))?;
+        let stage = staging_key(self.key, p.number);
+        let stage_upload = self.target.create_upload(&stage)?;
+        let prefix = p.range.start..p.range.start + p.staged;
+        let staged = (|| {
+            let Some(first) = self.target.upload_part_copy(
+                &stage,
+                &stage_upload,
+                1,
+                &base.key,
+                prefix.clone(),
+                &base.etag,
+            )?
+            else {
+                return Ok(false);
+            };
+            let data = fill(prefix.end..p.range.end)?;
+            let second = self.target.upload_part(&stage, &stage_upload, 2, data)?;
+            self.target
+                .complete_upload(&stage, &stage_upload, &[first, second])?;
+            Ok(true)
+        })();
+        match staged {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = self.target.abort_upload(&stage, &stage_upload);
+                sent.base_changed.store(true, Ordering::SeqCst);
+                sent.stop.store(true, Ordering::SeqCst);
+                return Ok(());
+            }
+            Err(e) => {
+                let _ = self.target.abort_upload(&stage, &stage_upload);
+                return Err(e);
+            }
+        }
+        let copied = self
+            .target
+            .head(&stage)?
+            .map(|head| {
+                self.target.upload_part_copy(
+                    self.key,
+                    &upload.id,
+                    p.number,
+                    &stage,
+                    0..p.range.end - p.range.start,
+                    &head.etag,
+                )
+            })
+            .transpose()?
+            .flatten();
+        let _ = self.target.delete(&stage);
+        let part = copied.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Store,
+                format!(
+                    "the staging object of part {} changed or vanished before it was copied",
+                    p.number
+                ),
+            )
+            .with_object(&stage)
+        })?;
+        let sent_bytes = p.range.end - prefix.end;
+        self.record(upload, &part, sent_bytes, sent)?;
+        sent.bytes_sent.fetch_add(sent_bytes, Ordering::SeqCst);
+        sent.bytes_copied.fetch_add(p.staged, Ordering::SeqCst);
         Ok(())
     }
 
@@ -953,6 +1043,30 @@ impl PageCache {
     }
 }
 
+/// The staging object of part `number` of an export to `key`: beside it (where whoever may
+/// write the target may write), deleted once the part is copied from it.
+fn staging_key(key: &str, number: u32) -> String {
+    format!("{key}{STAGING_SUFFIX}{number}")
+}
+
+/// What a staging object's key adds to the target's.
+const STAGING_SUFFIX: &str = ".blockferry-part-";
+
+/// Removes what staged parts of an export to `key` left behind (a run stopped while it
+/// made one): the uploads of staging objects started since `since` (ms), and the objects.
+pub(crate) fn sweep_staging(target: &S3Store, key: &str, since: u64) -> Result<()> {
+    let prefix = format!("{key}{STAGING_SUFFIX}");
+    for u in target.uploads_under(&prefix)? {
+        if u.initiated_unix_ms.is_some_and(|t| t >= since) {
+            target.abort_upload(&u.key, &u.upload_id)?;
+        }
+    }
+    for stage in target.list(&prefix)? {
+        target.delete(&stage)?;
+    }
+    Ok(())
+}
+
 /// Parts of `part` bytes covering a file of `file` bytes, all sent.
 fn uniform_plan(file: u64, part: u64) -> Result<Vec<PartPlan>> {
     let mut plan = Vec::new();
@@ -963,6 +1077,7 @@ fn uniform_plan(file: u64, part: u64) -> Result<Vec<PartPlan>> {
             number: u32::try_from(plan.len() + 1).map_err(|_| Error::internal("too many parts"))?,
             range: at..end,
             copy: false,
+            staged: 0,
         });
         at = end;
         if file == 0 {
@@ -1004,26 +1119,41 @@ impl ObjectExport<'_> {
     }
 }
 
-/// The parts of a file of `file` bytes whose `changed` ranges (sorted by start) must be sent:
-/// sent parts cover the changes, at least the store's smallest part each (but for the last
-/// part of the file), joined when the copy between them would be smaller than that; the
-/// rest is copied, in parts of at most the store's largest.
+/// The parts of a file of `file` bytes whose `changed` ranges (sorted by start) must be sent.
+///
+/// Changes closer than the store's smallest part are joined (the copy between them would be
+/// too small); the rest of the file is copied, in parts of at most the store's largest. A run
+/// of changes at least a smallest part long is sent as it is. A shorter one (the usual
+/// delta: a few scattered chunks) would have to be sent widened to a smallest part; instead
+/// its part is *staged*: the unchanged bytes before it are copied into a staging object
+/// together with the changed bytes, sent as that object's last part (which may be of any
+/// size), and the part is a copy of the staging object. Only a run that starts within a
+/// smallest part of the file's start (nothing unchanged before it to stage) is widened.
 fn delta_parts(file: u64, changed: &[Range<u64>], rules: PartRules) -> Vec<PartPlan> {
     let min = rules.min_part.max(1);
-    let mut sends: Vec<Range<u64>> = Vec::new();
+    // Runs of changes; each gap between two is a copy of at least a smallest part.
+    let mut runs: Vec<Range<u64>> = Vec::new();
     for c in changed.iter().filter(|c| !c.is_empty()) {
-        // A copy before it would be too small: send from the previous part (or the start).
-        let prev_end = sends.last().map_or(0, |s| s.end);
-        let start = if c.start < prev_end + min {
-            prev_end
-        } else {
-            c.start
-        };
-        let r = start..c.end.max(start + min).min(file);
-        match sends.last_mut() {
-            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-            _ => sends.push(r),
+        let c = c.start.min(file)..c.end.min(file);
+        match runs.last_mut() {
+            Some(last) if c.start < last.end + min => last.end = last.end.max(c.end),
+            // Too close to the start to leave a copy before it.
+            None if c.start < min => runs.push(0..c.end),
+            _ => runs.push(c),
         }
+    }
+    // A short run at the start: widened to a smallest part, and joined with those the
+    // widening brings too close.
+    if let Some(first) = runs.first().cloned()
+        && first.start == 0
+        && first.end < min.min(file)
+    {
+        let mut joined = 0..min.min(file);
+        let mut rest = runs.split_off(1).into_iter().peekable();
+        while let Some(next) = rest.next_if(|r| r.start < joined.end + min) {
+            joined.end = joined.end.max(next.end);
+        }
+        runs = std::iter::once(joined).chain(rest).collect();
     }
     let mut plan: Vec<PartPlan> = Vec::new();
     let push = |range: Range<u64>, copy: bool, plan: &mut Vec<PartPlan>| {
@@ -1041,16 +1171,36 @@ fn delta_parts(file: u64, changed: &[Range<u64>], rules: PartRules) -> Vec<PartP
                 number: u32::try_from(plan.len() + 1).unwrap_or(u32::MAX),
                 range: start..end,
                 copy,
+                staged: 0,
             });
         }
     };
     let mut at = 0;
-    for s in sends {
-        if s.start > at {
-            push(at..s.start, true, &mut plan);
+    for run in runs {
+        let short = run.end - run.start < min && run.end < file;
+        // The unchanged bytes staged before a short run: a smallest part, or the whole gap
+        // when what it would leave to copy is smaller than that.
+        let staged = if short {
+            let gap = run.start - at;
+            if gap >= 2 * min { min } else { gap }
+        } else {
+            0
+        };
+        let start = run.start - staged;
+        if start > at {
+            push(at..start, true, &mut plan);
         }
-        push(s.clone(), false, &mut plan);
-        at = s.end;
+        if staged > 0 {
+            plan.push(PartPlan {
+                number: u32::try_from(plan.len() + 1).unwrap_or(u32::MAX),
+                range: start..run.end,
+                copy: false,
+                staged,
+            });
+        } else {
+            push(run.clone(), false, &mut plan);
+        }
+        at = run.end;
     }
     if at < file {
         push(at..file, true, &mut plan);

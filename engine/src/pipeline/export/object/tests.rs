@@ -15,6 +15,13 @@ fn check(plan: &[PartPlan], file: u64) {
         let len = p.range.end - p.range.start;
         assert!(len > 0);
         assert!(len <= RULES.max_part);
+        if p.staged > 0 {
+            // The staging object's first part is a copy: a smallest part at least; its last,
+            // sent, holds at least a byte.
+            assert!(!p.copy);
+            assert!(p.staged >= RULES.min_part, "part {}: {plan:?}", p.number);
+            assert!(p.staged < len);
+        }
         if i + 1 < plan.len() {
             assert!(
                 len >= RULES.min_part,
@@ -25,6 +32,20 @@ fn check(plan: &[PartPlan], file: u64) {
         at = p.range.end;
     }
     assert_eq!(at, file);
+}
+
+/// Bytes a plan sends (staged prefixes are copied).
+fn sent(plan: &[PartPlan]) -> u64 {
+    plan.iter()
+        .filter(|p| !p.copy)
+        .map(|p| p.range.end - p.range.start - p.staged)
+        .sum()
+}
+
+/// Whether byte `b` is sent by the plan (not copied, nor staged from the base).
+fn sends(plan: &[PartPlan], b: u64) -> bool {
+    let p = plan.iter().find(|p| p.range.contains(&b)).unwrap();
+    !p.copy && b >= p.range.start + p.staged
 }
 
 #[test]
@@ -40,24 +61,18 @@ fn uniform_parts_tile_the_file() {
 #[test]
 fn delta_parts_send_the_changes_and_copy_the_rest() {
     let file = 2048 * MIB;
-    // Isolated 1 MiB changes cost one smallest part each.
+    // Isolated 1 MiB changes are staged: only their own bytes are sent; one within a
+    // smallest part of the start has nothing before it to stage, and is sent widened.
     let changed: Vec<_> = [3u64, 100, 700, 1500]
         .iter()
         .map(|&m| m * MIB..(m + 1) * MIB)
         .collect();
     let plan = delta_parts(file, &changed, RULES);
     check(&plan, file);
-    let sent: u64 = plan
-        .iter()
-        .filter(|p| !p.copy)
-        .map(|p| p.range.end - p.range.start)
-        .sum();
-    assert_eq!(sent, 4 * 5 * MIB);
+    assert_eq!(sent(&plan), 5 * MIB + 3 * MIB);
+    assert_eq!(plan.iter().filter(|p| p.staged > 0).count(), 3);
     for c in &changed {
-        assert!(
-            plan.iter()
-                .any(|p| !p.copy && p.range.start <= c.start && c.end <= p.range.end)
-        );
+        assert!((c.start..c.end).step_by(4096).all(|b| sends(&plan, b)));
     }
     // Changes closer than a smallest part share one; one at the end of the file is the last
     // part whatever its size; none at all copies everything.
@@ -68,10 +83,23 @@ fn delta_parts_send_the_changes_and_copy_the_rest() {
     );
     check(&plan, file);
     assert_eq!(plan.iter().filter(|p| !p.copy).count(), 2);
+    assert_eq!(sent(&plan), 4 * MIB + 512);
     assert_eq!(plan.last().unwrap().range, file - 512..file);
     let plan = delta_parts(file, &[], RULES);
     check(&plan, file);
     assert!(plan.iter().all(|p| p.copy));
+    // A short change after a gap shorter than two smallest parts stages the whole gap.
+    let plan = delta_parts(
+        file,
+        &[Range {
+            start: 7 * MIB,
+            end: 8 * MIB,
+        }],
+        RULES,
+    );
+    check(&plan, file);
+    assert_eq!(plan[0].range, 0..8 * MIB);
+    assert_eq!(plan[0].staged, 7 * MIB);
     // Everything changed: sent in parts, nothing copied.
     let everything = vec![Range {
         start: 0,
@@ -79,7 +107,8 @@ fn delta_parts_send_the_changes_and_copy_the_rest() {
     }];
     let plan = delta_parts(file, &everything, RULES);
     check(&plan, file);
-    assert!(plan.iter().all(|p| !p.copy));
+    assert!(plan.iter().all(|p| !p.copy && p.staged == 0));
+    assert_eq!(sent(&plan), file);
 }
 
 #[test]
@@ -104,9 +133,8 @@ fn delta_parts_hold_for_any_changes() {
         let plan = delta_parts(file, &changed, RULES);
         check(&plan, file);
         for c in &changed {
-            for b in [c.start, c.end - 1] {
-                let p = plan.iter().find(|p| p.range.contains(&b)).unwrap();
-                assert!(!p.copy, "changed byte {b} in a copied part");
+            for b in [c.start, u64::midpoint(c.start, c.end), c.end - 1] {
+                assert!(sends(&plan, b), "changed byte {b} not sent: {plan:?}");
             }
         }
     }
