@@ -557,3 +557,56 @@ fn a_delta_export_killed_while_staging_resumes_or_is_abandoned_cleanly() {
         assert!(backend.list_uploads().unwrap().is_empty());
     }
 }
+
+#[test]
+fn an_export_killed_once_complete_is_not_sent_again() {
+    let mut rng = Rng::seeded("an_export_killed_once_complete_is_not_sent_again");
+    let sb = Sandbox::new_s3("export-done");
+    sb.init(&[]);
+    let raw = sb.path("disk.raw");
+    random_disk(&mut rng, &raw, 24 * MIB);
+    let snap = sb.replicate(&raw, &[])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (url, backend) = target("export-done-dst");
+    let out = format!("{url}/vm.raw");
+    // Once the object is complete, the client's look at it hangs: the kill lands between
+    // the completion and its record in the job database.
+    let proxy = Proxy::start(&s3().endpoint);
+    proxy.set_rule(|r| {
+        if r.method == "HEAD" && r.target.contains("/vm.raw") {
+            Action::Delay(Duration::from_secs(60))
+        } else {
+            Action::Forward
+        }
+    });
+    let mut child = spawn_export(&sb, &proxy.url, &snap, &out, "raw", &["--part-size", "5M"]);
+    let start = Instant::now();
+    while !backend.list("").unwrap().iter().any(|k| k == "vm.raw") {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the export ended first"
+        );
+        assert!(start.elapsed() < Duration::from_secs(60), "never completed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let active = sb.job_db_count("SELECT count(*) FROM jobs WHERE state = 'active'");
+    assert_eq!(active, 1, "the kill left the job unfinished");
+    // Run again with another part size: the object is complete, whatever plan made it.
+    let report = export(&sb, &snap, &out, "raw", &[]);
+    assert_eq!(report["bytes_sent"], 0, "{report}");
+    assert_eq!(report["resumed"], true, "{report}");
+    assert_eq!(report["file_size"], 24 * MIB, "{report}");
+    assert_eq!(
+        sb.job_db_count("SELECT count(*) FROM jobs WHERE state = 'done' AND kind = 'export'"),
+        1
+    );
+    assert_eq!(
+        backend.get("vm.raw", u64::MAX).unwrap(),
+        std::fs::read(&raw).unwrap()
+    );
+    assert!(backend.list_uploads().unwrap().is_empty());
+}

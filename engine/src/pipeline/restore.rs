@@ -12,7 +12,7 @@ use super::verify::Problem;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::sys::AlignedBuf;
 use crate::job::{CancelToken, Counters, Observer, Phase, Reporter};
-use crate::store::format::{Id, PAGE_ENTRIES, PackId, ZERO_ID, hex};
+use crate::store::format::{Id, PAGE_ENTRIES, PackId, PlainBuf, ZERO_ID, hex};
 use crate::store::{ChunkIndex, ChunkLocation, Store};
 
 /// Options of [`restore`].
@@ -203,7 +203,7 @@ pub(crate) fn write_snapshot(
     // the workers fill: a worker goes on decoding while its chunk is written, and finds
     // the runs to write (not the zero blocks that stay holes) itself.
     let writer = Writer::new(workers);
-    let write = |bytes: &[u8], offset: u64| -> Result<()> {
+    let runs_of = |bytes: &[u8], offset: u64| -> Result<Vec<Run>> {
         let mut runs = Vec::new();
         let mut data = 0;
         layout.place(offset, bytes.len(), &mut |at, piece| {
@@ -216,10 +216,23 @@ pub(crate) fn write_snapshot(
         })?;
         Counters::add(&counters.bytes_written, data);
         Counters::add(&counters.bytes_zero, bytes.len() as u64 - data);
+        Ok(runs)
+    };
+    // A decoded chunk: its buffer goes to the writer (exchanged for a free one).
+    let write = |buf: &mut AlignedBuf, offset: u64| -> Result<()> {
+        let runs = runs_of(buf, offset)?;
         if runs.is_empty() {
             return Ok(());
         }
-        writer.queue(bytes, runs)
+        writer.queue_buffer(buf, runs)
+    };
+    // Zeros onto a device: copied into a free buffer.
+    let write_zeros = |len: usize, offset: u64| -> Result<()> {
+        let runs = runs_of(&zeros[..len], offset)?;
+        if runs.is_empty() {
+            return Ok(());
+        }
+        writer.queue_copy(&zeros[..len], runs)
     };
     // A chunk that cannot be read: fatal, or (salvage) zeros in its place and a listed
     // problem (a device must not keep what it held there).
@@ -232,7 +245,7 @@ pub(crate) fn write_snapshot(
         }
         for &(offset, len) in places {
             if device {
-                write(&zeros[..len], offset)?;
+                write_zeros(len, offset)?;
             }
             let mut u = unreadable.lock().expect("unreadable list");
             u.1 += 1;
@@ -255,7 +268,7 @@ pub(crate) fn write_snapshot(
     };
     let result = writer.run(&|bytes, runs| output.write_runs(bytes, runs), || {
         plan.run(workers, device, &|job, bufs| match job {
-            Job::Zero { offset, len } => write(&zeros[..len], offset),
+            Job::Zero { offset, len } => write_zeros(len, offset),
             Job::Range(range) => range.restore(store, bufs, &write, &lost),
             Job::Missing { error, places } => lost(error, &places),
         })
@@ -339,15 +352,35 @@ impl Writer {
         }
     }
 
-    /// Queues the `runs` of `bytes` to be written, waiting for a free buffer.
-    fn queue(&self, bytes: &[u8], runs: Vec<Run>) -> Result<()> {
-        let stopped = || Error::new(ErrorKind::Cancelled, "the output writer stopped");
-        let mut buf = self.free.recv().map_err(|_| stopped())?;
+    /// A free buffer, waited for.
+    fn free_buffer(&self) -> Result<AlignedBuf> {
+        let buf = self.free.recv().map_err(|_| Self::stopped())?;
         if self.failed.load(Ordering::SeqCst) {
-            return Err(stopped());
+            return Err(Self::stopped());
         }
-        crate::store::format::PlainBuf::reset(&mut buf, bytes.len()).copy_from_slice(bytes);
-        self.queued.send(Some((buf, runs))).map_err(|_| stopped())
+        Ok(buf)
+    }
+
+    fn stopped() -> Error {
+        Error::new(ErrorKind::Cancelled, "the output writer stopped")
+    }
+
+    /// Queues the `runs` of `buf` to be written: the buffer goes to the writer, and a free
+    /// one (waited for) takes its place.
+    fn queue_buffer(&self, buf: &mut AlignedBuf, runs: Vec<Run>) -> Result<()> {
+        let taken = std::mem::replace(buf, self.free_buffer()?);
+        self.queued
+            .send(Some((taken, runs)))
+            .map_err(|_| Self::stopped())
+    }
+
+    /// Queues the `runs` of `bytes` to be written, copied into a free buffer.
+    fn queue_copy(&self, bytes: &[u8], runs: Vec<Run>) -> Result<()> {
+        let mut buf = self.free_buffer()?;
+        PlainBuf::reset(&mut buf, bytes.len()).copy_from_slice(bytes);
+        self.queued
+            .send(Some((buf, runs)))
+            .map_err(|_| Self::stopped())
     }
 
     /// Runs `work` (which queues writes) while a thread writes what is queued with `write`.
@@ -398,8 +431,9 @@ const MAX_GAP: u64 = 256 << 10;
 /// Where a chunk goes on the disk: offset and length.
 pub(super) type Place = (u64, usize);
 
-/// Writes bytes at a disk offset.
-pub(super) type Write<'a> = dyn Fn(&[u8], u64) -> Result<()> + Sync + 'a;
+/// Writes a decoded chunk at a disk offset. It may take the buffer's bytes, leaving another
+/// buffer (of any content) in its place.
+pub(super) type Write<'a> = dyn Fn(&mut AlignedBuf, u64) -> Result<()> + Sync + 'a;
 
 /// Deals with a chunk that cannot be read, given its places.
 pub(super) type Lost<'a> = dyn Fn(Error, &[Place]) -> Result<()> + Sync + 'a;
@@ -490,7 +524,7 @@ impl Range {
                 lost(e, places)?;
                 continue;
             }
-            for &(offset, len) in places {
+            for (i, &(offset, len)) in places.iter().enumerate() {
                 if data.len() != len {
                     lost(
                         Error::new(
@@ -501,7 +535,15 @@ impl Range {
                     )?;
                     continue;
                 }
-                write(data, offset)?;
+                if i + 1 < places.len() {
+                    // A chunk at several places: the write may take the buffer, so the
+                    // places before the last get copies.
+                    let mut copy = AlignedBuf::new(len);
+                    PlainBuf::reset(&mut copy, len).copy_from_slice(data);
+                    write(&mut copy, offset)?;
+                } else {
+                    write(data, offset)?;
+                }
             }
         }
         Ok(())

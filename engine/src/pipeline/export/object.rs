@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use super::vmdk::{self, Sink};
 use super::{ExportFormat, ExportOptions, ExportReport, changed_ranges, layout};
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::sys::AlignedBuf;
 use crate::job::export_state::ExportJob;
 use crate::job::state::{JobDb, JobKey, JobLock};
 use crate::job::{Counters, Observer, Phase, Reporter};
@@ -145,6 +146,18 @@ struct Upload {
     /// Parts an earlier run had sent that the store still holds, by number.
     acked: HashMap<u32, Part>,
     _lock: Option<JobLock>,
+}
+
+/// What a run finds to write to.
+enum Opened {
+    Upload(Upload),
+    /// A stopped run of the job completed the object (`head`, of `parts` parts).
+    Done {
+        job: String,
+        head: crate::store::s3::ObjectHead,
+        parts: u32,
+        _lock: JobLock,
+    },
 }
 
 /// What the senders did.
@@ -313,7 +326,34 @@ impl ObjectExport<'_> {
             (Vec::new(), part, self.fit(part, uploads, true)?, None)
         };
         let plan_text = self.plan_text(&plan, part, base);
-        let upload = self.open_upload(&plan_text)?;
+        let upload = match self.open_upload(&plan_text)? {
+            Opened::Upload(upload) => upload,
+            Opened::Done {
+                job, head, parts, ..
+            } => {
+                // A stopped run completed the object and was killed before it recorded so.
+                self.db(|db| db.finish_export(&job, &head.etag, head.size))?;
+                self.sweep(&job, None)?;
+                self.reporter.warn(format!(
+                    "{} was already completed by the stopped run: nothing to send",
+                    self.url
+                ));
+                let virtual_size = layout.map_or_else(
+                    || vmdk::capacity_bytes(self.snapshot),
+                    <dyn Layout>::disk_size,
+                );
+                return Ok(Outcome::Done(Box::new(ExportReport {
+                    output: self.url.to_owned(),
+                    file_size: head.size,
+                    bytes_resumed: head.size,
+                    parts,
+                    job: Some(job),
+                    resumed: true,
+                    etag: Some(head.etag),
+                    ..ExportReport::new(self.snapshot, self.opts.format, virtual_size)
+                })));
+            }
+        };
         let sent = Progressed::default();
         let file_size = match layout {
             Some(layout) => {
@@ -470,7 +510,7 @@ impl ObjectExport<'_> {
 
     /// The upload to write to: a stopped run's of the same export and plan (with the parts
     /// the store still holds), else a new one, recorded before any part is sent.
-    fn open_upload(&self, plan: &str) -> Result<Upload> {
+    fn open_upload(&self, plan: &str) -> Result<Opened> {
         let store_id = self.store.config().store_id.clone();
         let format = self.opts.format.name();
         let metadata = HashMap::from([
@@ -480,12 +520,12 @@ impl ObjectExport<'_> {
         ]);
         let Some(db) = &self.db else {
             let id = self.target.create_upload_with(self.key, &metadata)?;
-            return Ok(Upload {
+            return Ok(Opened::Upload(Upload {
                 id,
                 job: None,
                 acked: HashMap::new(),
                 _lock: None,
-            });
+            }));
         };
         let found = {
             let db = db.lock().expect("job database");
@@ -518,11 +558,11 @@ impl ObjectExport<'_> {
         if resuming {
             self.db(|db| db.start_run(&job.id))?;
         }
-        // The same plan's upload continues with the parts the store lists as recorded.
-        if let Some(id) = export.upload_id.filter(|id| !id.is_empty())
-            && export.plan == plan
-        {
+        // The same plan's upload continues with the parts the store lists as recorded (an
+        // upload of another plan is aborted by the sweep below).
+        if let Some(id) = export.upload_id.filter(|id| !id.is_empty()) {
             match self.target.list_parts(self.key, &id) {
+                Ok(_) if export.plan != plan => {}
                 Ok(listed) => {
                     let recorded = self.db(|db| db.export_parts(&job.id))?.unwrap_or_default();
                     let acked: HashMap<u32, Part> = recorded
@@ -535,19 +575,43 @@ impl ObjectExport<'_> {
                         .map(|p| (p.number, p))
                         .collect();
                     self.sweep(&job.id, Some(&id))?;
-                    return Ok(Upload {
+                    return Ok(Opened::Upload(Upload {
                         id,
                         job: Some(job.id),
                         acked,
                         _lock: Some(lock),
-                    });
+                    }));
                 }
                 Err(e) if e.kind() == ErrorKind::NotFound => {
-                    self.reporter.warn(format!(
-                        "the stopped export's upload to {} is gone (expired, or aborted): \
-                         sending it anew",
-                        self.url
-                    ));
+                    // Completed, and killed before it was recorded: the object says so (it is
+                    // this store's export of this snapshot in this format, whatever the plan
+                    // that made it).
+                    if let Some(head) = self.target.head(self.key)?
+                        && [
+                            (META_SNAPSHOT, self.snapshot.id.as_str()),
+                            (META_FORMAT, format),
+                            (META_STORE, store_id.as_str()),
+                        ]
+                        .iter()
+                        .all(|(k, v)| head.metadata.get(*k).map(String::as_str) == Some(*v))
+                    {
+                        let parts = self
+                            .db(|db| db.export_parts(&job.id))?
+                            .map_or(0, |p| u32::try_from(p.len()).unwrap_or(u32::MAX));
+                        return Ok(Opened::Done {
+                            job: job.id,
+                            head,
+                            parts,
+                            _lock: lock,
+                        });
+                    }
+                    if export.plan == plan {
+                        self.reporter.warn(format!(
+                            "the stopped export's upload to {} is gone (expired, or aborted): \
+                             sending it anew",
+                            self.url
+                        ));
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -555,12 +619,12 @@ impl ObjectExport<'_> {
         let id = self.target.create_upload_with(self.key, &metadata)?;
         self.db(|db| db.set_export_upload(&job.id, plan, &id))?;
         self.sweep(&job.id, Some(&id))?;
-        Ok(Upload {
+        Ok(Opened::Upload(Upload {
             id,
             job: Some(job.id),
             acked: HashMap::new(),
             _lock: Some(lock),
-        })
+        }))
     }
 
     /// Aborts the uploads of the target key this job started and no longer uses (one whose
@@ -835,7 +899,8 @@ impl ObjectExport<'_> {
             true
         });
         let out = Mutex::new(&mut buf[..]);
-        let write = |bytes: &[u8], virt: u64| -> Result<()> {
+        let write = |bytes: &mut AlignedBuf, virt: u64| -> Result<()> {
+            let bytes: &[u8] = bytes;
             let mut out = out.lock().expect("part buffer");
             let mut data = 0u64;
             layout.place(virt, bytes.len(), &mut |at, piece| {
