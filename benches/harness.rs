@@ -689,52 +689,62 @@ fn nbd_section(ctx: &mut Ctx, os: &Path, rep: &mut Report) -> Result<()> {
     let ctx = &*ctx;
     let out = ctx.work.join("nbd-out.raw");
     let socket = ctx.work.join("nbd.sock");
-    let convert = |from: &str| -> Result<f64> {
+    // qemu-img writes its output in both of the cache modes that flush it (as in the export
+    // section): through the page cache ("writeback") and direct ("none"); each side is judged
+    // by its faster mode. On these virtual machines page-cache writes are the noisy part: a
+    // client reading over NBD and writing through the page cache ran 3x slower than the same
+    // client writing direct, with the server's CPU time unchanged.
+    let convert = |from: &str, cache: &str| -> Result<f64> {
         let _ = std::fs::remove_file(&out);
         let mut c = Command::new("qemu-img");
-        c.args(["convert", "-t", "writeback", "-f", "raw", "-O", "raw", from])
+        c.args(["convert", "-t", cache, "-f", "raw", "-O", "raw", from])
             .arg(&out);
         Ok(measure(&mut c)?.0.secs)
+    };
+    let served = |cache: &str| -> Result<f64> {
+        let _ = std::fs::remove_file(&socket);
+        let mut server = ctx
+            .bf(&["serve", "latest", "--store", store, "--nbd"])
+            .arg(format!("unix:{}", socket.display()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let mut uri = String::new();
+        std::io::BufReader::new(server.stdout.take().context("no stdout")?).read_line(&mut uri)?;
+        let secs = convert(uri.trim(), cache);
+        server.kill()?;
+        server.wait()?;
+        secs
     };
     let t = interleaved(&mut [
         &mut || {
             warm(raw)?;
-            convert(pstr(raw))
+            convert(pstr(raw), "writeback")
         },
         &mut || {
-            let _ = std::fs::remove_file(&socket);
-            let mut server = ctx
-                .bf(&["serve", "latest", "--store", store, "--nbd"])
-                .arg(format!("unix:{}", socket.display()))
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()?;
-            let mut uri = String::new();
-            std::io::BufReader::new(server.stdout.take().context("no stdout")?)
-                .read_line(&mut uri)?;
-            let secs = convert(uri.trim());
-            server.kill()?;
-            server.wait()?;
-            secs
+            warm(raw)?;
+            convert(pstr(raw), "none")
         },
+        &mut || served("writeback"),
+        &mut || served("none"),
     ])?;
     let bytes = std::fs::metadata(raw)?.len();
-    rep.row(
-        "nbd",
-        "qemu-img convert of the restored raw",
-        t[0],
-        gb_s(bytes, t[0]),
-    );
-    rep.row(
-        "nbd",
-        "qemu-img convert from blockferry serve --nbd",
-        t[1],
-        gb_s(bytes, t[1]),
-    );
+    for (i, what) in [
+        "qemu-img -t writeback, restored raw",
+        "qemu-img -t none, restored raw",
+        "qemu-img -t writeback, blockferry serve",
+        "qemu-img -t none, blockferry serve",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        rep.row("nbd", what, t[i], gb_s(bytes, t[i]));
+    }
+    let (peer, ours) = (t[0].min(t[1]), t[2].min(t[3]));
     rep.target(
-        "NBD read / raw file read (qemu-img convert) >= 0.50",
-        format!("{:.2}x", t[0] / t[1]),
-        t[0] / t[1] >= 0.5,
+        "NBD read / raw file read (qemu-img convert, faster modes) >= 0.50",
+        format!("{:.2}x", peer / ours),
+        peer / ours >= 0.5,
     );
     let _ = std::fs::remove_file(&out);
     let _ = std::fs::remove_file(raw);

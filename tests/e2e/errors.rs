@@ -102,6 +102,56 @@ fn every_stored_chunk_has_every_bit_guarded() {
     }
 }
 
+/// A chunk read for its data is proven once (the tag of an encrypted record, the plaintext's
+/// keyed hash in an unencrypted store): a flipped bit in its bytes always fails the read; a
+/// flipped bit in an unencrypted record's checksum leaves the data readable, and the strict
+/// read that `verify` makes reports it.
+#[test]
+fn a_chunk_read_is_proven_once_and_a_strict_read_checks_every_guard() {
+    for flags in [&[][..], &["--no-encryption"][..]] {
+        let encrypted = flags.is_empty();
+        let (sb, _, _) = setup(flags);
+        let store = Store::open(&sb.store(), encrypted.then_some(PASSPHRASE.as_bytes())).unwrap();
+        let index = store.load_index().unwrap();
+        let mut rng = Rng::seeded("proven_once");
+        let (mut record, mut data, mut good) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, pack, loc) in index.entries() {
+            let path = Path::new(&sb.store()).join(&pack);
+            store
+                .read_chunk(&index, &id, &mut record, &mut good)
+                .unwrap();
+            // A bit of the header, nonce or payload.
+            let len = u64::from(loc.stored_len);
+            let at = loc.offset + rng.below(len - 16);
+            let bit = rng.below(8) as u8;
+            flip_bit(&path, at, bit);
+            let e = store
+                .read_chunk(&index, &id, &mut record, &mut data)
+                .unwrap_err();
+            assert_eq!(e.kind(), blockferry::ErrorKind::Corrupt, "{e}");
+            flip_bit(&path, at, bit);
+            // A bit of the tag.
+            let at = loc.offset + len - 16 + rng.below(16);
+            flip_bit(&path, at, bit);
+            let read = store.read_chunk(&index, &id, &mut record, &mut data);
+            if encrypted {
+                assert_eq!(read.unwrap_err().kind(), blockferry::ErrorKind::Corrupt);
+            } else {
+                read.unwrap();
+                assert!(data == good, "the data read is the chunk's");
+            }
+            let strict = store
+                .read_chunk_strict(&index, &id, &mut record, &mut data)
+                .unwrap_err();
+            assert!(
+                strict.to_string().contains("failed authentication"),
+                "{strict}"
+            );
+            flip_bit(&path, at, bit);
+        }
+    }
+}
+
 #[test]
 fn flipped_and_truncated_packs_via_cli() {
     let (sb, snap, _) = setup(&[]);

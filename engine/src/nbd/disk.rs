@@ -12,6 +12,15 @@ use crate::store::{ChunkIndex, Snapshot, Store};
 /// Pages of chunk ids kept (each is 128 KiB at most).
 const PAGES_KEPT: usize = 16;
 
+/// Buffers of evicted chunks kept for the next fetches: memory the process touched already
+/// (a fresh buffer costs the kernel a page fault and a zeroed page for every 4 KiB).
+const SPARE_BUFFERS: usize = 8;
+
+thread_local! {
+    /// A fetching thread's scratch space for a sealed chunk record.
+    static RECORD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A chunk as a reader gets it: its bytes, or zeros.
 #[derive(Clone)]
 pub(crate) enum Chunk {
@@ -47,6 +56,7 @@ pub(crate) struct Disk {
     limit: u64,
     cache: Mutex<Cache>,
     loaded: Condvar,
+    spare: Mutex<Vec<Vec<u8>>>,
     pub(crate) counters: DiskCounters,
 }
 
@@ -72,6 +82,7 @@ impl Disk {
                 pages: Vec::new(),
             }),
             loaded: Condvar::new(),
+            spare: Mutex::new(Vec::new()),
             counters: DiskCounters::default(),
         })
     }
@@ -162,6 +173,13 @@ impl Disk {
                 };
                 if let Some((gone, _)) = cache.chunks.remove(&old) {
                     cache.bytes -= gone.len() as u64;
+                    // Unless a reader still holds it, the buffer serves a later fetch.
+                    if let Ok(buf) = Arc::try_unwrap(gone) {
+                        let mut spare = self.spare.lock().expect("spare buffers");
+                        if spare.len() < self.spare_kept() {
+                            spare.push(buf);
+                        }
+                    }
                 }
             }
             cache.clock += 1;
@@ -177,6 +195,13 @@ impl Disk {
         result
     }
 
+    /// How many spare buffers are kept: a quarter of the cache's worth at most.
+    fn spare_kept(&self) -> usize {
+        usize::try_from(self.limit / self.chunk / 4)
+            .unwrap_or(SPARE_BUFFERS)
+            .clamp(1, SPARE_BUFFERS)
+    }
+
     /// Whether chunk `c` is cached or being fetched (read-ahead skips it).
     pub(crate) fn has(&self, c: u64) -> bool {
         let cache = self.cache.lock().expect("cache");
@@ -184,10 +209,15 @@ impl Disk {
     }
 
     fn fetch(&self, c: u64, id: &Id) -> Result<Vec<u8>> {
-        let (mut record, mut data) = (Vec::new(), Vec::new());
+        let mut data = self
+            .spare
+            .lock()
+            .expect("spare buffers")
+            .pop()
+            .unwrap_or_default();
         let offset = c * self.chunk;
-        self.store
-            .read_chunk(&self.index, id, &mut record, &mut data)
+        RECORD
+            .with_borrow_mut(|record| self.store.read_chunk(&self.index, id, record, &mut data))
             .map_err(|e| e.at_disk_offset(offset))?;
         if data.len() as u64 != self.chunk_len(c) {
             return Err(Error::new(

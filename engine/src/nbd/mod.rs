@@ -539,7 +539,7 @@ struct Connection<'a> {
     structured: bool,
     allocation: bool,
     tls_done: bool,
-    /// Where the client's last read ended (read-ahead follows a client reading in order).
+    /// The furthest end of the client's reads in order (read-ahead follows it).
     last_end: u64,
 }
 
@@ -899,15 +899,24 @@ impl<'a> Connection<'a> {
             return self.error(req, EINVAL, "a read past the end of the disk");
         };
         // The request's other chunks are fetched meanwhile, and, for a client reading in
-        // order, the chunks after it.
-        let sequential = req.offset == self.last_end;
-        self.last_end = req.offset + u64::from(req.length);
-        let ahead = if sequential {
-            self.shared.readahead as u64
+        // order, the chunks after the furthest it read. A client with several requests in
+        // flight (qemu-img has eight) sends them a little out of order: a read that starts
+        // within the read-ahead window of that furthest end counts as in order.
+        let window = self.shared.readahead as u64 * disk.chunk;
+        let req_end = req.offset + u64::from(req.length);
+        let sequential = req.offset <= self.last_end.saturating_add(window)
+            && req_end.saturating_add(window) >= self.last_end;
+        self.last_end = if sequential {
+            self.last_end.max(req_end)
         } else {
-            0
+            req_end
         };
-        for c in first + 1..(end + ahead).min(disk.chunks()) {
+        let ahead_end = if sequential {
+            (self.last_end.div_ceil(disk.chunk) + self.shared.readahead as u64).max(end)
+        } else {
+            end
+        };
+        for c in first + 1..ahead_end.min(disk.chunks()) {
             if !disk.has(c) && self.shared.prefetch.try_send(c).is_err() {
                 break;
             }

@@ -123,7 +123,7 @@ impl Checker<'_> {
         let seen = |id| self.verified.lock().expect("verified set").contains(id);
         if item.id != ZERO_ID && !seen(&item.id) {
             self.store
-                .read_chunk(&self.index, &item.id, &mut st.record, &mut st.data)
+                .read_chunk_strict(&self.index, &item.id, &mut st.record, &mut st.data)
                 .map_err(|e| {
                     if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound)
                         && let Some((pack, _)) = self.index.get(&item.id)

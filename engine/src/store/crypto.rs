@@ -110,12 +110,16 @@ fn aes_key(key: &[u8; KEY_LEN]) -> LessSafeKey {
 /// or checksummed (unencrypted stores).
 pub struct Sealer {
     key: Option<LessSafeKey>,
+    /// Whether opening an unencrypted record checks its checksum (see
+    /// [`Sealer::plaintext_proven`]).
+    check_sum: bool,
 }
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sealer")
             .field("encrypted", &self.key.is_some())
+            .field("check_sum", &self.check_sum)
             .finish()
     }
 }
@@ -129,12 +133,28 @@ impl Sealer {
     pub fn encrypting(key: &[u8; KEY_LEN]) -> Sealer {
         Sealer {
             key: Some(aes_key(key)),
+            check_sum: true,
         }
     }
 
     /// A checksum-only sealer for unencrypted stores.
     pub fn checksumming() -> Sealer {
-        Sealer { key: None }
+        Sealer {
+            key: None,
+            check_sum: true,
+        }
+    }
+
+    /// This sealer for a caller that proves an unencrypted record's plaintext itself (by the
+    /// keyed hash it is named by): opening skips the record's checksum, which would prove the
+    /// same bytes a second time (and, unkeyed, proves nothing against a writer of the store).
+    /// An encrypted record is authenticated all the same.
+    #[must_use]
+    pub fn plaintext_proven(self) -> Sealer {
+        Sealer {
+            check_sum: false,
+            ..self
+        }
     }
 
     /// Whether records are encrypted.
@@ -201,8 +221,10 @@ impl Sealer {
             .map_err(|_| Unauthentic)
         } else {
             let tag_at = record.len() - TAG_BYTES;
-            let sum = checksum(aad, &record[payload_at..tag_at]);
-            if sum[..] != record[tag_at..] || record[nonce_at..payload_at] != [0; NONCE_BYTES] {
+            if record[nonce_at..payload_at] != [0; NONCE_BYTES]
+                || (self.check_sum
+                    && checksum(aad, &record[payload_at..tag_at])[..] != record[tag_at..])
+            {
                 return Err(Unauthentic);
             }
             Ok(&mut record[payload_at..tag_at])
