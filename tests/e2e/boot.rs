@@ -1,7 +1,8 @@
 //! `blockferry boot-test`: disks that really boot (a boot sector, and Debian's kernel with a
 //! busybox initramfs, made by `tests/make-boot-disks.sh` from Debian packages) pass once
 //! replicated, the Linux one served from an S3 store; a disk with a broken boot sector fails
-//! with its console attached; nothing is written to the store.
+//! with its console attached; a GPT disk with an EFI system partition goes through OVMF;
+//! nothing is written to the store.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -188,4 +189,53 @@ fn a_linux_disk_boots_from_an_s3_store() {
         "the init ran under the kernel: {console}"
     );
     assert_eq!(listing(&backend), before, "nothing written to the store");
+}
+
+/// A disk whose GPT has an EFI system partition boots through OVMF when the firmware is
+/// left to `auto`: the firmware reaches the snapshot's disk (served over NBD) and reports
+/// what it found there. The partition holds no loader, so it goes on to its other options.
+#[test]
+fn a_gpt_disk_with_an_efi_partition_boots_through_uefi() {
+    if !have_qemu_system() {
+        return;
+    }
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let disk = sb.path("esp.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["-q", disk.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        sfdisk.stdin.as_mut().unwrap(),
+        b"label: gpt\nstart=2048, size=100000, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B\n",
+    )
+    .unwrap();
+    drop(sfdisk.stdin.take());
+    assert!(sfdisk.wait().unwrap().success());
+    let snap = sb.replicate(&disk, &["--name", "uefi"])["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = store_files(&sb.path("store"));
+    let (code, report) = boot_test(
+        &sb,
+        &snap,
+        &[
+            "--expect",
+            r#"BdsDxe: failed to load Boot[0-9]+ "UEFI QEMU HARDDISK"#,
+            "--timeout",
+            "90s",
+            "--accel",
+            "tcg",
+        ],
+    );
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(report["firmware"], "uefi", "{report}");
+    assert_eq!(store_files(&sb.path("store")), before);
 }
