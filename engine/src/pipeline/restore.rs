@@ -498,6 +498,9 @@ impl Range {
             Err(e) if salvageable(&e) => false,
             Err(e) => return Err(e),
         };
+        // For a chunk at several places: the buffer the places before the last are copied
+        // into (the write may take it, leaving a free one of the writer's in its place).
+        let mut copy: Option<AlignedBuf> = None;
         for Wanted { id, loc, places } in &self.chunks {
             let decoded = (|| {
                 store.check_location(&self.pack, loc)?;
@@ -536,11 +539,9 @@ impl Range {
                     continue;
                 }
                 if i + 1 < places.len() {
-                    // A chunk at several places: the write may take the buffer, so the
-                    // places before the last get copies.
-                    let mut copy = AlignedBuf::new(len);
-                    PlainBuf::reset(&mut copy, len).copy_from_slice(data);
-                    write(&mut copy, offset)?;
+                    let copy = copy.get_or_insert_with(|| AlignedBuf::new(len));
+                    PlainBuf::reset(copy, len).copy_from_slice(data);
+                    write(copy, offset)?;
                 } else {
                     write(data, offset)?;
                 }
