@@ -595,3 +595,169 @@ fn restores_read_neighbouring_chunks_together() {
         "{gets} GETs of packs for {chunks} chunks"
     );
 }
+
+/// Spawns `replicate --json` of `image` with the job database in `state`, through `extra`.
+fn spawn_replicate(
+    sb: &Sandbox,
+    image: &std::path::Path,
+    extra: &[String],
+    state: &str,
+    own: &[&str],
+) -> std::process::Child {
+    let store = sb.store();
+    let mut args = replicate_args(image, &store, extra, "2");
+    args.extend(own);
+    Command::new(bin())
+        .args(args)
+        .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
+        .env("BLOCKFERRY_STATE_DIR", sb.path(state))
+        .envs(s3().vars())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the proxy has seen `bytes` more part bytes than `from`, then kills `child`.
+fn kill_after_parts(proxy: &Proxy, child: &mut std::process::Child, from: u64, bytes: u64) {
+    let start = Instant::now();
+    while proxy.part_bytes() < from + bytes {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before the kill"
+        );
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_job_killed_with_one_state_folder_resumes_from_the_store_with_another() {
+    let mut rng = Rng::seeded("portable_resume");
+    let proxy = Proxy::start(&s3().endpoint);
+    let (sb, extra) = through(&proxy, "portable");
+    sb.init(&with(&[], &extra));
+    let image = sample(&sb, &mut rng, 96);
+    let store = sb.store();
+    // Host A: killed once about 40 MiB of parts are acknowledged, a second or more after it
+    // started (positions are journaled every second).
+    proxy.set_rule(|r| {
+        if r.is_upload_part() {
+            Action::Delay(Duration::from_millis(300))
+        } else {
+            Action::Forward
+        }
+    });
+    let mut child = spawn_replicate(&sb, &image, &extra, "state-a", &[]);
+    kill_after_parts(&proxy, &mut child, 0, 40 * MIB);
+    // The store records the job and a journal of its parts.
+    let backend = s3_backend(&store);
+    assert_eq!(backend.list("jobs/").unwrap().len(), 1);
+    let journal = backend.list("journal/").unwrap();
+    assert!(
+        journal.iter().filter(|k| k.contains("/part-")).count() >= 4,
+        "{journal:?}"
+    );
+    // Host B: an empty state folder (`state`, the sandbox's), the same store and source.
+    proxy.set_rule(|_| Action::Forward);
+    let (report, stderr) = replicate_and_check(&sb, &image, &extra);
+    assert!(stderr.contains("from the store's journal"), "{stderr}");
+    assert_eq!(report["resumed"], true, "{report}");
+    assert!(report["bytes_resumed"].as_u64().unwrap() > 0, "{report}");
+    let sent = proxy.part_bytes();
+    let stored = pack_bytes(&store);
+    let resent = sent.saturating_sub(stored);
+    let bound = JOBS * (PART_BYTES + MIB);
+    println!("parts sent {sent} bytes, packs stored {stored} bytes, re-sent {resent} bytes");
+    assert!(resent <= bound, "re-sent {resent} > {bound}");
+    // The job is finished: its record and journal are gone from the store.
+    assert!(backend.list("jobs/").unwrap().is_empty());
+    assert!(backend.list("journal/").unwrap().is_empty());
+    // Host A again: its database still holds the job another host finished; it notices, and
+    // the new job finds every chunk stored already.
+    let before = proxy.part_bytes();
+    let out = spawn_replicate(&sb, &image, &extra, "state-a", &[])
+        .wait_with_output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("finished or abandoned by another host"),
+        "{stderr}"
+    );
+    let report: blockferry_tests::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["resumed"], false, "{report}");
+    assert_eq!(report["bytes_stored"], 0, "{report}");
+    assert_eq!(proxy.part_bytes(), before);
+}
+
+#[test]
+fn two_runs_of_one_job_at_once_never_both_write() {
+    let mut rng = Rng::seeded("one_job_twice");
+    let proxy = Proxy::start(&s3().endpoint);
+    let (sb, extra) = through(&proxy, "jobtwice");
+    sb.init(&with(&[], &extra));
+    let image = sample(&sb, &mut rng, 160);
+    let mut child = spawn_replicate(&sb, &image, &extra, "state-a", &[]);
+    kill_after_parts(&proxy, &mut child, 0, 12 * MIB);
+    // Two hosts resume the job at once: the one that starts second finds the disk held (the
+    // parts go slowly, so that the first run is still sending when the second gives up).
+    proxy.set_rule(|r| {
+        if r.is_upload_part() {
+            Action::Delay(Duration::from_millis(150))
+        } else {
+            Action::Forward
+        }
+    });
+    let before = proxy.part_bytes();
+    let first = spawn_replicate(&sb, &image, &extra, "state-b", &[]);
+    let start = Instant::now();
+    while proxy.part_bytes() == before {
+        assert!(start.elapsed() < Duration::from_secs(60), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let second = spawn_replicate(&sb, &image, &extra, "state-c", &[])
+        .wait_with_output()
+        .unwrap();
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "both runs wrote:\n{stderr}");
+    assert!(
+        stderr.contains("is being replicated by another run"),
+        "{stderr}"
+    );
+    // The second run left nothing: the store holds the one snapshot, and no job.
+    let backend = s3_backend(&sb.store());
+    assert_eq!(backend.list("snapshots/").unwrap().len(), 1);
+    assert!(backend.list("jobs/").unwrap().is_empty());
+    // Waiting instead of failing: with a wait, the second run starts once the first
+    // committed, finds its job finished (a new job) and every chunk stored.
+    blockferry_tests::write_at(&image, 0, &rng.bytes(40 << 20));
+    let before = proxy.part_bytes();
+    let first = spawn_replicate(&sb, &image, &extra, "state-d", &[]);
+    while proxy.part_bytes() == before {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let second = spawn_replicate(&sb, &image, &extra, "state-e", &["--wait", "60s"]);
+    let (first, second) = (
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        first.status.success() && second.status.success(),
+        "{stderr}"
+    );
+    assert!(stderr.contains("waiting"), "{stderr}");
+    let report: blockferry_tests::Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(report["bytes_stored"], 0, "{report}");
+    assert_eq!(backend.list("snapshots/").unwrap().len(), 3);
+}

@@ -77,8 +77,10 @@ impl Bar {
 impl Observer for Bar {
     fn event(&self, event: &Event) {
         let Some(bar) = &self.progress else {
-            if let Event::Warning(w) = event {
-                eprintln!("warning: {w}");
+            match event {
+                Event::Warning(w) => eprintln!("warning: {w}"),
+                Event::Note(n) => eprintln!("{n}"),
+                _ => {}
             }
             return;
         };

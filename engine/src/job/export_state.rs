@@ -37,7 +37,7 @@ impl JobDb {
             .conn
             .unchecked_transaction()
             .map_err(|e| db_err("recording the export", e))?;
-        let id = insert_job(&tx, key, &JobSource::default(), JobKind::Export)?;
+        let id = insert_job(&tx, key, &JobSource::default(), JobKind::Export, None)?;
         tx.execute(
             "INSERT INTO exports (job, target, format, snapshot, plan) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "s3")]
 pub(crate) mod export_state;
+pub(crate) mod journal;
 pub(crate) mod resume;
 pub(crate) mod state;
 
@@ -281,6 +282,12 @@ impl<'a> Reporter<'a> {
     pub(crate) fn warn(&self, message: String) {
         tracing::info!(warning = %message);
         self.observer.event(&Event::Warning(message));
+    }
+
+    /// What the operation is doing, worth telling the user: an event (logged at INFO).
+    pub(crate) fn note(&self, message: String) {
+        tracing::info!("{message}");
+        self.observer.event(&Event::Note(message));
     }
 
     pub(crate) fn finish(&self) -> Progress {

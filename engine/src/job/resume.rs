@@ -9,7 +9,8 @@ use bytes::Bytes;
 use crossbeam_channel::Sender;
 
 use super::Reporter;
-use super::state::{JobDb, JobKey, JobLock, JobSource, OpenPack, SourceFile};
+use super::journal;
+use super::state::{JobDb, JobKey, JobLock, JobRecord, JobSource, OpenPack, SourceFile};
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::BlockSource;
 use crate::pipeline::ChunkProbe;
@@ -24,6 +25,8 @@ pub(crate) struct JobRequest<'a> {
     pub(crate) dir: &'a Path,
     /// Which disk of a multi-disk source.
     pub(crate) disk_selector: &'a str,
+    /// The disk's name in the store.
+    pub(crate) disk_name: &'a str,
     /// What the run reads (a delta's plan key; empty for a full copy).
     pub(crate) plan_key: &'a str,
     /// Start over even if an unfinished run exists.
@@ -32,6 +35,10 @@ pub(crate) struct JobRequest<'a> {
     pub(crate) restart_if_changed: bool,
 }
 
+/// How often at most a run writes the positions it found to the store's journal of the job
+/// (a position not journaled is read again by another host that resumes the job).
+const JOURNAL_POSITIONS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Checkpoints of a replication that runs as a job (see [`state`](super::state)).
 pub(crate) struct Checkpoint {
     pub(crate) db: JobDb,
@@ -39,12 +46,25 @@ pub(crate) struct Checkpoint {
     _lock: JobLock,
     /// Positions hashed but not yet written to the database.
     pub(crate) positions: Vec<(u64, Id)>,
+    /// Positions written to the database but not yet to the store's journal.
+    unjournaled: Vec<(u64, Id)>,
+    journaled_at: std::time::Instant,
 }
 
 impl Checkpoint {
-    pub(crate) fn flush_positions(&mut self) -> Result<()> {
+    /// Writes the positions found since the last call to the database, and to the store's
+    /// journal of the job when a second passed since it was last written, or `force`.
+    pub(crate) fn flush_positions(&mut self, store: &Store, force: bool) -> Result<()> {
         self.db.record_positions(&self.job, &self.positions)?;
-        self.positions.clear();
+        self.unjournaled.append(&mut self.positions);
+        if force
+            || self.unjournaled.len() >= super::state::POSITION_BATCH
+            || self.journaled_at.elapsed() >= JOURNAL_POSITIONS_EVERY
+        {
+            journal::record_positions(store, &self.job, &self.unjournaled)?;
+            self.unjournaled.clear();
+            self.journaled_at = std::time::Instant::now();
+        }
         Ok(())
     }
 
@@ -116,7 +136,22 @@ pub(crate) fn open_job(
         disk: req.disk_selector.to_owned(),
         chunk_size: store.chunk_size(),
     };
+    let fp = job_source(source, req.plan_key)?;
     let mut found = db.find_active(&key)?;
+    if let Some(old) = &found
+        && !journal::is_recorded(store, &old.id)?
+    {
+        reporter.warn(format!(
+            "job {} was finished or abandoned by another host (the store no longer records \
+             it): starting a new job",
+            old.id
+        ));
+        db.delete(&old.id)?;
+        found = None;
+    }
+    if found.is_none() {
+        found = import_job(store, &db, (&key, req.disk_name), &fp, reporter)?;
+    }
     if let Some(old) = found.as_ref().filter(|_| req.restart) {
         db.abandon(&old.id, store.backend().as_ref())?;
         reporter.warn(format!(
@@ -125,7 +160,6 @@ pub(crate) fn open_job(
         ));
         found = None;
     }
-    let fp = job_source(source, req.plan_key)?;
     if let Some(old) = &found {
         let changed = old.fingerprint.changes(&fp);
         if !changed.is_empty() && req.restart_if_changed {
@@ -157,8 +191,8 @@ pub(crate) fn open_job(
     } else {
         let job = db.create(&key, &fp)?;
         // Recorded in the store too, so that no host's cleanup aborts its uploads while it
-        // may resume.
-        store.record_job(&job.id, &key.source)?;
+        // may resume, and any host can resume it.
+        journal::record_job(store, &job.id, &key, &fp)?;
         (job, false)
     };
     let lock = db.lock(&job.id)?;
@@ -217,11 +251,121 @@ pub(crate) fn open_job(
             job: job.id,
             _lock: lock,
             positions: Vec::new(),
+            unjournaled: Vec::new(),
+            journaled_at: std::time::Instant::now(),
         },
         done: positions,
         durable,
         resumed,
     })
+}
+
+/// Takes over an unfinished job for `key` that the store records (started on another host,
+/// or with another state folder) into the local database `db`, from its journal: its
+/// positions, its open uploads with their acknowledged parts, and its packs in the store
+/// (see [`journal`]). The source's files are taken to be the job's if they have the same
+/// paths, sizes and modification times (device and inode numbers are each host's own); the
+/// resume sample checks their content.
+fn import_job(
+    store: &Store,
+    db: &JobDb,
+    (key, disk_name): (&JobKey, &str),
+    now: &JobSource,
+    reporter: &Reporter<'_>,
+) -> Result<Option<JobRecord>> {
+    let candidates = journal::find_recorded(store, key)?;
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let newest = store.latest_of(disk_name)?.and_then(|s| s.job);
+    let mut record = None;
+    for r in candidates {
+        let finished = match db.get(&r.job) {
+            Ok(known) => known.state == super::state::JobState::Done,
+            Err(e) if e.kind() == ErrorKind::NotFound => newest.as_deref() == Some(&r.job),
+            Err(e) => return Err(e),
+        };
+        if finished {
+            // The job committed (here, or its snapshot is the disk's newest): its record
+            // outlived a failure to forget it.
+            journal::forget_job(store.backend().as_ref(), &r.job)?;
+        } else if db.get(&r.job).is_err() {
+            record = Some(r);
+            break;
+        }
+    }
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    let Some(was) = record.fingerprint.clone() else {
+        return Ok(None);
+    };
+    let same_file = |was: &crate::store::SourceFingerprint,
+                     now: &crate::store::SourceFingerprint| {
+        crate::store::SourceFingerprint {
+            device: now.device,
+            inode: now.inode,
+            ..was.clone()
+        }
+    };
+    let fp = JobSource {
+        top: same_file(&was.top, &now.top),
+        others: was
+            .others
+            .iter()
+            .map(|f| match now.others.iter().find(|n| n.path == f.path) {
+                Some(n) => SourceFile {
+                    path: f.path.clone(),
+                    fingerprint: same_file(&f.fingerprint, &n.fingerprint),
+                },
+                None => f.clone(),
+            })
+            .collect(),
+        plan: was.plan,
+    };
+    let content = journal::read_journal(store, &record.job)?;
+    let job = db.adopt(&record.job, key, &fp)?;
+    db.record_positions(&job.id, &content.positions)?;
+    for (pack, upload) in &content.uploads {
+        db.open_pack(&job.id, pack, &upload.upload_id)?;
+        for (part, chunks, last) in upload.parts.values() {
+            db.record_part(&job.id, pack, part, chunks, *last)?;
+        }
+    }
+    // Uploads without an acknowledged part hold nothing to keep: they are aborted; packs the
+    // store holds whole are adopted from their trailers.
+    for (pack, upload_id) in journal::job_uploads(store, &job.id)? {
+        if !content.uploads.contains_key(&pack) {
+            db.open_pack(&job.id, &pack, &upload_id)?;
+        }
+    }
+    for pack in journal::job_packs(store, &job.id)? {
+        if !content.uploads.contains_key(&pack) {
+            db.reserve_pack(&job.id, &pack)?;
+        }
+    }
+    let msg = format!(
+        "resuming job {} from the store's journal (started on {}): {} positions and {} open \
+         uploads recorded{}",
+        job.id,
+        record.host.as_deref().unwrap_or("another host"),
+        content.positions.len(),
+        content.uploads.len(),
+        if content.unreadable > 0 {
+            format!(
+                ", {} records unreadable (what they describe is sent again)",
+                content.unreadable
+            )
+        } else {
+            String::new()
+        }
+    );
+    if content.unreadable > 0 {
+        reporter.warn(msg);
+    } else {
+        reporter.note(msg);
+    }
+    Ok(Some(job))
 }
 
 /// Positions a resumed run reads again to check the source still holds what the job

@@ -324,14 +324,19 @@ pub fn default_state_dir() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/state/blockferry"))
 }
 
-/// Inserts an active job of `kind` (in `conn`, or a transaction of it); returns its new id.
+/// Inserts an active job of `kind` (in `conn`, or a transaction of it) under `id`, or a new
+/// random id; returns the id.
 pub(super) fn insert_job(
     conn: &Connection,
     key: &JobKey,
     fingerprint: &JobSource,
     kind: JobKind,
+    id: Option<&str>,
 ) -> Result<String> {
-    let id = hex(&crate::store::crypto::random::<8>()?);
+    let id = match id {
+        Some(id) => id.to_owned(),
+        None => hex(&crate::store::crypto::random::<8>()?),
+    };
     let now = i64_of(now_unix_ms());
     let fp = serde_json::to_string(fingerprint)
         .map_err(|e| Error::internal("encoding a fingerprint").with_source(e))?;
@@ -567,8 +572,19 @@ impl JobDb {
 
     /// Records a new job.
     pub fn create(&self, key: &JobKey, fingerprint: &JobSource) -> Result<JobRecord> {
-        let id = insert_job(&self.conn, key, fingerprint, JobKind::Replicate)?;
+        let id = insert_job(&self.conn, key, fingerprint, JobKind::Replicate, None)?;
         self.get(&id)
+    }
+
+    /// Records a job another host started (found in the store) under its id.
+    pub(crate) fn adopt(
+        &self,
+        id: &str,
+        key: &JobKey,
+        fingerprint: &JobSource,
+    ) -> Result<JobRecord> {
+        insert_job(&self.conn, key, fingerprint, JobKind::Replicate, Some(id))?;
+        self.get(id)
     }
 
     /// Counts one more run of a job and clears its last error.
@@ -632,7 +648,7 @@ impl JobDb {
             backend.abort_upload(&crate::store::pack_key(&open.pack), &open.upload_id)?;
             self.drop_pack(job, &open.pack)?;
         }
-        backend.delete(&format!("jobs/{job}"))?;
+        super::journal::forget_job(backend, job)?;
         self.delete(job)?;
         drop(lock);
         Ok(())

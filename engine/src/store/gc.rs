@@ -336,6 +336,7 @@ pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<Gc
                 .map(|p| pack_key(&p.id)),
         )
         .chain(deleted_pages.iter().map(|k| (*k).clone()))
+        .chain(crate::job::journal::orphan_records(backend.as_ref())?)
         .collect();
     commit(store, &lock, &plan.packs, &doomed)?;
     let fresh_index = backend.list_sized("index/")?;

@@ -529,26 +529,6 @@ impl Store {
         }
     }
 
-    /// Records in the store that job `job` (16 hex digits; its packs' ids begin with it) is
-    /// under way: a cleanup on any host leaves its open uploads alone.
-    pub fn record_job(&self, job: &str, source: &str) -> Result<()> {
-        let key = format!("jobs/{job}");
-        let record = serde_json::json!({
-            "job": job,
-            "source": source,
-            "created_unix_ms": now_unix_ms(),
-        });
-        let sealed = self.seal_record(&key, &record, "a job record")?;
-        match super::create_object(self.backend().as_ref(), &key, &sealed)? {
-            super::PutOutcome::Written | super::PutOutcome::AlreadyExists => Ok(()),
-        }
-    }
-
-    /// Removes the store's record of a job (finished or abandoned).
-    pub fn forget_job(&self, job: &str) -> Result<()> {
-        self.backend().delete(&format!("jobs/{job}"))
-    }
-
     /// This client's records of the store, if it was opened with them.
     fn pins(&self) -> Result<Option<crate::job::state::JobDb>> {
         self.state_dir()

@@ -167,6 +167,11 @@ impl Identity {
     }
 }
 
+/// This host's name, as locks record it.
+pub(crate) fn host_name() -> String {
+    Identity::here().host
+}
+
 /// Whether `/proc` shows every process (not mounted with `hidepid`).
 fn can_see_processes() -> bool {
     std::fs::read_to_string("/proc/1/stat").is_ok()

@@ -174,6 +174,7 @@ mod tests {
             pages: Vec::new(),
             stats: SnapshotStats::default(),
             tool: String::new(),
+            job: None,
         }
     }
 

@@ -251,6 +251,9 @@ pub struct Snapshot {
     pub stats: SnapshotStats,
     /// The program that wrote it.
     pub tool: String,
+    /// The replication job that made it (format 2; none for a run without a job).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 /// What lists of snapshots show of one (the CLI's `snapshots --json`, the bindings): the
@@ -896,7 +899,7 @@ impl Store {
 
     /// Reads a sealed JSON record of the snapshot kind (a manifest, tombstone, damage or job
     /// record) at `key`; `what` names it in errors.
-    pub(super) fn read_record<T: serde::de::DeserializeOwned>(
+    pub(crate) fn read_record<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
         what: &str,
@@ -912,7 +915,7 @@ impl Store {
     }
 
     /// Seals `value` as a JSON record of the snapshot kind for `key` (see [`Self::read_record`]).
-    pub(super) fn seal_record<T: Serialize>(
+    pub(crate) fn seal_record<T: Serialize>(
         &self,
         key: &str,
         value: &T,
@@ -923,7 +926,7 @@ impl Store {
         format::seal_meta(&self.meta, MetaKind::Snapshot, key, &json)
     }
 
-    pub(super) fn put_new(&self, key: &str, bytes: &[u8]) -> Result<()> {
+    pub(crate) fn put_new(&self, key: &str, bytes: &[u8]) -> Result<()> {
         match create_object(self.backend.as_ref(), key, bytes)? {
             PutOutcome::Written => Ok(()),
             PutOutcome::AlreadyExists => Err(Error::internal(

@@ -273,7 +273,7 @@ impl<'a> Collector<'a> {
         if let Some(ck) = self.ck.as_mut() {
             ck.positions.push((idx, id));
             if ck.positions.len() >= POSITION_BATCH {
-                ck.flush_positions()?;
+                ck.flush_positions(self.store, false)?;
             }
         }
         self.place(idx, id)
@@ -315,7 +315,7 @@ impl<'a> Collector<'a> {
         self.stats.bytes_stored += part.size;
         if let Some(ck) = self.ck.as_mut() {
             // The positions of the part's chunks came before it.
-            ck.flush_positions()?;
+            ck.flush_positions(self.store, false)?;
             ck.db.record_part(&ck.job, pack, part, chunks, last)?;
         }
         Ok(())
@@ -337,7 +337,7 @@ impl<'a> Collector<'a> {
         // end of the run.
         self.pending_index.push((id, entries));
         if let Some(ck) = self.ck.as_mut() {
-            ck.flush_positions()?;
+            ck.flush_positions(self.store, false)?;
             let (id, entries) = self.pending_index.last().expect("just pushed");
             ck.db
                 .complete_pack(&ck.job, id, entries, whole.then_some(bytes))?;
@@ -357,7 +357,7 @@ impl<'a> Collector<'a> {
                 .get_or_insert(Error::internal("a pipeline thread panicked"));
         }
         if let Some(ck) = self.ck.as_mut()
-            && let Err(e) = ck.flush_positions()
+            && let Err(e) = ck.flush_positions(self.store, true)
         {
             self.first_error.get_or_insert(e);
         }

@@ -226,7 +226,14 @@ pub fn replicate(
             delta::plan(store, source, &disk_name, d, backend.as_mut(), &reporter)
         })
         .transpose()?;
-    let resume = open_job(store, source, opts, delta.as_ref(), &index, &reporter)?;
+    let resume = open_job(
+        store,
+        source,
+        opts,
+        (&disk_name, delta.as_ref()),
+        &index,
+        &reporter,
+    )?;
     let engine = opts
         .io_engine
         .start(setup.io_depth, &|m| reporter.warn(m))?;
@@ -260,6 +267,7 @@ pub fn replicate(
         skip: not_read(info.virtual_size, store.chunk_size(), &done, delta.as_ref()),
         bwlimit: opts.bwlimit.map(packer::RateLimit::new),
         pack_ids: collector.pack_ids(),
+        job: collector.ck.as_ref().map(|c| c.job.clone()),
         stop: CancelToken::new(),
         cancel: &opts.cancel,
     };
@@ -356,7 +364,7 @@ fn open_job(
     store: &Store,
     source: &dyn BlockSource,
     opts: &ReplicateOptions,
-    delta: Option<&DeltaPlan>,
+    (disk_name, delta): (&str, Option<&DeltaPlan>),
     index: &ChunkIndex,
     reporter: &Reporter<'_>,
 ) -> Result<Resume> {
@@ -367,6 +375,7 @@ fn open_job(
     let req = JobRequest {
         dir,
         disk_selector: &opts.disk_selector,
+        disk_name,
         plan_key: &plan_key,
         restart: opts.restart,
         restart_if_changed: opts.restart_if_changed,
@@ -524,12 +533,13 @@ fn commit(
         pages: collector.pages.clone(),
         stats: collector.stats.clone(),
         tool: format!("blockferry {}", env!("CARGO_PKG_VERSION")),
+        job: collector.ck.as_ref().map(|c| c.job.clone()),
     };
     lock.check()?;
     store.write_snapshot(&snapshot)?;
     if let Some(ck) = &collector.ck {
         ck.db.finish(&ck.job, &snapshot.id)?;
-        store.forget_job(&ck.job)?;
+        crate::job::journal::forget_job(store.backend().as_ref(), &ck.job)?;
     }
     Ok(snapshot)
 }

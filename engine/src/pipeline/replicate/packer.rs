@@ -384,6 +384,21 @@ pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<Outgoing>, msgs: &Sende
                 continue;
             }
         };
+        // The job's journal in the store records the part before the job database does, so
+        // that any host may resume the job without sending it again. (Should the journal
+        // fail, the database still learns of the part, for this host's next run, and the
+        // run stops: another host would send the part again.)
+        let journaled = sh.job.as_ref().map_or(Ok(()), |id| {
+            crate::job::journal::record_part(
+                sh.store,
+                id,
+                &job.pack,
+                &job.upload_id,
+                &part,
+                &job.chunks,
+                job.last.is_some(),
+            )
+        });
         Counters::add(&sh.counters.bytes_written, size);
         // Reported before the worker hears of it, so that the database learns of part 1
         // before any later part, and of every part before the pack is complete.
@@ -394,6 +409,10 @@ pub(super) fn uploader(sh: &Shared<'_>, parts: &Receiver<Outgoing>, msgs: &Sende
             last: job.last.is_some(),
         });
         job.acks.ack(part);
+        if let Err(e) = journaled {
+            sh.fail(msgs, e);
+            continue;
+        }
         if let Some(entries) = job.last {
             let all = job.acks.parts();
             let bytes = all.iter().map(|p| p.size).sum();

@@ -38,6 +38,8 @@ pub(super) struct Shared<'a> {
     pub(super) bwlimit: Option<RateLimit>,
     /// Pack ids the job database reserved, when the run has a job.
     pub(super) pack_ids: Option<Receiver<PackId>>,
+    /// The run's job, whose journal in the store records every acknowledged part.
+    pub(super) job: Option<String>,
     /// Set on the first error so every stage winds down.
     pub(super) stop: CancelToken,
     pub(super) cancel: &'a CancelToken,
