@@ -24,7 +24,7 @@ echo "built $wheel"
 
 # Type checks from outside the source folder, so that the installed package is checked.
 (cd target && "../$venv/bin/python" -m mypy.stubtest blockferry --mypy-config-file ../python/pyproject.toml)
-(cd target && "../$venv/bin/python" -m mypy --strict -p blockferry)
+(cd target && "../$venv/bin/python" -m mypy --strict --config-file ../python/pyproject.toml -p blockferry)
 
 "$venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir python python/tests
 

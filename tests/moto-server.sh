@@ -32,6 +32,9 @@ if [ ! -x "$dir/venv/bin/moto_server" ]; then
 fi
 if ! { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null && answers; }; then
   stop
+  # moto keeps a file open for every object and part it holds: give it room for the
+  # tests' many small parts (and their journal records) where the system allows.
+  ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   S3_UPLOAD_PART_MIN_SIZE=0 setsid "$dir/venv/bin/moto_server" -H 127.0.0.1 -p "$port" \
     >"$dir/moto.log" 2>&1 </dev/null &
   echo $! >"$dir/pid"
