@@ -21,6 +21,9 @@ export MATURIN_PEP517_ARGS="--profile ${BF_PY_PROFILE:-dev}"
 "$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps ./python
 wheel=$(ls -t target/wheels/blockferry-*-abi3-*.whl | head -n 1)
 echo "built $wheel"
+# The `fleet` extra's dependencies (Dask distributed, prometheus_client), as
+# `pip install ./python[fleet]` brings them, and the browser tests' WebDriver client.
+"$venv/bin/pip" install --quiet --disable-pip-version-check "${wheel}[fleet]" "selenium>=4.20"
 
 # Type checks from outside the source folder, so that the installed package is checked.
 (cd target && "../$venv/bin/python" -m mypy.stubtest blockferry --mypy-config-file ../python/pyproject.toml)

@@ -422,3 +422,45 @@ def test_the_console_script_prints_json_lines(tmp_path: Path) -> None:
     assert {ev["disk"] for ev in lines[:-1] if ev["kind"] == "done"} == {"c0.raw", "c1.raw", "c2.raw"}
     bad = subprocess.run([str(script), "run", str(inv)], capture_output=True, text=True)
     assert bad.returncode == 2 and "--store" in bad.stderr
+
+
+def test_sync_metrics_parse_with_the_prometheus_parser(tmp_path: Path) -> None:
+    binary = ROOT / "target" / "debug" / "blockferry"
+    if not binary.exists():
+        if require_tools():
+            pytest.fail(f"{binary} is required (BF_REQUIRE_TOOLS=1): cargo build first")
+        pytest.skip("the blockferry binary is not built")
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    store_dir = tmp_path / "store"
+    blockferry.Store.create(store_dir, passphrase=PASSPHRASE).close()
+    image = make_disk(tmp_path / "vm.raw", 8 * MIB, [(0, noise(2 * MIB, 3))])
+    proc = subprocess.Popen(
+        [str(binary), "sync", str(image), "--store", str(store_dir), "--changes", "hash",
+         "--every", "1s", "--metrics", "127.0.0.1:0"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ, "BLOCKFERRY_STATE_DIR": str(tmp_path / "state")},
+    )
+    try:
+        assert proc.stderr is not None
+        url = proc.stderr.readline().strip().removeprefix("metrics: ")
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                ctype = r.headers["Content-Type"]
+                text = r.read().decode()
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            cycles = families.get("blockferry_sync_cycles")
+            if cycles and any(s.value >= 2 for s in cycles.samples if s.labels.get("result") == "ok"):
+                break
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+        assert ctype.startswith("application/openmetrics-text")
+        sent = families["blockferry_bytes_sent"]
+        assert sent.type == "counter"
+        assert sent.samples[0].labels == {"disk": "vm.raw"} and sent.samples[0].value >= 2 * MIB
+        (lag,) = families["blockferry_replication_lag_seconds"].samples
+        assert 0 <= lag.value < 30
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -274,3 +274,99 @@ fn sync_by_hash_chains_across_restarts_and_reports_the_lag_after_one() {
     assert!(cycle["lag_seconds"].as_f64().is_some(), "{cycle}");
     assert!(cycle["last_success"].is_string(), "{cycle}");
 }
+
+/// Fetches `path` from the HTTP server at `addr`: the status line, the head and the body.
+fn http_get(addr: &str, path: &str) -> (String, String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap();
+    let status = head.lines().next().unwrap().to_owned();
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// The value of the series whose line starts with `series` (name and labels).
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+}
+
+#[test]
+fn sync_serves_its_metrics_while_it_runs() {
+    let mut rng = Rng::seeded("sync_metrics");
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let image = sb.path("vm.raw");
+    make_image(&image, 16 * MIB, &[(0, rng.bytes((6 * MIB) as usize))]);
+    let mut child = Command::new(bin())
+        .args(["sync", image.to_str().unwrap(), "--store", &sb.store()])
+        .args(["--changes", "hash", "--every", "1s", "--name", "vm"])
+        .args(["--metrics", "127.0.0.1:0"])
+        .env("BLOCKFERRY_PASSPHRASE", PASSPHRASE)
+        .env("BLOCKFERRY_STATE_DIR", sb.path("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The address comes first on stderr.
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("metrics: http://")
+        .and_then(|s| s.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_owned();
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let scrape = |want_cycles: f64| -> String {
+        let t = Instant::now();
+        loop {
+            let (status, head, body) = http_get(&addr, "/metrics");
+            assert!(status.contains("200"), "{status}");
+            assert!(head.contains("application/openmetrics-text"), "{head}");
+            let ok = body
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("blockferry_sync_cycles_total{disk=\"vm\",result=\"ok\"}")
+                })
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if ok >= want_cycles {
+                return body;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "{body}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let first = scrape(1.0);
+    assert!(first.trim_end().ends_with("# EOF"), "{first}");
+    assert!(
+        first.contains("# TYPE blockferry_bytes_sent counter"),
+        "{first}"
+    );
+    let sent = sample(&first, "blockferry_bytes_sent_total{disk=\"vm\"}");
+    assert!(sent >= 6.0 * MIB as f64, "{first}");
+    let lag = sample(&first, "blockferry_replication_lag_seconds{disk=\"vm\"}");
+    assert!((0.0..30.0).contains(&lag), "{first}");
+    // A change: the next cycles send it, and the counter grows by about that much.
+    blockferry_tests::write_at(&image, 8 * MIB, &rng.bytes(MIB as usize));
+    let cycles = sample(
+        &first,
+        "blockferry_sync_cycles_total{disk=\"vm\",result=\"ok\"}",
+    );
+    let later = scrape(cycles + 2.0);
+    let more = sample(&later, "blockferry_bytes_sent_total{disk=\"vm\"}") - sent;
+    assert!(more >= MIB as f64 && more < 2.0 * MIB as f64, "{later}");
+    assert!(sample(&later, "blockferry_snapshots_total{disk=\"vm\"}") >= 3.0);
+    let (status, _, _) = http_get(&addr, "/elsewhere");
+    assert!(status.contains("404"), "{status}");
+    // SAFETY: kill(2) of our own child process.
+    unsafe {
+        libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success());
+}

@@ -14,6 +14,7 @@ mod cutover;
 mod demo;
 mod image_cmds;
 mod jobs;
+mod metrics;
 mod output;
 mod sync;
 

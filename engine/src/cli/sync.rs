@@ -21,6 +21,7 @@ use blockferry::{
     Silent, SyncChanges, SyncCycle, SyncRequest, SyncStatus,
 };
 
+use super::metrics::{CycleObserver, SyncMetrics};
 use super::output::{human_bytes, rfc3339};
 use super::{StoreArgs, open_store, parse_percent, parse_size};
 
@@ -69,6 +70,10 @@ pub(crate) struct SyncArgs {
     /// than the store's chunk size needs).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     memory_budget: Option<u64>,
+    /// Serve Prometheus metrics (bytes sent, cycles, lag) at http://ADDR/metrics, as
+    /// HOST:PORT (port 0: any free port, printed on stderr).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
 }
 
 /// A cancel token that SIGINT and SIGTERM set: the command stops cleanly at its next check.
@@ -133,6 +138,15 @@ pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
     let cancel = cancel_on_signals()?;
     let store = open_store(&a.store)?;
     let mut sync = ContinuousReplication::new(&store, request)?;
+    let metrics = match &a.metrics {
+        Some(addr) => {
+            let m = Arc::new(SyncMetrics::new(sync.disk()));
+            let at = m.serve(addr)?;
+            eprintln!("metrics: http://{at}/metrics");
+            Some(m)
+        }
+        None => None,
+    };
     while a.cycles.is_none_or(|n| sync.status().cycle < n) && !cancel.is_cancelled() {
         let started = Instant::now();
         let given = match &a.changes_command {
@@ -145,6 +159,9 @@ pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
                 Err(e) => {
                     // The cycle fails before it starts: counted like any failed cycle.
                     let status = sync.fail_cycle();
+                    if let Some(m) = &metrics {
+                        m.cycle_done(&status, None, started.elapsed().as_secs_f64());
+                    }
                     print_cycle(a, &status, None, Some(&e))?;
                     wait(started + a.every, &cancel);
                     continue;
@@ -152,13 +169,29 @@ pub(crate) fn run(a: &SyncArgs) -> anyhow::Result<ExitCode> {
             },
             None => None,
         };
-        match sync.cycle(&store, given.as_deref(), &cancel, &Silent) {
-            Ok(c) => print_cycle(a, &c.status, Some(&c), None)?,
+        let outcome = match &metrics {
+            Some(m) => sync.cycle(&store, given.as_deref(), &cancel, &CycleObserver::new(m)),
+            None => sync.cycle(&store, given.as_deref(), &cancel, &Silent),
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(c) => {
+                if let Some(m) = &metrics {
+                    m.cycle_done(&c.status, Some(&c), seconds);
+                }
+                print_cycle(a, &c.status, Some(&c), None)?;
+            }
             Err(e) if cancel.is_cancelled() => {
                 tracing::debug!("cycle cancelled: {e:#}");
                 break;
             }
-            Err(e) => print_cycle(a, &sync.status(), None, Some(&e.into()))?,
+            Err(e) => {
+                let status = sync.status();
+                if let Some(m) = &metrics {
+                    m.cycle_done(&status, None, seconds);
+                }
+                print_cycle(a, &status, None, Some(&e.into()))?;
+            }
         }
         if a.cycles.is_some_and(|n| sync.status().cycle >= n) {
             break;
