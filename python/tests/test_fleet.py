@@ -184,7 +184,7 @@ def test_a_fleet_of_64_disks_on_four_workers(tmp_path: Path, s3: Dict[str, str])
     for ev in events:
         if ev["kind"] == "started":
             started[ev["disk"]] = ev["time"]
-        elif ev["kind"] == "done" and "run" in ev:
+        elif ev["kind"] == "done" and "worker" in ev:  # (the worker's, not the driver's)
             ds = next(d.datastore for d in st.disks if d.name == ev["disk"])
             spans.setdefault(ds, []).append((started[ev["disk"]], ev["time"]))
     assert sum(len(v) for v in spans.values()) == 64

@@ -5,7 +5,8 @@
 //! a job resumes it from there. Beside it, a job writes to the store:
 //! - its record `jobs/<id>` when it starts: the source, the disk, the chunk size and the
 //!   source's identity, so that another host can tell the job is for the disk it was asked
-//!   to replicate;
+//!   to replicate; and `jobindex/<id>/<hash>`, the hash (keyed) of the source, so that a host
+//!   finds its source's jobs in one listing without reading every job's record;
 //! - a record `journal/<id>/part-<random>` for every part the store acknowledged, written by
 //!   the uploader before the part counts as acknowledged anywhere: the pack, the upload id,
 //!   the part's number, size, ETag and checksum, and the chunk records it carries;
@@ -100,6 +101,14 @@ fn journal_prefix(job: &str) -> String {
     format!("journal/{job}/")
 }
 
+/// The hash that names a job's source (path, disk of it, chunk size) in `jobindex/<job>/<hash>`,
+/// keyed like disk names' (no path shows): a host looking for a job to take up reads only the
+/// records of its source's jobs, found in one listing.
+fn source_hash(store: &Store, key: &JobKey) -> String {
+    let of = format!("job\0{}\0{}\0{}", key.source, key.disk, key.chunk_size);
+    store.disk_hash(&of)
+}
+
 /// Records in the store that job `key`'s job `job` is under way: a cleanup on any host
 /// leaves its open uploads alone, and another host can resume it.
 pub(crate) fn record_job(store: &Store, job: &str, key: &JobKey, source: &JobSource) -> Result<()> {
@@ -112,11 +121,15 @@ pub(crate) fn record_job(store: &Store, job: &str, key: &JobKey, source: &JobSou
         host: Some(crate::store::lock::host_name()),
         created_unix_ms: now_unix_ms(),
     };
+    let index = format!("jobindex/{job}/{}", source_hash(store, key));
     let key = record_key(job);
     let sealed = store.seal_record(&key, &record, "a job record")?;
-    match crate::store::create_object(store.backend().as_ref(), &key, &sealed)? {
-        crate::store::PutOutcome::Written | crate::store::PutOutcome::AlreadyExists => Ok(()),
+    for (k, bytes) in [(key.as_str(), sealed.as_slice()), (index.as_str(), &[][..])] {
+        match crate::store::create_object(store.backend().as_ref(), k, bytes)? {
+            crate::store::PutOutcome::Written | crate::store::PutOutcome::AlreadyExists => {}
+        }
     }
+    Ok(())
 }
 
 /// Whether the store still records job `job` (another host may have finished or abandoned
@@ -133,13 +146,18 @@ pub(crate) fn is_recorded(store: &Store, job: &str) -> Result<bool> {
 /// size), newest first. Records this version cannot read are skipped.
 pub(crate) fn find_recorded(store: &Store, key: &JobKey) -> Result<Vec<StoredJob>> {
     let mut out = Vec::new();
-    for k in store.backend().list("jobs/")? {
-        let Some(id) = k.strip_prefix("jobs/") else {
+    let hash = source_hash(store, key);
+    for listed in store.backend().list("jobindex/")? {
+        let Some((id, of)) = listed
+            .strip_prefix("jobindex/")
+            .and_then(|rest| rest.split_once('/'))
+        else {
             continue;
         };
-        if id.len() != 16 || unhex::<8>(id).is_none() {
+        if of != hash || id.len() != 16 || unhex::<8>(id).is_none() {
             continue;
         }
+        let k = record_key(id);
         let record: StoredJob = match store.read_record(&k, "a job record") {
             Ok(r) => r,
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
@@ -169,26 +187,32 @@ pub(crate) fn forget_job(backend: &dyn crate::store::ObjectStore, job: &str) -> 
     for key in backend.list(&journal_prefix(job))? {
         backend.delete(&key)?;
     }
+    for key in backend.list(&format!("jobindex/{job}/"))? {
+        backend.delete(&key)?;
+    }
     Ok(())
 }
 
-/// Journal records whose job the store no longer records (left by a failure while the job
-/// was being forgotten): nothing reads them, and a garbage collection deletes them.
+/// Journal records and source listings whose job the store no longer records (left by a
+/// failure while the job was being forgotten): nothing reads them, and a garbage collection
+/// deletes them.
 pub(crate) fn orphan_records(backend: &dyn crate::store::ObjectStore) -> Result<Vec<String>> {
     let recorded: HashSet<String> = backend
         .list("jobs/")?
         .into_iter()
         .filter_map(|k| k.strip_prefix("jobs/").map(str::to_owned))
         .collect();
-    Ok(backend
-        .list("journal/")?
-        .into_iter()
-        .filter(|k| {
-            k.strip_prefix("journal/")
-                .and_then(|rest| rest.split('/').next())
-                .is_some_and(|job| !recorded.contains(job))
-        })
-        .collect())
+    let journal = backend.list("journal/")?.into_iter().filter(|k| {
+        k.strip_prefix("journal/")
+            .and_then(|rest| rest.split('/').next())
+            .is_some_and(|job| !recorded.contains(job))
+    });
+    let index = backend.list("jobindex/")?.into_iter().filter(|k| {
+        k.strip_prefix("jobindex/")
+            .and_then(|rest| rest.split('/').next())
+            .is_some_and(|job| !recorded.contains(job))
+    });
+    Ok(journal.chain(index).collect())
 }
 
 fn put_record<T: Serialize>(store: &Store, job: &str, kind: &str, value: &T) -> Result<()> {
@@ -445,14 +469,16 @@ mod tests {
         assert_eq!(upload.upload_id, "up");
         assert_eq!(upload.parts[&1], (part, vec![entry], false));
 
-        // Forgetting the record first leaves the journal an orphan, which gc finds.
+        // Forgetting the record first leaves the journal and the listing orphans, which gc
+        // finds.
         mem.delete(&record_key(job)).unwrap();
-        assert_eq!(orphan_records(mem.as_ref()).unwrap().len(), 4);
+        assert_eq!(orphan_records(mem.as_ref()).unwrap().len(), 5);
         assert!(!is_recorded(&store, job).unwrap());
         record_job(&store, job, &key("/disk.raw"), &fp).unwrap();
         assert!(orphan_records(mem.as_ref()).unwrap().is_empty());
         forget_job(mem.as_ref(), job).unwrap();
-        assert!(mem.list("journal/").unwrap().is_empty());
-        assert!(mem.list("jobs/").unwrap().is_empty());
+        for prefix in ["journal/", "jobs/", "jobindex/"] {
+            assert!(mem.list(prefix).unwrap().is_empty(), "{prefix}");
+        }
     }
 }

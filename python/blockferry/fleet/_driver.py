@@ -325,14 +325,13 @@ class FleetRun:
         """Takes a task's outcome; returns the delay before a retry, if one is due."""
         if fut.status == "finished":
             out = fut.result()
+            if out.get("report"):
+                self._reports[d.name] = out["report"]
             if self.mode == "sync":
-                if out.get("report"):
-                    self._reports[d.name] = out["report"]
                 self._emit({"disk": d.name, "kind": "stopped"})
             else:
-                self._reports[d.name] = out
-                if self.tracker.state_of(d.name) != "done":
-                    self._emit({"disk": d.name, "kind": "done", "report": out})
+                # (The worker said so already, unless its event was lost: idempotent.)
+                self._emit({"disk": d.name, "run": out["run"], "kind": "done", "report": out["report"]})
             return None
         if fut.status == "cancelled":
             self._emit({"disk": d.name, "kind": "cancelled"})

@@ -320,7 +320,8 @@ class Tracker:
         }
         # Per disk: bytes sent by each execution (run id → bytes).
         self._sent: Dict[str, Dict[str, int]] = {d.name: {} for d in disks}
-        self._cycle_base: Dict[str, int] = {d.name: 0 for d in disks}
+        # Continuous mode, per execution: bytes its finished cycles sent.
+        self._cycle_base: Dict[str, int] = {}
         self._started = time.time()
         self._ended: Optional[float] = None
         self._workers: List[str] = []
@@ -361,9 +362,9 @@ class Tracker:
                 )
                 sent.setdefault(run, 0)
             elif kind == "progress":
-                if run in sent:
-                    base = self._cycle_base[d.name] if self.mode == "sync" else 0
-                    sent[run] = max(sent[run], base + int(ev.get("bytes_written") or 0))
+                if run:
+                    base = self._cycle_base.get(run, 0)
+                    sent[run] = max(sent.get(run, 0), base + int(ev.get("bytes_written") or 0))
                 upd.update(state="running", phase=str(ev.get("phase") or ""))
                 if ev.get("phase") == "replicating":
                     # (The commit's few small writes have counters of their own.)
@@ -378,11 +379,11 @@ class Tracker:
                 snaps = list(d.snapshots)
                 if report.get("snapshot") and report["snapshot"] not in snaps:
                     snaps.append(report["snapshot"])
-                if run in sent and report:
-                    base = self._cycle_base[d.name] if self.mode == "sync" else 0
-                    sent[run] = max(sent[run], base + int(report.get("bytes_stored") or 0))
+                if run and report:
+                    base = self._cycle_base.get(run, 0)
+                    sent[run] = max(sent.get(run, 0), base + int(report.get("bytes_stored") or 0))
                     if kind == "cycle":
-                        self._cycle_base[d.name] = sent[run]
+                        self._cycle_base[run] = sent[run]
                 lag = ev.get("lag_seconds")
                 upd.update(
                     snapshots=snaps,

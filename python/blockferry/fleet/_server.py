@@ -119,6 +119,22 @@ def metrics_text(status: Callable[[], FleetStatus]) -> Tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+class _Httpd(ThreadingHTTPServer):
+    daemon_threads = True
+    status: "StatusServer"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Httpd
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.status._get(self)
+
+
 class StatusServer:
     """Serves a fleet run's page, status and metrics on ``address`` (``HOST:PORT``)."""
 
@@ -126,22 +142,11 @@ class StatusServer:
         host, port = parse_address(address)
         self._fleet = fleet
         self._stopping = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server._get(self)
-
         try:
-            self._httpd = ThreadingHTTPServer((host, port), Handler)
+            self._httpd = _Httpd((host, port), _Handler)
         except OSError as e:
             raise ConfigError(f"cannot serve the status page on {address}: {e}") from e
-        self._httpd.daemon_threads = True
+        self._httpd.status = self
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="fleet-status", daemon=True
         )

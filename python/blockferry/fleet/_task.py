@@ -35,7 +35,8 @@ def worker_state_dir(base: Optional[str], worker: str) -> str:
 
 def run_disk(disk: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Replicates one disk (``cfg["mode"] == "once"``) or keeps it in sync until the fleet's
-    stop event is set (``"sync"``); returns the last report as plain data."""
+    stop event is set (``"sync"``); returns the execution's id (``run``) and its last report
+    as plain data (``report``; in continuous mode with ``cycles`` and ``lag_seconds``)."""
     from distributed import Event, get_worker
 
     worker = get_worker()
@@ -85,9 +86,11 @@ def run_disk(disk: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
         with store:
             if cfg["mode"] == "sync":
                 stop = Event(cfg["stop"])
-                return _sync(store, disk, cfg, opts, state_dir, stop.wait, emit, progress)
-            cancel = Event(cfg["cancel"])
-            return _once(store, disk, cfg, opts, state_dir, cancel.is_set, emit, progress)
+                out = _sync(store, disk, cfg, opts, state_dir, stop.wait, emit, progress)
+            else:
+                cancel = Event(cfg["cancel"])
+                out = {"report": _once(store, disk, cfg, opts, state_dir, cancel.is_set, emit, progress)}
+            return {"run": run, **out}
 
 
 def _once(
