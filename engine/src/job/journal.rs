@@ -11,7 +11,7 @@
 //!   the uploader before the part counts as acknowledged anywhere: the pack, the upload id,
 //!   the part's number, size, ETag and checksum, and the chunk records it carries;
 //! - batches of positions `journal/<id>/pos-<random>`: the chunk id found at each disk
-//!   position, written every second or so (a position not recorded is only read again).
+//!   position, written every few seconds (a position not recorded is only read again).
 //!
 //! Every record is sealed like the store's other metadata and written create-only under a
 //! random name: the records of one job never need ordering. Whole packs and completed uploads

@@ -36,8 +36,12 @@ pub(crate) struct JobRequest<'a> {
 }
 
 /// How often at most a run writes the positions it found to the store's journal of the job
-/// (a position not journaled is read again by another host that resumes the job).
-const JOURNAL_POSITIONS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// (a position not journaled is read again by another host that resumes the job, not sent
+/// again): every second in a run's first minute, then every ten (a long run writes a record
+/// every ten seconds, which its end deletes).
+fn journal_positions_every(running: std::time::Duration) -> std::time::Duration {
+    std::time::Duration::from_secs(if running.as_secs() < 60 { 1 } else { 10 })
+}
 
 /// Checkpoints of a replication that runs as a job (see [`state`](super::state)).
 pub(crate) struct Checkpoint {
@@ -49,17 +53,18 @@ pub(crate) struct Checkpoint {
     /// Positions written to the database but not yet to the store's journal.
     unjournaled: Vec<(u64, Id)>,
     journaled_at: std::time::Instant,
+    started: std::time::Instant,
 }
 
 impl Checkpoint {
     /// Writes the positions found since the last call to the database, and to the store's
-    /// journal of the job when a second passed since it was last written, or `force`.
+    /// journal of the job when its time came (see [`journal_positions_every`]), or `force`.
     pub(crate) fn flush_positions(&mut self, store: &Store, force: bool) -> Result<()> {
         self.db.record_positions(&self.job, &self.positions)?;
         self.unjournaled.append(&mut self.positions);
         if force
             || self.unjournaled.len() >= super::state::POSITION_BATCH
-            || self.journaled_at.elapsed() >= JOURNAL_POSITIONS_EVERY
+            || self.journaled_at.elapsed() >= journal_positions_every(self.started.elapsed())
         {
             journal::record_positions(store, &self.job, &self.unjournaled)?;
             self.unjournaled.clear();
@@ -253,6 +258,7 @@ pub(crate) fn open_job(
             positions: Vec::new(),
             unjournaled: Vec::new(),
             journaled_at: std::time::Instant::now(),
+            started: std::time::Instant::now(),
         },
         done: positions,
         durable,
@@ -280,16 +286,16 @@ fn import_job(
     let newest = store.latest_of(disk_name)?.and_then(|s| s.job);
     let mut record = None;
     for r in candidates {
-        let finished = match db.get(&r.job) {
-            Ok(known) => known.state == super::state::JobState::Done,
-            Err(e) if e.kind() == ErrorKind::NotFound => newest.as_deref() == Some(&r.job),
+        let (known, finished) = match db.get(&r.job) {
+            Ok(job) => (true, job.state == super::state::JobState::Done),
+            Err(e) if e.kind() == ErrorKind::NotFound => (false, newest.as_deref() == Some(&r.job)),
             Err(e) => return Err(e),
         };
         if finished {
             // The job committed (here, or its snapshot is the disk's newest): its record
             // outlived a failure to forget it.
             journal::forget_job(store.backend().as_ref(), &r.job)?;
-        } else if db.get(&r.job).is_err() {
+        } else if !known {
             record = Some(r);
             break;
         }
@@ -323,7 +329,10 @@ fn import_job(
             .collect(),
         plan: was.plan,
     };
+    // Everything read from the store first: a failure leaves this database as it was.
     let content = journal::read_journal(store, &record.job)?;
+    let uploads = journal::job_uploads(store, &record.job)?;
+    let packs = journal::job_packs(store, &record.job)?;
     let job = db.adopt(&record.job, key, &fp)?;
     db.record_positions(&job.id, &content.positions)?;
     for (pack, upload) in &content.uploads {
@@ -334,12 +343,12 @@ fn import_job(
     }
     // Uploads without an acknowledged part hold nothing to keep: they are aborted; packs the
     // store holds whole are adopted from their trailers.
-    for (pack, upload_id) in journal::job_uploads(store, &job.id)? {
+    for (pack, upload_id) in uploads {
         if !content.uploads.contains_key(&pack) {
             db.open_pack(&job.id, &pack, &upload_id)?;
         }
     }
-    for pack in journal::job_packs(store, &job.id)? {
+    for pack in packs {
         if !content.uploads.contains_key(&pack) {
             db.reserve_pack(&job.id, &pack)?;
         }

@@ -368,12 +368,32 @@ class FleetRun:
 
 
 def start_run(inventory: Inventory, **kwargs: Any) -> FleetRun:
-    """Starts a fleet run and returns its handle at once (see :func:`run`)."""
+    """Starts a fleet run and returns its handle at once: :meth:`FleetRun.status`,
+    :meth:`FleetRun.events`, :meth:`FleetRun.stop`, :meth:`FleetRun.cancel`,
+    :meth:`FleetRun.result`; use it as a context manager (leaving it cancels a run still
+    going and closes the cluster it started).
+
+    Keywords: ``store`` (a folder or ``s3://bucket/prefix``; required), ``passphrase``
+    (default: each worker's ``BLOCKFERRY_PASSPHRASE``; given here, it travels to the workers
+    with the tasks, so use Dask's TLS on a real cluster), ``s3`` (the S3 settings of
+    :meth:`blockferry.Store.open`: ``endpoint``, ``region``, ``access_key``, ...),
+    ``workers`` (processes of the default ``LocalCluster``, 4), ``scheduler`` (a scheduler's
+    address instead), ``client`` (a ``distributed.Client`` of the caller's), ``per_datastore``
+    and ``per_worker`` (disks at once, 2 and 2), ``bwlimit_per_worker`` (bytes per second),
+    ``retries`` (3) and ``backoff`` (seconds before the first retry, doubling; 2),
+    ``mode`` (``"once"`` or ``"sync"``), ``every`` and ``cycles`` (continuous mode),
+    ``state_dir`` (base of the workers' job databases, one folder each), ``wait`` (seconds a
+    replication waits for another run of its disk, 60), ``options`` (keywords of
+    :meth:`blockferry.Store.replicate` for every disk; a disk's own ``options`` win) and
+    ``status`` (``HOST:PORT`` of the status page and ``/metrics``; port 0 picks one, see
+    :attr:`FleetRun.status_url`)."""
     return FleetRun(inventory, **kwargs)
 
 
 def run(inventory: Inventory, **kwargs: Any) -> FleetResult:
-    """Runs a fleet to its end (see :mod:`blockferry.fleet`)."""
+    """Runs a fleet to its end and returns what it did (the keywords of :func:`start_run`).
+    ``inventory``: image paths, :class:`Disk` entries or their dicts, or the JSON of
+    ``blockferry discover --json`` (a file, its text or the parsed object)."""
     with start_run(inventory, **kwargs) as fleet:
         return fleet.result()
 
