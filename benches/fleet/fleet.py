@@ -98,7 +98,7 @@ def sequential(cli: str, disks: List[Dict[str, Any]], store: str, stores: Stores
     t = time.monotonic()
     for d in disks:
         subprocess.run([cli, "replicate", d["path"], "--store", store, "--name", d["name"], *stores.cli],
-                       check=True, env=env, stdout=subprocess.DEVNULL)
+                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.monotonic() - t
 
 
