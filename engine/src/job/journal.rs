@@ -279,14 +279,8 @@ pub(crate) fn read_journal(store: &Store, job: &str) -> Result<JournalContent> {
     for key in keys {
         let name = key.rsplit('/').next().unwrap_or_default();
         if name.starts_with("part-") {
-            let record: PartRecord = match store.read_record(&key, "a journal record") {
-                Ok(r) => r,
-                Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
-                    tracing::warn!(object = key, "skipping a journal record: {e}");
-                    out.unreadable += 1;
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let Some(record) = read_or_skip::<PartRecord>(store, &key, &mut out.unreadable)? else {
+                continue;
             };
             let pack = unhex::<{ std::mem::size_of::<PackId>() }>(&record.pack);
             let chunks = unhex_vec(&record.chunks).and_then(|b| format::decode_entries(&b));
@@ -322,14 +316,9 @@ pub(crate) fn read_journal(store: &Store, job: &str) -> Result<JournalContent> {
                 ),
             );
         } else if name.starts_with("pos-") {
-            let record: PositionsRecord = match store.read_record(&key, "a journal record") {
-                Ok(r) => r,
-                Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
-                    tracing::warn!(object = key, "skipping a journal record: {e}");
-                    out.unreadable += 1;
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let Some(record) = read_or_skip::<PositionsRecord>(store, &key, &mut out.unreadable)?
+            else {
+                continue;
             };
             for (idx, id) in record.positions {
                 match unhex::<32>(&id) {
@@ -340,6 +329,24 @@ pub(crate) fn read_journal(store: &Store, job: &str) -> Result<JournalContent> {
         }
     }
     Ok(out)
+}
+
+/// A journal record, or `None` (counted in `unreadable`) when it cannot be opened (damaged,
+/// sealed for another key) or is gone; other failures (the store's) are errors.
+fn read_or_skip<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    key: &str,
+    unreadable: &mut usize,
+) -> Result<Option<T>> {
+    match store.read_record(key, "a journal record") {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
+            tracing::warn!(object = key, "skipping a journal record: {e}");
+            *unreadable += 1;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The packs of job `job` in the store (complete objects): their ids begin with the job's.
