@@ -151,7 +151,13 @@ class FleetRun:
         self._thread.start()
 
     def _connect(self, scheduler: Optional[str], workers: int, per_worker: int) -> "Client":
-        from distributed import Client, LocalCluster
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError as e:
+            raise ConfigError(
+                "blockferry.fleet runs on Dask: install the fleet extra "
+                "(pip install 'blockferry[fleet]', or ./python[fleet] from the source)"
+            ) from e
 
         if scheduler:
             return Client(scheduler)
