@@ -422,6 +422,14 @@ def test_the_console_script_prints_json_lines(tmp_path: Path) -> None:
     assert {ev["disk"] for ev in lines[:-1] if ev["kind"] == "done"} == {"c0.raw", "c1.raw", "c2.raw"}
     bad = subprocess.run([str(script), "run", str(inv)], capture_output=True, text=True)
     assert bad.returncode == 2 and "--store" in bad.stderr
+    from blockferry.fleet._cli import _size
+
+    assert [_size(v) for v in ("50M", "50MiB/s", "1.5g", "4096", "2KiB")] == [
+        50 * MIB, 50 * MIB, 3 * (1 << 29), 4096, 2048
+    ]
+    for v in ("fast", "0", "-5M", "5T"):
+        with pytest.raises(Exception, match="is not a size"):
+            _size(v)
 
 
 def test_sync_metrics_parse_with_the_prometheus_parser(tmp_path: Path) -> None:

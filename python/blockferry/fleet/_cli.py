@@ -25,14 +25,17 @@ from ._model import FleetStatus
 
 
 def _size(s: str) -> int:
+    """Bytes (per second) from ``50M``, ``50MiB``, ``50MiB/s``, ``1.5G`` or ``1048576``."""
     units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = s.strip().lower().rstrip("ib").rstrip("/s")
+    t = s.strip().lower().removesuffix("/s").removesuffix("ib").removesuffix("b")
     num = t.rstrip("kmg")
-    unit = t[len(num):]
     try:
-        return int(float(num) * units[unit])
+        value = int(float(num) * units[t[len(num):]])
     except (KeyError, ValueError):
-        raise argparse.ArgumentTypeError(f"{s!r} is not a size (such as 50M)") from None
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a size (such as 50M or 50MiB/s)")
+    return value
 
 
 def _human(n: float) -> str:

@@ -413,8 +413,6 @@ class Tracker:
                     upd["last_error"] = str(ev["error"])
                 if kind in ("failed", "stopped", "cancelled"):
                     upd["finished_unix"] = now
-            elif kind == "warning":
-                upd["last_error"] = d.last_error
             upd["bytes_sent"] = sum(sent.values())
             self._disks[d.name] = replace(d, **upd)
 
