@@ -44,6 +44,7 @@ pub(crate) mod job;
 pub(crate) mod nbd;
 pub(crate) mod pipeline;
 pub(crate) mod store;
+pub(crate) mod vm;
 
 pub use error::{Error, ErrorKind, Result};
 pub use job::{
@@ -73,6 +74,7 @@ pub use pipeline::{
 };
 // Images as the front ends open, describe, map and list them.
 pub use image::discover::{Found, Role, discover};
+pub use vm::{ConfigKind, Discovery, Nic, Vm, VmDisk, VmFirmware, VmSnapshot, discover_all};
 pub use image::{
     BlockSource, Description, Identity as ImageIdentity, ImageInfo, Layer, LayerDescription,
     MapRow, Mapping, OpenOptions, ParentLink, Target, describe, for_each_extent,
@@ -106,8 +108,12 @@ pub mod internals {
     pub mod image {
         pub use crate::image::{
             Descriptor, ExtentLine, MemFile, OpenOptions, ReadAt, SparseLayout, Target, VhdLayout,
-            VhdxLayout, discover, inflate_grain, open, ova,
+            VhdxLayout, discover, inflate_grain, open, ova, ovf,
         };
+    }
+    /// VM configurations.
+    pub mod vm {
+        pub use crate::vm::{VmcxFile, VmcxValue};
     }
     /// Read backends and buffers.
     pub mod io {

@@ -167,11 +167,26 @@ pub(crate) fn discover(a: &DiscoverArgs) -> anyhow::Result<ExitCode> {
         allow_outside_folder: a.allow_outside_folder,
         ..OpenOptions::default()
     };
-    let found = blockferry::discover(&a.folder, &opts)?;
+    let found = blockferry::discover_all(&a.folder, &opts)?;
     if a.json {
-        print_json(&json!({ "images": found }))?;
+        print_json(&serde_json::to_value(&found)?)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if a.csv {
+        for row in vm_csv(&found.vms) {
+            outln!("{row}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_images(&found.images)?;
+    if !found.vms.is_empty() {
+        outln!("");
+        print_vms(&found.vms)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_images(found: &[blockferry::Found]) -> anyhow::Result<()> {
     outln!(
         "{:<10}  {:<6}  {:<18}  {:>10}  {:>10}  PATH",
         "ROLE",
@@ -180,7 +195,7 @@ pub(crate) fn discover(a: &DiscoverArgs) -> anyhow::Result<ExitCode> {
         "SIZE",
         "ALLOCATED"
     );
-    for f in &found {
+    for f in found {
         let path = match f.ova_disk {
             Some(i) => format!("{} (disk {i})", f.path.display()),
             None => f.path.display().to_string(),
@@ -202,5 +217,173 @@ pub(crate) fn discover(a: &DiscoverArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
+}
+
+fn print_vms(vms: &[blockferry::Vm]) -> anyhow::Result<()> {
+    for vm in vms {
+        let what = vm
+            .system
+            .as_ref()
+            .map_or_else(String::new, |s| format!(" (system {s})"));
+        outln!("VM {}{what}", vm.config.display());
+        if let Some(e) = &vm.error {
+            outln!("  error: {e}");
+            continue;
+        }
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+        outln!("  name       {}", opt(vm.name.clone()));
+        outln!("  id         {}", opt(vm.id.clone()));
+        outln!(
+            "  hardware   {} CPUs, {} memory, {} firmware{}",
+            opt(vm.cpus.map(|c| c.to_string())),
+            opt(vm.memory_bytes.map(human_bytes)),
+            opt(vm.firmware.map(|f| format!("{f:?}").to_ascii_lowercase())),
+            if vm.secure_boot == Some(true) {
+                ", secure boot"
+            } else {
+                ""
+            }
+        );
+        outln!("  guest OS   {}", opt(vm.guest_os.clone()));
+        if vm.encrypted {
+            outln!("  encrypted  yes");
+        }
+        for n in &vm.nics {
+            outln!(
+                "  nic        {} {} mac {} network {}",
+                n.name,
+                opt(n.kind.clone()),
+                opt(n.mac.clone()),
+                opt(n.network.clone())
+            );
+        }
+        for d in &vm.disks {
+            let target = match (&d.path, d.ova_disk) {
+                (Some(p), Some(i)) => format!("{} (disk {i})", p.display()),
+                (Some(p), None) => p.display().to_string(),
+                (None, _) => d.configured_path.clone(),
+            };
+            let size = d
+                .virtual_size
+                .or(d.capacity)
+                .map_or_else(String::new, |s| format!(", {}", human_bytes(s)));
+            let chain = if d.chain.len() > 1 {
+                format!(", chain of {}", d.chain.len())
+            } else {
+                String::new()
+            };
+            outln!(
+                "  disk       {} ({}) {target}{size}{chain}",
+                d.slot,
+                opt(d.controller_type.clone())
+            );
+            if let Some(p) = &d.problem {
+                outln!("             {p}");
+            }
+        }
+        for s in &vm.snapshots {
+            outln!(
+                "  snapshot   {} {:?}{}{}",
+                s.id,
+                s.name,
+                s.parent
+                    .as_ref()
+                    .map_or_else(String::new, |p| format!(" on {p}")),
+                if s.current { " (current)" } else { "" }
+            );
+        }
+        for w in &vm.warnings {
+            outln!("  warning    {w}");
+        }
+    }
+    Ok(())
+}
+
+/// One CSV row per VM disk (a VM without disks, or one that cannot be read, has one row),
+/// header first; fields quoted as RFC 4180 says.
+fn vm_csv(vms: &[blockferry::Vm]) -> Vec<String> {
+    fn field(s: &str) -> String {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_owned()
+        }
+    }
+    let header = [
+        "vm", "vm_id", "config", "kind", "cpus", "memory_bytes", "firmware", "secure_boot",
+        "guest_os", "encrypted", "nics", "controller", "controller_type", "slot", "disk",
+        "ova_disk", "format", "virtual_size", "allocated_bytes", "chain_length", "chain",
+        "problem",
+    ];
+    let mut rows = vec![header.join(",")];
+    for vm in vms {
+        let kind = vm
+            .kind
+            .map(|k| format!("{k:?}").to_ascii_lowercase())
+            .unwrap_or_default();
+        let nics: Vec<String> = vm
+            .nics
+            .iter()
+            .map(|n| {
+                format!(
+                    "{}={}",
+                    n.network.as_deref().unwrap_or("-"),
+                    n.mac.as_deref().unwrap_or("-")
+                )
+            })
+            .collect();
+        let vm_fields = [
+            vm.name.clone().unwrap_or_default(),
+            vm.id.clone().unwrap_or_default(),
+            vm.config.display().to_string(),
+            kind,
+            vm.cpus.map(|c| c.to_string()).unwrap_or_default(),
+            vm.memory_bytes.map(|m| m.to_string()).unwrap_or_default(),
+            vm.firmware
+                .map(|f| format!("{f:?}").to_ascii_lowercase())
+                .unwrap_or_default(),
+            vm.secure_boot.map(|b| b.to_string()).unwrap_or_default(),
+            vm.guest_os.clone().unwrap_or_default(),
+            vm.encrypted.to_string(),
+            nics.join(" "),
+        ];
+        let base: Vec<String> = vm_fields.iter().map(|f| field(f)).collect();
+        if vm.disks.is_empty() {
+            let problem = vm
+                .error
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let mut row = base.clone();
+            row.extend(std::iter::repeat_n(String::new(), 10));
+            row.push(field(&problem));
+            rows.push(row.join(","));
+        }
+        for d in &vm.disks {
+            let chain: Vec<String> = d.chain.iter().map(|p| p.display().to_string()).collect();
+            let mut row = base.clone();
+            row.extend(
+                [
+                    d.controller.clone(),
+                    d.controller_type.clone().unwrap_or_default(),
+                    d.slot.clone(),
+                    d.path
+                        .as_ref()
+                        .map_or_else(|| d.configured_path.clone(), |p| p.display().to_string()),
+                    d.ova_disk.map(|i| i.to_string()).unwrap_or_default(),
+                    d.format.unwrap_or_default().to_owned(),
+                    d.virtual_size.or(d.capacity).map(|s| s.to_string()).unwrap_or_default(),
+                    d.allocated_bytes.map(|s| s.to_string()).unwrap_or_default(),
+                    d.chain.len().to_string(),
+                    chain.join(";"),
+                    d.problem.clone().unwrap_or_default(),
+                ]
+                .iter()
+                .map(|f| field(f)),
+            );
+            rows.push(row.join(","));
+        }
+    }
+    rows
 }

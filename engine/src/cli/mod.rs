@@ -508,9 +508,12 @@ struct DiscoverArgs {
     /// Follow parent and extent paths that lead outside an image's folder.
     #[arg(long)]
     allow_outside_folder: bool,
-    /// Print the result as JSON on stdout.
-    #[arg(long)]
+    /// Print the result as JSON on stdout (`{"images": [...], "vms": [...]}`).
+    #[arg(long, conflicts_with = "csv")]
     json: bool,
+    /// Print the VMs' disks as CSV on stdout, one row per disk (for planning sheets).
+    #[arg(long)]
+    csv: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -115,8 +115,7 @@ pub fn discover(folder: &Path, opts: &OpenOptions) -> Result<Vec<Found>> {
     if !meta.is_dir() {
         return Err(Error::config("discovery needs a folder").with_path(folder));
     }
-    let mut files = Vec::new();
-    walk(folder, 0, &mut files)?;
+    let mut files = files_with(folder, &EXTENSIONS)?;
     files.sort();
 
     let mut found = Vec::new();
@@ -158,7 +157,15 @@ pub fn discover(folder: &Path, opts: &OpenOptions) -> Result<Vec<Found>> {
     Ok(found)
 }
 
-fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
+/// The files under `folder` (at most [`MAX_DEPTH`] deep, at most [`MAX_FILES`]) whose name
+/// ends with one of `extensions` (lower case, compared without case).
+pub(crate) fn files_with(folder: &Path, extensions: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    walk(folder, 0, extensions, &mut files)?;
+    Ok(files)
+}
+
+fn walk(dir: &Path, depth: usize, extensions: &[&str], out: &mut Vec<PathBuf>) -> Result<()> {
     let entries =
         std::fs::read_dir(dir).map_err(|e| Error::io("cannot list the folder", dir, e))?;
     for entry in entries {
@@ -170,12 +177,13 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
         let path = entry.path();
         if ft.is_dir() {
             if depth + 1 < MAX_DEPTH {
-                walk(&path, depth + 1, out)?;
+                walk(&path, depth + 1, extensions, out)?;
             }
-        } else if has_image_extension(&path) && path.is_file() {
+        } else if has_extension(&path, extensions) && path.is_file() {
             if out.len() >= MAX_FILES {
                 return Err(Error::config(format!(
-                    "more than {MAX_FILES} image files under the folder; discover a smaller one"
+                    "more than {MAX_FILES} image or configuration files under the folder; \
+                     discover a smaller one"
                 ))
                 .with_path(dir));
             }
@@ -185,13 +193,13 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn has_image_extension(path: &Path) -> bool {
+fn has_extension(path: &Path, extensions: &[&str]) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
-        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .is_some_and(|e| extensions.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-fn is_ova(path: &Path) -> bool {
+pub(crate) fn is_ova(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("ova"))

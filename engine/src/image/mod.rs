@@ -20,6 +20,7 @@
 mod chain;
 pub mod discover;
 pub mod ova;
+pub mod ovf;
 mod raw;
 pub(crate) mod util;
 mod vhd;

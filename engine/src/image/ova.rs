@@ -4,8 +4,8 @@
 //! disks (`<Disk ovf:fileRef=…>` → `<File ovf:href=…>`); the chosen disk, almost always a
 //! streamOptimized VMDK, is read through a window onto the archive.
 
-use quick_xml::events::Event;
-
+pub use super::ovf::OvfDisk;
+use super::ovf::{Envelope, parse_envelope};
 use super::util::{ReadAt, invalid, read_struct};
 use super::{BlockSource, OpenOptions, Vmdk};
 use crate::error::{Error, ErrorKind, Result};
@@ -16,8 +16,6 @@ const BLOCK: u64 = 512;
 const MAX_MEMBERS: usize = 10_000;
 /// Largest OVF descriptor read.
 const MAX_OVF: u64 = 16 << 20;
-/// Most disks and file references taken from one OVF.
-const MAX_OVF_ITEMS: usize = 4096;
 /// Largest pax extended header read (they hold a few records: a path, a size, times).
 const MAX_PAX: u64 = 64 << 10;
 
@@ -30,19 +28,6 @@ pub struct TarMember {
     pub offset: u64,
     /// Its size.
     pub size: u64,
-}
-
-/// A disk the OVF describes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OvfDisk {
-    /// `ovf:diskId`.
-    pub id: String,
-    /// The file (`ovf:href` of the referenced `File`).
-    pub file: String,
-    /// `ovf:capacity` in bytes (with `ovf:capacityAllocationUnits` applied), if given.
-    pub capacity: Option<u64>,
-    /// `ovf:format` (a URL naming the disk format).
-    pub format: String,
 }
 
 /// Whether a file is a tar archive (ustar magic at 257).
@@ -239,85 +224,11 @@ pub fn tar_members(r: &dyn ReadAt) -> Result<Vec<TarMember>> {
 }
 
 /// Parses an OVF descriptor's disk list (`DiskSection`), in order.
+///
+/// # Errors
+/// As [`parse_envelope`].
 pub fn parse_ovf(xml: &[u8]) -> std::result::Result<Vec<OvfDisk>, String> {
-    let mut reader = quick_xml::Reader::from_reader(xml);
-    let mut files: Vec<(String, String)> = Vec::new();
-    let mut disks: Vec<(String, String, Option<u64>, String)> = Vec::new();
-    let mut buf = Vec::new();
-    loop {
-        let event = reader
-            .read_event_into(&mut buf)
-            .map_err(|e| format!("not valid XML: {e}"))?;
-        match event {
-            Event::Start(e) | Event::Empty(e) => {
-                let tag = e.local_name();
-                let mut attrs = std::collections::HashMap::new();
-                for a in e.attributes() {
-                    let a = a.map_err(|e| format!("bad attribute: {e}"))?;
-                    let key = String::from_utf8_lossy(a.key.local_name().as_ref()).into_owned();
-                    let value = a
-                        .unescape_value()
-                        .map_err(|e| format!("bad attribute value: {e}"))?
-                        .into_owned();
-                    attrs.insert(key, value);
-                }
-                if files.len() + disks.len() > 2 * MAX_OVF_ITEMS {
-                    return Err(format!("more than {MAX_OVF_ITEMS} disks or files"));
-                }
-                match tag.as_ref() {
-                    b"File" => {
-                        if let (Some(id), Some(href)) = (attrs.get("id"), attrs.get("href")) {
-                            files.push((id.clone(), href.clone()));
-                        }
-                    }
-                    b"Disk" => {
-                        let unit = attrs
-                            .get("capacityAllocationUnits")
-                            .map_or(1, |u| allocation_unit(u));
-                        let capacity = attrs
-                            .get("capacity")
-                            .and_then(|c| c.trim().parse::<u64>().ok())
-                            .and_then(|c| c.checked_mul(unit));
-                        disks.push((
-                            attrs.get("diskId").cloned().unwrap_or_default(),
-                            attrs.get("fileRef").cloned().unwrap_or_default(),
-                            capacity,
-                            attrs.get("format").cloned().unwrap_or_default(),
-                        ));
-                    }
-                    _ => {}
-                }
-            }
-            Event::Eof => break,
-            _ => {}
-        }
-        buf.clear();
-    }
-    let files: std::collections::HashMap<String, String> = files.into_iter().collect();
-    disks
-        .into_iter()
-        .map(|(id, file_ref, capacity, format)| {
-            let file = files.get(&file_ref).cloned().ok_or_else(|| {
-                format!("disk {id} names file {file_ref:?}, which the OVF does not list")
-            })?;
-            Ok(OvfDisk {
-                id,
-                file,
-                capacity,
-                format,
-            })
-        })
-        .collect()
-}
-
-/// `byte * 2^30`-style units of `ovf:capacityAllocationUnits`.
-fn allocation_unit(unit: &str) -> u64 {
-    let compact: String = unit.chars().filter(|c| !c.is_whitespace()).collect();
-    compact
-        .strip_prefix("byte*2^")
-        .and_then(|p| p.parse::<u32>().ok())
-        .filter(|&p| p < 64)
-        .map_or(1, |p| 1u64 << p)
+    parse_envelope(xml).map(|e| e.disks)
 }
 
 /// The disks an OVA's descriptor lists, in order (what `ova_disk` indexes).
@@ -325,10 +236,17 @@ pub fn disks(file: &SourceFile) -> Result<Vec<OvfDisk>> {
     Ok(contents(file)?.2)
 }
 
-/// The archive's members, its OVF descriptor member and the disks that lists.
-fn contents(file: &SourceFile) -> Result<(Vec<TarMember>, TarMember, Vec<OvfDisk>)> {
+/// An OVA's whole OVF descriptor (its virtual systems too), read in place.
+pub fn envelope(file: &dyn ReadAt) -> Result<Envelope> {
     let members = tar_members(file)?;
-    let ovf = members
+    let ovf = descriptor(file, &members)?;
+    let xml = read_struct(file, "OVF descriptor", ovf.offset, ovf.size, MAX_OVF)?;
+    parse_envelope(&xml).map_err(|why| invalid(file, "OVF descriptor", ovf.offset, why))
+}
+
+/// The archive's `.ovf` member.
+fn descriptor(file: &dyn ReadAt, members: &[TarMember]) -> Result<TarMember> {
+    members
         .iter()
         .find(|m| m.name.to_ascii_lowercase().ends_with(".ovf"))
         .cloned()
@@ -338,7 +256,13 @@ fn contents(file: &SourceFile) -> Result<(Vec<TarMember>, TarMember, Vec<OvfDisk
                 "the archive holds no .ovf descriptor: not an OVA",
             )
             .with_path(file.path())
-        })?;
+        })
+}
+
+/// The archive's members, its OVF descriptor member and the disks that lists.
+fn contents(file: &SourceFile) -> Result<(Vec<TarMember>, TarMember, Vec<OvfDisk>)> {
+    let members = tar_members(file)?;
+    let ovf = descriptor(file, &members)?;
     let xml = read_struct(file, "OVF descriptor", ovf.offset, ovf.size, MAX_OVF)?;
     let disks = parse_ovf(&xml).map_err(|why| invalid(file, "OVF descriptor", ovf.offset, why))?;
     if disks.is_empty() {
