@@ -1210,6 +1210,19 @@ bf_result bf_image_map_json(const char *path, char *buf, size_t len, size_t *out
 bf_result bf_discover_json(const char *folder, char *buf, size_t len, size_t *out_n);
 
 /**
+ * The virtual machines under `folder` (VMware `.vmx` with their `.vmsd` snapshots, OVF and
+ * OVA, Hyper-V `.vmcx`) as a JSON array, as `blockferry discover --json` lists them under
+ * `vms`: per VM `{"config","kind","system","name","id","cpus","memory_bytes","firmware",
+ * "secure_boot","guest_os","encrypted","nics","disks","snapshots","warnings","error"}`,
+ * each disk with its `slot`, `controller`, resolved `path`, `chain` and `problem`; buffer
+ * rules as for `bf_store_snapshots_json`.
+ *
+ * # Safety
+ * As `bf_image_info_json`.
+ */
+bf_result bf_discover_vms_json(const char *folder, char *buf, size_t len, size_t *out_n);
+
+/**
  * The replication jobs of the job database in `state_dir` (NULL: the default folder) as a
  * JSON array; buffer rules as for `bf_store_snapshots_json`.
  *

@@ -137,6 +137,31 @@ pub unsafe extern "C" fn bf_discover_json(
     })
 }
 
+/// The virtual machines under `folder` (VMware `.vmx` with their `.vmsd` snapshots, OVF and
+/// OVA, Hyper-V `.vmcx`) as a JSON array, as `blockferry discover --json` lists them under
+/// `vms`: per VM `{"config","kind","system","name","id","cpus","memory_bytes","firmware",
+/// "secure_boot","guest_os","encrypted","nics","disks","snapshots","warnings","error"}`,
+/// each disk with its `slot`, `controller`, resolved `path`, `chain` and `problem`; buffer
+/// rules as for `bf_store_snapshots_json`.
+///
+/// # Safety
+/// As `bf_image_info_json`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bf_discover_vms_json(
+    folder: *const c_char,
+    buf: *mut c_char,
+    len: usize,
+    out_n: *mut usize,
+) -> bf_result {
+    boundary(|| {
+        // SAFETY: forwarded contract.
+        let folder = unsafe { str_arg(folder, "folder")? };
+        let found = blockferry::discover_all(Path::new(folder), &OpenOptions::default())?;
+        // SAFETY: forwarded contract.
+        unsafe { write_json(buf, len, out_n, &to_json(&found.vms)?) }
+    })
+}
+
 /// The replication jobs of the job database in `state_dir` (NULL: the default folder) as a
 /// JSON array; buffer rules as for `bf_store_snapshots_json`.
 ///

@@ -49,6 +49,10 @@ from ._types import (
     StoreConfig,
     SyncCycle,
     VerifyReport,
+    VirtualMachine,
+    VmDisk,
+    VmSnapshot,
+    Nic,
     _build,
     _event,
     _progress,
@@ -61,6 +65,7 @@ __all__ = [
     "convert",
     "default_state_dir",
     "discover",
+    "discover_vms",
     "image_info",
     "image_map",
     "jobs",
@@ -1095,6 +1100,25 @@ def discover(
     path; the ones to replicate have ``role == "disk"``."""
     found = _native.discover(os.fspath(folder), allow_outside_folder=allow_outside_folder)
     return [_build(DiscoveredImage, d) for d in found]
+
+
+def discover_vms(
+    folder: PathLike, *, allow_outside_folder: bool = False
+) -> List[VirtualMachine]:
+    """The virtual machines under ``folder``: VMware ``.vmx`` (with their ``.vmsd``
+    snapshots), OVF and OVA, Hyper-V ``.vmcx``; each disk resolved to the image chain
+    :func:`discover` finds. An unreadable configuration is an entry with its ``error``."""
+    found = _native.discover_vms(os.fspath(folder), allow_outside_folder=allow_outside_folder)
+    return [
+        _build(
+            VirtualMachine,
+            d,
+            nics=[_build(Nic, n) for n in d["nics"]],
+            disks=[_build(VmDisk, x) for x in d["disks"]],
+            snapshots=[_build(VmSnapshot, s) for s in d["snapshots"]],
+        )
+        for d in found
+    ]
 
 
 def default_state_dir() -> str:

@@ -35,6 +35,10 @@ __all__ = [
     "Started",
     "StoreConfig",
     "VerifyReport",
+    "VirtualMachine",
+    "VmDisk",
+    "VmSnapshot",
+    "Nic",
     "WarningEvent",
 ]
 
@@ -816,4 +820,118 @@ class DiscoveredImage:
     virtual_size: int
     allocated_bytes: int
     chain: List[str]
+    error: Optional[BaseException] = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A VM's network adapter (see :class:`VirtualMachine`).
+
+    Attributes:
+        name: Its name in the configuration (``ethernet0``, the OVF item's, Hyper-V's).
+        kind: Adapter type (``vmxnet3``, ``e1000e``, ``synthetic``, ``legacy``, ...).
+        mac: MAC address as ``aa:bb:cc:dd:ee:ff``, if the configuration has one.
+        mac_static: Whether the MAC was set by hand rather than generated.
+        network: The network (port group, virtual switch) it connects to.
+        connected: Whether it is connected at power on.
+    """
+
+    name: str
+    kind: Optional[str]
+    mac: Optional[str]
+    mac_static: Optional[bool]
+    network: Optional[str]
+    connected: Optional[bool]
+
+
+@dataclass(frozen=True)
+class VmDisk:
+    """A disk of a VM: where it is attached and the image chain behind it.
+
+    Attributes:
+        controller: The controller (``scsi0``, ``sata0``, ``ide1``, the OVF's name).
+        controller_type: Its type (``pvscsi``, ``lsilogic``, ``ahci``, ``ide``, ...).
+        slot: The slot (``scsi0:1``).
+        configured_path: The file as the configuration names it.
+        path: The image file it resolves to under the folder, if found.
+        ova_disk: For a disk inside an OVA, its index there.
+        capacity: The capacity the configuration states (OVF), if any.
+        format: The image's format, when resolved.
+        virtual_size: The image's virtual size, when resolved.
+        allocated_bytes: Bytes allocated in its chain, when resolved.
+        chain: The chain's files, top first.
+        problem: Why it could not be resolved or read.
+    """
+
+    controller: str
+    controller_type: Optional[str]
+    slot: str
+    configured_path: str
+    path: Optional[str]
+    ova_disk: Optional[int]
+    capacity: Optional[int]
+    format: Optional[str]
+    virtual_size: Optional[int]
+    allocated_bytes: Optional[int]
+    chain: List[str]
+    problem: Optional[str]
+
+
+@dataclass(frozen=True)
+class VmSnapshot:
+    """A snapshot as the VM's configuration records it.
+
+    Attributes:
+        id: Its id.
+        name: Its display name.
+        parent: The id of the snapshot it was taken on.
+        current: Whether the VM runs on it.
+        disks: The disk files it froze.
+    """
+
+    id: str
+    name: str
+    parent: Optional[str]
+    current: bool
+    disks: List[str]
+
+
+@dataclass(frozen=True)
+class VirtualMachine:
+    """A VM found by :func:`blockferry.discover_vms`.
+
+    Attributes:
+        config: The configuration file (``.vmx``, ``.ovf``, ``.ova``, ``.vmcx``).
+        kind: ``vmx``, ``ovf``, ``ova`` or ``vmcx``.
+        system: For an OVF with several virtual systems, which one.
+        name: The VM's name.
+        id: Its id or UUID.
+        cpus: Virtual CPUs.
+        memory_bytes: Memory in bytes.
+        firmware: ``bios`` or ``efi``.
+        secure_boot: Whether UEFI secure boot is on.
+        guest_os: The guest OS as configured.
+        encrypted: Whether the configuration says the VM is encrypted.
+        nics: Network adapters.
+        disks: Disks, each resolved to its image chain.
+        snapshots: Snapshots the configuration records.
+        warnings: What could be read only in part.
+        error: Why the configuration could not be read (a :class:`blockferry.Error`).
+    """
+
+    config: str
+    kind: Optional[str]
+    system: Optional[str]
+    name: Optional[str]
+    id: Optional[str]
+    cpus: Optional[int]
+    memory_bytes: Optional[int]
+    firmware: Optional[str]
+    secure_boot: Optional[bool]
+    guest_os: Optional[str]
+    encrypted: bool
+    nics: List[Nic]
+    disks: List[VmDisk]
+    snapshots: List[VmSnapshot]
+    warnings: List[str]
     error: Optional[BaseException] = field(default=None, compare=False)

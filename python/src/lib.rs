@@ -178,6 +178,32 @@ fn discover(py: Python<'_>, folder: PathBuf, allow_outside_folder: bool) -> PyRe
     Ok(list.into_any().unbind())
 }
 
+/// The virtual machines under a folder (`.vmx`, OVF and OVA, `.vmcx`), as dicts: the
+/// engine's shape (`blockferry discover --json`, its `vms`), an unreadable configuration's
+/// error as the exception it would raise.
+#[pyfunction]
+#[pyo3(signature = (folder, *, allow_outside_folder=false))]
+fn discover_vms(
+    py: Python<'_>,
+    folder: PathBuf,
+    allow_outside_folder: bool,
+) -> PyResult<Py<PyAny>> {
+    let opts = open_options(None, allow_outside_folder);
+    let found = py
+        .detach(|| blockferry::discover_all(&folder, &opts))
+        .py_err(py)?;
+    let list = PyList::empty(py);
+    for vm in &found.vms {
+        let d = convert::to_py(py, vm)?;
+        if let Some(e) = &vm.error {
+            d.bind(py)
+                .set_item("error", errors::to_py(py, e).into_value(py))?;
+        }
+        list.append(d)?;
+    }
+    Ok(list.into_any().unbind())
+}
+
 fn state_dir(dir: Option<PathBuf>) -> blockferry::Result<PathBuf> {
     dir.map_or_else(default_state_dir, Ok)
 }
@@ -943,6 +969,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(image_map, m)?)?;
     m.add_function(wrap_pyfunction!(parse_changes, m)?)?;
     m.add_function(wrap_pyfunction!(discover, m)?)?;
+    m.add_function(wrap_pyfunction!(discover_vms, m)?)?;
     m.add_function(wrap_pyfunction!(py_default_state_dir, m)?)?;
     m.add_function(wrap_pyfunction!(jobs, m)?)?;
     m.add_function(wrap_pyfunction!(abandon_job, m)?)?;

@@ -163,3 +163,41 @@ def test_hostile_images_raise_errors_never_crash(tmp_path: Path) -> None:
                 except blockferry.Error as e:
                     assert str(e) and e.kind in blockferry._errors.KINDS
             assert p.read_bytes() == before  # never written to
+
+
+def test_discover_vms_gives_typed_machines(tmp_path: Path) -> None:
+    """The engine's VM discovery through the facade: a .vmx with a disk and a NIC, the
+    corpus's Hyper-V configuration and encrypted .vmx, and an unreadable .vmcx."""
+    have("qemu-img")
+    corpus = os.environ.get("BF_CORPUS", "")
+    root = tmp_path / "ds"
+    (root / "vm1").mkdir(parents=True)
+    qemu_img("create", "-q", "-f", "vmdk", str(root / "vm1" / "vm1.vmdk"), "8M")
+    (root / "vm1" / "vm1.vmx").write_text(
+        'displayName = "vm1"\nnumvcpus = "2"\nmemsize = "2048"\nfirmware = "efi"\n'
+        'guestOS = "windows2019srv-64"\nscsi0.virtualDev = "lsisas1068"\n'
+        'scsi0:0.fileName = "vm1.vmdk"\nethernet0.virtualDev = "vmxnet3"\n'
+        'ethernet0.addressType = "generated"\nethernet0.generatedAddress = "00:0C:29:01:02:03"\n'
+        'ethernet0.networkName = "LAN"\n'
+    )
+    (root / "broken.vmcx").write_bytes(bytes(64))
+    if corpus and (Path(corpus) / "test.vmcx").exists():
+        (root / "hv").mkdir()
+        (root / "hv" / "test.vmcx").write_bytes((Path(corpus) / "test.vmcx").read_bytes())
+        (root / "hv" / "encrypted.vmx").write_bytes((Path(corpus) / "encrypted.vmx").read_bytes())
+    vms = {Path(v.config).name: v for v in blockferry.discover_vms(root)}
+    vm1 = vms["vm1.vmx"]
+    assert isinstance(vm1, blockferry.VirtualMachine)
+    assert (vm1.name, vm1.cpus, vm1.memory_bytes, vm1.firmware) == ("vm1", 2, 2048 * MIB, "efi")
+    assert vm1.guest_os == "windows2019srv-64" and not vm1.encrypted
+    assert vm1.nics == [blockferry.Nic("ethernet0", "vmxnet3", "00:0c:29:01:02:03", False, "LAN", None)]
+    (disk,) = vm1.disks
+    assert isinstance(disk, blockferry.VmDisk)
+    assert (disk.slot, disk.controller_type, disk.format, disk.virtual_size) == ("scsi0:0", "lsisas1068", "vmdk", 8 * MIB)
+    assert disk.chain == [str(root / "vm1" / "vm1.vmdk")] and disk.problem is None
+    assert isinstance(vms["broken.vmcx"].error, blockferry.InvalidImageError)
+    if "test.vmcx" in vms:
+        hv = vms["test.vmcx"]
+        assert (hv.kind, hv.name, hv.firmware, hv.cpus) == ("vmcx", "Other Location", "bios", 1)
+        assert hv.disks[0].problem is not None and "not among the images" in hv.disks[0].problem
+        assert vms["encrypted.vmx"].encrypted

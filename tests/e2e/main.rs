@@ -72,3 +72,5 @@ mod vhd;
 mod vhdx;
 /// ESXi deltas and hostile VMDKs.
 mod vmdk;
+/// VM discovery: .vmx, .vmsd, OVF/OVA, .vmcx.
+mod vms;

@@ -311,9 +311,27 @@ fn vm_csv(vms: &[blockferry::Vm]) -> Vec<String> {
         }
     }
     let header = [
-        "vm", "vm_id", "config", "kind", "cpus", "memory_bytes", "firmware", "secure_boot",
-        "guest_os", "encrypted", "nics", "controller", "controller_type", "slot", "disk",
-        "ova_disk", "format", "virtual_size", "allocated_bytes", "chain_length", "chain",
+        "vm",
+        "vm_id",
+        "config",
+        "kind",
+        "cpus",
+        "memory_bytes",
+        "firmware",
+        "secure_boot",
+        "guest_os",
+        "encrypted",
+        "nics",
+        "controller",
+        "controller_type",
+        "slot",
+        "disk",
+        "ova_disk",
+        "format",
+        "virtual_size",
+        "allocated_bytes",
+        "chain_length",
+        "chain",
         "problem",
     ];
     let mut rows = vec![header.join(",")];
@@ -373,7 +391,10 @@ fn vm_csv(vms: &[blockferry::Vm]) -> Vec<String> {
                         .map_or_else(|| d.configured_path.clone(), |p| p.display().to_string()),
                     d.ova_disk.map(|i| i.to_string()).unwrap_or_default(),
                     d.format.unwrap_or_default().to_owned(),
-                    d.virtual_size.or(d.capacity).map(|s| s.to_string()).unwrap_or_default(),
+                    d.virtual_size
+                        .or(d.capacity)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default(),
                     d.allocated_bytes.map(|s| s.to_string()).unwrap_or_default(),
                     d.chain.len().to_string(),
                     chain.join(";"),

@@ -179,11 +179,17 @@ fn resolve_ref(r: &quick_xml::events::BytesRef<'_>) -> Result<String, String> {
         "amp" => Ok("&".into()),
         "apos" => Ok("'".into()),
         "quot" => Ok("\"".into()),
-        _ => Err(format!("entity &{name}; is not defined (entities are never read)")),
+        _ => Err(format!(
+            "entity &{name}; is not defined (entities are never read)"
+        )),
     }
 }
 
-fn element(e: &quick_xml::events::BytesStart<'_>, count: usize, pos: u64) -> Result<Element, String> {
+fn element(
+    e: &quick_xml::events::BytesStart<'_>,
+    count: usize,
+    pos: u64,
+) -> Result<Element, String> {
     if count > MAX_ELEMENTS {
         return Err(format!("more than {MAX_ELEMENTS} elements (at byte {pos})"));
     }
@@ -290,7 +296,10 @@ pub struct Envelope {
 pub fn parse_envelope(xml: &[u8]) -> Result<Envelope, String> {
     let root = parse_xml(xml)?;
     if root.name != "Envelope" {
-        return Err(format!("the root element is <{}>, not <Envelope>", root.name));
+        return Err(format!(
+            "the root element is <{}>, not <Envelope>",
+            root.name
+        ));
     }
     let mut all = Vec::new();
     root.walk(&mut all);

@@ -323,7 +323,8 @@ fn normal_mac(raw: &str) -> Option<String> {
 /// Reads a text configuration whole, with a cap.
 fn read_text(path: &Path, what: &str) -> Result<String> {
     use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| Error::io(format!("cannot open the {what}"), path, e))?;
+    let f = std::fs::File::open(path)
+        .map_err(|e| Error::io(format!("cannot open the {what}"), path, e))?;
     let mut bytes = Vec::new();
     f.take(MAX_TEXT_CONFIG + 1)
         .read_to_end(&mut bytes)
@@ -347,9 +348,18 @@ mod tests {
 
     #[test]
     fn macs() {
-        assert_eq!(normal_mac("00-15-5D-0A-0B-0C").as_deref(), Some("00:15:5d:0a:0b:0c"));
-        assert_eq!(normal_mac("00:50:56:aa:bb:cc").as_deref(), Some("00:50:56:aa:bb:cc"));
-        assert_eq!(normal_mac("00155d0a0b0c").as_deref(), Some("00:15:5d:0a:0b:0c"));
+        assert_eq!(
+            normal_mac("00-15-5D-0A-0B-0C").as_deref(),
+            Some("00:15:5d:0a:0b:0c")
+        );
+        assert_eq!(
+            normal_mac("00:50:56:aa:bb:cc").as_deref(),
+            Some("00:50:56:aa:bb:cc")
+        );
+        assert_eq!(
+            normal_mac("00155d0a0b0c").as_deref(),
+            Some("00:15:5d:0a:0b:0c")
+        );
         assert_eq!(normal_mac("nope"), None);
     }
 }

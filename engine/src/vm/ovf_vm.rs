@@ -86,7 +86,8 @@ fn vms(
                         } else {
                             allocation_unit(&item.units)
                         };
-                        vm.memory_bytes = item.quantity.zip(unit).and_then(|(q, u)| q.checked_mul(u));
+                        vm.memory_bytes =
+                            item.quantity.zip(unit).and_then(|(q, u)| q.checked_mul(u));
                     }
                     10 => vm.nics.push(Nic {
                         name: item.name.clone(),

@@ -435,7 +435,9 @@ fn file_value(
             r,
             "key table entry",
             entry_at,
-            format!("a file object value of {size} bytes of type {kind} in an object of {object_size}"),
+            format!(
+                "a file object value of {size} bytes of type {kind} in an object of {object_size}"
+            ),
         ));
     }
     *budget = budget.checked_sub(size).ok_or_else(|| {
@@ -443,7 +445,10 @@ fn file_value(
             r,
             "file object",
             offset,
-            format!("more than {} MiB of values in file objects", MAX_FILE_OBJECT_BYTES >> 20),
+            format!(
+                "more than {} MiB of values in file objects",
+                MAX_FILE_OBJECT_BYTES >> 20
+            ),
         )
     })?;
     let bytes = read_struct(r, "file object", offset, size, MAX_OBJECT)?;
@@ -497,7 +502,9 @@ pub(super) fn read_vm(path: &Path) -> Result<Option<Vm>> {
         .with_path(path));
     };
     let props = config.get("properties");
-    let type_id = props.and_then(|p| p.get("type_id")).and_then(VmcxValue::str);
+    let type_id = props
+        .and_then(|p| p.get("type_id"))
+        .and_then(VmcxValue::str);
     if type_id.is_some_and(|t| !t.eq_ignore_ascii_case("Virtual Machines")) {
         return Ok(None);
     }
@@ -597,7 +604,11 @@ fn nic(device: &str, s: &VmcxValue) -> Nic {
         mac,
         mac_static,
         network: get("SwitchName")
-            .or_else(|| s.at(&["Connection", "AltSwitchName"]).and_then(VmcxValue::str).filter(|v| !v.is_empty()))
+            .or_else(|| {
+                s.at(&["Connection", "AltSwitchName"])
+                    .and_then(VmcxValue::str)
+                    .filter(|v| !v.is_empty())
+            })
             .map(str::to_owned),
         connected: s.get("IsConnected").and_then(VmcxValue::bool),
     }
@@ -607,15 +618,27 @@ fn nic(device: &str, s: &VmcxValue) -> Nic {
 fn drives(bus: &str, number: Option<u32>, section: &VmcxValue) -> Vec<VmDisk> {
     let mut out = Vec::new();
     for (cname, controller) in section.children() {
-        let Some(c) = cname.strip_prefix("controller").and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(c) = cname
+            .strip_prefix("controller")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         for (dname, drive) in controller.children() {
-            let Some(d) = dname.strip_prefix("drive").and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(d) = dname
+                .strip_prefix("drive")
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
-            let kind = drive.get("type").and_then(VmcxValue::str).unwrap_or_default();
-            let path = drive.get("pathname").and_then(VmcxValue::str).unwrap_or_default();
+            let kind = drive
+                .get("type")
+                .and_then(VmcxValue::str)
+                .unwrap_or_default();
+            let path = drive
+                .get("pathname")
+                .and_then(VmcxValue::str)
+                .unwrap_or_default();
             if !kind.eq_ignore_ascii_case("VHD") || path.is_empty() {
                 continue;
             }
@@ -627,7 +650,11 @@ fn drives(bus: &str, number: Option<u32>, section: &VmcxValue) -> Vec<VmDisk> {
             out.push(VmDisk {
                 slot: format!("{controller}:{d}"),
                 controller,
-                controller_type: Some(if bus == "ide" { "ide".into() } else { "synthetic scsi".into() }),
+                controller_type: Some(if bus == "ide" {
+                    "ide".into()
+                } else {
+                    "synthetic scsi".into()
+                }),
                 configured_path: path.to_owned(),
                 ..VmDisk::default()
             });

@@ -105,7 +105,9 @@ pub(super) fn read(path: &Path) -> Result<Vm> {
             .get("uuid.bios")
             .or_else(|| kv.get("vc.uuid"))
             .map(|u| uuid(u)),
-        cpus: kv.get("numvcpus").map_or(Some(1), |n| n.trim().parse().ok()),
+        cpus: kv
+            .get("numvcpus")
+            .map_or(Some(1), |n| n.trim().parse().ok()),
         // VMware's defaults (1 CPU, BIOS) hold only where the devices are readable.
         memory_bytes: kv
             .get("memsize")
@@ -149,11 +151,11 @@ pub(super) fn read(path: &Path) -> Result<Vm> {
             own.is_file().then_some(own)
         });
     if let Some(vmsd) = vmsd {
-        match read_text(&vmsd, "snapshot list")
-            .and_then(|t| parse(&t, &vmsd, "snapshot list"))
-        {
+        match read_text(&vmsd, "snapshot list").and_then(|t| parse(&t, &vmsd, "snapshot list")) {
             Ok(pairs) => vm.snapshots = snapshots(&pairs, &vmsd, &mut vm.warnings),
-            Err(e) => vm.warnings.push(format!("the snapshots cannot be read: {e}")),
+            Err(e) => vm
+                .warnings
+                .push(format!("the snapshots cannot be read: {e}")),
         }
     }
     Ok(vm)
@@ -269,7 +271,11 @@ fn is_absolute_anywhere(p: &str) -> bool {
 
 /// The snapshot tree of a `.vmsd`; a parent that is missing or closes a loop is dropped
 /// with a warning.
-fn snapshots(kv: &HashMap<String, String>, vmsd: &Path, warnings: &mut Vec<String>) -> Vec<VmSnapshot> {
+fn snapshots(
+    kv: &HashMap<String, String>,
+    vmsd: &Path,
+    warnings: &mut Vec<String>,
+) -> Vec<VmSnapshot> {
     let current = kv.get("snapshot.current").cloned();
     let mut list: Vec<VmSnapshot> = indexes(kv, "snapshot")
         .into_iter()
@@ -366,10 +372,19 @@ mod tests {
         let list = snapshots(&kv, Path::new("x.vmsd"), &mut warnings);
         assert_eq!(list.len(), 3);
         assert!(warnings.iter().any(|w| w.contains("loop")), "{warnings:?}");
-        assert!(warnings.iter().any(|w| w.contains("parent 9")), "{warnings:?}");
-        assert!(list.iter().any(|s| s.id == "3" && s.current && s.parent.is_none()));
+        assert!(
+            warnings.iter().any(|w| w.contains("parent 9")),
+            "{warnings:?}"
+        );
+        assert!(
+            list.iter()
+                .any(|s| s.id == "3" && s.current && s.parent.is_none())
+        );
         // No walk from any snapshot loops now.
-        let parents: HashMap<_, _> = list.iter().map(|s| (s.id.clone(), s.parent.clone())).collect();
+        let parents: HashMap<_, _> = list
+            .iter()
+            .map(|s| (s.id.clone(), s.parent.clone()))
+            .collect();
         for s in &list {
             let mut at = s.parent.clone();
             let mut n = 0;

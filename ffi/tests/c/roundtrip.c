@@ -174,6 +174,17 @@ int main(int argc, char **argv) {
   CHECK(allocated != NULL);
   unsigned long long allocated_bytes = strtoull(allocated + strlen("\"allocated_bytes\":"), NULL, 10);
   CHECK(allocated_bytes >= data && allocated_bytes <= data + (1 << 20));
+  /* VMs: a .vmx whose disk is not there is listed with the problem named. */
+  char *vmx = join(dir, "cvm.vmx");
+  FILE *f = fopen(vmx, "w");
+  CHECK(f != NULL);
+  fputs("displayName = \"cvm\"\nnumvcpus = \"2\"\nscsi0:0.fileName = \"gone.vmdk\"\n", f);
+  fclose(f);
+  OK(bf_discover_vms_json(dir, buf, sizeof buf, &n));
+  CHECK(strstr(buf, "\"name\":\"cvm\"") != NULL && strstr(buf, "\"cpus\":2") != NULL);
+  CHECK(strstr(buf, "\"slot\":\"scsi0:0\"") != NULL && strstr(buf, "not among the images") != NULL);
+  unlink(vmx);
+  free(vmx);
 
   char *local = join(dir, "store");
   round_trip(dir, local, NULL, disk, size, data);
