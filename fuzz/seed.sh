@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-mkdir -p corpus/{vhd,vhdx,vmdk_descriptor,vmdk_sparse,store_objects,ova,change_list}
+mkdir -p corpus/{vhd,vhdx,vmdk_descriptor,vmdk_sparse,store_objects,ova,change_list,vm_config}
 head -c 3M /dev/urandom > "$tmp/d.raw"
 truncate -s 8M "$tmp/d.raw"
 qemu-img convert -f raw -O vpc -o subformat=dynamic "$tmp/d.raw" corpus/vhd/dynamic.vhd
@@ -22,6 +22,8 @@ cp "$real"/fixed.vhd "$real"/dynamic.vhd corpus/vhd/
 cp "$real"/fixed.vhdx "$real"/dynamic.vhdx corpus/vhdx/
 head -c 2M "$real"/differencing.avhdx > corpus/vhdx/differencing-head.avhdx
 head -c 4M "$real"/sesparse.vmdk > corpus/vmdk_sparse/sesparse-head.vmdk
+cp "$real"/test.vmcx "$real"/encrypted.vmx corpus/vm_config/
+printf 'displayName = "a"\nscsi0:0.fileName = "a.vmdk"\nethernet0.address = "00:50:56:00:00:01"\nsnapshot0.uid = "1"\nsnapshot0.parent = "1"\n' > corpus/vm_config/loop.vmx
 printf '\x02\x00\x00\x00\x00' > corpus/store_objects/empty-index
 cat > "$tmp/vm.ovf" <<'OVF'
 <?xml version="1.0"?><Envelope xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References><File ovf:href="disk.vmdk" ovf:id="f1"/></References><DiskSection><Disk ovf:capacity="1" ovf:capacityAllocationUnits="byte * 2^20" ovf:diskId="d1" ovf:fileRef="f1"/></DiskSection></Envelope>

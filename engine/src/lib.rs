@@ -113,7 +113,7 @@ pub mod internals {
     }
     /// VM configurations.
     pub mod vm {
-        pub use crate::vm::{VmcxFile, VmcxValue};
+        pub use crate::vm::{VmcxFile, VmcxValue, vmx_pairs};
     }
     /// Read backends and buffers.
     pub mod io {

@@ -1,9 +1,10 @@
 //! OVA archives: tar headers (checksums, octal and base-256 sizes, long names) and the OVF
-//! descriptor's disk list (XML). Seeds: fuzz/seed.sh (a small OVA, an OVF).
+//! descriptor (XML: its disks and virtual systems). Seeds: fuzz/seed.sh (a small OVA, an OVF).
 #![no_main]
 
 use blockferry::internals::image::MemFile;
-use blockferry::internals::image::ova::{parse_ovf, tar_members};
+use blockferry::internals::image::ova::tar_members;
+use blockferry::internals::image::ovf::parse_envelope as parse_ovf;
 use libfuzzer_sys::{Corpus, fuzz_target};
 
 fuzz_target!(|data: &[u8]| -> Corpus {

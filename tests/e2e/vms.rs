@@ -422,3 +422,43 @@ fn vms_of_a_datastore_are_discovered_with_their_disks_and_chains() {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
 }
+
+/// The `.vmcx` parser on 2000 damaged copies of the corpus's file (bytes flipped in the
+/// headers, object table and key tables; truncations): an error or a tree, never a panic,
+/// quickly.
+#[test]
+fn damaged_vmcx_files_fail_cleanly() {
+    let Some(corpus) = crate::corpus::corpus() else {
+        return;
+    };
+    let good = std::fs::read(corpus.join("test.vmcx")).unwrap();
+    let tree = blockferry::internals::vm::VmcxFile::parse("test.vmcx", good.clone()).unwrap();
+    assert!(
+        tree.root
+            .at(&["configuration", "properties", "name"])
+            .is_some()
+    );
+    let mut rng = Rng::seeded("damaged_vmcx");
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    for i in 0..2000 {
+        let mut bad = good.clone();
+        if i % 10 == 0 {
+            bad.truncate(rng.below(good.len() as u64) as usize);
+        } else {
+            // Mostly the structures (the first 0x14000 bytes hold the headers and tables).
+            for _ in 0..=rng.below(8) {
+                let at = rng.below(0x14000.min(bad.len() as u64)) as usize;
+                bad[at] ^= 1 << rng.below(8);
+            }
+        }
+        if blockferry::internals::vm::VmcxFile::parse("bad.vmcx", bad).is_err() {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused > 100,
+        "only {refused} of 2000 damaged files refused"
+    );
+    assert!(started.elapsed().as_secs() < 30, "{:?}", started.elapsed());
+}

@@ -19,6 +19,15 @@ use crate::image::discover::{self, Found};
 
 pub use vmcx::{VmcxFile, VmcxValue};
 
+/// The key/value pairs of a `.vmx` or `.vmsd` text (keys in lower case), for the fuzz
+/// targets.
+///
+/// # Errors
+/// A line longer than VMware's configurations have.
+pub fn vmx_pairs(text: &str) -> Result<std::collections::HashMap<String, String>> {
+    vmx::parse(text, Path::new("fuzz.vmx"), "VMware configuration")
+}
+
 /// Which kind of configuration describes a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

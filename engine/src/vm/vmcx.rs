@@ -1,6 +1,6 @@
 //! Hyper-V `.vmcx`: a VM's configuration in Hyper-V's binary key/value store.
 //!
-//! Microsoft does not publish the format; docs/FORMAT.md ("Hyper-V VM configuration") says
+//! Microsoft does not publish the format; docs/VM-CONFIGS.md ("Hyper-V `.vmcx`") says
 //! what this reader relies on, learnt from a real file and public descriptions. In short:
 //! two headers (at 0 and 4 KiB, the one with the higher sequence number is current), an
 //! object table at 8 KiB listing key tables and file objects, and key tables whose entries
