@@ -13,6 +13,7 @@ macro_rules! outln {
 mod cutover;
 mod demo;
 mod image_cmds;
+mod inspect;
 mod jobs;
 mod metrics;
 mod output;
@@ -74,9 +75,13 @@ enum Command {
     Verify(VerifyArgs),
     /// Show what a disk image is: format, size, sectors, allocation, parent chain.
     Info(ImageArgs),
-    /// List the disk images under a folder: format, size, chain, and which are disks to
-    /// replicate (rather than parents, extents, or unreadable).
+    /// List the disk images under a folder (format, size, chain, and which are disks to
+    /// replicate rather than parents, extents, or unreadable) and the VMs (.vmx with .vmsd,
+    /// OVF/OVA, .vmcx): hardware, NICs, disks with their chains, snapshots.
     Discover(DiscoverArgs),
+    /// Look inside a disk, read-only: partition table, file systems, boot mode, OS. An image
+    /// file, or with --store a snapshot in the store.
+    Inspect(inspect::InspectArgs),
     /// Print an image's allocation map as extents (data, zero, unallocated), like `qemu-img map`.
     Map(ImageArgs),
     /// Write an image's virtual disk out as a sparse raw file.
@@ -108,7 +113,7 @@ enum Command {
 
 /// How to reach S3 (ignored for local stores).
 #[derive(Debug, Args)]
-struct S3Args {
+pub(crate) struct S3Args {
     /// S3 endpoint URL of an S3-compatible service (default: AWS_ENDPOINT_URL, else AWS).
     #[arg(long, value_name = "URL")]
     endpoint: Option<String>,
@@ -132,7 +137,7 @@ struct S3Args {
 }
 
 #[derive(Debug, Args)]
-struct StoreArgs {
+pub(crate) struct StoreArgs {
     /// The store: a local folder or s3://BUCKET/PREFIX (credentials from the standard AWS
     /// chain: environment, profile, instance role).
     #[arg(long, value_name = "PATH|URL")]
@@ -652,7 +657,7 @@ fn backend(args: &StoreArgs, create: bool) -> anyhow::Result<Arc<dyn ObjectStore
     )?)
 }
 
-fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
+pub(crate) fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
     let pass = passphrase(args)?;
     Ok(Store::open_client(
         backend(args, false)?,
@@ -704,6 +709,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Verify(a) => a.store.json,
         Command::Info(a) | Command::Map(a) => a.json,
         Command::Discover(a) => a.json,
+        Command::Inspect(a) => a.json,
         Command::Convert(a) => a.image.json,
         Command::Jobs(a) => a.json,
         Command::Abandon(a) => a.json,
@@ -807,6 +813,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Info(a) => image_cmds::info(&a),
         Command::Map(a) => image_cmds::map(&a),
         Command::Discover(a) => image_cmds::discover(&a),
+        Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => image_cmds::convert(&a),
         Command::Jobs(a) => jobs::list(&a),
         Command::Abandon(a) => jobs::abandon(&a),

@@ -14,7 +14,7 @@
 //! needs TLS (`STARTTLS`, required of every client before anything else) or an explicit
 //! `insecure`.
 
-mod disk;
+pub(crate) mod disk;
 mod proto;
 
 use std::io::{Read, Write};
