@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-mkdir -p corpus/{vhd,vhdx,vmdk_descriptor,vmdk_sparse,store_objects,ova,change_list,vm_config}
+mkdir -p corpus/{vhd,vhdx,vmdk_descriptor,vmdk_sparse,store_objects,ova,change_list,vm_config,guest}
 head -c 3M /dev/urandom > "$tmp/d.raw"
 truncate -s 8M "$tmp/d.raw"
 qemu-img convert -f raw -O vpc -o subformat=dynamic "$tmp/d.raw" corpus/vhd/dynamic.vhd
@@ -37,4 +37,15 @@ disk16m() { printf '\x00\x00\x00\x01\x00\x00\x00\x00'; }
 { disk16m; echo '{"startOffset": 0, "length": 16777216, "changeId": "52 1a/4", "changedArea": [{"start": 65536, "length": 131072}]}'; } > corpus/change_list/cbt.json
 { disk16m; echo '{"ChangedByteOffsets": [0, 1048576], "ChangedByteLengths": [512, 4096], "TargetRctId": "rctX:1:2", "ByteOffset": 0, "ProcessedByteLength": 16777216}'; } > corpus/change_list/rct.json
 { disk16m; printf '0,4096\n0x100000 0x1000 # hex\n'; } > corpus/change_list/extents.txt
+# Guest disks: an MBR disk with ext4 (os-release) and a GPT disk with a FAT ESP, 4 MiB each.
+mkdir -p "$tmp/root/etc"
+echo 'ID=debian' > "$tmp/root/etc/os-release"
+truncate -s 4M "$tmp/mbr.raw" "$tmp/gpt.raw"
+printf 'label: dos\nstart=2048, type=83\n' | sfdisk -q "$tmp/mbr.raw"
+mkfs.ext4 -q -F -d "$tmp/root" "$tmp/ext4.img" 3M
+dd if="$tmp/ext4.img" of="$tmp/mbr.raw" bs=1M seek=1 conv=notrunc status=none
+sgdisk -n 1:2048:0 -t 1:EF00 "$tmp/gpt.raw" >/dev/null
+mkfs.vfat -C "$tmp/esp.img" 2048 >/dev/null
+dd if="$tmp/esp.img" of="$tmp/gpt.raw" bs=1M seek=1 conv=notrunc status=none
+cp "$tmp/mbr.raw" "$tmp/gpt.raw" corpus/guest/
 echo "seeded: $(find corpus -type f | wc -l) files"

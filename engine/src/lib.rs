@@ -74,15 +74,15 @@ pub use pipeline::{
     ContinuousReplication, CycleBase, SyncChanges, SyncCycle, SyncRequest, SyncStatus,
 };
 // Images as the front ends open, describe, map and list them.
+pub use guest::{
+    BootMode, FileSystem, GuestOs, Inspection, Partition, PartitionTable, Volume, inspect_bytes,
+    inspect_image, inspect_snapshot,
+};
 pub use image::discover::{Found, Role, discover};
 pub use image::{
     BlockSource, Description, Identity as ImageIdentity, ImageInfo, Layer, LayerDescription,
     MapRow, Mapping, OpenOptions, ParentLink, Target, describe, for_each_extent,
     open as open_image, open_single as open_image_alone, open_with as open_image_with,
-};
-pub use guest::{
-    BootMode, FileSystem, GuestOs, Inspection, Partition, PartitionTable, Volume, inspect_bytes,
-    inspect_image, inspect_snapshot,
 };
 pub use vm::{ConfigKind, Discovery, Nic, Vm, VmDisk, VmFirmware, VmSnapshot, discover_all};
 // Backends, the client's job database, the read engine's choice, retention and garbage

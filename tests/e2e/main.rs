@@ -37,6 +37,8 @@ mod export;
 mod export_s3;
 /// Garbage collection: space reclaimed, kept snapshots intact, store locks.
 mod gc;
+/// Guest inspection: partition tables, file systems, boot mode, OS.
+mod inspect;
 /// Jobs: resume, changed sources, jobs/abandon/cleanup.
 mod jobs;
 /// The library facade: progress streams and cancellation.

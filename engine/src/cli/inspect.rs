@@ -75,7 +75,11 @@ fn print(i: &blockferry::Inspection) -> anyhow::Result<()> {
             " (protective MBR)"
         });
     }
-    outln!("{}: {}, partition table {scheme}", i.disk, human_bytes(i.virtual_size));
+    outln!(
+        "{}: {}, partition table {scheme}",
+        i.disk,
+        human_bytes(i.virtual_size)
+    );
     outln!(
         "boot: {}{}",
         i.boot.mode,
@@ -86,10 +90,7 @@ fn print(i: &blockferry::Inspection) -> anyhow::Result<()> {
         }
     );
     for v in &i.volumes {
-        let part = t
-            .partitions
-            .iter()
-            .find(|p| Some(p.number) == v.partition);
+        let part = t.partitions.iter().find(|p| Some(p.number) == v.partition);
         let what = match part {
             Some(p) => format!(
                 "{:>3} {:<8} {:>10} at {:<12} {:<22}",

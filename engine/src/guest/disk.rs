@@ -213,8 +213,7 @@ impl SnapshotBytes {
         Ok(SnapshotBytes {
             name: format!(
                 "snapshot {} of {}",
-                disk.snapshot.id,
-                disk.snapshot.disk.name
+                disk.snapshot.id, disk.snapshot.disk.name
             ),
             size: disk.size,
             state: Mutex::new(Cached::new(SnapshotRead(disk))),

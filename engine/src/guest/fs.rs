@@ -65,7 +65,14 @@ fn text(b: &[u8]) -> Option<String> {
 
 fn uuid(b: &[u8]) -> String {
     let h = crate::store::format::hex(b);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// What file system or volume the window holds, by signature; `None` if none is known.
@@ -80,7 +87,9 @@ pub(crate) fn detect(w: &Window) -> Option<FileSystem> {
         let mut f = fs(if version == 2 { "luks2" } else { "luks1" });
         f.encrypted = true;
         f.uuid = head.get(168..208).and_then(text);
-        f.label = (version == 2).then(|| head.get(24..72).and_then(text)).flatten();
+        f.label = (version == 2)
+            .then(|| head.get(24..72).and_then(text))
+            .flatten();
         return Some(f);
     }
     if head.len() >= 11 && &head[3..11] == b"-FVE-FS-" {
@@ -106,7 +115,10 @@ pub(crate) fn detect(w: &Window) -> Option<FileSystem> {
     // LVM2 physical volume: a label in one of the first four sectors.
     for s in 0..4 {
         let at = s * 512;
-        if head.len() >= at + 32 && &head[at..at + 8] == b"LABELONE" && &head[at + 24..at + 32] == b"LVM2 001" {
+        if head.len() >= at + 32
+            && &head[at..at + 8] == b"LABELONE"
+            && &head[at + 24..at + 32] == b"LVM2 001"
+        {
             let mut f = fs("lvm2");
             let pv = le32(&head, at + 20) as usize + at;
             f.uuid = head.get(pv..pv + 32).and_then(text);
@@ -145,7 +157,11 @@ pub(crate) fn detect(w: &Window) -> Option<FileSystem> {
             return Some(f);
         }
         if &head[54..59] == b"FAT12" || &head[54..59] == b"FAT16" {
-            let mut f = fs(if &head[54..59] == b"FAT12" { "fat12" } else { "fat16" });
+            let mut f = fs(if &head[54..59] == b"FAT12" {
+                "fat12"
+            } else {
+                "fat16"
+            });
             f.label = text(&head[43..54]).filter(|l| l != "NO NAME");
             f.uuid = Some(format!("{:04X}-{:04X}", le16(&head, 41), le16(&head, 39)));
             return Some(f);
@@ -177,7 +193,10 @@ fn linux(w: &Window) -> Result<Option<GuestOs>, String> {
             Err(e) => return Err(format!("{path}: {e}")),
         };
         if meta.len() > MAX_OS_RELEASE {
-            return Err(format!("{path} is {} bytes: not an os-release file", meta.len()));
+            return Err(format!(
+                "{path} is {} bytes: not an os-release file",
+                meta.len()
+            ));
         }
         let text = fs.read(path).map_err(|e| format!("{path}: {e}"))?;
         return Ok(Some(os_release(&String::from_utf8_lossy(&text), path)));
@@ -216,7 +235,8 @@ fn os_release(text: &str, path: &str) -> GuestOs {
 
 fn windows(w: &Window) -> Result<Option<GuestOs>, String> {
     let mut r = w.clone();
-    let mut ntfs = ntfs::Ntfs::new(&mut r).map_err(|e| format!("the NTFS file system cannot be read: {e}"))?;
+    let mut ntfs =
+        ntfs::Ntfs::new(&mut r).map_err(|e| format!("the NTFS file system cannot be read: {e}"))?;
     ntfs.read_upcase_table(&mut r)
         .map_err(|e| format!("the NTFS upcase table cannot be read: {e}"))?;
     let root = ntfs
@@ -249,7 +269,9 @@ fn windows(w: &Window) -> Result<Option<GuestOs>, String> {
             .map_err(|e| format!("Windows/System32/config/SOFTWARE: {e}"))?;
         let len = attr.value_length();
         if len > MAX_HIVE {
-            return Err(format!("Windows/System32/config/SOFTWARE is {len} bytes: too large"));
+            return Err(format!(
+                "Windows/System32/config/SOFTWARE is {len} bytes: too large"
+            ));
         }
         let value = attr
             .value(&mut r)
@@ -300,6 +322,9 @@ mod tests {
         );
         assert_eq!(os.distro.as_deref(), Some("debian"));
         assert_eq!(os.version.as_deref(), Some("12"));
-        assert_eq!(os.pretty_name.as_deref(), Some("Debian GNU/Linux 12 (bookworm)"));
+        assert_eq!(
+            os.pretty_name.as_deref(),
+            Some("Debian GNU/Linux 12 (bookworm)")
+        );
     }
 }

@@ -180,7 +180,9 @@ fn boot_mode(table: &PartitionTable, volumes: &[Volume]) -> BootMode {
                         "boot code in the MBR and active partition {}",
                         p.number
                     )),
-                    None => evidence.push("boot code in the MBR (no partition is active)".to_owned()),
+                    None => {
+                        evidence.push("boot code in the MBR (no partition is active)".to_owned());
+                    }
                 }
             }
             "gpt" => {

@@ -184,8 +184,10 @@ pub(crate) fn read_table(disk: &dyn DiskBytes) -> Result<PartitionTable> {
         let mut head = vec![0u8; 8];
         disk.read_at(SECTOR, &mut head)?;
         if head == b"EFI PART" && read_gpt(disk, &mut t) {
-            t.problems
-                .push("a GPT without a protective MBR (tools that only read MBRs see an empty disk)".into());
+            t.problems.push(
+                "a GPT without a protective MBR (tools that only read MBRs see an empty disk)"
+                    .into(),
+            );
             check_layout(size, &mut t);
             return Ok(t);
         }
@@ -199,8 +201,10 @@ pub(crate) fn read_table(disk: &dyn DiskBytes) -> Result<PartitionTable> {
             continue;
         }
         if flag != 0 && flag != 0x80 {
-            t.problems
-                .push(format!("MBR entry {}: boot flag {flag:#04x} is neither 0 nor 0x80", i + 1));
+            t.problems.push(format!(
+                "MBR entry {}: boot flag {flag:#04x} is neither 0 nor 0x80",
+                i + 1
+            ));
         }
         let extended = matches!(kind, 0x05 | 0x0f | 0x85);
         t.partitions.push(Partition {
@@ -224,7 +228,12 @@ pub(crate) fn read_table(disk: &dyn DiskBytes) -> Result<PartitionTable> {
 
 /// The logical partitions of an extended partition: a chain of EBRs, each naming the next
 /// relative to the extended partition's start.
-fn logical(disk: &dyn DiskBytes, ext_lba: u64, ext_count: u64, t: &mut PartitionTable) -> Result<()> {
+fn logical(
+    disk: &dyn DiskBytes,
+    ext_lba: u64,
+    ext_count: u64,
+    t: &mut PartitionTable,
+) -> Result<()> {
     let mut next = 0u64;
     let mut seen = std::collections::HashSet::new();
     let mut number = 5u32;
@@ -237,8 +246,9 @@ fn logical(disk: &dyn DiskBytes, ext_lba: u64, ext_count: u64, t: &mut Partition
             return Ok(());
         }
         if seen.len() > MAX_LOGICAL {
-            t.problems
-                .push(format!("more than {MAX_LOGICAL} logical partitions; the rest are left out"));
+            t.problems.push(format!(
+                "more than {MAX_LOGICAL} logical partitions; the rest are left out"
+            ));
             return Ok(());
         }
         if next >= ext_count || (ebr_lba + 1) * SECTOR > disk.size() {
@@ -255,7 +265,12 @@ fn logical(disk: &dyn DiskBytes, ext_lba: u64, ext_count: u64, t: &mut Partition
             ));
             return Ok(());
         }
-        let (flag, kind, lba, count) = (ebr[446], ebr[450], u64::from(le32(&ebr, 454)), u64::from(le32(&ebr, 458)));
+        let (flag, kind, lba, count) = (
+            ebr[446],
+            ebr[450],
+            u64::from(le32(&ebr, 454)),
+            u64::from(le32(&ebr, 458)),
+        );
         if kind != 0 && count != 0 {
             let start = (ebr_lba + lba) * SECTOR;
             t.partitions.push(Partition {
@@ -324,8 +339,9 @@ fn read_gpt(disk: &dyn DiskBytes, t: &mut PartitionTable) -> bool {
         let name = String::from_utf16_lossy(&name_units);
         let number = u32::try_from(i + 1).unwrap_or(u32::MAX);
         if last < first {
-            t.problems
-                .push(format!("GPT partition {number} ends (LBA {last}) before it starts (LBA {first})"));
+            t.problems.push(format!(
+                "GPT partition {number} ends (LBA {last}) before it starts (LBA {first})"
+            ));
             continue;
         }
         let start = first.saturating_mul(SECTOR);
@@ -352,9 +368,14 @@ struct GptHeader {
 }
 
 /// The GPT header at `lba` with its entry array, both CRCs checked.
-fn gpt_header(disk: &dyn DiskBytes, lba: u64, last_lba: u64) -> std::result::Result<GptHeader, String> {
+fn gpt_header(
+    disk: &dyn DiskBytes,
+    lba: u64,
+    last_lba: u64,
+) -> std::result::Result<GptHeader, String> {
     let mut raw = vec![0u8; 512];
-    disk.read_at(lba * SECTOR, &mut raw).map_err(|e| e.to_string())?;
+    disk.read_at(lba * SECTOR, &mut raw)
+        .map_err(|e| e.to_string())?;
     if &raw[..8] != b"EFI PART" {
         return Err(format!("no \"EFI PART\" signature at LBA {lba}"));
     }
@@ -375,16 +396,22 @@ fn gpt_header(disk: &dyn DiskBytes, lba: u64, last_lba: u64) -> std::result::Res
     let count = le32(&raw, 80);
     let entry_size = le32(&raw, 84);
     if count > MAX_GPT_ENTRIES {
-        return Err(format!("it claims {count} entries (at most {MAX_GPT_ENTRIES} are read)"));
+        return Err(format!(
+            "it claims {count} entries (at most {MAX_GPT_ENTRIES} are read)"
+        ));
     }
     if !(128..=4096).contains(&entry_size) || !entry_size.is_power_of_two() {
-        return Err(format!("entry size {entry_size} is not a power of two in 128..=4096"));
+        return Err(format!(
+            "entry size {entry_size} is not a power of two in 128..=4096"
+        ));
     }
     let bytes = u64::from(count) * u64::from(entry_size);
     let end_lba = entries_lba
         .checked_add(bytes.div_ceil(SECTOR))
         .filter(|&e| entries_lba >= 1 && e <= last_lba + 1)
-        .ok_or_else(|| format!("its entry array (LBA {entries_lba}, {bytes} bytes) lies outside the disk"))?;
+        .ok_or_else(|| {
+            format!("its entry array (LBA {entries_lba}, {bytes} bytes) lies outside the disk")
+        })?;
     let _ = end_lba;
     let mut entries = vec![0u8; usize::try_from(bytes).map_err(|_| "too large".to_owned())?];
     disk.read_at(entries_lba * SECTOR, &mut entries)
@@ -455,13 +482,25 @@ mod tests {
 
     #[test]
     fn mbr_overlaps_and_ranges_are_problems() {
-        let d = mbr(&[(0x80, 0x83, 2048, 8192), (0, 0x83, 4096, 8192), (0, 0x07, 30000, 1 << 30)]);
+        let d = mbr(&[
+            (0x80, 0x83, 2048, 8192),
+            (0, 0x83, 4096, 8192),
+            (0, 0x07, 30000, 1 << 30),
+        ]);
         let t = read_table(&MemBytes(d)).unwrap();
         assert_eq!(t.scheme, "mbr");
         assert_eq!(t.partitions.len(), 3);
         assert!(t.partitions[0].bootable && t.partitions[0].alignment == 1 << 20);
-        assert!(t.problems.iter().any(|p| p.contains("overlap")), "{:?}", t.problems);
-        assert!(t.problems.iter().any(|p| p.contains("past the disk's end")), "{:?}", t.problems);
+        assert!(
+            t.problems.iter().any(|p| p.contains("overlap")),
+            "{:?}",
+            t.problems
+        );
+        assert!(
+            t.problems.iter().any(|p| p.contains("past the disk's end")),
+            "{:?}",
+            t.problems
+        );
     }
 
     #[test]
@@ -484,8 +523,15 @@ mod tests {
         d[ebr2 + 510] = 0x55;
         d[ebr2 + 511] = 0xaa;
         let t = read_table(&MemBytes(d)).unwrap();
-        assert_eq!(t.partitions.iter().filter(|p| p.kind == "logical").count(), 1);
-        assert!(t.problems.iter().any(|p| p.contains("loops")), "{:?}", t.problems);
+        assert_eq!(
+            t.partitions.iter().filter(|p| p.kind == "logical").count(),
+            1
+        );
+        assert!(
+            t.problems.iter().any(|p| p.contains("loops")),
+            "{:?}",
+            t.problems
+        );
     }
 
     #[test]
@@ -501,10 +547,18 @@ mod tests {
         let crc = crc32(&h);
         d[512 + 16..512 + 20].copy_from_slice(&crc.to_le_bytes());
         let t = read_table(&MemBytes(d.clone())).unwrap();
-        assert!(t.problems.iter().any(|p| p.contains("4294967295 entries")), "{:?}", t.problems);
+        assert!(
+            t.problems.iter().any(|p| p.contains("4294967295 entries")),
+            "{:?}",
+            t.problems
+        );
         d[512 + 16] ^= 1;
         let t = read_table(&MemBytes(d)).unwrap();
-        assert!(t.problems.iter().any(|p| p.contains("header CRC")), "{:?}", t.problems);
+        assert!(
+            t.problems.iter().any(|p| p.contains("header CRC")),
+            "{:?}",
+            t.problems
+        );
     }
 
     #[test]

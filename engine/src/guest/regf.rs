@@ -44,12 +44,16 @@ impl<R: Read + Seek> Hive<R> {
         if offset == u32::MAX || at + 4 > self.end {
             return Err(format!("a cell offset {offset:#x} outside the hive"));
         }
-        self.r.seek(SeekFrom::Start(at)).map_err(|e| e.to_string())?;
+        self.r
+            .seek(SeekFrom::Start(at))
+            .map_err(|e| e.to_string())?;
         let mut size = [0u8; 4];
         self.r.read_exact(&mut size).map_err(|e| e.to_string())?;
         let size = i32::from_le_bytes(size).unsigned_abs();
         if !(8..=MAX_CELL).contains(&size) || at + u64::from(size) > self.end {
-            return Err(format!("the cell at {offset:#x} has a size of {size} bytes"));
+            return Err(format!(
+                "the cell at {offset:#x} has a size of {size} bytes"
+            ));
         }
         let mut data = vec![0u8; usize::try_from(size - 4).unwrap_or(0)];
         self.r.read_exact(&mut data).map_err(|e| e.to_string())?;
@@ -94,7 +98,9 @@ impl<R: Read + Seek> Hive<R> {
         };
         for i in 0..usize::try_from(count).unwrap_or(0) {
             let Some(o) = le32(&l, 4 + i * step) else {
-                return Err(format!("the subkey list at {offset:#x} is shorter than its count"));
+                return Err(format!(
+                    "the subkey list at {offset:#x} is shorter than its count"
+                ));
             };
             if nested {
                 self.list(o, out, depth + 1)?;
@@ -202,9 +208,16 @@ pub(crate) fn current_version<R: Read + Seek>(mut r: R) -> Result<WindowsVersion
             .map(|(_, d)| utf16(d))
             .filter(|s| !s.is_empty())
     };
-    let dword = |name: &str| get(name).filter(|(k, _)| *k == 4).and_then(|(_, d)| le32(d, 0));
+    let dword = |name: &str| {
+        get(name)
+            .filter(|(k, _)| *k == 4)
+            .and_then(|(_, d)| le32(d, 0))
+    };
     let build = text("CurrentBuildNumber").or_else(|| text("CurrentBuild"));
-    let version = match (dword("CurrentMajorVersionNumber"), dword("CurrentMinorVersionNumber")) {
+    let version = match (
+        dword("CurrentMajorVersionNumber"),
+        dword("CurrentMinorVersionNumber"),
+    ) {
         (Some(major), Some(minor)) => Some(format!("{major}.{minor}")),
         _ => text("CurrentVersion"),
     }
