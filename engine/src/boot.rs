@@ -17,7 +17,6 @@ use serde::Serialize;
 use crate::error::{Error, ErrorKind, Result};
 use crate::job::{CancelToken, Observer};
 use crate::nbd::{NbdListen, NbdOptions, serve_nbd};
-use crate::store::format::ZERO_ID;
 use crate::store::{Snapshot, Store};
 
 /// qemu without a window, monitor, network or reboot (the guest's serial console and
@@ -525,68 +524,13 @@ fn ovmf(dir: &Path) -> Result<(PathBuf, PathBuf)> {
     ))
 }
 
-/// UEFI when the disk's partition table has an EFI system partition, else BIOS.
-fn detect_firmware(store: &Store, snapshot: &Snapshot) -> Result<Firmware> {
-    const ESP: [u8; 16] = [
-        0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e, 0xc9,
-        0x3b,
-    ];
-    let index = store.load_index()?;
-    let head = read_disk(store, &index, snapshot, 0, 1024)?;
-    // An MBR partition of type 0xEF (EFI system).
-    if head.len() >= 512 && head[510..512] == [0x55, 0xaa] {
-        let efi_mbr = (0..4).any(|i| head[446 + i * 16 + 4] == 0xef);
-        if efi_mbr {
-            return Ok(Firmware::Uefi);
-        }
-    }
-    if head.get(512..520) != Some(b"EFI PART") {
-        return Ok(Firmware::Bios);
-    }
-    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]));
-    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]));
-    let entries_lba = le64(&head[512..], 72);
-    let count = u64::from(le32(&head[512..], 80)).min(1024);
-    let size = u64::from(le32(&head[512..], 84));
-    if !(128..=4096).contains(&size) || entries_lba.checked_mul(512).is_none() {
-        return Ok(Firmware::Bios);
-    }
-    let table = read_disk(store, &index, snapshot, entries_lba * 512, count * size)?;
-    let step = usize::try_from(size).unwrap_or(128);
-    let esp = table.chunks(step).any(|e| e.len() >= 16 && e[..16] == ESP);
-    Ok(if esp { Firmware::Uefi } else { Firmware::Bios })
-}
-
-/// `len` bytes of the snapshot's disk at `offset` (clipped to the disk).
-fn read_disk(
-    store: &Store,
-    index: &crate::store::ChunkIndex,
-    snapshot: &Snapshot,
-    offset: u64,
-    len: u64,
-) -> Result<Vec<u8>> {
-    let size = snapshot.disk.virtual_size;
-    let end = offset.saturating_add(len).min(size);
-    if offset >= end {
-        return Ok(Vec::new());
-    }
-    let chunk = u64::from(snapshot.chunk_size);
-    let mut pages = crate::pipeline::PageCache::new(store, snapshot);
-    let mut out = Vec::with_capacity(usize::try_from(end - offset).unwrap_or(0));
-    let (mut record, mut data) = (Vec::new(), Vec::new());
-    for c in offset / chunk..end.div_ceil(chunk) {
-        let id = pages.id(c)?;
-        let start = c * chunk;
-        let clen = chunk.min(size - start);
-        if id == ZERO_ID {
-            data.clear();
-            data.resize(usize::try_from(clen).unwrap_or(0), 0);
-        } else {
-            store.read_chunk(index, &id, &mut record, &mut data)?;
-        }
-        let from = usize::try_from(offset.max(start) - start).unwrap_or(0);
-        let to = usize::try_from(end.min(start + clen) - start).unwrap_or(0);
-        out.extend_from_slice(data.get(from..to).unwrap_or_default());
-    }
-    Ok(out)
+/// UEFI when guest inspection finds an EFI system partition (a disk made for UEFI, even if
+/// the partition is not formatted yet), else BIOS.
+fn detect_firmware(store: &Arc<Store>, snapshot: &Snapshot) -> Result<Firmware> {
+    let found = crate::guest::inspect_snapshot(store, &snapshot.id, &crate::job::Silent)?;
+    Ok(if found.table.has_esp() {
+        Firmware::Uefi
+    } else {
+        Firmware::Bios
+    })
 }

@@ -151,8 +151,7 @@ fn boot_mode(table: &PartitionTable, volumes: &[Volume]) -> BootMode {
     };
     let mut uefi = false;
     for p in &table.partitions {
-        let esp = p.type_code == parts::ESP_GUID || p.type_code == "0xef";
-        if !esp {
+        if !p.is_esp() {
             continue;
         }
         match fs_of(p.number) {

@@ -61,6 +61,20 @@ pub struct PartitionTable {
     pub problems: Vec<String>,
 }
 
+impl PartitionTable {
+    /// Whether a partition is typed EFI system (GPT type, or MBR type 0xEF).
+    pub fn has_esp(&self) -> bool {
+        self.partitions.iter().any(Partition::is_esp)
+    }
+}
+
+impl Partition {
+    /// Whether it is typed EFI system (GPT type, or MBR type 0xEF).
+    pub fn is_esp(&self) -> bool {
+        self.type_code == ESP_GUID || self.type_code == "0xef"
+    }
+}
+
 fn le16(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
