@@ -45,6 +45,7 @@ pub(crate) mod job;
 pub(crate) mod nbd;
 pub(crate) mod pipeline;
 pub(crate) mod store;
+pub(crate) mod validate;
 pub(crate) mod vm;
 
 pub use error::{Error, ErrorKind, Result};
@@ -84,6 +85,7 @@ pub use image::{
     MapRow, Mapping, OpenOptions, ParentLink, Target, describe, for_each_extent,
     open as open_image, open_single as open_image_alone, open_with as open_image_with,
 };
+pub use validate::{Check, CheckStatus, ImportTarget, ValidateRequest, Validation, validate};
 pub use vm::{ConfigKind, Discovery, Nic, Vm, VmDisk, VmFirmware, VmSnapshot, discover_all};
 // Backends, the client's job database, the read engine's choice, retention and garbage
 // collection.

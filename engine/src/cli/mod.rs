@@ -82,6 +82,9 @@ enum Command {
     /// Look inside a disk, read-only: partition table, file systems, boot mode, OS. An image
     /// file, or with --store a snapshot in the store.
     Inspect(inspect::InspectArgs),
+    /// Check that a VM or disk is ready for a target (aws, azure, generic): chain and image
+    /// health, sizes, sectors, firmware, encryption, OS; exit 3 when a check fails.
+    Validate(inspect::ValidateArgs),
     /// Print an image's allocation map as extents (data, zero, unallocated), like `qemu-img map`.
     Map(ImageArgs),
     /// Write an image's virtual disk out as a sparse raw file.
@@ -710,6 +713,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Info(a) | Command::Map(a) => a.json,
         Command::Discover(a) => a.json,
         Command::Inspect(a) => a.json,
+        Command::Validate(a) => a.json,
         Command::Convert(a) => a.image.json,
         Command::Jobs(a) => a.json,
         Command::Abandon(a) => a.json,
@@ -814,6 +818,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Map(a) => image_cmds::map(&a),
         Command::Discover(a) => image_cmds::discover(&a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Validate(a) => inspect::validate(a),
         Command::Convert(a) => image_cmds::convert(&a),
         Command::Jobs(a) => jobs::list(&a),
         Command::Abandon(a) => jobs::abandon(&a),

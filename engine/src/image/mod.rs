@@ -311,6 +311,15 @@ pub trait BlockSource: Send + Sync + Debug {
     }
 }
 
+/// Whether a note about an image says something about its health (an unclean shutdown, a
+/// log replayed in memory, a damaged header or table a copy replaced), rather than only
+/// describing it.
+pub(crate) fn is_health_note(note: &str) -> bool {
+    ["unclean", "replayed", "damaged"]
+        .iter()
+        .any(|w| note.contains(w))
+}
+
 /// How images are opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenOptions {

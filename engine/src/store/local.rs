@@ -208,6 +208,12 @@ impl ObjectStore for LocalStore {
         self.root.display().to_string()
     }
 
+    fn free_bytes(&self) -> Result<Option<u64>> {
+        crate::io::sys::free_bytes(&self.root)
+            .map(Some)
+            .map_err(|e| store_err("reading the free space of", &self.root, e))
+    }
+
     fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome> {
         let path = self.path_of(key)?;
         let parent = path.parent().unwrap_or(&self.root).to_path_buf();

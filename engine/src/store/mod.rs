@@ -119,6 +119,11 @@ fn no_multipart(location: &str) -> Error {
 pub trait ObjectStore: Send + Sync + Debug {
     /// Where the store lives, for messages (a path or URL).
     fn location(&self) -> String;
+    /// Bytes that can still be written, where the backend has a fixed capacity (a local
+    /// file system); `None` where it has none (object storage).
+    fn free_bytes(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// Stores `data` under `key`.
     fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome>;
     /// Reads a whole object; a missing one is [`ErrorKind::NotFound`], one larger than

@@ -796,7 +796,16 @@ impl Store {
         StoreSummary::new(&self.location(), &self.config)
     }
 
-    /// Where the store lives.
+    /// Bytes the store's backend can still take, if it has a fixed capacity (a local folder's
+    /// file system); `None` for object storage.
+    ///
+    /// # Errors
+    /// The file system cannot be asked.
+    pub fn free_bytes(&self) -> Result<Option<u64>> {
+        self.backend.free_bytes()
+    }
+
+    /// Where the store lives (a path or URL).
     pub fn location(&self) -> String {
         self.backend.location()
     }
