@@ -50,6 +50,8 @@ from ._types import (
     SyncCycle,
     VerifyReport,
     VirtualMachine,
+    Validation,
+    Check,
     VmDisk,
     VmSnapshot,
     Nic,
@@ -66,6 +68,8 @@ __all__ = [
     "default_state_dir",
     "discover",
     "discover_vms",
+    "inspect",
+    "validate",
     "image_info",
     "image_map",
     "jobs",
@@ -401,6 +405,12 @@ class Store:
         if strict and errors:
             raise errors[0]
         return [Snapshot._from(s) for s in snaps]
+
+    def inspect(self, spec: str) -> Dict[str, Any]:
+        """What a snapshot's disk holds, read from the store (as :func:`blockferry.inspect`
+        reads an image): partition table, volumes and file systems, boot mode, OS."""
+        result: Dict[str, Any] = self._native.inspect(spec)
+        return result
 
     def snapshot(self, spec: str) -> Snapshot:
         """One snapshot: its id, a unique prefix of it, ``DISK@latest`` (a disk's newest), or
@@ -1119,6 +1129,40 @@ def discover_vms(
         )
         for d in found
     ]
+
+
+def inspect(
+    image: PathLike, *, disk: Optional[str] = None, allow_outside_folder: bool = False
+) -> Dict[str, Any]:
+    """What a disk holds, read-only through the image readers (any format, an OVA's
+    ``disk``): ``table`` (scheme, partitions with type, start, size, alignment; problems),
+    ``volumes`` (each partition's file system: kind, label, uuid, encrypted, os), ``boot``
+    (``mode``: uefi, bios, both or none, and the evidence) and ``os`` (the systems found) -
+    the shape of ``blockferry inspect --json``."""
+    result: Dict[str, Any] = _native.inspect_image(
+        os.fspath(image), disk=disk, allow_outside_folder=allow_outside_folder
+    )
+    return result
+
+
+def validate(
+    path: PathLike,
+    *,
+    target: str = "generic",
+    store: Optional[Store] = None,
+    allow_outside_folder: bool = False,
+) -> Validation:
+    """Readiness of a VM (``.vmx``, ``.ovf``, ``.ova``, ``.vmcx``) or a disk image for
+    ``target`` (``aws``, ``azure`` or ``generic``): every check with its status, reason and
+    fix (docs/VALIDATION.md); with ``store``, its free space too. ``passed`` is False when a
+    check failed (the CLI then exits 3)."""
+    v = _native.validate(
+        os.fspath(path),
+        target=target,
+        store=store._native if store is not None else None,
+        allow_outside_folder=allow_outside_folder,
+    )
+    return _build(Validation, v, checks=[_build(Check, c) for c in v["checks"]])
 
 
 def default_state_dir() -> str:

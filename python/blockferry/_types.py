@@ -36,6 +36,8 @@ __all__ = [
     "StoreConfig",
     "VerifyReport",
     "VirtualMachine",
+    "Validation",
+    "Check",
     "VmDisk",
     "VmSnapshot",
     "Nic",
@@ -935,3 +937,41 @@ class VirtualMachine:
     snapshots: List[VmSnapshot]
     warnings: List[str]
     error: Optional[BaseException] = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One readiness check (see :func:`blockferry.validate`).
+
+    Attributes:
+        id: Which check (``chain``, ``disk-size``, ``boot``, ``os``, ...).
+        subject: What it ran on: the VM, a disk's file, the store.
+        status: ``pass``, ``warn`` or ``fail``.
+        reason: What was found.
+        fix: What to do, when it did not pass.
+    """
+
+    id: str
+    subject: str
+    status: str
+    reason: str
+    fix: Optional[str]
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The result of :func:`blockferry.validate`.
+
+    Attributes:
+        subject: What was validated.
+        target: ``aws``, ``azure`` or ``generic``.
+        checks: Every check, VM checks first, then each disk's.
+        passed: No check failed.
+        warnings: How many checks warned.
+    """
+
+    subject: str
+    target: str
+    checks: List[Check]
+    passed: bool
+    warnings: int

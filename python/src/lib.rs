@@ -204,6 +204,43 @@ fn discover_vms(
     Ok(list.into_any().unbind())
 }
 
+/// Guest inspection of an image (`blockferry inspect IMAGE --json`'s shape).
+#[pyfunction]
+#[pyo3(signature = (path, *, disk=None, allow_outside_folder=false))]
+fn inspect_image(
+    py: Python<'_>,
+    path: PathBuf,
+    disk: Option<String>,
+    allow_outside_folder: bool,
+) -> PyResult<Py<PyAny>> {
+    let opts = open_options(disk, allow_outside_folder);
+    let found = py
+        .detach(|| blockferry::inspect_image(&path, &opts))
+        .py_err(py)?;
+    convert::to_py(py, &found)
+}
+
+/// Readiness validation of a VM or an image for a target (`blockferry validate --json`'s
+/// shape); with a store, its free space is checked too.
+#[pyfunction]
+#[pyo3(signature = (path, *, target, store=None, allow_outside_folder=false))]
+fn validate(
+    py: Python<'_>,
+    path: PathBuf,
+    target: &str,
+    store: Option<&Store>,
+    allow_outside_folder: bool,
+) -> PyResult<Py<PyAny>> {
+    let target = blockferry::ImportTarget::from_name(target).py_err(py)?;
+    let req = blockferry::ValidateRequest {
+        target,
+        store: store.map(|s| s.store.clone()),
+        open: open_options(None, allow_outside_folder),
+    };
+    let v = py.detach(|| blockferry::validate(&path, &req)).py_err(py)?;
+    convert::to_py(py, &v)
+}
+
 fn state_dir(dir: Option<PathBuf>) -> blockferry::Result<PathBuf> {
     dir.map_or_else(default_state_dir, Ok)
 }
@@ -549,6 +586,15 @@ impl Store {
             .map(|e| errors::to_py(py, e).into_value(py).into_any())
             .collect();
         Ok((to_py(py, &list)?, errors))
+    }
+
+    /// Guest inspection of a snapshot (`blockferry inspect --store S SNAP --json`'s shape).
+    fn inspect(&self, py: Python<'_>, spec: &str) -> PyResult<Py<PyAny>> {
+        let store = &self.store;
+        let found = py
+            .detach(|| blockferry::inspect_snapshot(store, spec, &blockferry::Silent))
+            .py_err(py)?;
+        to_py(py, &found)
     }
 
     /// One snapshot: an id, a unique id prefix, or `latest`.
@@ -970,6 +1016,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_changes, m)?)?;
     m.add_function(wrap_pyfunction!(discover, m)?)?;
     m.add_function(wrap_pyfunction!(discover_vms, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_image, m)?)?;
+    m.add_function(wrap_pyfunction!(validate, m)?)?;
     m.add_function(wrap_pyfunction!(py_default_state_dir, m)?)?;
     m.add_function(wrap_pyfunction!(jobs, m)?)?;
     m.add_function(wrap_pyfunction!(abandon_job, m)?)?;

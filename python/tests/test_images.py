@@ -201,3 +201,42 @@ def test_discover_vms_gives_typed_machines(tmp_path: Path) -> None:
         assert (hv.kind, hv.name, hv.firmware, hv.cpus) == ("vmcx", "Other Location", "bios", 1)
         assert hv.disks[0].problem is not None and "not among the images" in hv.disks[0].problem
         assert vms["encrypted.vmx"].encrypted
+
+
+def test_inspect_and_validate_through_the_facade(tmp_path: Path) -> None:
+    """Inspection of an image and of a snapshot, and validation with typed results."""
+    have("sfdisk")
+    have("mkfs.ext4")
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "os-release").write_text('ID=ubuntu\nVERSION_ID="18.04"\nPRETTY_NAME="Ubuntu 18.04.6 LTS"\n')
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(48 * MIB)
+    subprocess.run(["sfdisk", "-q", str(disk)], input="label: dos\nstart=2048, type=83, bootable\n", text=True, check=True)
+    part = tmp_path / "part.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(part), "40M"], check=True)
+    with open(disk, "r+b") as f:
+        f.seek(MIB)
+        f.write(part.read_bytes())
+        f.seek(0)
+        f.write(b"\xeb\x63\x90")
+    found = blockferry.inspect(disk)
+    assert found["table"]["scheme"] == "mbr" and found["boot"]["mode"] == "bios"
+    assert found["os"][0]["distro"] == "ubuntu" and found["os"][0]["version"] == "18.04"
+
+    v = blockferry.validate(disk, target="aws")
+    assert isinstance(v, blockferry.Validation) and v.passed, v
+    assert all(isinstance(c, blockferry.Check) for c in v.checks)
+    assert {c.id: c.status for c in v.checks}["os"] == "pass"
+    v = blockferry.validate(disk, target="azure")
+    os_check = next(c for c in v.checks if c.id == "os")
+    assert not v.passed and os_check.status == "fail" and os_check.fix
+    with pytest.raises(blockferry.ConfigError):
+        blockferry.validate(disk, target="mars")
+
+    store = blockferry.Store.create(tmp_path / "store", passphrase="pw")
+    snap = store.replicate(disk).snapshot
+    assert store.inspect(snap)["os"][0]["pretty_name"] == "Ubuntu 18.04.6 LTS"
+    v = blockferry.validate(disk, target="generic", store=store)
+    assert {c.id: c.status for c in v.checks}["store-space"] == "pass"

@@ -9,7 +9,7 @@ use blockferry_tests::{MIB, Rng, Sandbox, have_qemu, qemu_from_raw, write_at};
 use serde_json::Value;
 
 /// Whether every tool is here (CI installs them: `BF_REQUIRE_TOOLS` makes a missing one fail).
-fn have_tools() -> bool {
+pub(crate) fn have_tools() -> bool {
     let tools = [
         "sfdisk",
         "sgdisk",
@@ -44,7 +44,7 @@ fn have_tools() -> bool {
     missing.is_empty() && have_qemu()
 }
 
-fn run(cmd: &str, args: &[&str]) -> String {
+pub(crate) fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().expect(cmd);
     assert!(
         out.status.success(),
@@ -55,7 +55,7 @@ fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn run_in(cmd: &str, args: &[&str], input: &str) {
+pub(crate) fn run_in(cmd: &str, args: &[&str], input: &str) {
     use std::io::Write;
     let mut child = Command::new(cmd)
         .args(args)
@@ -238,7 +238,7 @@ fn software_hive() -> Vec<u8> {
 }
 
 /// Disk 1: MBR, BIOS: a bootable ext4 root (Debian 12, os-release a symlink) and swap.
-fn debian_bios(sb: &Sandbox) -> PathBuf {
+pub(crate) fn debian_bios(sb: &Sandbox) -> PathBuf {
     let root = sb.path("debian-root");
     os_release(
         &root,
@@ -274,7 +274,7 @@ fn debian_bios(sb: &Sandbox) -> PathBuf {
 }
 
 /// Disk 2: GPT, UEFI: ESP (FAT32), ext4 root (Rocky Linux 9.3), XFS data.
-fn rocky_uefi(sb: &Sandbox) -> PathBuf {
+pub(crate) fn rocky_uefi(sb: &Sandbox) -> PathBuf {
     let root = sb.path("rocky-root");
     os_release(
         &root,
@@ -323,7 +323,7 @@ fn rocky_uefi(sb: &Sandbox) -> PathBuf {
 
 /// Disk 3: GPT, UEFI: ESP, Microsoft reserved, NTFS with Windows/System32 and its SOFTWARE
 /// hive, and a LUKS2 volume; an LVM PV on an MBR disk of its own.
-fn windows_uefi(sb: &Sandbox) -> PathBuf {
+pub(crate) fn windows_uefi(sb: &Sandbox) -> PathBuf {
     let disk = sb.path("windows.raw");
     std::fs::File::create(&disk)
         .unwrap()

@@ -68,6 +68,8 @@ mod s3_faults;
 mod sync;
 /// The store is untrusted: authenticated config, pinned stores, damaged indexes.
 mod trust;
+/// Readiness validation: each check failing and passing.
+mod validate;
 /// VHD chains and hostile VHDs built from the specification.
 mod vhd;
 /// Hostile VHDX files.
