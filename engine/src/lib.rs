@@ -85,6 +85,7 @@ pub use image::{
     MapRow, Mapping, OpenOptions, ParentLink, Target, describe, for_each_extent,
     open as open_image, open_single as open_image_alone, open_with as open_image_with,
 };
+pub use store::audit::{AuditEvent, AuditProblem, AuditRecord, AuditReport, AuditRetention};
 pub use validate::{Check, CheckStatus, ImportTarget, ValidateRequest, Validation, validate};
 pub use vm::{ConfigKind, Discovery, Nic, Vm, VmDisk, VmFirmware, VmSnapshot, discover_all};
 // Backends, the client's job database, the read engine's choice, retention and garbage

@@ -7,6 +7,8 @@
     clippy::print_stdout
 )]
 
+/// The tamper-evident audit log.
+mod audit;
 /// Restore to and replicate from block devices (loop devices).
 mod blockdev;
 /// Boot tests of disks that really boot.

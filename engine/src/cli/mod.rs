@@ -10,6 +10,7 @@ macro_rules! outln {
     };
 }
 
+mod audit;
 mod cutover;
 mod demo;
 mod image_cmds;
@@ -105,6 +106,9 @@ enum Command {
     /// Forget snapshots by id: their manifests go (a record that they were forgotten stays);
     /// their chunks go with the next garbage collection.
     Forget(ForgetArgs),
+    /// The store's tamper-evident audit log: verify every chain, or list the records.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Delete the chunks, packs and pages no snapshot references (repacking packs that are
     /// mostly garbage); safe beside running replications.
     Gc(GcArgs),
@@ -137,6 +141,18 @@ pub(crate) struct S3Args {
     /// AWS_CA_BUNDLE, else the system's).
     #[arg(long, value_name = "FILE")]
     ca_bundle: Option<PathBuf>,
+    /// Write this run's audit records under S3 Object Lock retention for this long (`7y`,
+    /// `90d`): the bucket must have Object Lock enabled.
+    #[arg(long, value_name = "DURATION", env = "BLOCKFERRY_AUDIT_RETENTION", value_parser = humantime::parse_duration)]
+    audit_retention: Option<std::time::Duration>,
+    /// The retention's mode: compliance (nobody can delete or shorten it, the bucket's owner
+    /// included) or governance (users with s3:BypassGovernanceRetention can).
+    #[arg(
+        long,
+        value_name = "compliance|governance",
+        default_value = "compliance"
+    )]
+    audit_lock_mode: String,
 }
 
 #[derive(Debug, Args)]
@@ -662,11 +678,23 @@ fn backend(args: &StoreArgs, create: bool) -> anyhow::Result<Arc<dyn ObjectStore
 
 pub(crate) fn open_store(args: &StoreArgs) -> anyhow::Result<Store> {
     let pass = passphrase(args)?;
-    Ok(Store::open_client(
+    let store = Store::open_client(
         backend(args, false)?,
         pass.as_deref(),
         Some(&args.state.dir()?),
-    )?)
+    )?;
+    if let Some(keep) = args.s3.audit_retention {
+        let compliance = match args.s3.audit_lock_mode.as_str() {
+            "compliance" => true,
+            "governance" => false,
+            other => anyhow::bail!("--audit-lock-mode {other:?}: compliance or governance"),
+        };
+        store.set_audit_retention(Some(blockferry::AuditRetention {
+            seconds: keep.as_secs(),
+            compliance,
+        }));
+    }
+    Ok(store)
 }
 
 fn print_json<T: serde::Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
@@ -722,6 +750,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Sync(a) => a.store.json,
         Command::Prune(a) => a.store.json,
         Command::Forget(a) => a.store.json,
+        Command::Audit(a) => a.json(),
         Command::Gc(a) => a.store.json,
         Command::Demo(_) | Command::Generate(_) => false,
     };
@@ -827,6 +856,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Sync(a) => sync::run(&a),
         Command::Prune(a) => cmd_prune(&a),
         Command::Forget(a) => cmd_forget(&a),
+        Command::Audit(a) => audit::run(&a),
         Command::Gc(a) => cmd_gc(&a),
         Command::Generate(a) => cmd_generate(&a),
         Command::Demo(a) => demo::run(a.dir.as_deref()),

@@ -87,6 +87,13 @@ CREATE TABLE IF NOT EXISTS disk_pins (
     snapshot TEXT NOT NULL,
     PRIMARY KEY (store_id, disk)
 );
+CREATE TABLE IF NOT EXISTS audit_heads (
+    store_id TEXT NOT NULL,
+    chain TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    PRIMARY KEY (store_id, chain)
+);
 CREATE TABLE IF NOT EXISTS positions (
     job TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
     idx INTEGER NOT NULL,
@@ -899,6 +906,35 @@ impl JobDb {
             )
             .map(drop)
             .map_err(|e| db_err("recording a disk", e))
+    }
+
+    /// Records that the audit log's chain `chain` of a store reached record `seq` (whose
+    /// stored bytes hash to `hash`), unless a newer one was recorded.
+    pub fn set_audit_head(&self, store_id: &str, chain: &str, seq: u64, hash: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO audit_heads (store_id, chain, seq, hash) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (store_id, chain) DO UPDATE SET seq = ?3, hash = ?4 \
+                 WHERE ?3 > audit_heads.seq",
+                params![store_id, chain, i64_of(seq), hash],
+            )
+            .map(drop)
+            .map_err(|e| db_err("recording the audit log's head", e))
+    }
+
+    /// The newest record of each audit chain of a store this client saw: chain, seq, hash.
+    pub fn audit_heads(&self, store_id: &str) -> Result<Vec<(String, u64, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT chain, seq, hash FROM audit_heads WHERE store_id = ?1")
+            .map_err(|e| db_err("reading the audit log's heads", e))?;
+        let rows = stmt
+            .query_map(params![store_id], |r| {
+                Ok((r.get(0)?, u64_of(r.get(1)?), r.get(2)?))
+            })
+            .map_err(|e| db_err("reading the audit log's heads", e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| db_err("reading the audit log's heads", e))
     }
 
     /// Records the chunk id found at disk positions.

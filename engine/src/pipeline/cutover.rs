@@ -117,6 +117,19 @@ pub fn cutover(
     req: &CutoverRequest,
     observer: &dyn Observer,
 ) -> Result<CutoverReport> {
+    let started = std::time::Instant::now();
+    let result = cutover_run(store, req, observer);
+    #[allow(unused_mut)]
+    let mut ev = crate::store::audit::AuditEvent::of_report("cutover", started, &result, "");
+    ev.object = Some(req.to.clone());
+    store.audited(&ev, result)
+}
+
+fn cutover_run(
+    store: &Arc<Store>,
+    req: &CutoverRequest,
+    observer: &dyn Observer,
+) -> Result<CutoverReport> {
     if req.format != ExportFormat::Raw && !req.to.starts_with("s3://") {
         return Err(Error::config(
             "a cutover to a file writes a raw disk (only what changed, each cycle); give \

@@ -74,6 +74,25 @@ pub fn restore(
     opts: &RestoreOptions,
     observer: &dyn Observer,
 ) -> Result<RestoreReport> {
+    let started = std::time::Instant::now();
+    let result = restore_run(store, spec, out, opts, observer);
+    #[allow(unused_mut)]
+    let mut ev =
+        crate::store::audit::AuditEvent::of_report("restore", started, &result, "bytes_written");
+    if ev.snapshot.is_none() {
+        ev.snapshot = Some(spec.to_owned());
+    }
+    ev.object = Some(out.display().to_string());
+    store.audited(&ev, result)
+}
+
+fn restore_run(
+    store: &Store,
+    spec: &str,
+    out: &Path,
+    opts: &RestoreOptions,
+    observer: &dyn Observer,
+) -> Result<RestoreReport> {
     let _lock = crate::store::lock::reader_lock(store, "restore", &opts.cancel, observer)?;
     let snapshot = store.snapshot(spec)?;
     write_snapshot(

@@ -217,6 +217,7 @@ impl ContinuousReplication {
             restart_if_changed: true,
             delta,
             change_id,
+            audit_op: "sync-cycle",
             ..self.req.replicate.clone()
         };
         let report = super::replicate(store, source.as_ref(), &opts, observer)?;

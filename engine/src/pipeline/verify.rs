@@ -201,6 +201,23 @@ pub fn verify(
     opts: &VerifyOptions,
     observer: &dyn Observer,
 ) -> Result<VerifyReport> {
+    let started = std::time::Instant::now();
+    let result = verify_run(store, spec, opts, observer);
+    #[allow(unused_mut)]
+    let mut ev =
+        crate::store::audit::AuditEvent::of_report("verify", started, &result, "bytes_checked");
+    if ev.snapshot.is_none() {
+        ev.snapshot = Some(spec.to_owned());
+    }
+    store.audited(&ev, result)
+}
+
+fn verify_run(
+    store: &Store,
+    spec: &str,
+    opts: &VerifyOptions,
+    observer: &dyn Observer,
+) -> Result<VerifyReport> {
     let _lock = crate::store::lock::reader_lock(store, "verify", &opts.cancel, observer)?;
     let mut repaired = RepairReport::default();
     if opts.repair {

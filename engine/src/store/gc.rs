@@ -232,6 +232,18 @@ fn plan(
 
 /// Deletes what no snapshot of `store` references; see the module documentation.
 pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<GcReport> {
+    let started = std::time::Instant::now();
+    let result = gc_run(store, opts, observer);
+    #[allow(unused_mut)]
+    let mut ev =
+        crate::store::audit::AuditEvent::of_report("gc", started, &result, "bytes_repacked");
+    if let Ok(r) = &result {
+        ev.bytes = Some(r.bytes_before.saturating_sub(r.bytes_after));
+    }
+    store.audited(&ev, result)
+}
+
+fn gc_run(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<GcReport> {
     if !(0.0..=1.0).contains(&opts.max_unused) {
         return Err(Error::config("max_unused is a share from 0 to 1"));
     }

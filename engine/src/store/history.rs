@@ -404,6 +404,18 @@ impl Store {
     /// leaves a tombstone, then deletes the manifest. Its chunks and pages stay until a
     /// garbage collection. Returns the id forgotten.
     pub fn forget_snapshot(&self, spec: &str) -> Result<String> {
+        let started = std::time::Instant::now();
+        let result = self.forget_snapshot_run(spec);
+        let mut ev = super::audit::AuditEvent::new("forget", started, &result);
+        ev.snapshot = Some(
+            result
+                .as_ref()
+                .map_or_else(|_| spec.to_owned(), Clone::clone),
+        );
+        self.audited(&ev, result)
+    }
+
+    fn forget_snapshot_run(&self, spec: &str) -> Result<String> {
         let k = self.keys_of_id(spec)?;
         let known = self.read_snapshot_key(&k.key).ok();
         let tomb = Tombstone {

@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub(crate) mod audit;
 pub mod crypto;
 mod damage;
 pub mod format;
@@ -123,6 +124,19 @@ pub trait ObjectStore: Send + Sync + Debug {
     /// file system); `None` where it has none (object storage).
     fn free_bytes(&self) -> Result<Option<u64>> {
         Ok(None)
+    }
+    /// Stores `data` under `key`, create-only, under Object Lock retention until
+    /// `until_unix_ms` (compliance mode, or governance): only S3 buckets with Object Lock
+    /// can; others refuse.
+    fn put_retained(
+        &self,
+        key: &str,
+        data: &[u8],
+        until_unix_ms: u64,
+        compliance: bool,
+    ) -> Result<PutOutcome> {
+        let _ = (key, data, until_unix_ms, compliance);
+        Err(audit::no_retention(&self.location()))
     }
     /// Stores `data` under `key`.
     fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<PutOutcome>;

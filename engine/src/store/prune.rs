@@ -108,6 +108,20 @@ pub fn prune(
     disk: Option<&str>,
     dry_run: bool,
 ) -> Result<PruneReport> {
+    let started = std::time::Instant::now();
+    let result = prune_run(store, policy, disk, dry_run);
+    #[allow(unused_mut)]
+    let mut ev = crate::store::audit::AuditEvent::of_report("prune", started, &result, "");
+    ev.disk = disk.map(str::to_owned);
+    store.audited(&ev, result)
+}
+
+fn prune_run(
+    store: &Store,
+    policy: &KeepPolicy,
+    disk: Option<&str>,
+    dry_run: bool,
+) -> Result<PruneReport> {
     if policy.is_empty() {
         return Err(Error::config(
             "a prune needs a rule that keeps something: the last, daily, weekly or monthly \

@@ -517,6 +517,10 @@ pub struct Store {
     pub(super) meta: Sealer,
     /// The client state folder whose records this store is checked against (pinned), if any.
     state_dir: Option<std::path::PathBuf>,
+    /// This process's chain of the audit log.
+    audit_chain: std::sync::Mutex<super::audit::Chain>,
+    /// Object Lock retention of audit records, if asked for.
+    audit_retention: std::sync::Mutex<Option<super::audit::AuditRetention>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -573,6 +577,17 @@ impl Store {
 
     /// Creates a new store on a backend.
     pub fn init_backend(backend: &dyn ObjectStore, opts: &InitOptions) -> Result<StoreConfig> {
+        Store::init_inner(backend, opts, None)
+    }
+
+    /// Creates a store; its audit log begins with the `init` record (the client in
+    /// `state_dir`, if any, records that record as the log's head).
+    fn init_inner(
+        backend: &dyn ObjectStore,
+        opts: &InitOptions,
+        state_dir: Option<&std::path::Path>,
+    ) -> Result<StoreConfig> {
+        let started = std::time::Instant::now();
         check_chunk_size(opts.chunk_size)?;
         let store_id = hex(&crypto::random::<16>()?);
         let master: [u8; KEY_LEN] = crypto::random()?;
@@ -613,12 +628,25 @@ impl Store {
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| Error::internal("encoding store config").with_source(e))?;
         match create_object(backend, CONFIG_KEY, &json)? {
-            PutOutcome::Written => Ok(config),
-            PutOutcome::AlreadyExists => Err(Error::config(format!(
-                "a store already exists at {}",
-                backend.location()
-            ))),
+            PutOutcome::Written => {}
+            PutOutcome::AlreadyExists => {
+                return Err(Error::config(format!(
+                    "a store already exists at {}",
+                    backend.location()
+                )));
+            }
         }
+        let summary = StoreSummary::new(&backend.location(), &config);
+        let ev = super::audit::AuditEvent::new("init", started, &Ok::<_, Error>(summary));
+        super::audit::Writer {
+            backend,
+            meta: &keys.meta_sealer(),
+            store_id: &config.store_id,
+            state_dir,
+            retention: None,
+        }
+        .append(&std::sync::Mutex::default(), &ev)?;
+        Ok(config)
     }
 
     /// Opens the store at `location`; `passphrase` is needed for encrypted stores.
@@ -718,6 +746,8 @@ impl Store {
             keys,
             meta,
             state_dir: None,
+            audit_chain: std::sync::Mutex::default(),
+            audit_retention: std::sync::Mutex::default(),
         })
     }
 
@@ -760,8 +790,9 @@ impl Store {
         opts: &InitOptions,
         state_dir: Option<&std::path::Path>,
     ) -> Result<StoreConfig> {
-        let config = Store::init_backend(backend, opts)?;
-        if let Some(dir) = client_state_dir(state_dir) {
+        let dir = client_state_dir(state_dir);
+        let config = Store::init_inner(backend, opts, dir.as_deref())?;
+        if let Some(dir) = dir {
             crate::job::state::JobDb::open(&dir)?.pin_store(
                 &pin_location(&backend.location()),
                 &config,
@@ -769,6 +800,83 @@ impl Store {
             )?;
         }
         Ok(config)
+    }
+
+    /// Writes audit records under Object Lock retention from now on (S3 buckets with Object
+    /// Lock only: a record's write fails elsewhere).
+    pub fn set_audit_retention(&self, retention: Option<super::audit::AuditRetention>) {
+        if let Ok(mut r) = self.audit_retention.lock() {
+            *r = retention;
+        }
+    }
+
+    /// Appends a record of an operation to this process's chain of the audit log.
+    ///
+    /// # Errors
+    /// The record cannot be written (the store, or the retention the bucket refused).
+    pub fn audit(&self, ev: &super::audit::AuditEvent) -> Result<super::audit::AuditRecord> {
+        let retention = self.audit_retention.lock().ok().and_then(|r| *r);
+        super::audit::Writer {
+            backend: self.backend.as_ref(),
+            meta: &self.meta,
+            store_id: &self.config.store_id,
+            state_dir: self.state_dir.as_deref(),
+            retention,
+        }
+        .append(&self.audit_chain, ev)
+        .map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!("the operation's audit record could not be written: {e}"),
+            )
+        })
+    }
+
+    /// Records `ev` and returns the operation's `result`: an operation that succeeded but
+    /// whose record cannot be written fails (a log with a gap proves nothing); one that
+    /// failed keeps its own error (the record's failure is logged).
+    pub(crate) fn audited<T>(&self, ev: &super::audit::AuditEvent, result: Result<T>) -> Result<T> {
+        match (self.audit(ev), result) {
+            (Ok(_), r) => r,
+            (Err(e), Ok(_)) => Err(e),
+            (Err(e), Err(original)) => {
+                tracing::warn!(error = %e, "the failed operation's audit record could not be written");
+                Err(original)
+            }
+        }
+    }
+
+    /// Checks the whole audit log (see [`super::audit`]): every chain whole, authentic and
+    /// linked, every cross-reference and every head this client saw present, every snapshot
+    /// recorded. This client then records the chains' heads it read.
+    ///
+    /// # Errors
+    /// The log cannot be listed or the client's records read.
+    pub fn audit_verify(&self) -> Result<super::audit::AuditReport> {
+        let db = self
+            .state_dir
+            .as_deref()
+            .map(crate::job::state::JobDb::open)
+            .transpose()?;
+        let seen = match &db {
+            Some(db) => db.audit_heads(&self.config.store_id)?,
+            None => Vec::new(),
+        };
+        let (snaps, _) = self.snapshots()?;
+        let snaps: Vec<(String, String)> = snaps
+            .iter()
+            .map(|s| (s.id.clone(), s.disk.name.clone()))
+            .collect();
+        let report = super::audit::verify(self.backend.as_ref(), &self.meta, &seen, Some(&snaps))?;
+        // Only a whole log moves this client's marks (a damaged one must stay noticed).
+        if let Some(db) = &db
+            && report.passed
+        {
+            for (chain, seq, hash) in &report.heads {
+                db.set_audit_head(&self.config.store_id, chain, *seq, hash)?;
+            }
+        }
+        Ok(report)
     }
 
     /// The client state folder the store was opened with ([`Store::open_pinned`]).

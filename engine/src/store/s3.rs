@@ -739,6 +739,53 @@ impl ObjectStore for S3Store {
         }
     }
 
+    fn put_retained(
+        &self,
+        key: &str,
+        data: &[u8],
+        until_unix_ms: u64,
+        compliance: bool,
+    ) -> Result<PutOutcome> {
+        use aws_sdk_s3::types::ObjectLockMode;
+        let full = self.full_key(key)?;
+        let until = aws_smithy_types::DateTime::from_millis(
+            i64::try_from(until_unix_ms).unwrap_or(i64::MAX),
+        );
+        let req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Crc32C)
+            .object_lock_mode(if compliance {
+                ObjectLockMode::Compliance
+            } else {
+                ObjectLockMode::Governance
+            })
+            .object_lock_retain_until_date(until)
+            .if_none_match("*")
+            .body(ByteStream::from(data.to_vec()));
+        match self.block(req.send()) {
+            Ok(_) => Ok(PutOutcome::Written),
+            Err(e)
+                if e.code() == Some("PreconditionFailed")
+                    || e.raw_response().map(|r| r.status().as_u16()) == Some(412) =>
+            {
+                match self.get(key, data.len() as u64) {
+                    Ok(existing) if existing == data => Ok(PutOutcome::Written),
+                    _ => Ok(PutOutcome::AlreadyExists),
+                }
+            }
+            Err(e) => Err(self
+                .sdk_err(
+                    "writing an object under Object Lock retention",
+                    Some(key),
+                    &e,
+                )
+                .with_setting("audit_retention")),
+        }
+    }
+
     fn get(&self, key: &str, max_len: u64) -> Result<Vec<u8>> {
         self.get_bytes(key, None, max_len)
     }

@@ -198,6 +198,25 @@ pub fn export(
     opts: &ExportOptions,
     observer: &dyn Observer,
 ) -> Result<ExportReport> {
+    let started = std::time::Instant::now();
+    let result = export_run(store, spec, out, opts, observer);
+    #[allow(unused_mut)]
+    let mut ev =
+        crate::store::audit::AuditEvent::of_report("export", started, &result, "bytes_written");
+    if ev.snapshot.is_none() {
+        ev.snapshot = Some(spec.to_owned());
+    }
+    ev.object = Some(out.display().to_string());
+    store.audited(&ev, result)
+}
+
+fn export_run(
+    store: &Store,
+    spec: &str,
+    out: &Path,
+    opts: &ExportOptions,
+    observer: &dyn Observer,
+) -> Result<ExportReport> {
     let _lock = crate::store::lock::reader_lock(store, "export", &opts.cancel, observer)?;
     let snapshot = store.snapshot(spec)?;
     if let Some(url) = out.to_str().filter(|o| o.starts_with("s3://")) {

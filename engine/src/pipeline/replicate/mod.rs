@@ -110,6 +110,9 @@ pub struct ReplicateOptions {
     /// The source's change-tracking id now, recorded in the snapshot (for a full copy; a
     /// delta takes it from its options or its change list).
     pub change_id: Option<String>,
+    /// What the audit log calls the run: `replicate` (`delta` when it is one), or the
+    /// caller's operation (`sync-cycle`, `cutover-delta`).
+    pub audit_op: &'static str,
 }
 
 impl Default for ReplicateOptions {
@@ -135,6 +138,7 @@ impl Default for ReplicateOptions {
             bwlimit: None,
             delta: None,
             change_id: None,
+            audit_op: "replicate",
         }
     }
 }
@@ -201,6 +205,30 @@ pub struct ReplicateReport {
 
 /// Replicates a whole disk into the store as a new snapshot; the blocking entry point.
 pub fn replicate(
+    store: &Store,
+    source: &dyn BlockSource,
+    opts: &ReplicateOptions,
+    observer: &dyn Observer,
+) -> Result<ReplicateReport> {
+    let started = std::time::Instant::now();
+    let result = replicate_run(store, source, opts, observer);
+    #[allow(unused_mut)]
+    let mut ev =
+        crate::store::audit::AuditEvent::of_report("replicate", started, &result, "bytes_stored");
+    ev.op = match (opts.audit_op, opts.delta.is_some()) {
+        ("replicate", true) => "delta",
+        (op, _) => op,
+    };
+    if ev.disk.is_none() {
+        ev.disk = opts
+            .disk_name
+            .clone()
+            .or_else(|| source.opened_path().map(|p| p.display().to_string()));
+    }
+    store.audited(&ev, result)
+}
+
+fn replicate_run(
     store: &Store,
     source: &dyn BlockSource,
     opts: &ReplicateOptions,
