@@ -44,6 +44,7 @@ pub(crate) mod io;
 pub(crate) mod job;
 pub(crate) mod nbd;
 pub(crate) mod pipeline;
+pub(crate) mod report;
 pub(crate) mod store;
 pub(crate) mod validate;
 pub(crate) mod vm;
@@ -84,6 +85,10 @@ pub use image::{
     BlockSource, Description, Identity as ImageIdentity, ImageInfo, Layer, LayerDescription,
     MapRow, Mapping, OpenOptions, ParentLink, Target, describe, for_each_extent,
     open as open_image, open_single as open_image_alone, open_with as open_image_with,
+};
+pub use report::{
+    ComplianceReport, DiskReport, EncryptionReport, OperationEntry, ReplicationEntry,
+    SnapshotEntry, compliance_report,
 };
 pub use store::audit::{AuditEvent, AuditProblem, AuditRecord, AuditReport, AuditRetention};
 pub use validate::{Check, CheckStatus, ImportTarget, ValidateRequest, Validation, validate};

@@ -105,6 +105,7 @@ const TIB: u64 = 1 << 40;
 /// Only when the path itself cannot be looked at; everything wrong with what it holds is a
 /// failing check.
 pub fn validate(path: &Path, req: &ValidateRequest) -> Result<Validation> {
+    let started = std::time::Instant::now();
     std::fs::metadata(path).map_err(|e| Error::io("cannot look at", path, e))?;
     let ext = path
         .extension()
@@ -150,13 +151,20 @@ pub fn validate(path: &Path, req: &ValidateRequest) -> Result<Validation> {
         .iter()
         .filter(|c| c.status == CheckStatus::Warn)
         .count();
-    Ok(Validation {
+    let v = Validation {
         subject: path.display().to_string(),
         target: req.target,
         checks,
         passed,
         warnings,
-    })
+    };
+    // With a store, the validation is part of its record (the compliance report lists it).
+    if let Some(store) = &req.store {
+        let mut ev = crate::store::audit::AuditEvent::new("validate", started, &Ok::<_, Error>(&v));
+        ev.object = Some(v.subject.clone());
+        store.audit(&ev)?;
+    }
+    Ok(v)
 }
 
 /// The VM of a configuration, its disks resolved among the images of its folder (for a

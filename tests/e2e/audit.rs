@@ -361,3 +361,154 @@ fn audit_records_under_object_lock_cannot_be_deleted() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The compliance report of a scripted run: its JSON figures are the operations' own
+/// reports; the HTML is one self-contained file that headless Chromium renders, with a
+/// timeline chart (the screenshot is kept under target/test-artifacts/).
+#[test]
+fn the_compliance_report_holds_the_operations_figures_and_renders() {
+    let sb = Sandbox::new();
+    sb.init(&[]);
+    let store = sb.store();
+    let mut rng = Rng::seeded("report");
+    let disk = sb.path("vm1.raw");
+    make_image(&disk, 16 * MIB, &[(0, rng.bytes(3 << 20))]);
+    let disk_s = disk.to_str().unwrap();
+    let first = sb.replicate(&disk, &[]);
+    write_at(&disk, 8 * MIB, &rng.bytes(1 << 20));
+    let second = sb.replicate(&disk, &[]);
+    let verified = sb.json(&[
+        "verify",
+        "--store",
+        &store,
+        "vm1.raw@latest",
+        "--image",
+        disk_s,
+    ]);
+    let out = sb.path("vm1.vhd");
+    let exported = sb.json(&[
+        "export",
+        "--store",
+        &store,
+        "--format",
+        "vhd",
+        "vm1.raw@latest",
+        out.to_str().unwrap(),
+    ]);
+    let validated = sb.run(&["validate", disk_s, "--store", &store, "--json"]);
+    assert!(validated.status.code().is_some(), "{validated:?}");
+
+    let r = sb.json(&["report", "--store", &store, "--format", "json"]);
+    assert_eq!(r["audit_passed"], true, "{r:#}");
+    assert_eq!(r["encryption"]["algorithm"], "AES-256-GCM");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(PathBuf::from(&store).join("config")).unwrap())
+            .unwrap();
+    let kdf = r["encryption"]["kdf"].as_str().unwrap();
+    assert!(
+        kdf.contains(&format!(
+            "memory {} KiB",
+            config["encryption"]["kdf"]["m_kib"]
+        )),
+        "{kdf}"
+    );
+    let fp = r["encryption"]["key_fingerprint"].as_str().unwrap();
+    assert_eq!(fp.len(), 32);
+    assert!(
+        !config.to_string().contains(fp),
+        "the fingerprint is not in the config"
+    );
+    let d = &r["disks"][0];
+    assert_eq!(d["disk"], "vm1.raw");
+    let reps = d["replications"].as_array().unwrap();
+    assert_eq!(reps.len(), 2);
+    for (rep, own) in reps.iter().zip([&first, &second]) {
+        assert_eq!(rep["snapshot"], own["snapshot"]);
+        assert_eq!(rep["bytes_stored"], own["bytes_stored"]);
+        assert_eq!(rep["bytes_read"], own["bytes_read"]);
+    }
+    assert_eq!(
+        d["bytes_sent"].as_u64().unwrap(),
+        first["bytes_stored"].as_u64().unwrap() + second["bytes_stored"].as_u64().unwrap()
+    );
+    assert_eq!(d["snapshots"].as_array().unwrap().len(), 2);
+    assert_eq!(d["last_verify"]["snapshot"], verified["snapshot"]);
+    assert_eq!(
+        d["last_verify"]["details"]["bytes_checked"],
+        verified["bytes_checked"]
+    );
+    assert_eq!(
+        d["exports"][0]["details"]["bytes_written"],
+        exported["bytes_written"]
+    );
+    assert!(d["rpo_worst_seconds"].as_f64().unwrap() >= 0.0);
+    assert_eq!(r["validations"][0]["object"], disk_s);
+    // Markdown says the same.
+    let md = sb.ok(&["report", "--store", &store, "--format", "md"]);
+    assert!(
+        md.contains("## Disk vm1.raw") && md.contains("verified whole"),
+        "{md}"
+    );
+
+    // HTML, rendered by headless Chromium.
+    let html = sb.path("report.html");
+    sb.ok(&[
+        "report",
+        "--store",
+        &store,
+        "--format",
+        "html",
+        "--output",
+        html.to_str().unwrap(),
+    ]);
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        !page.contains("http://") && !page.contains("https://") && !page.contains("<script"),
+        "self-contained"
+    );
+    let have_chromium = Command::new("chromium")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        have_chromium || std::env::var_os("BF_REQUIRE_TOOLS").is_none(),
+        "chromium is required"
+    );
+    if !have_chromium {
+        return;
+    }
+    let artifacts = blockferry_tests::bin()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("compliance-report.png");
+    let _ = std::fs::remove_file(&shot);
+    let url = format!("file://{}", html.display());
+    let chrome = |extra: &[&str]| {
+        Command::new("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--window-size=1000,900",
+            ])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("chromium")
+    };
+    let dom = chrome(&["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert_eq!(dom.matches("class=\"replication\"").count(), 2, "{dom}");
+    assert!(dom.contains("class=\"verify\"") && dom.contains("verified whole"));
+    let shot_arg = format!("--screenshot={}", shot.display());
+    let ran = chrome(&[&shot_arg]);
+    assert!(shot.exists(), "{}", String::from_utf8_lossy(&ran.stderr));
+    let png = std::fs::read(&shot).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    assert!(png.len() > 10_000, "a blank page? {} bytes", png.len());
+    eprintln!("screenshot kept: {}", shot.display());
+}

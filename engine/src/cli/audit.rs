@@ -166,3 +166,41 @@ fn line(r: &blockferry::AuditRecord) -> String {
     }
     s
 }
+
+#[derive(Debug, Args)]
+pub(crate) struct ReportArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// The period: from this date (YYYY-MM-DD, an RFC 3339 time) or this long ago (`30d`).
+    #[arg(long, value_name = "DATE|DURATION")]
+    since: Option<String>,
+    /// html (one self-contained file with a timeline per disk), json or md.
+    #[arg(long, value_name = "html|json|md", default_value = "md")]
+    format: String,
+    /// Write the report to this file instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    output: Option<std::path::PathBuf>,
+}
+
+/// Exit 0, or 3 when the audit log did not verify (the report says so too).
+pub(crate) fn report(a: &ReportArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&a.store)?;
+    let since = a.since.as_deref().map(since_ms).transpose()?;
+    let report = blockferry::compliance_report(&store, since)?;
+    let text = match a.format.as_str() {
+        "html" => report.to_html(),
+        "md" => report.to_markdown(),
+        "json" => serde_json::to_string_pretty(&report)? + "\n",
+        other => anyhow::bail!("--format {other:?}: html, json or md"),
+    };
+    match &a.output {
+        Some(path) => std::fs::write(path, text)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?,
+        None => outln!("{}", text.trim_end()),
+    }
+    Ok(if report.audit_passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}

@@ -109,6 +109,9 @@ enum Command {
     /// The store's tamper-evident audit log: verify every chain, or list the records.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// A compliance report of the store: per disk, replications, RPO achieved, verifies,
+    /// exports, cutover; encryption; validations; the audit log's verification.
+    Report(audit::ReportArgs),
     /// Delete the chunks, packs and pages no snapshot references (repacking packs that are
     /// mostly garbage); safe beside running replications.
     Gc(GcArgs),
@@ -751,6 +754,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Prune(a) => a.store.json,
         Command::Forget(a) => a.store.json,
         Command::Audit(a) => a.json(),
+        Command::Report(a) => a.store.json,
         Command::Gc(a) => a.store.json,
         Command::Demo(_) | Command::Generate(_) => false,
     };
@@ -857,6 +861,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Prune(a) => cmd_prune(&a),
         Command::Forget(a) => cmd_forget(&a),
         Command::Audit(a) => audit::run(&a),
+        Command::Report(a) => audit::report(&a),
         Command::Gc(a) => cmd_gc(&a),
         Command::Generate(a) => cmd_generate(&a),
         Command::Demo(a) => demo::run(a.dir.as_deref()),

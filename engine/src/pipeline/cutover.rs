@@ -119,7 +119,6 @@ pub fn cutover(
 ) -> Result<CutoverReport> {
     let started = std::time::Instant::now();
     let result = cutover_run(store, req, observer);
-    #[allow(unused_mut)]
     let mut ev = crate::store::audit::AuditEvent::of_report("cutover", started, &result, "");
     ev.object = Some(req.to.clone());
     store.audited(&ev, result)

@@ -203,13 +203,12 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let started = std::time::Instant::now();
     let result = verify_run(store, spec, opts, observer);
-    #[allow(unused_mut)]
     let mut ev =
         crate::store::audit::AuditEvent::of_report("verify", started, &result, "bytes_checked");
     if ev.snapshot.is_none() {
         ev.snapshot = Some(spec.to_owned());
     }
-    store.audited(&ev, result)
+    store.audited_read(&ev, result)
 }
 
 fn verify_run(

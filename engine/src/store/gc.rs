@@ -234,7 +234,10 @@ fn plan(
 pub fn gc(store: &Store, opts: &GcOptions, observer: &dyn Observer) -> Result<GcReport> {
     let started = std::time::Instant::now();
     let result = gc_run(store, opts, observer);
-    #[allow(unused_mut)]
+    if opts.dry_run {
+        // It changed nothing and proves nothing: no record.
+        return result;
+    }
     let mut ev =
         crate::store::audit::AuditEvent::of_report("gc", started, &result, "bytes_repacked");
     if let Ok(r) = &result {

@@ -48,6 +48,25 @@ const DAY_MS: u64 = 86_400_000;
 
 /// The civil (year, month) of a day count since 1970-01-01 (proleptic Gregorian).
 fn year_month(days: u64) -> (i64, u32) {
+    let (y, m, _) = civil(days);
+    (y, m)
+}
+
+/// A time as RFC 3339 in UTC, to the second (`2026-12-03T15:04:05Z`).
+pub(crate) fn rfc3339(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (y, m, d) = civil(secs / 86_400);
+    let s = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s % 3600 / 60,
+        s % 60
+    )
+}
+
+/// The civil (year, month, day) of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil(days: u64) -> (i64, u32, u32) {
     // Howard Hinnant's civil-from-days, for non-negative day counts.
     let z = i64::try_from(days).unwrap_or(i64::MAX / 2) + 719_468;
     let era = z / 146_097;
@@ -57,7 +76,12 @@ fn year_month(days: u64) -> (i64, u32) {
     let mp = (5 * doy + 2) / 153;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, u32::try_from(month).unwrap_or(1))
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    (
+        year,
+        u32::try_from(month).unwrap_or(1),
+        u32::try_from(day).unwrap_or(1),
+    )
 }
 
 /// The ids `policy` keeps among `snapshots` (all of one disk or several: rules apply per
@@ -110,7 +134,9 @@ pub fn prune(
 ) -> Result<PruneReport> {
     let started = std::time::Instant::now();
     let result = prune_run(store, policy, disk, dry_run);
-    #[allow(unused_mut)]
+    if dry_run {
+        return result;
+    }
     let mut ev = crate::store::audit::AuditEvent::of_report("prune", started, &result, "");
     ev.disk = disk.map(str::to_owned);
     store.audited(&ev, result)
@@ -211,6 +237,13 @@ mod tests {
         let mut v: Vec<String> = keep.into_iter().collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_796_312_931_155), "2026-12-03T15:48:51Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
     }
 
     #[test]

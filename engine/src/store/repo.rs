@@ -846,6 +846,23 @@ impl Store {
         }
     }
 
+    /// As [`Self::audited`], for an operation that only reads the store (restore, verify,
+    /// export): it records itself if it can, and a store it may not write to (read-only
+    /// credentials, a bucket that refuses) gets a warning instead of a failed operation.
+    pub(crate) fn audited_read<T>(
+        &self,
+        ev: &super::audit::AuditEvent,
+        result: Result<T>,
+    ) -> Result<T> {
+        if let Err(e) = self.audit(ev) {
+            tracing::warn!(
+                "{e} (the {} is done; it is missing from the store's audit log)",
+                ev.op
+            );
+        }
+        result
+    }
+
     /// Checks the whole audit log (see [`super::audit`]): every chain whole, authentic and
     /// linked, every cross-reference and every head this client saw present, every snapshot
     /// recorded. This client then records the chains' heads it read.

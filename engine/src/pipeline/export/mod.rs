@@ -200,14 +200,13 @@ pub fn export(
 ) -> Result<ExportReport> {
     let started = std::time::Instant::now();
     let result = export_run(store, spec, out, opts, observer);
-    #[allow(unused_mut)]
     let mut ev =
         crate::store::audit::AuditEvent::of_report("export", started, &result, "bytes_written");
     if ev.snapshot.is_none() {
         ev.snapshot = Some(spec.to_owned());
     }
     ev.object = Some(out.display().to_string());
-    store.audited(&ev, result)
+    store.audited_read(&ev, result)
 }
 
 fn export_run(

@@ -212,7 +212,6 @@ pub fn replicate(
 ) -> Result<ReplicateReport> {
     let started = std::time::Instant::now();
     let result = replicate_run(store, source, opts, observer);
-    #[allow(unused_mut)]
     let mut ev =
         crate::store::audit::AuditEvent::of_report("replicate", started, &result, "bytes_stored");
     ev.op = match (opts.audit_op, opts.delta.is_some()) {
