@@ -359,12 +359,21 @@ fn disk_checks(
             Some("shut the VM down cleanly in its hypervisor (or open and close the disk there) before the final replication"),
         )
     });
-    if target == ImportTarget::Aws
-        && layers.iter().any(|l| {
-            l.subformat.contains("SEsparse") || l.subformat.eq_ignore_ascii_case("seSparse")
-        })
-    {
-        out.push(check("format", subject, CheckStatus::Warn, "the chain holds an ESXi SEsparse delta, which AWS does not import as such".into(), Some("blockferry exports the disk whole (raw, VHD, VHDX or streamOptimized VMDK): import that export")));
+    if target == ImportTarget::Aws {
+        let sesparse = layers
+            .iter()
+            .any(|l| l.subformat.eq_ignore_ascii_case("seSparse"));
+        out.push(if sesparse {
+            check(
+                "format",
+                subject,
+                CheckStatus::Warn,
+                "the chain holds an ESXi SEsparse delta, which AWS does not import as such".into(),
+                Some("blockferry exports the disk whole (raw, VHD, VHDX or streamOptimized VMDK): import that export"),
+            )
+        } else {
+            check("format", subject, CheckStatus::Pass, "no SEsparse delta in the chain".into(), None)
+        });
     }
     out.push(size_check(subject, info.virtual_size, boot, target));
     out.push(if info.logical_sector_size == 512 {

@@ -53,17 +53,24 @@ fn without<T>(path: &Path, f: impl FnOnce() -> T) -> T {
     r
 }
 
-#[test]
-fn a_scripted_run_is_recorded_and_every_tampering_is_found() {
-    let sb = Sandbox::new();
+/// A new store with a 16 MiB disk `vm1.raw` replicated twice (1 MiB changed between):
+/// the disk and the two reports.
+fn two_replications(sb: &Sandbox, seed: &str) -> (PathBuf, Value, Value) {
     sb.init(&[]);
-    let store = sb.store();
-    let mut rng = Rng::seeded("audit");
+    let mut rng = Rng::seeded(seed);
     let disk = sb.path("vm1.raw");
     make_image(&disk, 16 * MIB, &[(0, rng.bytes(3 << 20))]);
     let first = sb.replicate(&disk, &[]);
     write_at(&disk, 8 * MIB, &rng.bytes(1 << 20));
     let second = sb.replicate(&disk, &[]);
+    (disk, first, second)
+}
+
+#[test]
+fn a_scripted_run_is_recorded_and_every_tampering_is_found() {
+    let sb = Sandbox::new();
+    let store = sb.store();
+    let (disk, first, second) = two_replications(&sb, "audit");
     let disk_s = disk.to_str().unwrap();
     sb.ok(&[
         "sync",
@@ -368,15 +375,9 @@ fn audit_records_under_object_lock_cannot_be_deleted() {
 #[test]
 fn the_compliance_report_holds_the_operations_figures_and_renders() {
     let sb = Sandbox::new();
-    sb.init(&[]);
     let store = sb.store();
-    let mut rng = Rng::seeded("report");
-    let disk = sb.path("vm1.raw");
-    make_image(&disk, 16 * MIB, &[(0, rng.bytes(3 << 20))]);
+    let (disk, first, second) = two_replications(&sb, "report");
     let disk_s = disk.to_str().unwrap();
-    let first = sb.replicate(&disk, &[]);
-    write_at(&disk, 8 * MIB, &rng.bytes(1 << 20));
-    let second = sb.replicate(&disk, &[]);
     let verified = sb.json(&[
         "verify",
         "--store",

@@ -28,7 +28,7 @@ pub(crate) trait DiskBytes: Send + Sync {
 }
 
 /// One block of a disk, read whole (clipped at the end).
-trait BlockRead {
+pub(crate) trait BlockRead {
     fn read_block(&mut self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<()>;
 }
 
@@ -99,14 +99,35 @@ impl<R: BlockRead> Cached<R> {
     }
 }
 
-/// An image read through its format reader.
-pub(crate) struct ImageBytes {
+/// A disk read block by block through the cache.
+pub(crate) struct CachedDisk<R> {
     size: u64,
     name: String,
-    state: Mutex<Cached<ImageRead>>,
+    state: Mutex<Cached<R>>,
 }
 
-struct ImageRead {
+impl<R: BlockRead + Send> DiskBytes for CachedDisk<R> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| Error::internal("a disk reader's lock is poisoned"))?;
+        state.read(self.size, offset, buf)
+    }
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// An image read through its format reader.
+pub(crate) type ImageBytes = CachedDisk<ImageRead>;
+
+pub(crate) struct ImageRead {
     source: Box<dyn BlockSource>,
     fill: ChunkFill,
     maps: Vec<Mapping>,
@@ -131,7 +152,7 @@ impl BlockRead for ImageRead {
     }
 }
 
-impl ImageBytes {
+impl CachedDisk<ImageRead> {
     pub(crate) fn new(source: Box<dyn BlockSource>) -> ImageBytes {
         let size = source.info().virtual_size;
         let name = source
@@ -149,32 +170,10 @@ impl ImageBytes {
     }
 }
 
-impl DiskBytes for ImageBytes {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| Error::internal("image reader poisoned"))?;
-        state.read(self.size, offset, buf)
-    }
-
-    fn describe(&self) -> String {
-        self.name.clone()
-    }
-}
-
 /// A snapshot read through the store (the NBD server's disk, with its chunk cache).
-pub(crate) struct SnapshotBytes {
-    name: String,
-    size: u64,
-    state: Mutex<Cached<SnapshotRead>>,
-}
+pub(crate) type SnapshotBytes = CachedDisk<SnapshotRead>;
 
-struct SnapshotRead(Disk);
+pub(crate) struct SnapshotRead(Disk);
 
 impl BlockRead for SnapshotRead {
     fn read_block(&mut self, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<()> {
@@ -204,12 +203,12 @@ impl BlockRead for SnapshotRead {
     }
 }
 
-impl SnapshotBytes {
-    /// Chunks cached: 16 MiB (or one chunk, if larger).
-    const CACHE: u64 = 16 << 20;
+/// A snapshot's chunks cached: 16 MiB (or one chunk, if larger).
+const SNAPSHOT_CACHE: u64 = 16 << 20;
 
+impl CachedDisk<SnapshotRead> {
     pub(crate) fn open(store: Arc<crate::store::Store>, spec: &str) -> Result<SnapshotBytes> {
-        let disk = Disk::open(store, spec, Self::CACHE)?;
+        let disk = Disk::open(store, spec, SNAPSHOT_CACHE)?;
         Ok(SnapshotBytes {
             name: format!(
                 "snapshot {} of {}",
@@ -218,24 +217,6 @@ impl SnapshotBytes {
             size: disk.size,
             state: Mutex::new(Cached::new(SnapshotRead(disk))),
         })
-    }
-}
-
-impl DiskBytes for SnapshotBytes {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut state = self
-            .state
-            .lock()
-            .map_err(|_| Error::internal("snapshot reader poisoned"))?;
-        state.read(self.size, offset, buf)
-    }
-
-    fn describe(&self) -> String {
-        self.name.clone()
     }
 }
 
