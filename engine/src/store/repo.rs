@@ -863,7 +863,7 @@ impl Store {
         result
     }
 
-    /// Checks the whole audit log (see [`super::audit`]): every chain whole, authentic and
+    /// Checks the whole audit log (docs/FORMAT.md, "Audit log"): every chain whole, authentic and
     /// linked, every cross-reference and every head this client saw present, every snapshot
     /// recorded. This client then records the chains' heads it read.
     ///
