@@ -251,6 +251,8 @@ pub(crate) struct Window {
     pub(crate) start: u64,
     pub(crate) len: u64,
     pos: u64,
+    /// Reads through `io::Read` past the end give zeros (see [`Window::padded`]).
+    padded: bool,
 }
 
 impl Window {
@@ -260,6 +262,16 @@ impl Window {
             start,
             len,
             pos: 0,
+            padded: false,
+        }
+    }
+
+    /// The same window, whose `io::Read` gives zeros past its end instead of stopping (for a
+    /// reader that must never see a short read).
+    pub(crate) fn padded(&self) -> Window {
+        Window {
+            padded: true,
+            ..self.clone()
         }
     }
 
@@ -305,9 +317,17 @@ impl std::io::Read for Window {
         let n = usize::try_from(self.len.saturating_sub(self.pos))
             .unwrap_or(usize::MAX)
             .min(buf.len());
-        self.read_at(self.pos, &mut buf[..n])
-            .map_err(std::io::Error::other)?;
-        self.pos += n as u64;
+        if n > 0 {
+            self.read_at(self.pos, &mut buf[..n])
+                .map_err(std::io::Error::other)?;
+        }
+        let n = if self.padded {
+            buf[n..].fill(0);
+            buf.len()
+        } else {
+            n
+        };
+        self.pos = self.pos.saturating_add(n as u64);
         Ok(n)
     }
 }

@@ -82,7 +82,7 @@ pub(crate) fn detect(w: &Window) -> Option<FileSystem> {
         kind: kind.to_owned(),
         ..FileSystem::default()
     };
-    if head.len() >= 6 && head[..6] == *b"LUKS\xba\xbe" {
+    if head.len() >= 8 && head[..6] == *b"LUKS\xba\xbe" {
         let version = le16(&head, 6).swap_bytes();
         let mut f = fs(if version == 2 { "luks2" } else { "luks1" });
         f.encrypted = true;
@@ -174,7 +174,12 @@ pub(crate) fn detect(w: &Window) -> Option<FileSystem> {
 pub(crate) fn find_os(w: &Window, f: &mut FileSystem) {
     let found = match f.kind.as_str() {
         "ext2" | "ext3" | "ext4" => linux(w),
-        "ntfs" => windows(w),
+        // The `ntfs` crate turns some errors of its parser into a panic (a short read inside
+        // a structure reaches an `unreachable!`): it reads through a window padded with
+        // zeros, so our side never fails a read, and a panic left is caught and reported as
+        // a problem of this file system, never let out of the inspection.
+        "ntfs" => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| windows(w)))
+            .unwrap_or_else(|_| Err("the NTFS reader stopped on damaged structures".to_owned())),
         _ => return,
     };
     match found {
@@ -234,7 +239,7 @@ fn os_release(text: &str, path: &str) -> GuestOs {
 }
 
 fn windows(w: &Window) -> Result<Option<GuestOs>, String> {
-    let mut r = w.clone();
+    let mut r = w.padded();
     let mut ntfs =
         ntfs::Ntfs::new(&mut r).map_err(|e| format!("the NTFS file system cannot be read: {e}"))?;
     ntfs.read_upcase_table(&mut r)

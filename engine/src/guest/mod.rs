@@ -213,3 +213,35 @@ fn boot_mode(table: &PartitionTable, volumes: &[Volume]) -> BootMode {
         evidence,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Disks of every size up to two sectors, starting with each signature: an answer, never
+    /// a panic (a signature check must not read past a short disk).
+    #[test]
+    fn tiny_disks_with_signatures_are_inspected() {
+        let magics: [&[u8]; 6] = [
+            b"LUKS\xba\xbe",
+            b"XFSB",
+            b"\xeb\x52\x90NTFS    ",
+            b"\xeb\x52\x90-FVE-FS-",
+            b"LABELONE",
+            b"EFI PART",
+        ];
+        for magic in magics {
+            for len in 0..1100 {
+                let mut d = vec![0u8; len];
+                let n = magic.len().min(len);
+                d[..n].copy_from_slice(&magic[..n]);
+                if len >= 512 {
+                    d[510] = 0x55;
+                    d[511] = 0xaa;
+                }
+                let found = inspect_bytes(d).unwrap();
+                assert_eq!(found.virtual_size, u64::try_from(len).unwrap());
+            }
+        }
+    }
+}
